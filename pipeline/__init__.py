@@ -1,0 +1,1 @@
+"""CLI, configuration and orchestration: `python -m pipeline --help`."""

@@ -1,0 +1,146 @@
+"""The one entry point: `python -m pipeline <command> --help`.
+
+    build-default   build the embedded tiny base model and corpora (cached, rebuilt on recipe change)
+    cache-teacher   stage one: teacher pass over the data into zstd Parquet shards + manifest
+    verify          check a cache's schema, counts and checksums; names any bad shard
+    inspect         show one cached position: target and top-k with probabilities
+    train           stage two: LoRA on the cached shards with the masked KL
+    demo            build-default -> cache-teacher -> train on the embedded default
+
+Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config values, e.g. cache.k=64 train.kl_weight=0.5")
+
+
+def _config(args):
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# --- commands ---------------------------------------------------------------------------------
+def cmd_build_default(args) -> int:
+    from pipeline.embedded import main_build_default
+
+    main_build_default(args.out, force=args.force)
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    config = _config(args)  # bad keys fail fast, before the heavy imports
+    from stages.cache_teacher import run_cache_teacher
+
+    summary = run_cache_teacher(config, overwrite=args.overwrite)
+    print(summary.render())
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from storage_schemas import Manifest
+    from storage_schemas.shard_io import verify_cache
+
+    manifest = Manifest.load(args.cache)
+    problems = verify_cache(args.cache, manifest)
+    for problem in problems:
+        print(f"BAD  {problem}", file=sys.stderr)
+    if not problems:
+        print(f"OK   {args.cache}: {len(manifest.shards)} shards, {manifest.num_rows:,} examples, "
+              f"{manifest.num_tokens:,} tokens, checksums verified")
+    return 1 if problems else 0
+
+
+def cmd_inspect(args) -> int:
+    from pipeline.inspect_cache import describe_position
+
+    print(describe_position(args.cache, args.example, args.position, args.model, args.top))
+    return 0
+
+
+def cmd_train(args) -> int:
+    config = _config(args)
+    from stages.train import run_train
+
+    if args.allow_model_mismatch:
+        config.train.allow_model_mismatch = True
+    run_train(config, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    config = _config(args)
+    from pipeline.embedded import main_build_default
+    from stages.cache_teacher import run_cache_teacher
+    from stages.train import run_train
+
+    main_build_default(args.out, force=False)
+    print(run_cache_teacher(config).render())
+    run_train(config, resume=False)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("build-default", help="build the embedded tiny base model and corpora")
+    p.add_argument("--out", default="build/default", help="output directory (default: build/default)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the recipe is unchanged")
+    p.set_defaults(func=cmd_build_default)
+
+    p = sub.add_parser("cache-teacher", help="stage one: cache the teacher's top-k non-target log-probs")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="delete a cache of another model/data/settings in cache.dir")
+    p.set_defaults(func=cmd_cache_teacher)
+
+    p = sub.add_parser("verify", help="check a cache's schema, counts and checksums (exit 1 if bad)")
+    p.add_argument("cache", help="cache directory")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="show one cached position: target and top-k, decoded")
+    p.add_argument("cache", help="cache directory")
+    p.add_argument("--example", type=int, default=0, help="example id (default 0)")
+    p.add_argument("--position", type=int, default=0, help="position i predicts token i+1 (default 0)")
+    p.add_argument("--model", default=None, help="model dir whose tokenizer decodes ids (default: the cache's teacher)")
+    p.add_argument("--top", type=int, default=10, help="how many cached tokens to show (default 10)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="stage two: train a LoRA adapter on the cache with the masked KL")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="accept a cache made by other weights (the tokenizer must still match)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="build-default -> cache-teacher -> train on the embedded default")
+    _add_config_args(p)
+    p.add_argument("--out", default="build/default", help="where the embedded default is built")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

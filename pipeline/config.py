@@ -1,0 +1,193 @@
+"""Typed configuration: one dataclass per stage, filled from YAML and `key=value` overrides.
+
+    python -m pipeline train --config configs/demo.yaml train.kl_weight=0.5 train.lora.rank=16
+
+Every field is documented where it is declared and validated in `__post_init__`; an unknown key
+(in the YAML or on the command line) is an error that names it and lists the valid ones. The
+resolved config is written next to every output (`config.yaml` in the cache and run directories).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "Config", "load_config", "to_dict"]
+
+ENGINES = ("vllm", "hf")
+ESTIMATORS = ("tail", "topk", "full_kl", "none", "live")
+LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+# --- sections -----------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    path: str = "build/default/data/target_train.jsonl"  # file, glob, directory or saved dataset
+    split: str = "train"                 # split to read
+    text_field: str = "text"             # used when messages_field is empty
+    messages_field: str = ""             # chat data: list of {role, content}; prompt turns are not trained
+    max_length: int = 256                # longer sequences are truncated on the right (counted, reported)
+    max_examples: int = 0                # 0 = all; else the first N (quick runs)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data.path: empty")
+        _require(self.max_length >= 2, f"data.max_length: must be >= 2, got {self.max_length}")
+        _require(self.max_examples >= 0, f"data.max_examples: must be >= 0, got {self.max_examples}")
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "runs/demo/cache"         # where shards and manifest.json go
+    engine: str = "vllm"                 # vllm (default) | hf (transformers forward; oracle, no-vLLM machines)
+    k: int = 32                          # non-target tokens kept per position
+    encoding: str = "topk_f32"           # value encoding (storage_schemas.ENCODINGS)
+    rows_per_shard: int = 256            # sequences per Parquet shard
+    zstd_level: int = 3                  # Parquet zstd compression level
+    dtype: str = "float32"               # teacher compute dtype: float32 | bfloat16 | float16
+    batch_tokens: int = 32768            # hf engine: tokens per forward; vllm: tokens per generate() call
+    vllm_kv_cache_gib: float = 1.0       # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.85 # vLLM on CUDA
+
+    def __post_init__(self) -> None:
+        from storage_schemas import get_encoding
+
+        _require(self.engine in ENGINES, f"cache.engine: {self.engine!r} not in {ENGINES}")
+        _require(self.k >= 1, f"cache.k: must be >= 1, got {self.k}")
+        get_encoding(self.encoding)
+        _require(self.rows_per_shard >= 1, f"cache.rows_per_shard: must be >= 1, got {self.rows_per_shard}")
+        _require(1 <= self.zstd_level <= 22, f"cache.zstd_level: must be in 1..22, got {self.zstd_level}")
+        _require(self.dtype in ("float32", "bfloat16", "float16"), f"cache.dtype: {self.dtype!r} unsupported")
+
+
+@dataclass
+class LoraSettings:
+    variant: str = "lora"                # lora | rslora | dora | pissa | olora
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.variant in LORA_VARIANTS, f"train.lora.variant: {self.variant!r} not in {LORA_VARIANTS}")
+        _require(self.rank >= 1, f"train.lora.rank: must be >= 1, got {self.rank}")
+        _require(0.0 <= self.dropout < 1.0, f"train.lora.dropout: must be in [0, 1), got {self.dropout}")
+        _require(len(self.target_modules) > 0, "train.lora.target_modules: empty")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo/train"  # adapter, config.yaml, metrics.json, logs
+    estimator: str = "tail"              # tail | topk | full_kl | none | live
+    kl_weight: float = 1.0               # lambda in CE + lambda * mean KL
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"         # any transformers scheduler name
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    batch_size: int = 8                  # sequences per micro-batch
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    epochs: float = 1.0
+    max_steps: int = 0                   # > 0 overrides epochs
+    seed: int = 0
+    save_steps: int = 50                 # checkpoint every N optimizer steps
+    logging_steps: int = 5
+    bf16: str = "auto"                   # auto (bf16 on CUDA) | true | false
+    streaming: bool = False              # stream shards instead of memory-mapping (huge/remote caches)
+    allow_model_mismatch: bool = False   # train on a cache made by other weights (never other tokenizer)
+
+    def __post_init__(self) -> None:
+        _require(self.estimator in ESTIMATORS, f"train.estimator: {self.estimator!r} not in {ESTIMATORS}")
+        _require(self.kl_weight >= 0, f"train.kl_weight: must be >= 0, got {self.kl_weight}")
+        _require(self.learning_rate > 0, f"train.learning_rate: must be > 0, got {self.learning_rate}")
+        _require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+        _require(self.epochs > 0 or self.max_steps > 0, "train: set epochs > 0 or max_steps > 0")
+        _require(self.save_steps >= 1, f"train.save_steps: must be >= 1, got {self.save_steps}")
+        _require(self.bf16 in ("auto", "true", "false"), f"train.bf16: {self.bf16!r} not in auto|true|false")
+
+
+@dataclass
+class Config:
+    model: str = "build/default/base-model"  # local HF model directory: the teacher and the student base
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "model: empty")
+
+
+# --- building dataclasses from plain dicts --------------------------------------------------
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(known)}")
+    values = {}
+    for name, value in raw.items():
+        kind = _field_type(cls, name)
+        path = f"{where}.{name}" if where else name
+        values[name] = _build(kind, value, path) if dataclasses.is_dataclass(kind) else _coerce(kind, value, path)
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = typing.get_origin(kind) or kind
+    if origin is types.UnionType or origin is typing.Union:
+        return value
+    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise ValueError(f"config key {where!r}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    tree[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from a YAML file (or defaults) with `section.key=value` overrides applied on top."""
+    raw: dict = {}
+    if path:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        key, text_value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(text_value))
+    return _build(Config, raw, "")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

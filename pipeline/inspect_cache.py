@@ -1,0 +1,56 @@
+"""`python -m pipeline inspect CACHE --example N --position P`: what one cached position holds.
+
+Shows the target token and its teacher probability, the top cached non-target tokens with their
+probabilities (raw and renormalized over the non-target vocabulary), and the tail mass R_T.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from storage_schemas import Manifest
+from storage_schemas.shard_io import read_shard
+
+__all__ = ["describe_position"]
+
+
+def _find_row(cache_dir: str, manifest: Manifest, example: int) -> dict:
+    for record in manifest.shards:
+        if record.first_example <= example < record.first_example + record.rows:
+            table = read_shard(f"{cache_dir}/{record.file}", manifest.settings.encoding)
+            return table.slice(example - record.first_example, 1).to_pylist()[0]
+    raise ValueError(f"example {example} is not in {cache_dir} ({manifest.num_rows} examples cached)")
+
+
+def describe_position(cache_dir: str, example: int, position: int, model_dir: str | None = None, top: int = 10) -> str:
+    from transformers import AutoTokenizer
+
+    manifest = Manifest.load(cache_dir)
+    row = _find_row(cache_dir, manifest, example)
+    mask = np.asarray(row["loss_mask"], bool)
+    if not 0 <= position < len(mask):
+        raise ValueError(f"example {example}: position must be in 0..{len(mask) - 1} (position i predicts token i+1)")
+    if not mask[position]:
+        return f"example {example}, position {position}: not a trained position (prompt token); nothing cached"
+    k, slot = manifest.settings.k, int(mask[:position].sum())
+    ids = row["topk_ids"][slot * k:(slot + 1) * k]
+    logprobs = np.asarray(row["topk_logprobs"][slot * k:(slot + 1) * k], np.float64)
+    a_y = float(row["target_logprob"][slot])
+    tok = AutoTokenizer.from_pretrained(model_dir or manifest.teacher.model_path)
+    context = tok.decode(row["input_ids"][max(0, position - 12): position + 1])
+    target = row["input_ids"][position + 1]
+    nontarget = -math.expm1(a_y)
+    tail = max(0.0, nontarget - float(np.exp(logprobs).sum()))
+    lines = [
+        f"example {example}, position {position} (k={k}, encoding {manifest.settings.encoding})",
+        f"  context : ...{context!r}",
+        f"  target  : {tok.decode([target])!r} (id {target})  p = {math.exp(a_y):.4f}",
+        f"  {'rank':>4}  {'id':>6}  {'p':>8}  {'p~ (masked)':>11}  token",
+    ]
+    for rank, (tid, lp) in enumerate(zip(ids[:top], logprobs[:top]), start=1):
+        p = math.exp(lp)
+        lines.append(f"  {rank:>4}  {tid:>6}  {p:8.4f}  {p / nontarget if nontarget > 0 else float('nan'):11.4f}  {tok.decode([tid])!r}")
+    lines.append(f"  non-target mass 1 - p_y = {nontarget:.4f}; mass outside the cached {k} = {tail:.4g} "
+                 f"(R_T = {tail / nontarget if nontarget > 0 else 0.0:.4g} of the non-target mass)")
+    return "\n".join(lines)

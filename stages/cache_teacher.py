@@ -1,0 +1,199 @@
+"""Stage one: run the teacher once over the training data and cache what stage two needs.
+
+    python -m pipeline cache-teacher --config configs/demo.yaml      (or: make cache-teacher)
+
+Steps: load + tokenize the data (all bad input is reported before any teacher time is spent) ->
+fingerprint teacher, tokenizer and data -> open or resume the cache directory -> for each shard
+not yet in the manifest: score its examples with the engine, write the shard, update the manifest
+-> mark complete and print a summary. Example i always lands in shard i // rows_per_shard, so a
+killed run resumes exactly where it stopped and N workers could split the shard indices.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, save_config
+from pipeline.data import Example, load_rows, source_files, source_sha256, tokenize_rows
+from pipeline.fingerprints import model_vocab_size, teacher_fingerprint, tokenizer_fingerprint
+from stages.teacher.engine import PositionScores, open_engine
+from storage_schemas import (
+    MANIFEST_NAME, CacheSettings, DatasetFingerprint, EngineInfo, FingerprintMismatch, Manifest,
+)
+from storage_schemas.shard_io import ShardRow, rows_to_table, write_shard
+
+__all__ = ["run_cache_teacher", "plan_manifest"]
+
+
+# --- set-up -----------------------------------------------------------------------------------
+def _engine_info(config: Config) -> EngineInfo:
+    import torch
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if config.cache.engine == "vllm":
+        import vllm
+
+        versions["vllm"] = vllm.__version__
+    return EngineInfo(name=config.cache.engine, dtype=config.cache.dtype, versions=versions)
+
+
+def plan_manifest(config: Config, num_examples: int) -> Manifest:
+    """The manifest this run would write, before any shard: fingerprints and settings."""
+    files = source_files(config.data.path)
+    data = config.data
+    return Manifest(
+        teacher=teacher_fingerprint(config.model),
+        tokenizer=tokenizer_fingerprint(config.model),
+        dataset=DatasetFingerprint(
+            source=str(Path(data.path).resolve()), split=data.split, field=data.messages_field or data.text_field,
+            format="chat" if data.messages_field else "text", source_sha256=source_sha256(files), num_examples=num_examples,
+        ),
+        settings=CacheSettings(
+            k=config.cache.k, encoding=config.cache.encoding, max_length=data.max_length, truncation="right",
+            rows_per_shard=config.cache.rows_per_shard, zstd_level=config.cache.zstd_level,
+        ),
+        engine=_engine_info(config),
+    )
+
+
+def _open_cache_dir(cache_dir: Path, planned: Manifest, overwrite: bool) -> Manifest:
+    """Resume a matching cache, refuse a different one (unless overwrite), or start fresh."""
+    if overwrite and cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in cache_dir.glob("*.tmp"):  # a killed run's half-written shard or manifest
+        leftover.unlink()
+    if not (cache_dir / MANIFEST_NAME).exists():
+        if any(cache_dir.glob("shard-*.parquet")):
+            raise FileExistsError(f"{cache_dir}: holds shards but no manifest; use --overwrite to start over")
+        return planned
+    existing = Manifest.load(cache_dir)
+    try:
+        existing.check_same_origin(planned)
+    except FingerprintMismatch as err:
+        raise FingerprintMismatch(f"{cache_dir} holds a cache of something else: {err}. "
+                                  "Use another cache.dir, or --overwrite to replace it.") from None
+    return existing
+
+
+# --- the teacher pass ---------------------------------------------------------------------------
+def _batches_by_tokens(examples: list[Example], batch_tokens: int):
+    batch, tokens = [], 0
+    for example in examples:
+        if batch and tokens + len(example.input_ids) > batch_tokens:
+            yield batch
+            batch, tokens = [], 0
+        batch.append(example)
+        tokens += len(example.input_ids)
+    if batch:
+        yield batch
+
+
+def _to_row(example: Example, scores: PositionScores) -> ShardRow:
+    keep = example.loss_mask  # only trained positions are stored
+    return ShardRow(
+        example_id=example.example_id, input_ids=example.input_ids, loss_mask=keep,
+        target_logprob=scores.target_logprob[keep], topk_ids=scores.topk_ids[keep], topk_logprobs=scores.topk_logprobs[keep],
+    )
+
+
+def _score_shard(engine, examples: list[Example], batch_tokens: int, bar: tqdm) -> list[ShardRow]:
+    rows = []
+    for batch in _batches_by_tokens(examples, batch_tokens):
+        scores = engine.score([e.input_ids for e in batch])
+        rows.extend(_to_row(e, s) for e, s in zip(batch, scores))
+        bar.update(sum(len(e.input_ids) for e in batch))
+        bar.set_postfix(examples=f"{rows[-1].example_id + 1}", refresh=False)
+    return rows
+
+
+def _combined_token_hash(manifest: Manifest) -> str:
+    digest = hashlib.sha256()
+    for record in sorted(manifest.shards, key=lambda r: r.index):
+        digest.update(record.token_ids_sha256.encode())
+    return digest.hexdigest()
+
+
+def _write_shards(engine, config: Config, examples: list[Example], todo: list[int], manifest: Manifest) -> int:
+    """Score and write each shard in `todo`, saving the manifest after each; returns tokens written."""
+    cache_dir, per_shard, written = Path(config.cache.dir), config.cache.rows_per_shard, 0
+    total = sum(len(e.input_ids) for s in todo for e in examples[s * per_shard:(s + 1) * per_shard])
+    with tqdm(total=total, desc="teacher pass", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
+        for index in todo:
+            shard_examples = examples[index * per_shard:(index + 1) * per_shard]
+            rows = _score_shard(engine, shard_examples, config.cache.batch_tokens, bar)
+            table = rows_to_table(rows, config.cache.encoding, config.cache.k)
+            record = write_shard(cache_dir, index, shard_examples[0].example_id, table, config.cache.zstd_level,
+                                 truncated=sum(e.truncated for e in shard_examples))
+            manifest.shards = sorted([*manifest.shards, record], key=lambda r: r.index)
+            manifest.save(cache_dir)
+            written += record.tokens
+    return written
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+@dataclass
+class CacheSummary:
+    cache_dir: str
+    examples: int
+    tokens: int
+    positions: int
+    truncated: int
+    shards: int
+    shards_written_now: int
+    bytes: int
+    bytes_per_token: float
+    wall_seconds: float
+    tokens_per_second_this_run: float
+
+    def render(self) -> str:
+        return "\n".join([
+            f"cache: {self.cache_dir}",
+            f"  examples {self.examples:,}   tokens {self.tokens:,}   trained positions {self.positions:,}   truncated {self.truncated:,}",
+            f"  shards {self.shards} ({self.shards_written_now} written now)   {self.bytes / 2**20:.2f} MiB   {self.bytes_per_token:.1f} bytes/token",
+            f"  wall {self.wall_seconds:.1f} s   {self.tokens_per_second_this_run:,.0f} tok/s (teacher pass incl. writing)",
+        ])
+
+
+def run_cache_teacher(config: Config, overwrite: bool = False) -> CacheSummary:
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    vocab_size = model_vocab_size(config.model)
+    if config.cache.k > vocab_size - 1:
+        raise ValueError(f"cache.k={config.cache.k}: at most vocab_size - 1 = {vocab_size - 1} non-target tokens exist")
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    rows = load_rows(config.data)
+    examples = tokenize_rows(tqdm(rows, desc="tokenizing", unit="ex", leave=False), tokenizer, config.data)
+    cache_dir = Path(config.cache.dir)
+    manifest = _open_cache_dir(cache_dir, plan_manifest(config, len(examples)), overwrite)
+    save_config(config, cache_dir / "config.yaml")
+    per_shard = config.cache.rows_per_shard
+    todo = [s for s in range(math.ceil(len(examples) / per_shard)) if manifest.shard(s) is None]
+    written_tokens = 0
+    if todo:
+        engine = open_engine(config.cache.engine, config.model, k=config.cache.k, dtype=config.cache.dtype,
+                             max_length=config.data.max_length, batch_tokens=config.cache.batch_tokens,
+                             kv_cache_gib=config.cache.vllm_kv_cache_gib, gpu_memory_utilization=config.cache.gpu_memory_utilization)
+        try:
+            written_tokens = _write_shards(engine, config, examples, todo, manifest)
+        finally:
+            engine.close()
+    manifest.complete = manifest.num_rows == len(examples)
+    manifest.token_ids_sha256 = _combined_token_hash(manifest)
+    manifest.save(cache_dir)
+    wall = time.perf_counter() - start
+    return CacheSummary(
+        cache_dir=str(cache_dir), examples=manifest.num_rows, tokens=manifest.num_tokens,
+        positions=sum(r.positions for r in manifest.shards), truncated=sum(r.truncated for r in manifest.shards),
+        shards=len(manifest.shards), shards_written_now=len(todo), bytes=manifest.num_bytes,
+        bytes_per_token=manifest.num_bytes / max(manifest.num_tokens, 1), wall_seconds=wall,
+        tokens_per_second_this_run=written_tokens / wall if written_tokens else 0.0,
+    )

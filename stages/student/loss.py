@@ -1,0 +1,171 @@
+"""The Mask-the-Target regularizer and its cached estimators: pure functions of tensors.
+
+Notation (DESIGN.md §1-2), at each trained position: `y` the target, `a` teacher log-probs,
+`b` student log-probs, tilde = renormalized over the non-target vocabulary v != y,
+`S` the k cached non-target ids (teacher's largest), `R_T`/`R_S` the teacher/student mass of the
+non-target tokens outside S.
+
+All functions take the N trained positions of a batch flattened to rows and return a per-position
+regularizer [N] in float32; `regularized_loss` sums and normalizes. Student logits may be any float
+dtype: they are upcast once, and every `log(1 - p)` goes through `log1mexp`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CachedTeacher", "log1mexp", "cached_kl", "live_masked_kl", "regularized_loss", "LossParts", "CACHED_ESTIMATORS",
+]
+
+CACHED_ESTIMATORS = ("tail", "topk", "full_kl")
+_LN_HALF = -math.log(2.0)
+
+
+@dataclass
+class CachedTeacher:
+    """What stage one stored for N trained positions.
+
+    topk_ids:       [N, k] long   non-target ids, descending teacher probability
+    topk_logprobs:  [N, k] float  their teacher log-probs a_S (full-vocabulary, not renormalized)
+    target_logprob: [N]    float  teacher log-prob of the target, a_y
+    """
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    target_logprob: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "CachedTeacher":
+        return CachedTeacher(*(t.to(device, non_blocking=True) for t in (self.topk_ids, self.topk_logprobs, self.target_logprob)))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Mächler 2012).
+
+    Near 0 (p -> 1) use log(-expm1(x)); far below use log1p(-exp(x)). x == 0 gives -inf.
+    """
+    x = x.clamp(max=0.0)
+    return torch.where(x > _LN_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _xlogy_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p * (log p - log q) elementwise, 0 where p == 0 (log_p is the teacher: no gradient through p).
+
+    The difference is masked before the product so a -inf in an unused branch never meets a 0
+    in the backward pass (which would give NaN gradients).
+    """
+    p = log_p.exp()
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return p * diff
+
+
+def _logsumexp_without(logits: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp of each row of `logits` [N, V] over the ids not in `excluded` [N, m] -> [N]."""
+    return logits.scatter(-1, excluded, float("-inf")).logsumexp(-1)
+
+
+def _teacher_nontarget_logmass(a_S: torch.Tensor, a_y: torch.Tensor) -> torch.Tensor:
+    """log(1 - p_y) from the cache, never below log(sum_S p).
+
+    When p_y rounds to 1 in float32 (a_y == 0), log1mexp(a_y) is -inf although the non-target
+    tokens still have finite log-probs; the mass of S is a true lower bound of the non-target mass,
+    so taking the max repairs that case and keeps sum_S p~ <= 1 under rounding.
+    """
+    return torch.maximum(log1mexp(a_y), a_S.logsumexp(-1))
+
+
+def cached_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher: CachedTeacher, estimator: str = "tail") -> torch.Tensor:
+    """Per-position regularizer from student logits and the cached teacher.
+
+    student_logits: [N, V] (any float dtype), targets: [N] long -> [N] float32.
+
+    tail    (default) masked KL over S plus one bucket for the rest; exact when k = V - 1,
+            and a lower bound of the exact masked KL otherwise (log-sum inequality).
+    topk    masked KL with both distributions renormalized over S alone (biased; for comparison).
+    full_kl ordinary, unmasked KL(p || q) over the categories S + {y} + rest.
+    """
+    if estimator not in CACHED_ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} is not a cache estimator; choose from {CACHED_ESTIMATORS}")
+    z = student_logits.float()
+    ids, y = teacher.topk_ids.long(), targets[:, None]
+    a_S, a_y = teacher.topk_logprobs.float(), teacher.target_logprob.float()
+    has_tail = ids.shape[-1] < z.shape[-1] - 1
+    if estimator == "full_kl":
+        return _full_kl(z, ids, y, a_S, a_y, has_tail)
+    # Student non-target normalizer straight from the logits: exact even when q_y rounds to 1.
+    log_Z_S = _logsumexp_without(z, y)
+    lq_S = z.gather(-1, ids) - log_Z_S[:, None]
+    lp_S = a_S - _teacher_nontarget_logmass(a_S, a_y)[:, None]
+    if estimator == "topk":
+        lp_hat = lp_S - lp_S.logsumexp(-1, keepdim=True)
+        lq_hat = lq_S - lq_S.logsumexp(-1, keepdim=True)
+        return _xlogy_ratio(lp_hat, lq_hat).sum(-1)
+    kl_S = _xlogy_ratio(lp_S, lq_S).sum(-1)
+    if not has_tail:  # S is the whole non-target vocabulary
+        return kl_S
+    log_R_T = log1mexp(lp_S.logsumexp(-1))
+    log_R_S = _logsumexp_without(z, torch.cat([ids, y], -1)) - log_Z_S
+    return kl_S + _xlogy_ratio(log_R_T, log_R_S)
+
+
+def _full_kl(z, ids, y, a_S, a_y, has_tail: bool) -> torch.Tensor:
+    """Unmasked KL over the categories S, the target, and (if any) one bucket for the rest."""
+    log_Z = z.logsumexp(-1, keepdim=True)
+    a_cat = torch.cat([a_S, a_y[:, None]], -1)
+    b_cat = torch.cat([z.gather(-1, ids), z.gather(-1, y)], -1) - log_Z
+    kl = _xlogy_ratio(a_cat, b_cat).sum(-1)
+    if not has_tail:
+        return kl
+    log_rest_T = log1mexp(a_cat.logsumexp(-1))
+    log_rest_S = _logsumexp_without(z, torch.cat([ids, y], -1)) - log_Z.squeeze(-1)
+    return kl + _xlogy_ratio(log_rest_T, log_rest_S)
+
+
+def live_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The exact masked KL D(t) over the full vocabulary (the reference the cache replaces).
+
+    student_logits, teacher_logits: [N, V]; targets: [N] -> [N] float32. No gradient flows into
+    the teacher. Both non-target normalizers come from the logits with the target excluded.
+    """
+    y = targets[:, None]
+    za, zb = teacher_logits.detach().float(), student_logits.float()
+    lp = za - _logsumexp_without(za, y)[:, None]
+    lq = zb - _logsumexp_without(zb, y)[:, None]
+    lp = lp.scatter(-1, y, float("-inf"))  # the target has no mass in the masked distribution
+    return _xlogy_ratio(lp, lq).sum(-1)
+
+
+@dataclass
+class LossParts:
+    """loss = (sum CE + lambda * sum KL) / n_items; ce and kl are per-token means for logging."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    n_tokens: int
+
+
+def regularized_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    kl_per_token: torch.Tensor | None,
+    kl_weight: float,
+    num_items: int | torch.Tensor | None = None,
+) -> LossParts:
+    """CE + lambda * KL over the N trained positions, normalized by the labelled-token count.
+
+    student_logits [N, V], targets [N], kl_per_token [N] or None (plain LoRA).
+    `num_items` is the labelled-token count of the whole optimizer step (all micro-batches): pass it
+    under gradient accumulation so the accumulated gradient equals the full-batch one; it defaults
+    to N. Clamped to >= 1 so an all-prompt batch gives zero loss, not NaN.
+    """
+    n = targets.numel()
+    denom = torch.as_tensor(n if num_items is None else num_items, device=student_logits.device).clamp_min(1)
+    ce_sum = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    kl_sum = kl_per_token.sum() if kl_per_token is not None else ce_sum.new_zeros(())
+    loss = (ce_sum + kl_weight * kl_sum) / denom
+    count = max(n, 1)
+    return LossParts(loss=loss, ce=ce_sum.detach() / count, kl=kl_sum.detach() / count, n_tokens=n)

@@ -1,0 +1,32 @@
+"""The data contract between stage one (writer) and stage two (reader).
+
+Everything a cache holds is declared here once: the Arrow schema of a shard row, the value
+encodings, the shard naming rule and the manifest. Writers and readers import these names;
+nothing else in the project spells a column name or a version number.
+"""
+from storage_schemas.cache_schema import (
+    ENCODINGS,
+    SCHEMA_VERSION,
+    SHARD_COLUMNS,
+    Encoding,
+    get_encoding,
+    shard_file_name,
+    shard_schema,
+)
+from storage_schemas.manifest import (
+    MANIFEST_NAME,
+    CacheSettings,
+    DatasetFingerprint,
+    EngineInfo,
+    FingerprintMismatch,
+    Manifest,
+    ShardRecord,
+    TeacherFingerprint,
+    TokenizerFingerprint,
+)
+
+__all__ = [
+    "ENCODINGS", "SCHEMA_VERSION", "SHARD_COLUMNS", "Encoding", "get_encoding", "shard_file_name", "shard_schema",
+    "MANIFEST_NAME", "CacheSettings", "DatasetFingerprint", "EngineInfo", "FingerprintMismatch",
+    "Manifest", "ShardRecord", "TeacherFingerprint", "TokenizerFingerprint",
+]

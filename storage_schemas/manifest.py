@@ -1,0 +1,171 @@
+"""`manifest.json`: the only index of a cache.
+
+A shard not listed here does not exist. The manifest fingerprints what produced the cache (teacher
+weights, tokenizer, data, settings) so that a reader can refuse a cache that does not belong to its
+model, naming the field that differs. It is rewritten atomically (temp file + rename) after every
+shard, so a killed writer leaves either the old or the new manifest, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from storage_schemas.cache_schema import SCHEMA_VERSION, get_encoding
+
+__all__ = [
+    "MANIFEST_NAME", "TeacherFingerprint", "TokenizerFingerprint", "DatasetFingerprint", "CacheSettings",
+    "EngineInfo", "ShardRecord", "Manifest", "FingerprintMismatch",
+]
+
+MANIFEST_NAME = "manifest.json"
+
+
+class FingerprintMismatch(ValueError):
+    """A cache was made from something other than what it is being used with."""
+
+
+@dataclass(frozen=True)
+class TeacherFingerprint:
+    model_path: str
+    revision: str | None
+    weights_sha256: str        # over all weight files, sorted by name
+    config_sha256: str         # over config.json
+
+
+@dataclass(frozen=True)
+class TokenizerFingerprint:
+    sha256: str                # over the tokenizer files, sorted by name
+    vocab_size: int            # rows of the model's output layer (what log-probs range over)
+
+
+@dataclass(frozen=True)
+class DatasetFingerprint:
+    source: str                # path or name the dataset was loaded from
+    split: str
+    field: str                 # text field, or messages field for chat data
+    format: str                # "text" or "chat"
+    source_sha256: str         # over the input file bytes (or the saved dataset's files)
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    k: int
+    encoding: str
+    max_length: int
+    truncation: str            # "right": keep the first max_length tokens
+    rows_per_shard: int
+    zstd_level: int
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str                  # "vllm" or "hf"
+    dtype: str
+    versions: dict[str, str]   # package -> version
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    index: int
+    file: str
+    first_example: int         # examples [first_example, first_example + rows) live here
+    rows: int
+    tokens: int                # sum of sequence lengths
+    positions: int             # trained positions (rows of teacher arrays)
+    truncated: int             # examples cut to max_length
+    bytes: int
+    sha256: str                # of the shard file
+    token_ids_sha256: str      # of the cached input ids, to fingerprint the data actually cached
+
+
+_IDENTITY_FIELDS = ("teacher", "tokenizer", "dataset", "settings")
+
+
+@dataclass
+class Manifest:
+    teacher: TeacherFingerprint
+    tokenizer: TokenizerFingerprint
+    dataset: DatasetFingerprint
+    settings: CacheSettings
+    engine: EngineInfo
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    shards: list[ShardRecord] = field(default_factory=list)
+    complete: bool = False     # every shard of the dataset is present
+    token_ids_sha256: str = "" # over the shards' token hashes in order; set when complete
+
+    # --- derived figures -------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def shard(self, index: int) -> ShardRecord | None:
+        return next((s for s in self.shards if s.index == index), None)
+
+    # --- identity ----------------------------------------------------------------------------
+    def check_same_origin(self, other: "Manifest") -> None:
+        """Raise FingerprintMismatch naming the first field where `other` differs from this cache."""
+        for group in _IDENTITY_FIELDS:
+            mine, theirs = asdict(getattr(self, group)), asdict(getattr(other, group))
+            for key in mine:
+                if mine[key] != theirs[key]:
+                    raise FingerprintMismatch(
+                        f"{group}.{key} differs: cache has {mine[key]!r}, this run has {theirs[key]!r}"
+                    )
+
+    # --- (de)serialization -------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = MANIFEST_NAME) -> "Manifest":
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{where}: schema_version {version!r} is not supported (this reader: {SCHEMA_VERSION})")
+        try:
+            parts = {
+                "teacher": TeacherFingerprint(**raw["teacher"]),
+                "tokenizer": TokenizerFingerprint(**raw["tokenizer"]),
+                "dataset": DatasetFingerprint(**raw["dataset"]),
+                "settings": CacheSettings(**raw["settings"]),
+                "engine": EngineInfo(**raw["engine"]),
+                "shards": [ShardRecord(**s) for s in raw["shards"]],
+            }
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where}: malformed manifest ({err})") from err
+        get_encoding(parts["settings"].encoding)
+        scalars = {f.name: raw[f.name] for f in fields(cls) if f.name not in parts and f.name in raw}
+        return cls(**parts, **scalars)
+
+    @classmethod
+    def load(cls, cache_dir: str | os.PathLike) -> "Manifest":
+        path = Path(cache_dir) / MANIFEST_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no manifest; is {cache_dir} a teacher cache?")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(raw, where=str(path))
+
+    def save(self, cache_dir: str | os.PathLike) -> None:
+        """Atomic rewrite: readers see the old manifest or the new one, never a partial file."""
+        path = Path(cache_dir) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(self.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)

@@ -1,0 +1,148 @@
+"""Writing, reading and verifying cache shards: the only code that touches shard files.
+
+    rows -> rows_to_table -> write_shard (temp name, fsync, rename)  -> ShardRecord
+    verify_cache(dir)  -> list of problems, each naming the shard and what is wrong
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage_schemas.cache_schema import SCHEMA_VERSION, shard_file_name, shard_schema
+from storage_schemas.manifest import Manifest, ShardRecord
+
+__all__ = ["ShardRow", "rows_to_table", "write_shard", "read_shard", "file_sha256", "token_ids_sha256", "verify_cache"]
+
+
+@dataclass
+class ShardRow:
+    """One training sequence as stage one stores it (n = loss_mask.sum() trained positions)."""
+
+    example_id: int
+    input_ids: np.ndarray        # [T] int32
+    loss_mask: np.ndarray        # [T-1] bool
+    target_logprob: np.ndarray   # [n] float32
+    topk_ids: np.ndarray         # [n, k] int32
+    topk_logprobs: np.ndarray    # [n, k] float32 (cast to the encoding's type on write)
+
+    def check(self, k: int) -> None:
+        """Raise ValueError naming the example if the arrays disagree in shape."""
+        t, n = len(self.input_ids), int(self.loss_mask.sum())
+        problems = []
+        if len(self.loss_mask) != t - 1:
+            problems.append(f"loss_mask has {len(self.loss_mask)} entries for {t} tokens (want {t - 1})")
+        if self.target_logprob.shape != (n,):
+            problems.append(f"target_logprob shape {self.target_logprob.shape}, want ({n},)")
+        for name in ("topk_ids", "topk_logprobs"):
+            if getattr(self, name).shape != (n, k):
+                problems.append(f"{name} shape {getattr(self, name).shape}, want ({n}, {k})")
+        if problems:
+            raise ValueError(f"example {self.example_id}: " + "; ".join(problems))
+
+
+def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """One Arrow list column from per-row numpy arrays, without a per-element Python loop."""
+    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def rows_to_table(rows: list[ShardRow], encoding: str, k: int) -> pa.Table:
+    schema = shard_schema(encoding)
+    for row in rows:
+        row.check(k)
+    columns = [pa.array([r.example_id for r in rows], type=pa.int64())]
+    for name in schema.names[1:]:
+        value_type = schema.field(name).type.value_type
+        numpy_type = np.dtype(value_type.to_pandas_dtype())  # the encoding decides, e.g. float16
+        parts = [np.asarray(getattr(r, name)).astype(numpy_type, copy=False) for r in rows]
+        columns.append(_list_array(parts, value_type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def token_ids_sha256(example_ids, input_ids: pa.ListArray) -> str:
+    """Hash of (example id, token ids) for every row: fingerprints the data actually cached."""
+    digest = hashlib.sha256()
+    digest.update(np.asarray(example_ids, dtype=np.int64).tobytes())
+    digest.update(np.asarray(input_ids.offsets).astype(np.int64).tobytes())
+    digest.update(np.asarray(input_ids.values, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def write_shard(cache_dir: str | os.PathLike, index: int, first_example: int, table: pa.Table,
+                zstd_level: int, truncated: int) -> ShardRecord:
+    """Write `table` as shard `index`: to a temp name, fsync, then rename, so a shard file that
+    exists is always complete."""
+    final = Path(cache_dir) / shard_file_name(index)
+    tmp = final.with_name(final.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level, use_dictionary=False)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    input_ids = table.column("input_ids").combine_chunks()
+    mask = table.column("loss_mask").combine_chunks()
+    return ShardRecord(
+        index=index, file=final.name, first_example=first_example, rows=table.num_rows,
+        tokens=len(input_ids.values), positions=int(np.asarray(mask.values).sum()), truncated=truncated,
+        bytes=final.stat().st_size, sha256=file_sha256(final),
+        token_ids_sha256=token_ids_sha256(table.column("example_id").to_numpy(), input_ids),
+    )
+
+
+def read_shard(path: str | os.PathLike, encoding: str) -> pa.Table:
+    """Read a shard and check it has exactly the schema of `encoding`; ValueError names the file."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"{path}: unreadable Parquet ({err})") from err
+    expected = shard_schema(encoding)
+    if not table.schema.remove_metadata().equals(expected.remove_metadata()):
+        raise ValueError(f"{path}: schema differs from version {SCHEMA_VERSION} / {encoding}:\n{table.schema}")
+    return table
+
+
+def _verify_shard(cache_dir: Path, record: ShardRecord, manifest: Manifest) -> str | None:
+    path = cache_dir / record.file
+    if not path.exists():
+        return f"{record.file}: listed in the manifest but missing"
+    if path.stat().st_size != record.bytes:
+        return f"{record.file}: {path.stat().st_size} bytes, manifest says {record.bytes} (truncated or replaced)"
+    if file_sha256(path) != record.sha256:
+        return f"{record.file}: sha256 mismatch (corrupt)"
+    try:
+        table = read_shard(path, manifest.settings.encoding)
+    except ValueError as err:
+        return str(err)
+    if table.num_rows != record.rows:
+        return f"{record.file}: {table.num_rows} rows, manifest says {record.rows}"
+    k = manifest.settings.k
+    n = int(np.asarray(table.column("loss_mask").combine_chunks().values).sum())
+    ids_len = len(table.column("topk_ids").combine_chunks().values)
+    if n != record.positions or ids_len != n * k:
+        return f"{record.file}: {n} trained positions and {ids_len} cached ids, want {record.positions} and {record.positions * k}"
+    return None
+
+
+def verify_cache(cache_dir: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
+    """Every problem found in the cache (empty list = verified): schema, counts, checksums."""
+    cache_dir = Path(cache_dir)
+    manifest = manifest or Manifest.load(cache_dir)
+    problems = [p for r in manifest.shards if (p := _verify_shard(cache_dir, r, manifest))]
+    if not manifest.complete:
+        problems.append("manifest: cache is incomplete (stage one has not finished; re-run it to resume)")
+    return problems
