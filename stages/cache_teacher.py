@@ -121,6 +121,13 @@ def _combined_token_hash(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
+def _open_engine(config: Config):
+    cache = config.cache
+    extra = {"kv_cache_gib": cache.vllm_kv_cache_gib, "gpu_memory_utilization": cache.gpu_memory_utilization} if cache.engine == "vllm" else {}
+    return open_engine(cache.engine, config.model, k=cache.k, dtype=cache.dtype, max_length=config.data.max_length,
+                       batch_tokens=max(cache.batch_tokens, config.data.max_length), **extra)
+
+
 def _write_shards(engine, config: Config, examples: list[Example], todo: list[int], manifest: Manifest) -> int:
     """Score and write each shard in `todo`, saving the manifest after each; returns tokens written."""
     cache_dir, per_shard, written = Path(config.cache.dir), config.cache.rows_per_shard, 0
@@ -179,9 +186,7 @@ def run_cache_teacher(config: Config, overwrite: bool = False) -> CacheSummary:
     todo = [s for s in range(math.ceil(len(examples) / per_shard)) if manifest.shard(s) is None]
     written_tokens = 0
     if todo:
-        engine = open_engine(config.cache.engine, config.model, k=config.cache.k, dtype=config.cache.dtype,
-                             max_length=config.data.max_length, batch_tokens=config.cache.batch_tokens,
-                             kv_cache_gib=config.cache.vllm_kv_cache_gib, gpu_memory_utilization=config.cache.gpu_memory_utilization)
+        engine = _open_engine(config)
         try:
             written_tokens = _write_shards(engine, config, examples, todo, manifest)
         finally:

@@ -83,6 +83,9 @@ class ShardRecord:
 
 
 _IDENTITY_FIELDS = ("teacher", "tokenizer", "dataset", "settings")
+# Where things were found is recorded but is not identity: a moved model or data file with the same
+# bytes still matches its cache.
+_LOCATION_FIELDS = {"teacher.model_path", "dataset.source"}
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Manifest:
         for group in _IDENTITY_FIELDS:
             mine, theirs = asdict(getattr(self, group)), asdict(getattr(other, group))
             for key in mine:
-                if mine[key] != theirs[key]:
+                if f"{group}.{key}" not in _LOCATION_FIELDS and mine[key] != theirs[key]:
                     raise FingerprintMismatch(
                         f"{group}.{key} differs: cache has {mine[key]!r}, this run has {theirs[key]!r}"
                     )

@@ -29,18 +29,18 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["CorpusCaps", "SPLIT_FILES", "iter_stdlib_modules", "docstring_paragraphs",
-           "function_sources", "build_corpora", "write_corpora", "read_jsonl"]
+           "function_sources", "build_corpora", "write_corpora", "write_splits", "read_jsonl"]
 
 # Directories that are tests, tools, vendored packages or generated boilerplate, not library code.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                        "turtledemo", "__pycache__", "encodings", "ensurepip", "pydoc_data"})
 
-# (corpus, split) -> file name; the one place these names are spelled.
+# Split name -> file name; the one place these names are spelled.
 SPLIT_FILES = {
-    ("source", "train"): "source_train.jsonl",
-    ("source", "heldout"): "source_heldout.jsonl",
-    ("target", "train"): "target_train.jsonl",
-    ("target", "heldout"): "target_heldout.jsonl",
+    "source_train": "source_train.jsonl",
+    "source_heldout": "source_heldout.jsonl",
+    "target_train": "target_train.jsonl",
+    "target_heldout": "target_heldout.jsonl",
 }
 
 
@@ -199,7 +199,7 @@ def _cap_chars(texts: list[str], max_chars: int) -> list[str]:
 
 
 def build_corpora(caps: CorpusCaps = CorpusCaps(), root: Path | None = None) -> dict[str, list[str]]:
-    """Mine both corpora and split them. Returns {file name: texts}, see SPLIT_FILES."""
+    """Mine both corpora and split them. Returns {split name: texts}, see SPLIT_FILES."""
     prose, code = [], []
     for _, tree in iter_stdlib_modules(root):
         prose.extend(docstring_paragraphs(tree, caps.source_min_chars, caps.source_max_chars))
@@ -210,24 +210,29 @@ def build_corpora(caps: CorpusCaps = CorpusCaps(), root: Path | None = None) -> 
     source_train, source_heldout = _split(source, caps, "source")
     target_train, target_heldout = _split(target, caps, "target")
     return {
-        SPLIT_FILES["source", "train"]: _cap_chars(source_train, caps.source_max_train_chars),
-        SPLIT_FILES["source", "heldout"]: source_heldout,
-        SPLIT_FILES["target", "train"]: target_train[:caps.target_max_train],
-        SPLIT_FILES["target", "heldout"]: target_heldout,
+        "source_train": _cap_chars(source_train, caps.source_max_train_chars),
+        "source_heldout": source_heldout,
+        "target_train": target_train[:caps.target_max_train],
+        "target_heldout": target_heldout,
     }
 
 
 def write_corpora(out_dir: str | Path, caps: CorpusCaps = CorpusCaps(),
                   root: Path | None = None) -> dict[str, dict[str, int]]:
-    """Write the four JSONL splits into out_dir; return {file name: {"examples", "chars"}}.
+    """Mine, split and write the four JSONL files into out_dir; see write_splits.
 
     root: the directory tree to mine; None means this Python's stdlib (tests pass a small copy).
     """
+    return write_splits(build_corpora(caps, root), out_dir)
+
+
+def write_splits(splits: dict[str, list[str]], out_dir: str | Path) -> dict[str, dict[str, int]]:
+    """Write {split name: texts} as JSONL; return {split name: {"examples", "chars"}}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for name, texts in build_corpora(caps, root).items():
-        with open(out_dir / name, "w", encoding="utf-8", newline="\n") as f:
+    for name, texts in splits.items():
+        with open(out_dir / SPLIT_FILES[name], "w", encoding="utf-8", newline="\n") as f:
             for text in texts:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         counts[name] = {"examples": len(texts), "chars": sum(len(t) for t in texts)}

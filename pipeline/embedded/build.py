@@ -1,0 +1,122 @@
+"""Run: python -m pipeline build-default [--out build/default] [--force]
+
+Build the embedded default (corpora, tokenizer, base model) once, and reuse it while its recipe
+is unchanged.
+
+Layout of out_dir:
+    data/source_train.jsonl, source_heldout.jsonl, target_train.jsonl, target_heldout.jsonl
+    base-model/     HF Llama (safetensors) + tokenizer + generation config + build_info.json
+    recipe.json     {"recipe_hash", "recipe"}; a build whose hash matches is skipped
+
+The build happens in a sibling temp directory renamed into place at the end, so a killed build
+never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.embedded.base_model import build_base_model
+from pipeline.embedded.corpora import SPLIT_FILES, build_corpora, write_splits
+from pipeline.embedded.recipe import DefaultRecipe, recipe_dict, recipe_hash
+from pipeline.embedded.tokenizer import train_tokenizer
+
+__all__ = ["build_default", "main_build_default", "RECIPE_NAME", "BUILD_INFO_NAME"]
+
+RECIPE_NAME = "recipe.json"
+BUILD_INFO_NAME = "build_info.json"
+DATA_DIR, MODEL_DIR = "data", "base-model"
+
+
+def build_default(out_dir: str | Path = "build/default", force: bool = False,
+                  recipe: DefaultRecipe = DefaultRecipe(), progress: bool = True) -> dict:
+    """Build into out_dir unless it already holds this recipe's build; return the summary."""
+    out_dir = Path(out_dir)
+    digest = recipe_hash(recipe)
+    if not force and _is_current(out_dir, digest):
+        return _summary(out_dir, skipped=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _build_into(tmp, recipe, digest, progress)
+        _swap_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _summary(out_dir, skipped=False)
+
+
+def _is_current(out_dir: Path, digest: str) -> bool:
+    try:
+        return json.loads((out_dir / RECIPE_NAME).read_text())["recipe_hash"] == digest
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _build_into(tmp: Path, recipe: DefaultRecipe, digest: str, progress: bool) -> None:
+    """Corpora -> tokenizer -> length filter -> JSONL -> base model -> build_info -> recipe."""
+    start = time.perf_counter()
+    root = Path(recipe.stdlib_dir) if recipe.stdlib_dir else None
+    splits = build_corpora(recipe.corpus, root)
+    model_dir = tmp / MODEL_DIR
+    # One tokenizer for both domains, as a real base model's tokenizer would be.
+    tokenizer = train_tokenizer(splits["source_train"] + splits["target_train"], model_dir,
+                                recipe.vocab_size)
+    splits, dropped = _drop_long(splits, tokenizer, recipe.max_example_tokens)
+    counts = write_splits(splits, tmp / DATA_DIR)
+    info = build_base_model(recipe, tokenizer, splits, model_dir, progress)
+    info = {"recipe_hash": digest, "steps": recipe.steps, **info, "corpus_counts": counts,
+            "dropped_too_long": dropped, "wall_time_s": round(time.perf_counter() - start, 1)}
+    (model_dir / BUILD_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    # Written last: its presence with the right hash is what marks a build complete.
+    (tmp / RECIPE_NAME).write_text(json.dumps(
+        {"recipe_hash": digest, "recipe": recipe_dict(recipe)}, indent=2) + "\n")
+
+
+def _drop_long(splits: dict[str, list[str]], tokenizer, max_tokens: int):
+    """Drop texts longer than max_tokens with <s> and </s>, so each fits the context alone."""
+    kept, dropped = {}, {}
+    for name, texts in splits.items():
+        lengths = [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]
+        kept[name] = [t for t, n in zip(texts, lengths) if n <= max_tokens]
+        dropped[name] = len(texts) - len(kept[name])
+    return kept, dropped
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp to out_dir; an old out_dir is moved aside first and deleted after."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _summary(out_dir: Path, skipped: bool) -> dict:
+    info = json.loads((out_dir / MODEL_DIR / BUILD_INFO_NAME).read_text())
+    return {
+        "out_dir": str(out_dir),
+        "skipped": skipped,
+        "base_model": str(out_dir / MODEL_DIR),
+        "data": {name: str(out_dir / DATA_DIR / file) for name, file in SPLIT_FILES.items()},
+        **info,
+    }
+
+
+def main_build_default(out_dir: str = "build/default", force: bool = False) -> dict:
+    """CLI entry: build (or reuse) the default and print a readable summary."""
+    summary = build_default(out_dir, force)
+    state = "up to date, reused" if summary["skipped"] else f"built in {summary['wall_time_s']} s"
+    print(f"embedded default in {summary['out_dir']}: {state} (recipe {summary['recipe_hash'][:12]})")
+    print(f"  base model: {summary['base_model']} ({summary['parameters']:,} parameters, "
+          f"{summary['steps']} steps)")
+    for name, count in summary["corpus_counts"].items():
+        print(f"  {name:15s} {count['examples']:6d} examples {count['chars']:9,d} chars")
+    print(f"  loss (nats/token): chance {summary['chance_loss']:.3f}, "
+          f"final train {summary['final_train_loss']:.3f}, "
+          f"held-out source {summary['source_heldout_loss']:.3f}, "
+          f"held-out target {summary['target_heldout_loss']:.3f}")
+    return summary
