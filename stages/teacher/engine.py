@@ -1,0 +1,125 @@
+"""The teacher-engine interface of stage one: token ids in, per-position teacher scores out.
+
+    from stages.teacher.engine import open_engine
+    engine = open_engine("vllm", "path/to/model", k=32)     # or "hf" (transformers forward)
+    try:
+        scores = engine.score([np.array([1, 17, 42, 9])])    # one PositionScores per sequence
+    finally:
+        engine.close()
+
+Position i of a sequence of length T predicts token i+1, so each sequence yields T-1 positions
+(DESIGN.md §3). Per position an engine returns the k non-target tokens with the largest teacher
+probability, their full-vocabulary log-probs, and the target's own log-prob (DESIGN.md §2).
+Engines are imported lazily so that the hf engine works on machines without vLLM.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["PositionScores", "TeacherEngine", "ENGINES", "DTYPES", "open_engine", "read_model_config",
+           "check_sequences"]
+
+# name -> "module:class"; the class is constructed as cls(model_dir, k, dtype, max_length, batch_tokens,
+# vocab_size=..., **engine_kwargs).
+ENGINES = {
+    "vllm": "stages.teacher.vllm_engine:VLLMEngine",
+    "hf": "stages.teacher.hf_engine:HFEngine",
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class PositionScores:
+    """Teacher scores for one sequence of length T (T-1 positions)."""
+
+    topk_ids: np.ndarray        # [T-1, k] int32, non-target ids, descending teacher probability
+    topk_logprobs: np.ndarray   # [T-1, k] float32, full-vocabulary log-softmax (not renormalized)
+    target_logprob: np.ndarray  # [T-1] float32, log p(token i+1) at position i
+
+
+class TeacherEngine(Protocol):
+    name: str
+    vocab_size: int  # rows of the output layer (may exceed the tokenizer's length)
+
+    def score(self, sequences: list[np.ndarray]) -> list[PositionScores]: ...
+
+    def close(self) -> None: ...
+
+
+def open_engine(
+    name: str,
+    model_dir: str,
+    k: int,
+    dtype: str = "float32",
+    max_length: int = 512,
+    batch_tokens: int = 32768,
+    **engine_kwargs,
+) -> TeacherEngine:
+    """Validate the request, then start engine `name` on the model in `model_dir`.
+
+    Raises ValueError (naming the problem) for an unknown engine or dtype, a k outside
+    1..vocab_size-1 (k = vocab_size-1 is the exact mode: every non-target token), or a max_length
+    beyond the model's positions; FileNotFoundError / ValueError naming the path for a missing or
+    unreadable model directory.
+    """
+    if name not in ENGINES:
+        raise ValueError(f"unknown teacher engine {name!r}; known engines: {', '.join(ENGINES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported teacher dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    if max_length < 2 or batch_tokens < max_length:
+        raise ValueError(f"need 2 <= max_length <= batch_tokens, got max_length={max_length}, "
+                         f"batch_tokens={batch_tokens}")
+    config = read_model_config(model_dir)
+    vocab_size = int(config["vocab_size"])
+    # One of the k+1 entries an engine asks for may be the target, so k+1 <= vocab_size.
+    if not 1 <= k <= vocab_size - 1:
+        raise ValueError(f"k={k} is out of range for a teacher with vocab_size={vocab_size}: "
+                         f"need 1 <= k <= vocab_size - 1 = {vocab_size - 1} (k = vocab_size - 1 keeps "
+                         f"every non-target token)")
+    max_positions = config.get("max_position_embeddings")
+    if max_positions is not None and max_length > int(max_positions):
+        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings="
+                         f"{max_positions} ({model_dir})")
+    module_name, class_name = ENGINES[name].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(str(model_dir), k, dtype, max_length, batch_tokens, vocab_size=vocab_size, **engine_kwargs)
+
+
+def read_model_config(model_dir: str) -> dict:
+    """The text-model part of `model_dir/config.json`, with clear errors naming the path."""
+    path = os.path.join(str(model_dir), "config.json")
+    if not os.path.isdir(str(model_dir)):
+        raise FileNotFoundError(f"teacher model directory not found: {model_dir}")
+    try:
+        with open(path) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the teacher model config {path}: {err}") from err
+    # Multimodal checkpoints nest the language model's config.
+    config = config.get("text_config", config)
+    if "vocab_size" not in config:
+        raise ValueError(f"teacher model config {path} has no vocab_size")
+    return config
+
+
+def check_sequences(sequences: list[np.ndarray], max_length: int, vocab_size: int) -> list[np.ndarray]:
+    """The sequences as 1-D int64 arrays; ValueError naming the first bad one."""
+    out = []
+    for i, seq in enumerate(sequences):
+        seq = np.asarray(seq)
+        if seq.ndim != 1 or seq.size == 0 or not np.issubdtype(seq.dtype, np.integer):
+            raise ValueError(f"sequence {i}: expected a non-empty 1-D integer array, got shape "
+                             f"{seq.shape} dtype {seq.dtype}")
+        if seq.size > max_length:
+            raise ValueError(f"sequence {i}: length {seq.size} exceeds max_length={max_length}")
+        if seq.min() < 0 or seq.max() >= vocab_size:
+            raise ValueError(f"sequence {i}: token ids must lie in [0, {vocab_size}), got "
+                             f"[{seq.min()}, {seq.max()}]")
+        out.append(seq.astype(np.int64, copy=False))
+    return out

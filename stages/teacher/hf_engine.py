@@ -1,0 +1,132 @@
+"""Teacher engine on a plain transformers forward: the oracle the vLLM engine is tested against,
+and the engine for machines without vLLM.
+
+    from stages.teacher.engine import open_engine
+    engine = open_engine("hf", "path/to/model", k=32, dtype="float32")   # device: cuda if available
+    scores = engine.score(sequences)
+
+Sequences are packed (longest first) into batches of at most `batch_tokens` padded tokens, padded on
+the right. The model body runs once per batch; the output layer, log-softmax and top-(k+1) run on
+chunks of positions so a [positions, vocab] float32 tensor is never built for the whole batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stages.teacher.engine import PositionScores, check_sequences
+from stages.teacher.select import select_nontarget_topk
+
+__all__ = ["HFEngine"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFEngine:
+    """transformers `AutoModelForCausalLM`, eval mode, no grad. See `open_engine` for the arguments."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
+                 batch_tokens: int = 32768, *, vocab_size: int, device: str | None = None,
+                 chunk_elements: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.k, self.max_length, self.batch_tokens = k, max_length, batch_tokens
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_TORCH_DTYPES[dtype])
+        self.model.to(self.device).eval()
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        if self.vocab_size != vocab_size:
+            self.close()
+            raise ValueError(f"{model_dir}: output layer has {self.vocab_size} rows but config.json "
+                             f"says vocab_size={vocab_size}")
+        # Positions per output-layer chunk: bounds the float32 [chunk, vocab] log-softmax to 64 MiB
+        # on CPU, 256 MiB on a GPU (larger chunks, fewer kernel launches).
+        chunk_elements = chunk_elements or (2**26 if self.device.type == "cuda" else 2**24)
+        self.chunk_positions = max(1, chunk_elements // self.vocab_size)
+        self._check_split_forward(dtype)
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def score(self, sequences: list[np.ndarray]) -> list[PositionScores]:
+        """One PositionScores per sequence, in input order."""
+        sequences = check_sequences(sequences, self.max_length, self.vocab_size)
+        results: list[PositionScores | None] = [None] * len(sequences)
+        for batch in self._batches(sequences):
+            for i, scores in zip(batch, self._score_batch([sequences[i] for i in batch])):
+                results[i] = scores
+        return results
+
+    # --- batching -------------------------------------------------------------------------------
+
+    def _batches(self, sequences: list[np.ndarray]) -> list[list[int]]:
+        """Indices grouped longest first so that rows x longest row <= batch_tokens."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        batches: list[list[int]] = []
+        for i in order:
+            if batches and (len(batches[-1]) + 1) * len(sequences[batches[-1][0]]) <= self.batch_tokens:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    @torch.no_grad()
+    def _score_batch(self, sequences: list[np.ndarray]) -> list[PositionScores]:
+        lengths = [len(s) for s in sequences]
+        ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.from_numpy(seq)
+        ids = ids.to(self.device)
+        lengths_t = torch.tensor(lengths, device=self.device)
+        columns = torch.arange(ids.shape[1], device=self.device)
+        attention_mask = (columns[None, :] < lengths_t[:, None]).long()
+        hidden = self.model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        # Position i of a row predicts token i+1: rows contribute their first T-1 positions.
+        scored = columns[None, :] < (lengths_t[:, None] - 1)
+        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]
+        top_ids, top_lp, target_lp = self._top_logprobs(hidden[scored], targets)
+        ids_k, lp_k = select_nontarget_topk(top_ids, top_lp, targets.cpu().numpy(), self.k)
+        bounds = np.cumsum([0] + [n - 1 for n in lengths])
+        return [PositionScores(ids_k[a:b], lp_k[a:b], target_lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    # --- output layer in chunks ----------------------------------------------------------------
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own logits for hidden states [N, H], as float32 (checked at start-up)."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        scale = getattr(self.model, "logit_scale", None)  # e.g. Cohere
+        return logits * scale if isinstance(scale, (int, float)) else logits
+
+    def _top_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """Top k+1 (ids, log-probs) [N, k+1] and target log-probs [N], one chunk of positions at a time."""
+        top_ids, top_lp, target_lp = [], [], []
+        for start in range(0, hidden.shape[0], self.chunk_positions):
+            chunk = slice(start, start + self.chunk_positions)
+            logprobs = torch.log_softmax(self._logits(hidden[chunk]), dim=-1)
+            values, indices = logprobs.topk(self.k + 1, dim=-1, sorted=True)
+            top_ids.append(indices.cpu())
+            top_lp.append(values.cpu())
+            target_lp.append(logprobs.gather(1, targets[chunk, None])[:, 0].cpu())
+        if not top_ids:
+            empty = torch.empty(0, self.k + 1)
+            return empty.long().numpy(), empty.numpy(), np.empty(0, np.float32)
+        return torch.cat(top_ids).numpy(), torch.cat(top_lp).numpy(), torch.cat(target_lp).numpy()
+
+    @torch.no_grad()
+    def _check_split_forward(self, dtype: str) -> None:
+        """Refuse an architecture whose head does more than `_logits` knows (the split would be wrong)."""
+        ids = torch.arange(min(8, self.max_length), device=self.device)[None] % self.vocab_size
+        full = self.model(input_ids=ids).logits[0].float()
+        split = self._logits(self.model.base_model(input_ids=ids).last_hidden_state[0])
+        tol = 1e-4 if dtype == "float32" else 5e-2
+        err = (full - split).abs().max().item() / max(1.0, full.abs().max().item())
+        if not err <= tol:
+            raise ValueError(f"hf engine: body + output layer does not reproduce the model's logits "
+                             f"(relative error {err:.2e}) for {type(self.model).__name__}")

@@ -1,0 +1,119 @@
+"""Stage-one throughput: vLLM plain prefill vs the vLLM engine's score() vs the hf engine's score().
+
+    python -m stages.teacher.measure_throughput                      # two random Llamas, built in a temp dir
+    python -m stages.teacher.measure_throughput --model-dir PATH --json out.json
+
+Scores `--sequences` random sequences of `--length` tokens with k non-target entries per position and
+reports tokens per second (best of `--repeats`, after one warm-up) and score / plain-prefill, the
+stage-one cost figure of DESIGN.md §4. Plain prefill runs on the same vLLM engine (max_tokens=1, no
+prompt log-probs). The vLLM engine is closed before the hf engine runs so they never share cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.teacher.engine import open_engine
+
+__all__ = ["MODEL_SHAPES", "build_random_llama", "random_sequences", "measure", "main"]
+
+# name -> LlamaConfig overrides; "tiny" is the test fixture's shape (its tokenizer has 392 tokens).
+MODEL_SHAPES = {
+    "tiny": dict(vocab_size=392, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+    "mid": dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+}
+
+
+def build_random_llama(out_dir: Path, seed: int = 0, **shape) -> Path:
+    """A random-weight float32 Llama (head_dim 64: vLLM's CPU attention rejects smaller) without a tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(head_dim=64, num_key_value_heads=shape["num_attention_heads"], max_position_embeddings=2048,
+                         tie_word_embeddings=False, **shape)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # as the test fixture: non-uniform outputs
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def random_sequences(n: int, length: int, vocab_size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, size=length) for _ in range(n)]
+
+
+def _best_tok_per_s(fn, n_tokens: int, repeats: int) -> float:
+    """Tokens per second of the fastest of `repeats` timed calls, after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n_tokens / best
+
+
+def measure(model_dir: str, num_sequences: int = 64, length: int = 256, k: int = 32, repeats: int = 3) -> dict:
+    """{"vllm_prefill", "vllm_score", "hf_score"} in tok/s, and "score_over_prefill"."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    sequences = random_sequences(num_sequences, length, vocab_size)
+    n_tokens = num_sequences * length
+    # The random models have no tokenizer; vLLM then logs a harmless "Chat template warmup failed".
+    engine = open_engine("vllm", model_dir, k=k, max_length=length, batch_tokens=n_tokens,
+                         skip_tokenizer_init=True)
+    try:
+        prompts = [TokensPrompt(prompt_token_ids=s.tolist()) for s in sequences]
+        # Repeated prompts would hit vLLM's prefix cache and skip most of the prefill (~2x faster
+        # than a real prefill here); prompt_logprobs requests never read that cache.
+        plain = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_reading_prefix_cache=True)
+        result = {"vllm_prefill": _best_tok_per_s(lambda: engine.llm.generate(prompts, plain, use_tqdm=False),
+                                                  n_tokens, repeats),
+                  "vllm_score": _best_tok_per_s(lambda: engine.score(sequences), n_tokens, repeats)}
+    finally:
+        engine.close()
+    engine = open_engine("hf", model_dir, k=k, max_length=length, batch_tokens=n_tokens)
+    try:
+        result["hf_score"] = _best_tok_per_s(lambda: engine.score(sequences), n_tokens, repeats)
+    finally:
+        engine.close()
+    result["score_over_prefill"] = result["vllm_score"] / result["vllm_prefill"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="measure this model instead of building the random ones")
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("-k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="mtcache-measure-") as tmp:
+        models = {args.model_dir: args.model_dir} if args.model_dir else {
+            name: str(build_random_llama(Path(tmp) / name, **shape)) for name, shape in MODEL_SHAPES.items()}
+        for name, model_dir in models.items():
+            results[name] = measure(model_dir, args.sequences, args.length, args.k, args.repeats)
+    print(f"{args.sequences} x {args.length} tokens, k={args.k}, best of {args.repeats} (tok/s)")
+    print(f"{'model':>8} {'vllm prefill':>13} {'vllm score':>11} {'hf score':>9} {'score/prefill':>14}")
+    for name, r in results.items():
+        print(f"{name:>8} {r['vllm_prefill']:>13.0f} {r['vllm_score']:>11.0f} {r['hf_score']:>9.0f} "
+              f"{r['score_over_prefill']:>14.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":  # vLLM spawns its engine processes: this guard is required
+    main()

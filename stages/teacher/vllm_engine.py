@@ -1,0 +1,182 @@
+"""Teacher engine on vLLM prompt log-probs: the default engine of stage one.
+
+    from stages.teacher.engine import open_engine
+    engine = open_engine("vllm", "path/to/model", k=32, kv_cache_gib=1.0)
+    try:
+        scores = engine.score(sequences)
+    finally:
+        engine.close()                       # stops vLLM's engine-core and worker processes
+
+vLLM starts its engine core and workers as *spawned* processes: a script that opens this engine
+needs an `if __name__ == "__main__":` guard (pytest needs nothing: its entry point is guarded).
+
+Each request asks for `prompt_logprobs=k+1` with `flat_logprobs=True`. In that layout a request's
+`FlatLogprobs` holds, for every position but the first, the prompt token's own entry first and then
+the top k+1 by rank (K+1 entries, the prompt token possibly twice); the older dict layout holds the
+top entries plus the prompt token only if it is not among them. `topk_from_prompt_logprobs` handles
+both with array operations, so no per-token Python object is built on our side.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from stages.teacher.engine import PositionScores, check_sequences, read_model_config
+from stages.teacher.select import select_nontarget_topk
+
+__all__ = ["VLLMEngine", "topk_from_prompt_logprobs"]
+
+
+class VLLMEngine:
+    """One `vllm.LLM`, scoring many sequences per `generate` call. See `open_engine` for arguments.
+
+    Extra keyword arguments: `kv_cache_gib` (CPU only, KV-cache size, default 1 GiB, overridden by an
+    already-set VLLM_CPU_KVCACHE_SPACE), `gpu_memory_utilization` (CUDA only), and anything else is
+    passed to `vllm.LLM` as is.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
+                 batch_tokens: int = 32768, *, vocab_size: int, kv_cache_gib: float = 1.0,
+                 gpu_memory_utilization: float = 0.85, **llm_kwargs):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as err:
+            raise ImportError(f"the vllm teacher engine needs vLLM ({err}); install it (extra 'cpu' or "
+                              f"'gpu') or use the 'hf' engine") from err
+
+        self.k, self.max_length, self.batch_tokens = k, max_length, batch_tokens
+        kwargs = _llm_kwargs(model_dir, k, dtype, max_length, kv_cache_gib, gpu_memory_utilization)
+        kwargs.update(llm_kwargs)
+        # vLLM refuses a prompt as long as max_model_len (it must leave room for the one token it
+        # samples), so max_length-token sequences need max_model_len = max_length + 1. That extra
+        # position is never run through the model (max_tokens=1 ends the request at prefill), so
+        # allowing it past the model's max_position_embeddings is safe.
+        limit = read_model_config(model_dir).get("max_position_embeddings")
+        allow_long = limit is not None and kwargs["max_model_len"] > int(limit)
+        with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1" if allow_long else None):
+            self.llm = LLM(**kwargs)
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        if self.vocab_size != vocab_size:
+            self.close()
+            raise ValueError(f"{model_dir}: vLLM reports vocab_size={self.vocab_size}, config.json {vocab_size}")
+        # temperature=0: the one sampled token is discarded, greedy skips the random sampler.
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k + 1,
+                                     detokenize=False, flat_logprobs=True)
+
+    def score(self, sequences: list[np.ndarray]) -> list[PositionScores]:
+        """One PositionScores per sequence, in input order; ~batch_tokens tokens per generate call."""
+        from vllm.inputs import TokensPrompt
+
+        sequences = check_sequences(sequences, self.max_length, self.vocab_size)
+        results: list[PositionScores] = []
+        for group in _groups(sequences, self.batch_tokens):
+            prompts = [TokensPrompt(prompt_token_ids=seq.tolist()) for seq in group]
+            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+            for seq, out in zip(group, outputs):
+                top_ids, top_lp, target_lp = topk_from_prompt_logprobs(out.prompt_logprobs, seq, self.k + 1)
+                ids, lp = select_nontarget_topk(top_ids, top_lp, seq[1:], self.k)
+                results.append(PositionScores(ids, lp, target_lp))
+        return results
+
+    def close(self) -> None:
+        """Stop the engine-core process (and its workers); safe to call twice."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def topk_from_prompt_logprobs(prompt_logprobs, sequence: np.ndarray, num_top: int):
+    """(top ids [T-1, num_top] int64, their log-probs float32, target log-probs [T-1] float32).
+
+    `prompt_logprobs` is a request's `FlatLogprobs` (position 0 empty). At each position, one
+    entry of the prompt token is removed when there are num_top+1 entries (in the flat layout the
+    first entry is always the prompt token's), and the rest are sorted by descending log-prob.
+    """
+    targets = np.asarray(sequence)[1:]
+    P = targets.shape[0]
+    starts = np.asarray(prompt_logprobs.start_indices[1:], dtype=np.int64)
+    ends = np.asarray(prompt_logprobs.end_indices[1:], dtype=np.int64)
+    if len(starts) != P:
+        raise ValueError(f"vLLM returned prompt log-probs for {len(starts)} positions, expected {P}")
+    if np.any(starts[1:] != ends[:-1]):
+        raise ValueError("unexpected vLLM prompt log-prob layout: positions are not contiguous")
+    if P == 0:
+        return np.empty((0, num_top), np.int64), np.empty((0, num_top), np.float32), np.empty(0, np.float32)
+    ids = np.asarray(prompt_logprobs.token_ids, dtype=np.int64)[starts[0]:ends[-1]]
+    lps = np.asarray(prompt_logprobs.logprobs, dtype=np.float32)[starts[0]:ends[-1]]
+    counts = ends - starts
+    pos = np.repeat(np.arange(P), counts)
+    # The first entry of each position holding the prompt token gives its log-prob.
+    target_entries = np.flatnonzero(ids == targets[pos])
+    found, first = np.unique(pos[target_entries], return_index=True)
+    if len(found) != P:
+        missing = np.setdiff1d(np.arange(P), found)[0]
+        raise ValueError(f"vLLM returned no log-prob for the prompt token at position {missing}")
+    target_entry = target_entries[first]
+    keep = np.ones(len(ids), dtype=bool)
+    keep[target_entry[counts == num_top + 1]] = False
+    if not np.all(np.bincount(pos[keep], minlength=P) == num_top):
+        raise ValueError(f"unexpected vLLM prompt log-prob layout: expected {num_top} top entries per position")
+    top_ids, top_lp = ids[keep].reshape(P, num_top), lps[keep].reshape(P, num_top)
+    # Ranks already order them; re-sorting by value keeps the contract if a layout ever changes.
+    order = np.argsort(-top_lp, axis=1, kind="stable")
+    return np.take_along_axis(top_ids, order, 1), np.take_along_axis(top_lp, order, 1), lps[target_entry]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _llm_kwargs(model_dir: str, k: int, dtype: str, max_length: int, kv_cache_gib: float,
+                gpu_memory_utilization: float) -> dict:
+    """`vllm.LLM` arguments for this platform."""
+    from vllm.platforms import current_platform
+
+    # max_logprobs defaults to 20; the request asks for k+1 per position.
+    kwargs = dict(model=model_dir, dtype=dtype, max_model_len=max_length + 1, max_logprobs=k + 1)
+    if current_platform.is_cpu():
+        # No CUDA graphs to capture on CPU, and compiling costs minutes on small machines.
+        kwargs["enforce_eager"] = True
+        # Same effect as VLLM_CPU_KVCACHE_SPACE (which vLLM applies on top when set) but takes
+        # fractions of a GiB; vLLM's own default (4 GiB or a share of RAM) is too much for CI boxes.
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    else:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    return kwargs
+
+
+def _groups(sequences: list[np.ndarray], batch_tokens: int) -> list[list[np.ndarray]]:
+    """Consecutive sequences in groups of at most ~batch_tokens tokens (at least one each)."""
+    groups: list[list[np.ndarray]] = [[]]
+    tokens = 0
+    for seq in sequences:
+        if groups[-1] and tokens + len(seq) > batch_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(seq)
+        tokens += len(seq)
+    return [g for g in groups if g]
+
+
+@contextmanager
+def _env(**values: str | None):
+    """Set the given environment variables (None: leave alone) for the duration of the block."""
+    saved = {key: os.environ.get(key) for key, value in values.items() if value is not None}
+    os.environ.update({key: value for key, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
