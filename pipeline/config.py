@@ -113,7 +113,8 @@ class TrainConfig:
         _require(self.learning_rate > 0, f"train.learning_rate: must be > 0, got {self.learning_rate}")
         _require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
         _require(self.epochs > 0 or self.max_steps > 0, "train: set epochs > 0 or max_steps > 0")
-        _require(self.save_steps >= 1, f"train.save_steps: must be >= 1, got {self.save_steps}")
+        _require(self.save_steps >= 1 and self.logging_steps >= 1, "train.save_steps and train.logging_steps must be >= 1")
+        _require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         _require(self.bf16 in ("auto", "true", "false"), f"train.bf16: {self.bf16!r} not in auto|true|false")
 
 

@@ -14,6 +14,7 @@ from storage_schemas import TeacherFingerprint, TokenizerFingerprint
 __all__ = ["teacher_fingerprint", "tokenizer_fingerprint", "files_sha256", "model_vocab_size", "check_model_dir"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
@@ -50,7 +51,9 @@ def model_vocab_size(model_dir: str | Path) -> int:
 
 def teacher_fingerprint(model_dir: str | Path, revision: str | None = None) -> TeacherFingerprint:
     path = check_model_dir(model_dir)
-    weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    # Prefer safetensors; never hash a Trainer checkpoint's optimizer/args files as "weights".
+    weights = sorted(path.glob("*.safetensors")) or [
+        p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file() and not p.name.startswith(NOT_WEIGHTS)]
     if not weights:
         raise FileNotFoundError(f"model path {str(path)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     return TeacherFingerprint(

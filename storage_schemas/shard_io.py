@@ -49,7 +49,10 @@ class ShardRow:
 def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
     """One Arrow list column from per-row numpy arrays, without a per-element Python loop."""
     lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if offsets[-1] > np.iinfo(np.int32).max:  # Arrow list offsets are int32
+        raise ValueError(f"a shard column would hold {offsets[-1]:,} values (> 2^31-1): lower cache.rows_per_shard")
+    offsets = offsets.astype(np.int32)
     flat = np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 

@@ -1,0 +1,128 @@
+"""The student: the base model with a peft LoRA adapter of one of five variants.
+
+    python -m pipeline train --config configs/demo.yaml train.lora.variant=dora
+
+    from stages.student.adapters import make_student
+    model = make_student("build/default/base-model", LoraSettings(variant="pissa"), torch.float32)
+
+Variants (`LoraSettings.variant`):
+    lora    plain LoRA, B = 0 at init (student == base model at step 0)
+    rslora  scaling alpha / sqrt(r) instead of alpha / r (`use_rslora=True`)
+    dora    weight-decomposed LoRA (`use_dora=True`); B = 0 at init
+    pissa   fast-SVD PiSSA (`init_lora_weights="pissa_niter_4"`): A, B start at the top-r singular
+            directions of W and the frozen base becomes the residual W - BA
+    olora   OLoRA (`init_lora_weights="olora"`): A, B from a QR decomposition of W; base = W - BA
+
+PiSSA and OLoRA MUTATE THE BASE WEIGHTS at init (`MUTATES_BASE`). What that means here:
+- "Base weights unchanged" holds from init on: the frozen residual never changes during training,
+  but it is not the checkpoint's W, so `disable_adapter()` runs W - BA, NOT the teacher.
+- The `live` estimator needs the teacher from `disable_adapter()`; with these variants it is
+  refused (`check_live_teacher`) rather than silently regularizing towards the residual. Keeping a
+  second copy of the base would double weight memory and distort the live-vs-cache benchmark.
+  Cached estimators are unaffected: the cache holds the true base model's log-probs.
+- The adapter as trained only works on top of the residual. `save_adapter` converts it (given the
+  initial adapter saved by `save_initial_adapter`) into an ordinary rank-2r LoRA on the ORIGINAL
+  base weights, loadable with stock `PeftModel.from_pretrained(base, dir)`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import LoraSettings
+
+__all__ = [
+    "MUTATES_BASE", "lora_config", "make_student", "check_live_teacher",
+    "save_initial_adapter", "save_adapter", "adapter_state", "base_state",
+]
+
+MUTATES_BASE = frozenset({"pissa", "olora"})
+
+# peft's init_lora_weights per variant; "pissa_niter_4" is peft's fast randomized-SVD PiSSA
+# (exact "pissa" runs a full SVD of every targeted matrix: minutes on a 7B model).
+_INIT = {"lora": True, "rslora": True, "dora": True, "pissa": "pissa_niter_4", "olora": "olora"}
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """The peft `LoraConfig` for `settings` (causal LM, no bias training)."""
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        use_rslora=settings.variant == "rslora",
+        use_dora=settings.variant == "dora",
+        init_lora_weights=_INIT[settings.variant],
+    )
+
+
+def make_student(model_dir: str | os.PathLike, settings: LoraSettings, dtype: torch.dtype = torch.float32) -> PeftModel:
+    """Load the base model from a local HF directory in `dtype` and wrap it with a fresh adapter.
+
+    Only the adapter is trainable; peft keeps adapter weights in float32 even when the base is
+    bfloat16. PiSSA's randomized SVD draws from torch's global RNG: seed before calling for a
+    reproducible (and resumable) init.
+    """
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    base.config.use_cache = False  # training never decodes; the KV cache would only cost memory
+    return get_peft_model(base, lora_config(settings))
+
+
+def check_live_teacher(estimator: str, variant: str) -> None:
+    """Refuse `live` with a variant whose `disable_adapter()` is not the base model (see module doc)."""
+    if estimator == "live" and variant in MUTATES_BASE:
+        raise ValueError(
+            f"estimator 'live' cannot be used with lora variant {variant!r}: {variant} moves the principal "
+            "part of every adapted weight into the adapter, so disable_adapter() runs the residual W - BA, "
+            "not the base model. Use a cached estimator (tail, topk, full_kl): the cache holds the true "
+            "base model's log-probs."
+        )
+
+
+# --- saving ---------------------------------------------------------------------------------
+def save_initial_adapter(model: PeftModel, path: str | os.PathLike) -> None:
+    """Save the adapter as initialized (before any step), for `save_adapter`'s conversion.
+
+    Its config says `init_lora_weights=True` so that peft, when loading it for the conversion, does
+    not decompose the (already residual) base weights a second time.
+    """
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(path))
+    finally:
+        config.init_lora_weights = init
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike, initial_adapter: str | os.PathLike | None = None) -> None:
+    """Save the trained adapter so that stock `PeftModel.from_pretrained(original_base, path)` works.
+
+    For PiSSA/OLoRA pass the directory written by `save_initial_adapter`: the update
+    B A - B0 A0 is saved as a rank-2r LoRA on the original weights (peft's
+    `path_initial_model_for_weight_conversion`). Other variants are saved as they are.
+    """
+    variant_mutates = str(model.peft_config["default"].init_lora_weights).startswith(("pissa", "olora"))
+    if variant_mutates and initial_adapter is None:
+        raise ValueError("this adapter changed the base weights at init (PiSSA/OLoRA): pass initial_adapter")
+    if not variant_mutates:
+        model.save_pretrained(str(path))
+        return
+    model.save_pretrained(str(path), path_initial_model_for_weight_conversion=str(Path(initial_adapter)))
+
+
+# --- inspection (tests, sanity checks) ----------------------------------------------------
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable (adapter) parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the frozen (base) parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

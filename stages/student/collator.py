@@ -1,0 +1,105 @@
+"""Cache rows -> a padded training batch whose teacher arrays line up with the labelled positions.
+
+    collate = CacheCollator(pad_id=pad_token_id(model_dir), k=manifest.settings.k)
+    batch = collate([dataset[0], dataset[1]])
+
+Alignment contract (what the trainer relies on): with `mask = labels[:, 1:] != -100`,
+`logits[:, :-1][mask]` (row-major: sequence by sequence, position by position) is row i of
+`teacher_topk_ids`, `teacher_topk_logprobs` and `teacher_target_logprob` for every i. That is the
+order stage one stores them in (each row's trained positions, ascending), so the batch arrays are a
+plain concatenation of the rows' arrays: no per-token Python work anywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["CacheCollator", "pad_token_id", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # the HF / torch cross-entropy convention for "no label here"
+
+
+def pad_token_id(model_dir: str | os.PathLike) -> int:
+    """The pad id: the tokenizer's, else the model config's pad/eos id, else 0.
+
+    Its value only matters for the embedding lookup of padded slots; they carry no label and are
+    masked out of attention, so any valid id would do.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    config = AutoConfig.from_pretrained(str(model_dir))
+    for candidate in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _pad_rows(parts: Sequence[np.ndarray], width: int, fill: Any, dtype: Any) -> np.ndarray:
+    """Right-pad 1-D arrays into [B, width] with one boolean-mask assignment (row-major fill)."""
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    out = np.full((len(parts), width), fill, dtype=dtype)
+    if lengths.sum():
+        out[np.arange(width)[None, :] < lengths[:, None]] = np.concatenate(parts).astype(dtype, copy=False)
+    return out
+
+
+def _concat(rows: Sequence[dict], name: str, dtype: Any) -> np.ndarray:
+    return np.concatenate([np.asarray(r[name]).reshape(-1) for r in rows]).astype(dtype, copy=False)
+
+
+class CacheCollator:
+    """Collate cache rows (dicts of numpy arrays, as `load_cache_dataset` yields them).
+
+    Returns a dict of tensors, B sequences, T = longest sequence, N labelled positions:
+        input_ids               [B, T]    long   right-padded with `pad_id`
+        attention_mask          [B, T]    long   1 on real tokens
+        labels                  [B, T]    long   input_ids where trained (loss_mask[t-1]), else -100
+        teacher_topk_ids        [N, k]    long   (only when `with_teacher`)
+        teacher_topk_logprobs   [N, k]    float32
+        teacher_target_logprob  [N]       float32
+    `with_teacher=False` (estimators `none` and `live`) skips the cached arrays entirely.
+    """
+
+    def __init__(self, pad_id: int, k: int, with_teacher: bool = True) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.pad_id, self.k, self.with_teacher = int(pad_id), int(k), with_teacher
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        ids_parts = [np.asarray(r["input_ids"]) for r in rows]
+        width = max(len(p) for p in ids_parts)
+        input_ids = _pad_rows(ids_parts, width, self.pad_id, np.int64)
+        lengths = np.array([len(p) for p in ids_parts])
+        attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        trained = _pad_rows([np.asarray(r["loss_mask"], bool) for r in rows], width - 1, False, bool)
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        labels[:, 1:] = np.where(trained, input_ids[:, 1:], IGNORE_INDEX)
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if self.with_teacher:
+            batch.update(self._teacher_arrays(rows, int(trained.sum())))
+        return {name: torch.from_numpy(array) for name, array in batch.items()}
+
+    def _teacher_arrays(self, rows: Sequence[dict], n: int) -> dict[str, np.ndarray]:
+        """The rows' cached arrays concatenated in row order, checked against the N labels."""
+        target = _concat(rows, "target_logprob", np.float32)
+        topk_ids = _concat(rows, "topk_ids", np.int64)
+        topk_logprobs = _concat(rows, "topk_logprobs", np.float32)
+        if target.shape[0] != n or topk_ids.shape[0] != n * self.k or topk_logprobs.shape[0] != n * self.k:
+            examples = [int(np.asarray(r.get("example_id", -1))) for r in rows]
+            raise ValueError(
+                f"cached arrays do not match the loss mask of examples {examples}: {n} trained positions, "
+                f"{target.shape[0]} target log-probs, {topk_ids.shape[0]} top-k ids (want {n} x k={self.k})"
+            )
+        return {
+            "teacher_topk_ids": topk_ids.reshape(n, self.k),
+            "teacher_topk_logprobs": topk_logprobs.reshape(n, self.k),
+            "teacher_target_logprob": target,
+        }

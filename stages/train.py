@@ -1,0 +1,122 @@
+"""Stage two: fine-tune a LoRA adapter with the cached teacher as the forgetting regularizer.
+
+    python -m pipeline train --config configs/demo.yaml
+    python -m pipeline train --config configs/demo.yaml --resume     (continue from the last checkpoint)
+
+    open_cache -> load_cache_dataset -> CacheCollator -> make_student -> CacheTrainer -> save
+
+Writes into `train.output_dir`: checkpoints/, log.csv, adapter/ (stock peft LoRA format),
+config.yaml, cache_fingerprint.json, metrics.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import TrainerCallback, set_seed
+
+from pipeline.config import Config, load_config, save_config, to_dict
+from stages.student.adapters import MUTATES_BASE, check_live_teacher, make_student, save_initial_adapter
+from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.loss import CACHED_ESTIMATORS
+from stages.student.reader import load_cache_dataset, open_cache
+from stages.student.trainer import (
+    CHECKPOINT_DIR, build_trainer, dataset_columns, last_checkpoint, train_and_save, use_bf16,
+)
+
+__all__ = ["run_train", "resume_point"]
+
+# Config keys that may change between a run and its resumption (they do not change what is learned
+# up to the checkpoint); any other difference is refused.
+_RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _check_same_config(config: Config, saved: Path) -> None:
+    """Refuse to resume a run whose saved config differs in anything but _RESUMABLE_CHANGES."""
+    if not saved.exists():
+        return
+    before, now = _flat(to_dict(load_config(saved))), _flat(to_dict(config))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
+    if changed:
+        details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {saved.parent}: the config changed since the checkpoint ({details})")
+
+
+def resume_point(config: Config, resume: bool) -> Path | None:
+    """The checkpoint to resume from, None to start fresh; refuses to overwrite an existing run."""
+    run_dir = Path(config.train.output_dir)
+    checkpoint = last_checkpoint(run_dir)
+    if not resume:
+        if checkpoint is not None or (run_dir / "adapter").exists():
+            raise ValueError(f"{run_dir} already holds a run (checkpoints or adapter): resume it "
+                             "(--resume) or choose another train.output_dir")
+        return None
+    if checkpoint is None:
+        print(f"no complete checkpoint in {run_dir / CHECKPOINT_DIR}: starting from scratch")
+        return None
+    _check_same_config(config, run_dir / "config.yaml")
+    print(f"resuming from {checkpoint}")
+    return checkpoint
+
+
+def _initial_adapter(model, run_dir: Path, variant: str, resume_from: Path | None) -> Path | None:
+    """PiSSA/OLoRA: save the adapter as initialized, needed to save a stock LoRA at the end.
+
+    Kept from the first session on resume: the seeded init is deterministic, so it matches."""
+    if variant not in MUTATES_BASE:
+        return None
+    path = run_dir / CHECKPOINT_DIR / "adapter_init"
+    if resume_from is None or not path.exists():
+        save_initial_adapter(model, path)
+    return path
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _summary(metrics: dict[str, Any], config: Config) -> str:
+    train = config.train
+    return "\n".join([
+        f"stage two done: estimator={train.estimator} kl_weight={train.kl_weight} "
+        f"lora={train.lora.variant} r={train.lora.rank}",
+        f"  steps {metrics['steps']}, tokens {metrics['tokens']:,} "
+        f"({metrics['tokens_per_s']:,.0f} tok/s over {metrics['wall_time_s']:.1f} s this session)",
+        f"  CE {_num(metrics['ce_start'], '.4f')} (step 1) -> {_num(metrics['final_ce'], '.4f')} (last window), "
+        f"KL {_num(metrics['final_kl'], '.5f')} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
+        f"  adapter: {metrics['adapter_dir']}  (PeftModel.from_pretrained(base_model, that_dir))",
+        f"  metrics: {Path(train.output_dir) / 'metrics.json'}",
+    ])
+
+
+def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """Train one adapter on the cache in `config.cache.dir`; returns the metrics written to metrics.json."""
+    train, run_dir = config.train, Path(config.train.output_dir)
+    check_live_teacher(train.estimator, train.lora.variant)  # before any expensive step
+    resume_from = resume_point(config, resume)
+    manifest = open_cache(config.cache.dir, config.model, allow_model_mismatch=train.allow_model_mismatch)
+    dataset = load_cache_dataset(config.cache.dir, manifest, streaming=train.streaming,
+                                 columns=dataset_columns(train.estimator))
+    if train.streaming:
+        dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
+    collator = CacheCollator(pad_token_id(config.model), manifest.settings.k,
+                             with_teacher=train.estimator in CACHED_ESTIMATORS)
+    set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
+    model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32)
+    trainer = build_trainer(model, dataset, collator, config, manifest.num_rows, callbacks)
+    initial = _initial_adapter(model, run_dir, train.lora.variant, resume_from) if trainer.is_world_process_zero() else None
+    if trainer.is_world_process_zero():
+        save_config(config, run_dir / "config.yaml")  # from the start: a resume is checked against it
+    metrics = train_and_save(trainer, config, manifest, resume_from, initial)
+    if trainer.is_world_process_zero():
+        print(_summary(metrics, config))
+    return metrics

@@ -1,0 +1,82 @@
+"""The collator's batch: padding, HF labels, and teacher arrays aligned row by row with the labels."""
+import numpy as np
+import pytest
+import torch
+
+from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.reader import load_cache_dataset, open_cache
+
+K = 3
+
+
+def coded_row(example: int, length: int, trained_from: int) -> dict:
+    """A row whose cached values encode (example, position): position i holds example * 1000 + i."""
+    mask = np.arange(length - 1) >= trained_from
+    positions = np.flatnonzero(mask)
+    code = example * 1000 + positions
+    return {
+        "example_id": np.int64(example),
+        "input_ids": 10 + np.arange(length) + example,
+        "loss_mask": mask,
+        "target_logprob": -code.astype(np.float32),
+        "topk_ids": np.repeat(code, K),
+        "topk_logprobs": np.repeat(code, K).astype(np.float32),
+    }
+
+
+def test_padding_labels_and_alignment():
+    rows = [coded_row(0, 6, 0), coded_row(1, 4, 2), coded_row(2, 7, 3)]
+    batch = CacheCollator(pad_id=99, k=K)(rows)
+    assert batch["input_ids"].shape == (3, 7) and batch["input_ids"].dtype == torch.long
+    assert batch["input_ids"][1].tolist() == [11, 12, 13, 14, 99, 99, 99]
+    assert batch["attention_mask"].tolist() == [[1] * 6 + [0], [1] * 4 + [0] * 3, [1] * 7]
+    # labels[t] = input_ids[t] where loss_mask[t-1]; first and padded positions -100
+    assert batch["labels"][1].tolist() == [-100, -100, -100, 14, -100, -100, -100]
+    assert batch["labels"][0].tolist() == [-100, 11, 12, 13, 14, 15, -100]
+    mask = batch["labels"][:, 1:] != -100
+    b, t = torch.nonzero(mask, as_tuple=True)  # row-major, like logits[:, :-1][mask]
+    expected = b * 1000 + t
+    n = int(mask.sum())
+    assert batch["teacher_target_logprob"].shape == (n,) and batch["teacher_target_logprob"].dtype == torch.float32
+    assert torch.equal(-batch["teacher_target_logprob"], expected.float())
+    assert batch["teacher_topk_ids"].shape == (n, K) and batch["teacher_topk_ids"].dtype == torch.long
+    assert torch.equal(batch["teacher_topk_ids"], expected[:, None].expand(n, K))
+    assert torch.equal(batch["teacher_topk_logprobs"], expected[:, None].expand(n, K).float())
+
+
+def test_row_without_trained_positions_and_without_teacher():
+    rows = [coded_row(0, 5, 4), coded_row(1, 3, 0)]  # row 0 trains nothing
+    batch = CacheCollator(pad_id=0, k=K)(rows)
+    assert (batch["labels"][0] == -100).all() and batch["teacher_topk_ids"].shape == (2, K)
+    plain = CacheCollator(pad_id=0, k=K, with_teacher=False)(rows)
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_inconsistent_row_is_refused():
+    row = coded_row(4, 6, 0)
+    row["target_logprob"] = row["target_logprob"][:-1]
+    with pytest.raises(ValueError, match=r"examples \[4\]"):
+        CacheCollator(pad_id=0, k=K)([row])
+
+
+def test_real_cache_lines_up_with_a_model_forward(tiny_cache, tiny_model_dir):
+    """The teacher's own log-probs at `logits[:, :-1][labels[:, 1:] != -100]` are the cached ones."""
+    from transformers import AutoModelForCausalLM
+
+    manifest = open_cache(tiny_cache, tiny_model_dir, verify=False)
+    rows = [load_cache_dataset(tiny_cache, manifest)[i] for i in range(5)]
+    batch = CacheCollator(pad_token_id(tiny_model_dir), manifest.settings.k)(rows)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["labels"][:, 1:] != -100
+    logp = torch.log_softmax(logits[:, :-1][mask], -1)
+    targets = batch["labels"][:, 1:][mask]
+    torch.testing.assert_close(logp.gather(-1, targets[:, None])[:, 0], batch["teacher_target_logprob"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp.gather(-1, batch["teacher_topk_ids"]), batch["teacher_topk_logprobs"], atol=1e-5, rtol=0)
+
+
+def test_pad_id_comes_from_the_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    assert pad_token_id(tiny_model_dir) == AutoTokenizer.from_pretrained(str(tiny_model_dir)).pad_token_id == 3

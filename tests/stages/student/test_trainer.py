@@ -1,0 +1,245 @@
+"""Stage two end to end on the tiny model: learning, files, kill-and-resume, accumulation, sharing a cache."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from pipeline.config import CacheConfig, Config, LoraSettings, TrainConfig, load_config, save_config
+from stages.student.adapters import adapter_state, base_state
+from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.reader import load_cache_dataset, open_cache
+from stages.student.trainer import batch_loss, last_checkpoint
+from stages.train import run_train
+from storage_schemas import Manifest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def make_config(model_dir, cache_dir, out, **train) -> Config:
+    settings = dict(output_dir=str(out), estimator="tail", max_steps=6, batch_size=4, save_steps=3,
+                    logging_steps=1, learning_rate=3e-3, warmup_ratio=0.0, lora=LoraSettings(rank=4))
+    return Config(model=str(model_dir), cache=CacheConfig(dir=str(cache_dir)), train=TrainConfig(**{**settings, **train}))
+
+
+class Capture(TrainerCallback):
+    """Keeps the weights at the start, the gradients of each step, and the model at the end."""
+
+    def __init__(self):
+        self.grads, self.model = [], None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.base, self.lora = base_state(model), adapter_state(model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+@torch.no_grad()
+def mean_ce(model, cache_dir, model_dir, rows: int = 16) -> float:
+    manifest = open_cache(cache_dir, model_dir, verify=False)
+    dataset = load_cache_dataset(cache_dir, manifest)
+    batch = CacheCollator(pad_token_id(model_dir), manifest.settings.k)([dataset[i] for i in range(rows)])
+    return batch_loss(model.eval(), batch, "none", 0.0).ce.item()
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --- one run: learning, weights, files -----------------------------------------------------------
+def test_training_learns_keeps_base_and_writes_a_reloadable_adapter(tiny_model_dir, tiny_cache, tmp_path):
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", max_steps=12, learning_rate=5e-3)
+    capture = Capture()
+    metrics = run_train(config, callbacks=[capture])
+    run = tmp_path / "run"
+    base_model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    ce_before = mean_ce(base_model, tiny_cache, tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base_model, run / "adapter")
+    ce_after = mean_ce(reloaded, tiny_cache, tiny_model_dir)
+    assert ce_after < ce_before - 0.5 and metrics["final_ce"] < metrics["ce_start"]
+    # frozen base unchanged, adapter changed
+    trained = capture.model
+    assert all(torch.equal(capture.base[n], p) for n, p in base_state(trained).items())
+    assert all(not torch.equal(capture.lora[n], p) for n, p in adapter_state(trained).items() if "lora_B" in n)
+    # stock peft reload == the trained model
+    x = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, trained.eval()(input_ids=x).logits, rtol=0, atol=1e-6)
+    # exactly these files
+    assert {p.name for p in run.iterdir()} == {
+        "adapter", "checkpoints", "config.yaml", "cache_fingerprint.json", "metrics.json", "log.csv"}
+    assert {p.name for p in (run / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"checkpoint-9", "checkpoint-12"}
+    assert load_config(run / "config.yaml") == config
+    fingerprint = json.loads((run / "cache_fingerprint.json").read_text())
+    assert fingerprint["token_ids_sha256"] == Manifest.load(tiny_cache).token_ids_sha256
+    assert set(fingerprint) == {"teacher", "tokenizer", "dataset", "settings", "token_ids_sha256"}
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("final_ce", "final_kl", "final_loss", "steps", "tokens", "wall_time_s", "tokens_per_s",
+                "peak_rss_mib", "ce_start", "ce_end"):
+        assert saved[key] is not None, key
+    assert saved["steps"] == 12 and saved["final_kl"] > 0
+    log = csv_rows(run / "log.csv")
+    assert [int(r["step"]) for r in log] == list(range(1, 13)) and float(log[-1]["ce"]) == pytest.approx(saved["final_ce"])
+
+
+@pytest.mark.parametrize("estimator", ["none", "topk", "full_kl", "live"])
+def test_every_estimator_runs_through_the_trainer(estimator, tiny_model_dir, tiny_cache, tmp_path):
+    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / estimator, estimator=estimator,
+                                    max_steps=2, save_steps=2))
+    assert metrics["steps"] == 2 and all(map(lambda v: v == v, (metrics["final_ce"], metrics["final_kl"])))
+    assert (metrics["final_kl"] == 0) == (estimator == "none")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_one_epoch_sees_every_cached_token_once(streaming, tiny_model_dir, tiny_cache, tmp_path):
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", max_steps=0, epochs=1.0, grad_accum=2,
+                         streaming=streaming)
+    metrics = run_train(config)
+    assert metrics["steps"] == 4  # ceil(30 rows / (4 x 2))
+    assert metrics["tokens"] == Manifest.load(tiny_cache).num_tokens
+
+
+def test_existing_run_is_not_overwritten_and_changed_config_is_not_resumed(tiny_model_dir, tiny_cache, tmp_path):
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", max_steps=2, save_steps=1)
+    run_train(config)
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_train(config)
+    config.train.kl_weight = 0.25
+    with pytest.raises(ValueError, match=r"train.kl_weight: 1.0 -> 0.25"):
+        run_train(config, resume=True)
+
+
+def test_live_with_pissa_is_refused_before_any_work(tiny_model_dir, tiny_cache, tmp_path):
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", estimator="live", lora=LoraSettings(variant="pissa"))
+    with pytest.raises(ValueError, match="disable_adapter"):
+        run_train(config)
+    assert not (tmp_path / "run").exists()
+
+
+# --- gradient accumulation -----------------------------------------------------------------------
+def test_accumulation_gives_the_full_batch_gradient(tiny_model_dir, tiny_cache, tmp_path):
+    """Batch 4 x 1 and batch 2 x 2 see the same 4 sequences per step; uneven label counts per
+    micro-batch make a per-micro-batch mean differ, the step-wide count does not."""
+    runs = {}
+    for name, batch, accum in (("full", 4, 1), ("accum", 2, 2)):
+        capture = Capture()
+        run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / name, batch_size=batch, grad_accum=accum,
+                              max_steps=3, save_steps=3), callbacks=[capture])
+        runs[name] = capture
+    for g_full, g_accum in zip(runs["full"].grads, runs["accum"].grads):
+        for n in g_full:
+            torch.testing.assert_close(g_accum[n], g_full[n], rtol=1e-5, atol=1e-6, msg=n)
+    full, accum = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("full", "accum"))
+    for n in full:
+        torch.testing.assert_close(accum[n], full[n], rtol=1e-5, atol=1e-5)  # Adam amplifies 1e-7 noise
+    ce_full, ce_accum = (csv_rows(tmp_path / n / "log.csv") for n in ("full", "accum"))
+    assert [float(r["loss"]) for r in ce_full] == pytest.approx([float(r["loss"]) for r in ce_accum], rel=1e-5)
+
+
+# --- kill and resume -----------------------------------------------------------------------------
+STALL_AFTER_SAVE = """
+import sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from pipeline.config import load_config
+from stages.train import run_train
+
+class StallAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        Path(sys.argv[2]).write_text(str(state.global_step))
+        time.sleep(600)  # a long job; the test kills it here
+
+run_train(load_config(sys.argv[1]), callbacks=[StallAfterSave()])
+"""
+
+
+def start_run(config: Config, tmp_path: Path, name: str, script: str, *extra: str,
+              threads: int | None = None) -> subprocess.Popen:
+    save_config(config, tmp_path / f"{name}.yaml")
+    (tmp_path / f"{name}.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if threads:  # concurrent runs on 2 cores: oversubscribed OpenMP threads spin and crawl
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, str(tmp_path / f"{name}.py"), str(tmp_path / f"{name}.yaml"), *extra],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"run ended (rc={proc.returncode}) before {path.name}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_model_dir, tiny_cache, tmp_path):
+    reference = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / "reference"))
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "killed")
+    marker = tmp_path / "saved"
+    proc = start_run(config, tmp_path, "killed", STALL_AFTER_SAVE, str(marker))
+    wait_for(marker, proc, tmp_path / "killed.log")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = tmp_path / "killed"
+    assert marker.read_text() == "3" and not (run / "adapter").exists()
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"checkpoint-3"}
+    resumed = run_train(config, resume=True)
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == reference["steps"] == 6
+    for key in ("final_ce", "final_kl", "final_loss", "tokens"):
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-6), key
+    expected = load_file(tmp_path / "reference" / "adapter" / "adapter_model.safetensors")
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-6)
+    ref_log, log = csv_rows(tmp_path / "reference" / "log.csv"), csv_rows(run / "log.csv")
+    assert [r["step"] for r in log] == [r["step"] for r in ref_log]  # no duplicated or missing rows
+    assert [float(r["ce"]) for r in log] == pytest.approx([float(r["ce"]) for r in ref_log], rel=1e-6)
+
+
+# --- two runs, one cache -------------------------------------------------------------------------
+PLAIN_RUN = """
+import sys
+from pipeline.config import load_config
+from stages.train import run_train
+run_train(load_config(sys.argv[1]))
+"""
+
+
+def test_two_runs_share_one_cache_without_touching_it(tiny_model_dir, cache_copy, tmp_path, snapshot):
+    before = snapshot(cache_copy)
+    settings = {"a": dict(kl_weight=0.5, lora=LoraSettings(rank=4), seed=0),
+                "b": dict(kl_weight=2.0, lora=LoraSettings(rank=8), seed=1)}
+    procs = {name: start_run(make_config(tiny_model_dir, cache_copy, tmp_path / name, max_steps=4, **s),
+                             tmp_path, name, PLAIN_RUN, threads=1) for name, s in settings.items()}
+    for name, proc in procs.items():
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in procs}
+    assert metrics["a"]["steps"] == metrics["b"]["steps"] == 4 and metrics["a"]["final_loss"] != metrics["b"]["final_loss"]
+    assert snapshot(cache_copy) == before
+
+
+def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path):
+    for step, complete in ((3, True), (6, False)):
+        path = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        (path / "adapter_model.safetensors").write_bytes(b"")
+        if complete:  # the Trainer writes trainer_state.json last
+            (path / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path).name == "checkpoint-3"
