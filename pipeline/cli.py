@@ -88,8 +88,8 @@ def cmd_demo(args) -> int:
     from stages.train import run_train
 
     main_build_default(args.out, force=False)
-    print(run_cache_teacher(config).render())
-    run_train(config, resume=False)
+    print(run_cache_teacher(config).render())  # a finished cache is reused, a killed one resumed
+    run_train(config, resume=True)  # likewise: re-running the demo continues or re-reports the run
     return 0
 
 

@@ -49,7 +49,7 @@ def pack(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int)
     Returns int64 [n_rows, seq_len]. Rows cross document boundaries, as in GPT pretraining.
     """
     ids: list[int] = []
-    for encoded in tokenizer(list(texts))["input_ids"]:
+    for encoded in tokenizer(list(texts), verbose=False)["input_ids"]:
         ids.extend(encoded)
         ids.append(tokenizer.eos_token_id)
     n_rows = len(ids) // seq_len

@@ -14,7 +14,6 @@ never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +37,9 @@ def build_default(out_dir: str | Path = "build/default", force: bool = False,
     digest = recipe_hash(recipe)
     if not force and _is_current(out_dir, digest):
         return _summary(out_dir, skipped=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    _refuse_foreign(out_dir)
+    # A fixed name: a build killed before its cleanup leaves one directory the next build reuses.
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -47,6 +48,13 @@ def build_default(out_dir: str | Path = "build/default", force: bool = False,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _summary(out_dir, skipped=False)
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """A rebuild replaces out_dir wholesale, so it must be empty or an earlier build."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / RECIPE_NAME).is_file():
+        raise FileExistsError(f"{out_dir} is not empty and holds no {RECIPE_NAME}: "
+                              "not an embedded-default build, refusing to replace it")
 
 
 def _is_current(out_dir: Path, digest: str) -> bool:
@@ -80,7 +88,7 @@ def _drop_long(splits: dict[str, list[str]], tokenizer, max_tokens: int):
     """Drop texts longer than max_tokens with <s> and </s>, so each fits the context alone."""
     kept, dropped = {}, {}
     for name, texts in splits.items():
-        lengths = [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]
+        lengths = [len(ids) + 1 for ids in tokenizer(texts, verbose=False)["input_ids"]]
         kept[name] = [t for t, n in zip(texts, lengths) if n <= max_tokens]
         dropped[name] = len(texts) - len(kept[name])
     return kept, dropped
@@ -88,7 +96,8 @@ def _drop_long(splits: dict[str, list[str]], tokenizer, max_tokens: int):
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename tmp to out_dir; an old out_dir is moved aside first and deleted after."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)

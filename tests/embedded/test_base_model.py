@@ -1,0 +1,122 @@
+"""Run: pytest tests/embedded/test_base_model.py
+
+The tiny variant of the embedded default: reproducible weights, loadable with the Auto classes,
+the exact files written, and the build cache (skip when unchanged, rebuild when changed)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.embedded import BUILD_INFO_NAME, RECIPE_NAME, SPLIT_FILES, build_default, read_jsonl
+from pipeline.embedded import build as build_module
+
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja", BUILD_INFO_NAME}
+
+
+def _files(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_build_writes_exactly_these_files(tiny_build):
+    out = Path(tiny_build["out_dir"])
+    expected = {RECIPE_NAME} | {f"data/{f}" for f in SPLIT_FILES.values()} | {
+        f"base-model/{f}" for f in MODEL_FILES}
+    assert _files(out) == expected
+    assert not list(out.parent.glob(".default.*")), "temp directories left behind"
+
+
+def test_same_recipe_gives_bit_identical_weights(tiny_build, tiny_recipe, tmp_path):
+    again = build_default(tmp_path / "again", recipe=tiny_recipe, progress=False)
+    first = load_file(Path(tiny_build["base_model"]) / "model.safetensors")
+    second = load_file(Path(again["base_model"]) / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    for name in SPLIT_FILES.values():
+        assert (Path(tiny_build["out_dir"]) / "data" / name).read_bytes() == \
+               (tmp_path / "again" / "data" / name).read_bytes()
+    assert again["final_train_loss"] == tiny_build["final_train_loss"]
+
+
+def test_loads_with_auto_classes(tiny_build, tiny_recipe):
+    model = AutoModelForCausalLM.from_pretrained(tiny_build["base_model"])
+    tok = AutoTokenizer.from_pretrained(tiny_build["base_model"])
+    config = model.config
+    assert config.model_type == "llama" and model.dtype == torch.float32
+    assert config.vocab_size == len(tok) == tiny_recipe.vocab_size
+    assert config.hidden_size // config.num_attention_heads == 64
+    assert not config.tie_word_embeddings
+    text = read_jsonl(tiny_build["data"]["source_heldout"])[0]
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert math.isfinite(loss)
+
+
+def test_build_info_and_summary(tiny_build, tiny_recipe):
+    assert tiny_build["skipped"] is False
+    assert tiny_build["steps"] == tiny_recipe.steps
+    assert len(tiny_build["train_loss_every_25_steps"]) == 1
+    assert tiny_build["chance_loss"] == pytest.approx(math.log(tiny_recipe.vocab_size))
+    # Even 20 steps move the model off uniform on the domain it trains on.
+    assert tiny_build["final_train_loss"] < tiny_build["chance_loss"]
+    for name in ("source_heldout_loss", "target_heldout_loss"):
+        assert math.isfinite(tiny_build[name])
+    counts = tiny_build["corpus_counts"]
+    for name, path in tiny_build["data"].items():
+        assert counts[name]["examples"] == len(read_jsonl(path))
+
+
+def test_skips_when_unchanged_and_rebuilds_when_changed(tiny_build, tiny_recipe, tmp_path):
+    out = tmp_path / "default"
+    shutil.copytree(tiny_build["out_dir"], out)
+    weights = out / "base-model" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_default(out, recipe=tiny_recipe, progress=False)["skipped"] is True
+    assert weights.stat().st_mtime_ns == stamp
+    changed = dataclasses.replace(tiny_recipe, steps=tiny_recipe.steps + 1)
+    summary = build_default(out, recipe=changed, progress=False)
+    assert summary["skipped"] is False and summary["steps"] == changed.steps
+    recorded = json.loads((out / RECIPE_NAME).read_text())
+    assert recorded["recipe"]["steps"] == changed.steps
+    assert not list(tmp_path.glob(".default.*")), "temp or old directories left behind"
+
+
+def test_failed_rebuild_keeps_the_old_build(tiny_build, tiny_recipe, tmp_path, monkeypatch):
+    """A build killed midway (here: forced, then failing) leaves the previous build untouched."""
+    out = tmp_path / "default"
+    shutil.copytree(tiny_build["out_dir"], out)
+    before = {name: (out / name).read_bytes() for name in _files(out)}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(build_module, "build_base_model", fail)
+    with pytest.raises(RuntimeError):
+        build_default(out, recipe=tiny_recipe, force=True, progress=False)
+    assert {name: (out / name).read_bytes() for name in _files(out)} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["default"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_build(tiny_recipe, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing"):
+        build_default(tmp_path, recipe=tiny_recipe, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_recipe_validation():
+    from pipeline.embedded import DefaultRecipe
+
+    with pytest.raises(ValueError, match="64"):
+        DefaultRecipe(hidden=128, heads=8)
+    with pytest.raises(ValueError, match="seq_len"):
+        DefaultRecipe(seq_len=1024)
