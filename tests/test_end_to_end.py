@@ -12,6 +12,7 @@ import pytest
 from storage_schemas import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
+K = 24  # k+1 = 25 is above vLLM's default max_logprobs (20): the engine must raise it, not fail
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -27,7 +28,7 @@ def rows(cache_dir: Path) -> list[dict]:
 @pytest.mark.vllm
 def test_vllm_stage_one_then_training(tiny_model_dir, tiny_jsonl, tmp_path):
     common = ["--config", "", f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", "data.max_length=64",
-              "cache.k=16", "cache.rows_per_shard=16"]
+              f"cache.k={K}", "cache.rows_per_shard=16"]
     out = cli("cache-teacher", *common, f"cache.dir={tmp_path / 'vllm'}").stdout
     assert "bytes/token" in out and "tok/s" in out
     assert sorted(p.name for p in (tmp_path / "vllm").iterdir()) == [
@@ -40,9 +41,9 @@ def test_vllm_stage_one_then_training(tiny_model_dir, tiny_jsonl, tmp_path):
         assert v["input_ids"] == h["input_ids"] and v["loss_mask"] == h["loss_mask"]
         np.testing.assert_allclose(v["target_logprob"], h["target_logprob"], atol=2e-5)
         np.testing.assert_allclose(v["topk_logprobs"], h["topk_logprobs"], atol=2e-5)
-        vals = np.asarray(h["topk_logprobs"]).reshape(-1, 16)
+        vals = np.asarray(h["topk_logprobs"]).reshape(-1, K)
         untied = np.abs(np.diff(vals, axis=1)).min(axis=1) > 1e-5
-        ids_v, ids_h = np.asarray(v["topk_ids"]).reshape(-1, 16), np.asarray(h["topk_ids"]).reshape(-1, 16)
+        ids_v, ids_h = np.asarray(v["topk_ids"]).reshape(-1, K), np.asarray(h["topk_ids"]).reshape(-1, K)
         np.testing.assert_array_equal(ids_v[untied], ids_h[untied])
     assert Manifest.load(tmp_path / "vllm").engine.versions["vllm"]
 
