@@ -10,6 +10,7 @@ config.yaml, cache_fingerprint.json, metrics.json.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,10 +99,27 @@ def _summary(metrics: dict[str, Any], config: Config) -> str:
     ])
 
 
+def finished_run_metrics(config: Config) -> dict | None:
+    """metrics.json of a run in train.output_dir that already reached its step budget, else None.
+
+    Resuming such a run would otherwise let the Trainer take one step past the budget."""
+    run_dir = Path(config.train.output_dir)
+    path = run_dir / "metrics.json"
+    if not (path.exists() and (run_dir / "adapter").exists()):
+        return None
+    metrics = json.loads(path.read_text())
+    budget = config.train.max_steps
+    return metrics if budget <= 0 or metrics.get("steps", 0) >= budget else None
+
+
 def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train one adapter on the cache in `config.cache.dir`; returns the metrics written to metrics.json."""
     train, run_dir = config.train, Path(config.train.output_dir)
     check_live_teacher(train.estimator, train.lora.variant)  # before any expensive step
+    if resume and (done := finished_run_metrics(config)) is not None:
+        _check_same_config(config, run_dir / "config.yaml")
+        print(f"{run_dir} already finished; nothing to train.\n" + _summary(done, config))
+        return done
     resume_from = resume_point(config, resume)
     manifest = open_cache(config.cache.dir, config.model, allow_model_mismatch=train.allow_model_mismatch)
     dataset = load_cache_dataset(config.cache.dir, manifest, streaming=train.streaming,

@@ -124,6 +124,15 @@ def test_existing_run_is_not_overwritten_and_changed_config_is_not_resumed(tiny_
         run_train(config, resume=True)
 
 
+def test_resuming_a_finished_run_trains_nothing(tiny_model_dir, tiny_cache, tmp_path):
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", max_steps=2, save_steps=1)
+    first = run_train(config)
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = run_train(config, resume=True)
+    assert again == first and again["steps"] == 2
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
 def test_live_with_pissa_is_refused_before_any_work(tiny_model_dir, tiny_cache, tmp_path):
     config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", estimator="live", lora=LoraSettings(variant="pissa"))
     with pytest.raises(ValueError, match="disable_adapter"):
