@@ -6,7 +6,9 @@ CONFIG  ?= configs/demo.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup base-model demo cache-teacher train verify test clean help
+RUN     ?= runs/demo/train
+
+.PHONY: setup base-model demo cache-teacher train eval verify test clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -33,6 +35,9 @@ cache-teacher: base-model  ## stage one on CONFIG (default configs/demo.yaml)
 
 train: setup  ## stage two on CONFIG
 	$(PY) -m pipeline train --config $(CONFIG) $(ARGS)
+
+eval: setup  ## learning vs forgetting of RUN (default runs/demo/train) against its base model
+	$(PY) -m pipeline eval --run $(RUN) $(ARGS)
 
 verify: setup  ## verify the cache named in CONFIG
 	$(PY) -m pipeline verify $$($(PY) -c "from pipeline.config import load_config; print(load_config('$(CONFIG)').cache.dir)")

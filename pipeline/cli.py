@@ -5,6 +5,7 @@
     verify          check a cache's schema, counts and checksums; names any bad shard
     inspect         show one cached position: target and top-k with probabilities
     train           stage two: LoRA on the cached shards with the masked KL
+    eval            learning (held-out target) vs forgetting (retention set, drift) of a run
     demo            build-default -> cache-teacher -> train on the embedded default
 
 Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
@@ -81,6 +82,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from stages.evaluate import config_for_run, run_eval
+
+    config = config_for_run(args.run, args.overrides) if args.run else _config(args)
+    run_eval(config, args.run)
+    return 0
+
+
 def cmd_demo(args) -> int:
     config = _config(args)
     from pipeline.embedded import main_build_default
@@ -90,6 +99,9 @@ def cmd_demo(args) -> int:
     main_build_default(args.out, force=False)
     print(run_cache_teacher(config).render())  # a finished cache is reused, a killed one resumed
     run_train(config, resume=True)  # likewise: re-running the demo continues or re-reports the run
+    from stages.evaluate import run_eval
+
+    run_eval(config, config.train.output_dir)
     return 0
 
 
@@ -127,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="accept a cache made by other weights (the tokenizer must still match)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="learning vs forgetting of an adapter (or the base model alone)")
+    _add_config_args(p)
+    p.add_argument("--run", default=None, help="a train.output_dir; its config.yaml is used (default: base model only)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="build-default -> cache-teacher -> train on the embedded default")
     _add_config_args(p)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "Config", "load_config", "to_dict"]
+__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "Config", "load_config", "to_dict"]
 
 ENGINES = ("vllm", "hf")
 ESTIMATORS = ("tail", "topk", "full_kl", "none", "live")
@@ -119,11 +119,26 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    source_path: str = "build/default/data/source_heldout.jsonl"  # retention set: what must not be forgotten
+    target_path: str = "build/default/data/target_heldout.jsonl"  # held-out data of the new task
+    text_field: str = "text"
+    max_length: int = 256                # sequences are truncated to this many tokens
+    max_examples: int = 300              # per set; 0 = all
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 2, f"eval.max_length: must be >= 2, got {self.max_length}")
+        _require(self.max_examples >= 0 and self.batch_size >= 1, "eval.max_examples >= 0 and eval.batch_size >= 1")
+
+
+@dataclass
 class Config:
     model: str = "build/default/base-model"  # local HF model directory: the teacher and the student base
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model: empty")

@@ -1,0 +1,116 @@
+"""Learning vs forgetting of one adapter (or the base model alone) on held-out text.
+
+    python -m pipeline eval --run runs/demo/train        (or: make eval RUN=runs/demo/train)
+    python -m pipeline eval --config configs/demo.yaml   (the base model alone)
+
+Learning = loss / perplexity / next-token accuracy on held-out target data (`eval.target_path`).
+Forgetting = the same on retention data (`eval.source_path`) relative to the base model, plus
+output drift = mean KL(base || adapted) over the full vocabulary at every retention position.
+Writes `eval.json` into the run directory and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, DataConfig, EvalConfig, load_config
+from pipeline.data import load_rows, tokenize_rows
+
+__all__ = ["run_eval", "score_texts", "config_for_run"]
+
+
+def _batches(path: str, tokenizer, cfg: EvalConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids [B, T], attention_mask [B, T]) batches of the eval set, right-padded."""
+    data = DataConfig(path=path, text_field=cfg.text_field, max_length=cfg.max_length, max_examples=cfg.max_examples)
+    examples = tokenize_rows(load_rows(data), tokenizer, data)
+    out = []
+    for start in range(0, len(examples), cfg.batch_size):
+        group = [torch.from_numpy(e.input_ids).long() for e in examples[start:start + cfg.batch_size]]
+        ids = torch.nn.utils.rnn.pad_sequence(group, batch_first=True, padding_value=0)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(g) for g in group], batch_first=True)
+        out.append((ids, mask))
+    return out
+
+
+@torch.no_grad()
+def score_texts(model, batches, with_drift: bool = False) -> dict[str, float]:
+    """Token-weighted mean NLL, perplexity and accuracy; with a PeftModel and `with_drift`, also the
+    mean KL(base || adapted) per position (base = the same model with its adapter disabled)."""
+    nll = correct = count = drift = 0.0
+    for ids, mask in tqdm(batches, desc="eval", leave=False, unit="batch"):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        keep = mask[:, 1:].bool()
+        logp, targets = F.log_softmax(logits[keep], -1), ids[:, 1:][keep]
+        nll -= logp.gather(-1, targets[:, None]).sum().item()
+        correct += (logp.argmax(-1) == targets).sum().item()
+        count += targets.numel()
+        if with_drift:
+            with model.disable_adapter():
+                base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()[keep], -1)
+            drift += (base.exp() * (base - logp)).sum().item()
+    loss = nll / max(count, 1)
+    metrics = {"loss": loss, "ppl": math.exp(loss), "accuracy": correct / max(count, 1), "tokens": int(count)}
+    if with_drift:
+        metrics["drift_kl"] = drift / max(count, 1)
+    return metrics
+
+
+def _load(config: Config, adapter_dir: Path | None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval() if adapter_dir else model
+
+
+def _table(results: dict) -> str:
+    lines = [f"{'':10s} {'target loss':>12s} {'target ppl':>11s} {'target acc':>11s} {'source loss':>12s} {'source ppl':>11s} {'drift KL':>9s}"]
+    for name, r in results.items():
+        if name in ("base", "adapted"):
+            drift = f"{r['source']['drift_kl']:9.4f}" if "drift_kl" in r["source"] else f"{'-':>9s}"
+            lines.append(f"{name:10s} {r['target']['loss']:12.4f} {r['target']['ppl']:11.2f} {r['target']['accuracy']:11.4f} "
+                         f"{r['source']['loss']:12.4f} {r['source']['ppl']:11.2f} {drift}")
+    if "forgetting" in results:
+        f = results["forgetting"]
+        lines.append(f"forgetting: source loss +{f['source_loss_increase']:.4f} nats (ppl x{f['source_ppl_ratio']:.3f}); "
+                     f"learning: target loss {f['target_loss_change']:+.4f} nats")
+    return "\n".join(lines)
+
+
+def run_eval(config: Config, run_dir: str | None = None) -> dict:
+    """Evaluate the base model and, with `run_dir`, its adapter; writes run_dir/eval.json."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    sets = {name: _batches(path, tokenizer, config.eval)
+            for name, path in (("target", config.eval.target_path), ("source", config.eval.source_path))}
+    base = _load(config, None)
+    results = {"base": {name: score_texts(base, b) for name, b in sets.items()}}
+    if run_dir:
+        adapted = _load(config, Path(run_dir) / "adapter")
+        results["adapted"] = {"target": score_texts(adapted, sets["target"]),
+                              "source": score_texts(adapted, sets["source"], with_drift=True)}
+        b, a = results["base"], results["adapted"]
+        results["forgetting"] = {
+            "source_loss_increase": a["source"]["loss"] - b["source"]["loss"],
+            "source_ppl_ratio": a["source"]["ppl"] / b["source"]["ppl"],
+            "target_loss_change": a["target"]["loss"] - b["target"]["loss"],
+        }
+        (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
+    print(_table(results))
+    return results
+
+
+def config_for_run(run_dir: str, overrides: list[str]) -> Config:
+    """The run's own resolved config (so model and eval sets match what it trained with)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml; is it a train.output_dir?")
+    if not (Path(run_dir) / "adapter").is_dir():
+        raise FileNotFoundError(f"{run_dir}: no adapter/ (training not finished?)")
+    return load_config(path, overrides)
