@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 RUN     ?= runs/demo/train
 
-.PHONY: setup base-model demo cache-teacher train eval verify test clean help
+.PHONY: setup base-model demo cache-teacher train eval sweep verify test clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -38,6 +38,9 @@ train: setup  ## stage two on CONFIG
 
 eval: setup  ## learning vs forgetting of RUN (default runs/demo/train) against its base model
 	$(PY) -m pipeline eval --run $(RUN) $(ARGS)
+
+sweep: base-model  ## method x lambda x seed over one cache (configs/sweep_demo.yaml): table + frontier.png
+	$(PY) -m pipeline sweep --config configs/sweep_demo.yaml $(ARGS)
 
 verify: setup  ## verify the cache named in CONFIG
 	$(PY) -m pipeline verify $$($(PY) -c "from pipeline.config import load_config; print(load_config('$(CONFIG)').cache.dir)")

@@ -6,6 +6,7 @@
     inspect         show one cached position: target and top-k with probabilities
     train           stage two: LoRA on the cached shards with the masked KL
     eval            learning (held-out target) vs forgetting (retention set, drift) of a run
+    sweep           method x lambda x seed over one cache: results table and frontier plot
     demo            build-default -> cache-teacher -> train on the embedded default
 
 Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
@@ -90,6 +91,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    config = _config(args)
+    from stages.sweep import run_sweep
+
+    run_sweep(config)
+    return 0
+
+
 def cmd_demo(args) -> int:
     config = _config(args)
     from pipeline.embedded import main_build_default
@@ -144,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run", default=None, help="a train.output_dir; its config.yaml is used (default: base model only)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="grid of runs (method x lambda x seed) over one cache, table + frontier plot")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="build-default -> cache-teacher -> train on the embedded default")
     _add_config_args(p)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "Config", "load_config", "to_dict"]
+__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "SweepConfig", "Config", "load_config", "to_dict"]
 
 ENGINES = ("vllm", "hf")
 ESTIMATORS = ("tail", "topk", "full_kl", "none", "live")
@@ -133,12 +133,27 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    output_dir: str = "runs/sweep"       # one sub-directory per run + results.json/.md + frontier.png
+    methods: list[str] = field(default_factory=lambda: ["none", "tail", "full_kl", "topk"])  # train.estimator values
+    kl_weights: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])  # lambdas (ignored by `none`)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in ESTIMATORS]
+        _require(not bad, f"sweep.methods: {bad} not in {ESTIMATORS}")
+        _require(bool(self.methods) and bool(self.kl_weights) and bool(self.seeds), "sweep: methods, kl_weights and seeds must be non-empty")
+        self.kl_weights = [float(w) for w in self.kl_weights]
+
+
+@dataclass
 class Config:
     model: str = "build/default/base-model"  # local HF model directory: the teacher and the student base
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model: empty")

@@ -82,15 +82,18 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval(config: Config, run_dir: str | None = None) -> dict:
-    """Evaluate the base model and, with `run_dir`, its adapter; writes run_dir/eval.json."""
+def run_eval(config: Config, run_dir: str | None = None, base_results: dict | None = None) -> dict:
+    """Evaluate the base model (unless `base_results` already holds it, e.g. across a sweep) and,
+    with `run_dir`, its adapter; writes run_dir/eval.json."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     sets = {name: _batches(path, tokenizer, config.eval)
             for name, path in (("target", config.eval.target_path), ("source", config.eval.source_path))}
-    base = _load(config, None)
-    results = {"base": {name: score_texts(base, b) for name, b in sets.items()}}
+    if base_results is None:
+        base = _load(config, None)
+        base_results = {name: score_texts(base, b) for name, b in sets.items()}
+    results = {"base": base_results}
     if run_dir:
         adapted = _load(config, Path(run_dir) / "adapter")
         results["adapted"] = {"target": score_texts(adapted, sets["target"]),

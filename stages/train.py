@@ -47,7 +47,7 @@ def _check_same_config(config: Config, saved: Path) -> None:
         return
     before, now = _flat(to_dict(load_config(saved))), _flat(to_dict(config))
     changed = sorted(k for k in before.keys() | now.keys()
-                     if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("eval."))
+                     if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith(("eval.", "sweep.")))
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume {saved.parent}: the config changed since the checkpoint ({details})")

@@ -1,0 +1,135 @@
+"""A grid of stage-two runs over one cache: method x lambda x seed, then a learning/forgetting table.
+
+    python -m pipeline sweep --config configs/sweep_demo.yaml       (or: make sweep)
+
+Stage one runs once (or is skipped: a complete cache is reused). Each run trains into
+`sweep.output_dir/<method>-l<lambda>-s<seed>/` and is evaluated there; a run whose eval.json exists
+is skipped, so a killed sweep continues where it stopped. At the end: results.json (one record per
+run), results.md (mean ± std over seeds per method and lambda) and frontier.png (x: held-out target
+loss, y: increase of the retention loss over the base model; one curve per method across lambda,
+error bars over seeds).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pipeline.config import Config
+
+__all__ = ["plan_runs", "run_sweep", "summarize", "plot_frontier"]
+
+WEIGHTLESS = ("none",)  # methods where lambda means nothing: one run per seed
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    kl_weight: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-l{self.kl_weight:g}-s{self.seed}"
+
+
+def plan_runs(config: Config) -> list[RunSpec]:
+    sweep = config.sweep
+    return [RunSpec(m, 0.0 if m in WEIGHTLESS else w, s)
+            for m in sweep.methods for w in (sweep.kl_weights if m not in WEIGHTLESS else [0.0]) for s in sweep.seeds]
+
+
+def _run_config(config: Config, spec: RunSpec, out: Path) -> Config:
+    run = copy.deepcopy(config)
+    run.train.estimator, run.train.kl_weight, run.train.seed = spec.method, spec.kl_weight, spec.seed
+    run.train.output_dir = str(out / spec.name)
+    return run
+
+
+def _record(spec: RunSpec, result: dict) -> dict:
+    adapted, forgetting = result["adapted"], result["forgetting"]
+    return {"name": spec.name, "method": spec.method, "kl_weight": spec.kl_weight, "seed": spec.seed,
+            "target_loss": adapted["target"]["loss"], "target_accuracy": adapted["target"]["accuracy"],
+            "source_loss": adapted["source"]["loss"], "source_loss_increase": forgetting["source_loss_increase"],
+            "drift_kl": adapted["source"]["drift_kl"]}
+
+
+def run_sweep(config: Config) -> list[dict]:
+    from stages.cache_teacher import run_cache_teacher
+    from stages.evaluate import run_eval
+    from stages.train import run_train
+
+    out = Path(config.sweep.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(run_cache_teacher(config).render())
+    base_path = out / "base_eval.json"
+    if not base_path.exists():
+        base_path.write_text(json.dumps(run_eval(config)["base"], indent=2))
+    base = json.loads(base_path.read_text())
+    records = []
+    for spec in tqdm(plan_runs(config), desc="sweep", unit="run"):
+        run_dir = out / spec.name
+        if not (run_dir / "eval.json").exists():  # finished runs are skipped
+            run_config = _run_config(config, spec, out)
+            run_train(run_config, resume=True)
+            run_eval(run_config, str(run_dir), base_results=base)
+        records.append(_record(spec, json.loads((run_dir / "eval.json").read_text())))
+    (out / "results.json").write_text(json.dumps({"base": base, "runs": records}, indent=2))
+    (out / "results.md").write_text(summarize(records, base))
+    plot_frontier(records, out / "frontier.png")
+    print(summarize(records, base))
+    return records
+
+
+# --- reporting ----------------------------------------------------------------------------------
+def _groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["kl_weight"]), []).append(r)
+    return groups
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records: list[dict], base: dict) -> str:
+    lines = [f"Base model: target loss {base['target']['loss']:.4f}, source loss {base['source']['loss']:.4f} (nats/token).", "",
+             "| method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL |",
+             "|---|---|---|---|---|---|"]
+    for (method, weight), runs in sorted(_groups(records).items()):
+        cells = [_mean_std([r[key] for r in runs]) for key in ("target_loss", "source_loss_increase", "drift_kl")]
+        lines.append(f"| {method} | {weight:g} | {len(runs)} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    by_method: dict[str, list] = {}
+    for (method, weight), runs in sorted(_groups(records).items()):
+        x, y = _mean_std([r["target_loss"] for r in runs]), _mean_std([r["source_loss_increase"] for r in runs])
+        by_method.setdefault(method, []).append((weight, x, y))
+    for method, points in by_method.items():
+        points.sort()
+        ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
+                    yerr=[p[2][1] for p in points], marker="o", capsize=3, label=method)
+        for weight, x, y in points:
+            if method not in WEIGHTLESS:
+                ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("held-out target loss (nats/token)  ← learns more")
+    ax.set_ylabel("retention loss increase over base (nats/token)  ← forgets less")
+    ax.set_title("Learning vs forgetting (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
