@@ -20,7 +20,7 @@ import yaml
 __all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "SweepConfig", "Config", "load_config", "to_dict"]
 
 ENGINES = ("vllm", "hf")
-ESTIMATORS = ("tail", "topk", "full_kl", "none", "live")
+ESTIMATORS = ("tail", "topk", "full_kl", "none", "live", "l2", "lalora")
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 
 
@@ -89,8 +89,8 @@ class LoraSettings:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/demo/train"  # adapter, config.yaml, metrics.json, logs
-    estimator: str = "tail"              # tail | topk | full_kl | none | live
-    kl_weight: float = 1.0               # lambda in CE + lambda * mean KL
+    estimator: str = "tail"              # tail | topk | full_kl | none | live | l2 | lalora
+    kl_weight: float = 1.0               # lambda in CE + lambda * mean KL (l2/lalora: CE + lambda * penalty)
     lora: LoraSettings = field(default_factory=LoraSettings)
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"         # any transformers scheduler name
@@ -106,9 +106,19 @@ class TrainConfig:
     bf16: str = "auto"                   # auto (bf16 on CUDA) | true | false
     streaming: bool = False              # stream shards instead of memory-mapping (huge/remote caches)
     allow_model_mismatch: bool = False   # train on a cache made by other weights (never other tokenizer)
+    # lalora only (stages/student/weight_penalties.py): diagonal Fisher from SOURCE (retention) text
+    fisher_data: str = ""                # jsonl/parquet/saved dataset with a "text" column; required for lalora
+    fisher_examples: int = 64            # the first N texts of fisher_data (one per-example gradient each)
+    fisher_max_length: int = 256         # tokens per Fisher text (truncated on the right)
+    fisher_floor: float = 0.1            # F_i += fisher_floor * mean(F): anchors A, whose Fisher is 0 at B = 0
 
     def __post_init__(self) -> None:
         _require(self.estimator in ESTIMATORS, f"train.estimator: {self.estimator!r} not in {ESTIMATORS}")
+        _require(self.estimator != "lalora" or bool(self.fisher_data),
+                 "train.fisher_data: required by estimator 'lalora' (path to source/retention text for the Fisher)")
+        _require(self.fisher_examples >= 1, f"train.fisher_examples: must be >= 1, got {self.fisher_examples}")
+        _require(self.fisher_max_length >= 2, f"train.fisher_max_length: must be >= 2, got {self.fisher_max_length}")
+        _require(self.fisher_floor >= 0, f"train.fisher_floor: must be >= 0, got {self.fisher_floor}")
         _require(self.kl_weight >= 0, f"train.kl_weight: must be >= 0, got {self.kl_weight}")
         _require(self.learning_rate > 0, f"train.learning_rate: must be > 0, got {self.learning_rate}")
         _require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")

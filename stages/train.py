@@ -22,6 +22,7 @@ from stages.student.adapters import MUTATES_BASE, check_live_teacher, make_stude
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CACHED_ESTIMATORS
 from stages.student.reader import load_cache_dataset, open_cache
+from stages.student.weight_penalties import build_penalty
 from stages.student.trainer import (
     CHECKPOINT_DIR, build_trainer, dataset_columns, last_checkpoint, train_and_save, use_bf16,
 )
@@ -132,6 +133,9 @@ def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerC
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
     model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32)
     trainer = build_trainer(model, dataset, collator, config, manifest.num_rows, callbacks)
+    # l2/lalora: anchor (and lalora's Fisher) at the init, on the device the Trainer placed the model;
+    # a resume rebuilds the same seeded init, so the anchor matches before the checkpoint is loaded
+    trainer.penalty = build_penalty(train, trainer.model, config.model)
     initial = _initial_adapter(model, run_dir, train.lora.variant, resume_from) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
         save_config(config, run_dir / "config.yaml")  # from the start: a resume is checked against it

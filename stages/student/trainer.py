@@ -8,6 +8,9 @@ Estimators (`train.estimator`, DESIGN.md §2):
     live                 exact masked KL against the same peft model with its adapter disabled,
                          computed in the step (reference and speed baseline; ignores the cache
                          arrays, uses only the labels)
+    l2 | lalora          weight-space baselines, no KL: CE + kl_weight * penalty on the LoRA weights
+                         (stages/student/weight_penalties.py; `CacheTrainer.penalty`, added once per
+                         optimizer step; the logged `kl` is then the unweighted penalty)
 
 Gradient accumulation (transformers 5.19, read from trainer.py): before each optimizer step the
 Trainer counts `num_items_in_batch` = labels[..., 1:] != -100 over ALL the step's micro-batches
@@ -45,6 +48,7 @@ from pipeline.config import Config, TrainConfig, save_config
 from stages.student.adapters import check_live_teacher, save_adapter
 from stages.student.collator import IGNORE_INDEX
 from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, cached_kl, live_masked_kl, regularized_loss
+from stages.student.weight_penalties import WEIGHT_PENALTIES, WeightPenalty
 from storage_schemas import Manifest
 
 __all__ = [
@@ -94,7 +98,7 @@ def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], estimato
         del teacher_full
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     student_logits, targets = _labelled(logits, labels)
-    if estimator == "none":
+    if estimator == "none" or estimator in WEIGHT_PENALTIES:  # l2/lalora: CacheTrainer adds the penalty
         kl = None
     elif estimator == "live":
         kl = live_masked_kl(student_logits, teacher_logits, targets)
@@ -112,10 +116,13 @@ class CacheTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss normalizes by the whole step's labelled-token count
 
-    def __init__(self, *args: Any, estimator: str, kl_weight: float, variant: str = "lora", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, estimator: str, kl_weight: float, variant: str = "lora",
+                 penalty: WeightPenalty | None = None, **kwargs: Any) -> None:
         check_live_teacher(estimator, variant)
         super().__init__(*args, **kwargs)
         self.estimator, self.kl_weight = estimator, kl_weight
+        # l2/lalora: R(theta), set (anchored at init) by stages.train before training; see weight_penalties
+        self.penalty = penalty
         # Make the Trainer count labels[:, 1:] != -100 over the accumulated micro-batches whatever
         # the model class says: our labels always follow the causal-shift convention.
         self.model_accepts_loss_kwargs = True
@@ -137,6 +144,15 @@ class CacheTrainer(Trainer):
             loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
         elif num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+        if self.estimator in WEIGHT_PENALTIES:
+            if self.penalty is None:
+                raise RuntimeError(f"estimator {self.estimator!r}: CacheTrainer.penalty was never set (build_penalty)")
+            # One penalty per optimizer step: each of the step's micro-batches adds its share. Added after
+            # the DDP rescaling: every process adds the same penalty and DDP averages it back to one.
+            value = self.penalty()
+            share = self.current_gradient_accumulation_steps if model.training else 1
+            loss = loss + self.kl_weight * value / share
+            parts = LossParts(loss=loss, ce=parts.ce, kl=value.detach(), n_tokens=parts.n_tokens)
         if model.training:  # stays on device: no host sync per micro-batch
             n = parts.ce.new_tensor(parts.n_tokens, dtype=torch.float64)
             update = torch.stack([parts.ce.double() * n, parts.kl.double() * n, n, inputs["attention_mask"].sum().double()])

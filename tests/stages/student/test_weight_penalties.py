@@ -1,0 +1,114 @@
+"""Weight-space baselines `l2` and `lalora` (stages/student/weight_penalties.py) on the tiny model."""
+import math
+
+import pytest
+import torch
+
+from transformers import TrainerCallback
+
+from pipeline.config import CacheConfig, Config, LoraSettings, TrainConfig
+from stages.student.adapters import make_student
+from stages.student.weight_penalties import WeightPenalty, build_penalty, empirical_fisher, fisher_examples
+from stages.train import run_train
+
+
+def make_config(model_dir, cache_dir, out, **train) -> Config:  # as in test_trainer.py
+    settings = dict(output_dir=str(out), estimator="tail", max_steps=6, batch_size=4, save_steps=3,
+                    logging_steps=1, learning_rate=3e-3, warmup_ratio=0.0, lora=LoraSettings(rank=4))
+    return Config(model=str(model_dir), cache=CacheConfig(dir=str(cache_dir)), train=TrainConfig(**{**settings, **train}))
+
+
+class Capture(TrainerCallback):
+    """The gradients of each optimizer step."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+@pytest.fixture
+def student(tiny_model_dir):
+    torch.manual_seed(0)
+    return make_student(tiny_model_dir, LoraSettings(rank=4), torch.float32)
+
+
+def test_l2_is_zero_at_init_and_its_gradient_is_the_distance(student):
+    penalty = WeightPenalty(student)
+    assert penalty().item() == 0.0
+    with torch.no_grad():
+        for _, p in penalty.params:
+            p.add_(0.01 * torch.randn_like(p))
+    kl_weight = 0.7
+    value = kl_weight * penalty()
+    assert value.item() > 0
+    grads = torch.autograd.grad(value, [p for _, p in penalty.params])
+    for (n, p), g in zip(penalty.params, grads):
+        torch.testing.assert_close(g, kl_weight * (p.detach() - penalty.anchor[n]), rtol=1e-6, atol=1e-9, msg=n)
+
+
+def test_l2_is_positive_after_a_step(student):
+    penalty = WeightPenalty(student)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    loss = torch.nn.functional.cross_entropy(student(input_ids=ids).logits[0, :-1], ids[0, 1:])
+    loss.backward()
+    torch.optim.SGD([p for _, p in penalty.params], lr=0.1).step()
+    assert penalty().item() > 0
+
+
+def test_lalora_fisher_is_nonnegative_floored_on_A_and_zero_penalty_at_init(student, tiny_model_dir, tiny_jsonl):
+    examples = fisher_examples(str(tiny_jsonl), str(tiny_model_dir), 4, 32)
+    assert len(examples) == 4
+    raw = empirical_fisher(student, examples, floor=0.0)
+    floored = empirical_fisher(student, examples, floor=0.1)
+    a_names = [n for n in raw if "lora_A" in n]
+    b_names = [n for n in raw if "lora_B" in n]
+    assert a_names and b_names
+    assert all(torch.all(f >= 0) for f in raw.values())
+    assert all(torch.all(raw[n] == 0) for n in a_names)  # B = 0 at init: no curvature reaches A
+    assert sum(raw[n].sum().item() for n in b_names) > 0
+    mean = sum(f.sum() for f in raw.values()) / sum(f.numel() for f in raw.values())
+    for n in raw:
+        torch.testing.assert_close(floored[n], raw[n] + 0.1 * mean, msg=n)
+    assert all(torch.all(floored[n] > 0) for n in a_names)
+    assert all(p.grad is None for _, p in student.named_parameters() if p.requires_grad)  # grads untouched
+    penalty = WeightPenalty(student, floored)
+    assert penalty().item() == 0.0
+
+
+def test_lalora_needs_fisher_data():
+    with pytest.raises(ValueError, match=r"train\.fisher_data"):
+        TrainConfig(estimator="lalora")
+
+
+def test_lalora_with_missing_fisher_data_names_the_key(student, tiny_model_dir, tmp_path):
+    train = TrainConfig(estimator="lalora", fisher_data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match=r"train\.fisher_data"):
+        build_penalty(train, student, str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("estimator", ["l2", "lalora"])
+def test_weight_penalties_train_through_run_train(estimator, tiny_model_dir, tiny_cache, tiny_jsonl, tmp_path):
+    extra = dict(fisher_data=str(tiny_jsonl), fisher_examples=4, fisher_max_length=32) if estimator == "lalora" else {}
+    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / estimator, estimator=estimator,
+                                    kl_weight=10.0, max_steps=2, save_steps=2, **extra))
+    assert metrics["steps"] == 2
+    assert all(math.isfinite(metrics[k]) for k in ("final_ce", "final_kl", "final_loss"))
+    assert metrics["final_kl"] > 0  # the penalty after the first step
+
+
+def test_penalty_is_added_once_per_optimizer_step(tiny_model_dir, tiny_cache, tmp_path):
+    """Batch 4 x 1 and 2 x 2 give the same gradient: the accumulated penalty counts once per step."""
+    grads = {}
+    for name, batch, accum in (("full", 4, 1), ("accum", 2, 2)):
+        capture = Capture()
+        run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / name, estimator="l2", kl_weight=50.0,
+                              batch_size=batch, grad_accum=accum, max_steps=2, save_steps=2), callbacks=[capture])
+        grads[name] = capture.grads
+    # Step 1 is at the anchor (penalty 0); at step 2 the penalty's gradient 50 * (theta - theta0) is
+    # ~1e-1 per entry, so counting it twice (or half) would be far outside this tolerance, while Adam's
+    # amplified float noise in theta (~1e-8, times 50) stays inside it.
+    for g_full, g_accum in zip(grads["full"], grads["accum"]):
+        for n in g_full:
+            torch.testing.assert_close(g_accum[n], g_full[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
