@@ -125,8 +125,8 @@ def plot_frontier(records: list[dict], path: Path) -> None:
         for weight, x, y in points:
             if method not in WEIGHTLESS:
                 ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("held-out target loss (nats/token)  ← learns more")
-    ax.set_ylabel("retention loss increase over base (nats/token)  ← forgets less")
+    ax.set_xlabel("held-out target loss, nats/token (lower = learned more)")
+    ax.set_ylabel("retention loss increase over base, nats/token (lower = forgot less)")
     ax.set_title("Learning vs forgetting (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
