@@ -20,15 +20,10 @@ from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import batch_loss, last_checkpoint
 from stages.train import run_train
+from run_configs import make_config
 from storage_schemas import Manifest
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def make_config(model_dir, cache_dir, out, **train) -> Config:
-    settings = dict(output_dir=str(out), estimator="tail", max_steps=6, batch_size=4, save_steps=3,
-                    logging_steps=1, learning_rate=3e-3, warmup_ratio=0.0, lora=LoraSettings(rank=4))
-    return Config(model=str(model_dir), cache=CacheConfig(dir=str(cache_dir)), train=TrainConfig(**{**settings, **train}))
 
 
 class Capture(TrainerCallback):

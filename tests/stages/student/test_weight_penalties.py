@@ -10,12 +10,7 @@ from pipeline.config import CacheConfig, Config, LoraSettings, TrainConfig
 from stages.student.adapters import make_student
 from stages.student.weight_penalties import WeightPenalty, build_penalty, empirical_fisher, fisher_examples
 from stages.train import run_train
-
-
-def make_config(model_dir, cache_dir, out, **train) -> Config:  # as in test_trainer.py
-    settings = dict(output_dir=str(out), estimator="tail", max_steps=6, batch_size=4, save_steps=3,
-                    logging_steps=1, learning_rate=3e-3, warmup_ratio=0.0, lora=LoraSettings(rank=4))
-    return Config(model=str(model_dir), cache=CacheConfig(dir=str(cache_dir)), train=TrainConfig(**{**settings, **train}))
+from run_configs import make_config
 
 
 class Capture(TrainerCallback):
