@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from pipeline.config import CacheConfig, Config, LoraSettings, TrainConfig, load_config, save_config
+from pipeline.config import Config, LoraSettings, load_config, save_config
 from stages.student.adapters import adapter_state, base_state
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.reader import load_cache_dataset, open_cache

@@ -6,7 +6,7 @@ import torch
 
 from transformers import TrainerCallback
 
-from pipeline.config import CacheConfig, Config, LoraSettings, TrainConfig
+from pipeline.config import LoraSettings, TrainConfig
 from stages.student.adapters import make_student
 from stages.student.weight_penalties import WeightPenalty, build_penalty, empirical_fisher, fisher_examples
 from stages.train import run_train
