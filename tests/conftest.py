@@ -10,11 +10,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny_models import SAMPLE_TEXTS, build_tiny_llama, build_tokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GPU kernels (Triton) run under Triton's interpreter on machines without CUDA, so their tests run
+# everywhere. Set before any kernel module is imported: `triton.jit` reads it at decoration time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,10 @@ and the engine for machines without vLLM.
     scores = engine.score(sequences)
 
 Sequences are packed (longest first) into batches of at most `batch_tokens` padded tokens, padded on
-the right. The model body runs once per batch; the output layer, log-softmax and top-(k+1) run on
-chunks of positions so a [positions, vocab] float32 tensor is never built for the whole batch.
+the right. The model body runs once per batch; the output layer and the top-(k+1) run on chunks of positions
+so a [positions, vocab] tensor is never built for the whole batch. On a GPU the top-(k+1) and the
+log-sum-exp come from one Triton pass over the model-dtype logits (stages/teacher/topk_kernel.py);
+elsewhere from float32 log_softmax + topk.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 
 from stages.teacher.engine import PositionScores, check_sequences
-from stages.teacher.select import select_nontarget_topk
+from stages.teacher.select import select_nontarget_topk_torch
+from stages.teacher.topk_kernel import kernel_available, topk_logsumexp
 
 __all__ = ["HFEngine"]
 
@@ -29,7 +32,7 @@ class HFEngine:
 
     def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
                  batch_tokens: int = 32768, *, vocab_size: int, device: str | None = None,
-                 chunk_elements: int | None = None):
+                 chunk_elements: int | None = None, topk_kernel: bool | None = None):
         from transformers import AutoModelForCausalLM
 
         self.k, self.max_length, self.batch_tokens = k, max_length, batch_tokens
@@ -41,9 +44,16 @@ class HFEngine:
             self.close()
             raise ValueError(f"{model_dir}: output layer has {self.vocab_size} rows but config.json "
                              f"says vocab_size={vocab_size}")
-        # Positions per output-layer chunk: bounds the float32 [chunk, vocab] log-softmax to 64 MiB
-        # on CPU, 256 MiB on a GPU (larger chunks, fewer kernel launches).
-        chunk_elements = chunk_elements or (2**26 if self.device.type == "cuda" else 2**24)
+        # The kernel needs the plain head (`_logits` adds softcap/scale in float32 when present).
+        self.use_kernel = kernel_available(self.device) if topk_kernel is None else topk_kernel
+        if self.use_kernel and not kernel_available(self.device):
+            raise ValueError(f"hf engine: the Triton top-k kernel does not run on {self.device} "
+                             "(it needs CUDA, or TRITON_INTERPRET=1 for tests)")
+        # Positions per output-layer chunk: bounds the float32 [chunk, vocab] log-softmax to 64 MiB on
+        # CPU, 256 MiB on a GPU; the kernel reads model-dtype logits instead, and ~4k-row chunks
+        # (1 GiB of bf16 at vocab 128k) keep every multiprocessor busy (one kernel program per row).
+        on_gpu = self.device.type == "cuda"
+        chunk_elements = chunk_elements or (2**29 if self.use_kernel and on_gpu else 2**26 if on_gpu else 2**24)
         self.chunk_positions = max(1, chunk_elements // self.vocab_size)
         self._check_split_forward(dtype)
 
@@ -83,48 +93,59 @@ class HFEngine:
         ids = ids.to(self.device)
         lengths_t = torch.tensor(lengths, device=self.device)
         columns = torch.arange(ids.shape[1], device=self.device)
-        attention_mask = (columns[None, :] < lengths_t[:, None]).long()
+        # No mask when nothing is padded: attention then takes the plain causal (flash) path.
+        padded = min(lengths) < ids.shape[1]
+        attention_mask = (columns[None, :] < lengths_t[:, None]).long() if padded else None
         hidden = self.model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
         # Position i of a row predicts token i+1: rows contribute their first T-1 positions.
         scored = columns[None, :] < (lengths_t[:, None] - 1)
         targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]
-        top_ids, top_lp, target_lp = self._top_logprobs(hidden[scored], targets)
-        ids_k, lp_k = select_nontarget_topk(top_ids, top_lp, targets.cpu().numpy(), self.k)
+        ids_k, lp_k, target_lp = self._top_logprobs(hidden[scored], targets)
         bounds = np.cumsum([0] + [n - 1 for n in lengths])
         return [PositionScores(ids_k[a:b], lp_k[a:b], target_lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     # --- output layer in chunks ----------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's own logits for hidden states [N, H], as float32 (checked at start-up)."""
-        logits = self.model.get_output_embeddings()(hidden).float()
+        """The model's own logits for hidden states [N, H] (checked at start-up): in the model's
+        dtype for a plain head, float32 when a softcap or scale is applied."""
+        logits = self.model.get_output_embeddings()(hidden)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+            logits = torch.tanh(logits.float() / softcap) * softcap
         scale = getattr(self.model, "logit_scale", None)  # e.g. Cohere
-        return logits * scale if isinstance(scale, (int, float)) else logits
+        return logits.float() * scale if isinstance(scale, (int, float)) else logits
 
     def _top_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor):
-        """Top k+1 (ids, log-probs) [N, k+1] and target log-probs [N], one chunk of positions at a time."""
+        """The k largest non-target (ids int32, log-probs) [N, k] and the target log-probs [N] as
+        numpy arrays, one chunk of positions at a time. Selection happens on the device and results
+        stay there until the end: one transfer, no synchronization per chunk."""
         top_ids, top_lp, target_lp = [], [], []
         for start in range(0, hidden.shape[0], self.chunk_positions):
             chunk = slice(start, start + self.chunk_positions)
-            logprobs = torch.log_softmax(self._logits(hidden[chunk]), dim=-1)
-            values, indices = logprobs.topk(self.k + 1, dim=-1, sorted=True)
-            top_ids.append(indices.cpu())
-            top_lp.append(values.cpu())
-            target_lp.append(logprobs.gather(1, targets[chunk, None])[:, 0].cpu())
+            logits = self._logits(hidden[chunk])
+            chunk_targets = targets[chunk, None]
+            if self.use_kernel:
+                values, indices, lse = topk_logsumexp(logits, self.k + 1)
+                values = values - lse[:, None]
+                target_lp.append(logits.gather(1, chunk_targets)[:, 0].float() - lse)
+            else:
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                values, indices = logprobs.topk(self.k + 1, dim=-1, sorted=True)
+                target_lp.append(logprobs.gather(1, chunk_targets)[:, 0])
+            ids_k, lp_k = select_nontarget_topk_torch(indices, values, chunk_targets[:, 0], self.k)
+            top_ids.append(ids_k)
+            top_lp.append(lp_k)
         if not top_ids:
-            empty = torch.empty(0, self.k + 1)
-            return empty.long().numpy(), empty.numpy(), np.empty(0, np.float32)
-        return torch.cat(top_ids).numpy(), torch.cat(top_lp).numpy(), torch.cat(target_lp).numpy()
+            return np.empty((0, self.k), np.int32), np.empty((0, self.k), np.float32), np.empty(0, np.float32)
+        return tuple(torch.cat(parts).cpu().numpy() for parts in (top_ids, top_lp, target_lp))
 
     @torch.no_grad()
     def _check_split_forward(self, dtype: str) -> None:
         """Refuse an architecture whose head does more than `_logits` knows (the split would be wrong)."""
         ids = torch.arange(min(8, self.max_length), device=self.device)[None] % self.vocab_size
         full = self.model(input_ids=ids).logits[0].float()
-        split = self._logits(self.model.base_model(input_ids=ids).last_hidden_state[0])
+        split = self._logits(self.model.base_model(input_ids=ids).last_hidden_state[0]).float()
         tol = 1e-4 if dtype == "float32" else 5e-2
         err = (full - split).abs().max().item() / max(1.0, full.abs().max().item())
         if not err <= tol:

@@ -9,8 +9,9 @@ dropped, otherwise the (k+1)-th is, so exactly k non-target entries remain, in d
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = ["select_nontarget_topk"]
+__all__ = ["select_nontarget_topk", "select_nontarget_topk_torch"]
 
 
 def select_nontarget_topk(
@@ -45,3 +46,19 @@ def select_nontarget_topk(
     ids = top_ids[keep].reshape(P, k).astype(np.int32, copy=False)
     logprobs = top_logprobs[keep].reshape(P, k).astype(np.float32, copy=False)
     return ids, logprobs
+
+
+def select_nontarget_topk_torch(
+    top_ids: torch.Tensor, top_logprobs: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_nontarget_topk` on (device) tensors: the hf engine selects before the host copy,
+    so only k columns cross to the host. Same arguments; returns (ids int32, logprobs float32)."""
+    P = targets.shape[0]
+    if top_ids.shape != (P, k + 1) or top_logprobs.shape != (P, k + 1):
+        raise ValueError(f"expected top_ids and top_logprobs of shape {(P, k + 1)} (positions, k+1), "
+                         f"got {tuple(top_ids.shape)} and {tuple(top_logprobs.shape)}")
+    is_target = top_ids == targets.reshape(-1, 1)
+    # Only the first column holding the target is dropped (ids are distinct, so there is at most one).
+    keep = ~(is_target & (is_target.cumsum(1) == 1))
+    keep[:, k] &= is_target.any(1)  # rows without the target drop their (k+1)-th instead
+    return top_ids[keep].reshape(P, k).int(), top_logprobs[keep].reshape(P, k).float()

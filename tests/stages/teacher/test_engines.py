@@ -94,6 +94,20 @@ def test_hf_matches_full_forward(hf_scores, sequences, reference):
     check_invariants(hf_scores, sequences)
 
 
+def test_hf_triton_kernel_path_matches_full_forward(tiny_model_dir, sequences, reference, hf_scores):
+    """The GPU path (one-pass Triton top-k + log-sum-exp), run by Triton's interpreter on CPU."""
+    engine = open_engine("hf", str(tiny_model_dir), k=K, max_length=MAX_LENGTH, batch_tokens=1024,
+                         device="cpu", chunk_elements=392 * 50, topk_kernel=True)
+    try:
+        scores = engine.score(sequences[:6])
+    finally:
+        engine.close()
+    check_against_reference(scores, sequences[:6], reference[:6])
+    check_invariants(scores, sequences[:6])
+    for got, plain in zip(scores, hf_scores):
+        np.testing.assert_array_equal(got.topk_ids, plain.topk_ids)
+
+
 def test_hf_exact_mode_keeps_every_non_target(tiny_model_dir, sequences):
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     engine = open_engine("hf", str(tiny_model_dir), k=vocab - 1, max_length=MAX_LENGTH, device="cpu")

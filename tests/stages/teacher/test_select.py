@@ -53,3 +53,24 @@ def test_empty_and_bad_shapes():
     assert ids.shape == (0, 3) and lp.shape == (0, 3)
     with pytest.raises(ValueError, match="k\\+1"):
         select_nontarget_topk(np.zeros((2, 3), np.int64), np.zeros((2, 3)), np.zeros(2, np.int64), k=3)
+
+
+def test_torch_version_equals_numpy_version():
+    """The hf engine selects on the device with select_nontarget_topk_torch: same rows, same order."""
+    import torch
+
+    from stages.teacher.select import select_nontarget_topk_torch
+
+    rng = np.random.default_rng(3)
+    P, V, k = 500, 60, 7
+    lp = np.log(rng.dirichlet(np.ones(V), size=P)).astype(np.float32)
+    order = np.argsort(-lp, axis=1)[:, : k + 1]
+    values = np.take_along_axis(lp, order, 1)
+    targets = np.where(rng.random(P) < 0.5, order[np.arange(P), rng.integers(0, k + 1, P)], rng.integers(0, V, P))
+    ids_np, lp_np = select_nontarget_topk(order, values, targets, k)
+    ids_t, lp_t = select_nontarget_topk_torch(torch.from_numpy(order), torch.from_numpy(values), torch.from_numpy(targets), k)
+    assert ids_t.dtype == torch.int32 and lp_t.dtype == torch.float32
+    np.testing.assert_array_equal(ids_t.numpy(), ids_np)
+    np.testing.assert_array_equal(lp_t.numpy(), lp_np)
+    with pytest.raises(ValueError, match="positions, k\\+1"):
+        select_nontarget_topk_torch(torch.from_numpy(order[:, :k]), torch.from_numpy(values[:, :k]), torch.from_numpy(targets), k)
