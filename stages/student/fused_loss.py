@@ -11,35 +11,38 @@ chunks of C, and for each chunk computes the logits, the loss AND the loss's gra
 logits, multiplies it out into grad_hidden[chunk] = G @ W (and grad_W += G.T @ chunk when W is
 trained), and drops the chunk. Backward only scales the stored gradients by grad_output.
 
-How the chunk's gradient is found: every cached estimator is a function of a few reductions of the
-float32 logits z (loss.StudentStats: the gathered z_S, z_y and up to three log-sum-exps). Those
-small [C] / [C, k] tensors are differentiated with autograd through loss.py's own `kl_from_stats`
-(the very code the unfused path runs), and expanded to the logits analytically:
-    dL/dz = g_logZ * softmax(z) + g_logZ_S * softmax_{v != y}(z) + g_rest * softmax_{v not in S+y}(z)
-            + scatter(S, g_zS) + scatter(y, g_zy)
-(d logsumexp / dz is the softmax over the same ids; CE = log_Z - z_y contributes to g_logZ, g_zy).
+How the chunk's gradient is found, with ONE fp32 [C, V] buffer: every cached estimator (and CE) is
+a function of a few reductions of the float32 logits z (loss.StudentStats). Here they all come from
+the gathered z_S [C, k], z_y [C] and one dense reduction, the log-sum-exp over the "rest" (ids not in
+S + {y}): the buffer is scattered to -inf at S + {y}, e = exp(z - max) in place, summed. Then, on
+small tensors and differentiably, log_Z_S = logaddexp(log_Z_rest, logsumexp(z_S)) and
+log_Z = logaddexp(log_Z_S, z_y) (sums of positive terms: no cancellation, exact when q_y rounds to
+1), and loss.py's own `kl_from_stats` (the code the unfused path runs) gives the loss; autograd on
+those [C] / [C, k] tensors gives g_rest, g_S, g_y, and the logits' gradient is
+    dL/dz_v = g_rest * e_v / sum(e)   (v in the rest; in place in the buffer)
+    dL/dz_S = g_S,  dL/dz_y = g_y     (scattered in; e is 0 there)
+About 8 passes over the buffer (upcast, max, subtract, exp, sum, scale, downcast) where autograd
+through log_softmax + the estimator makes ~30.
 
-Memory arithmetic (N labelled positions, vocabulary V, hidden H, compute dtype bf16; sizes in bytes;
-for the GPU target shape N = 8 x 1023, V = 151,936: one bf16 [N, V] = 2.3 GiB, one fp32 [N, V] = 4.6 GiB):
-  unfused, CE only (`model(...).logits`, then `regularized_loss`):
-    logits [B, T, V] bf16 (2NV; the lm_head output; the labelled gather `logits[mask]` makes
-    another 2NV copy while the first is still referenced), the float32 upcast (4NV), and
-    cross_entropy's log_softmax output saved for backward (4NV): ~10-12NV alive at the end of the
-    forward, and in backward the fp32 gradient of log_softmax (4NV) + its input gradient (4NV) +
-    the bf16 cast (2NV) on top of what is not yet freed: a peak of ~12-16NV (~28-37 GiB above).
-  unfused, cached tail: the same, plus the estimator's fp32 temporaries that autograd keeps for
-    backward (one `scatter` copy + the logsumexp result per complement, exp'd copies in backward):
-    another 2-4 fp32 [N, V].
-  fused (this module), any estimator: alive between forward and backward only grad_hidden [N, H]
-    (hidden dtype; the same size as the hidden state the unfused lm_head saves for its own
-    backward) and, if W is trained, grad_W [V, H] fp32. Transient, per chunk of C rows: the chunk's
-    bf16 logits (2CV), the fp32 logits z (4CV), at most two more fp32 [C, V] buffers (a log-sum-exp
-    temporary or a masked copy while reducing; a softmax term while building the gradient: tail
-    has three softmax terms, CE only one) and the bf16 cast of the gradient (2CV): <= ~16CV, and
-    the cast of W to the compute dtype when W is stored in another dtype (2VH).
-    With C = 2048 and V = 151,936: ~4.6 GiB transient instead of ~30 GiB, independent of N.
-Time: the same two big matmuls as unfused (logits, and G @ W for grad_hidden); no recomputation,
-and fewer fp32 passes over [C, V] than autograd's log_softmax + estimator graph.
+Memory arithmetic (N labelled positions, vocabulary V, hidden H, compute dtype bf16; one "NV" =
+N x V bytes; for the GPU target shape N = 8 x 1023, V = 151,936: NV = 1.16 GiB):
+  unfused, CE only (`model(...).logits`, then `regularized_loss`). Forward: the lm_head output
+    [B, T, V] bf16 (2NV), its labelled rows `logits[mask]` (a bf16 copy, 2NV), the fp32 upcast
+    (4NV) and cross_entropy's log_softmax output (4NV): ~12NV at the top. Kept for backward: the
+    log_softmax output (4NV). Backward: NLL's fp32 gradient (4NV) and log_softmax's input gradient
+    (4NV) next to the saved output, then the bf16 cast (2NV) and a zero-filled [B, T, V] bf16 for
+    the labelled-row gather's backward (2NV): again ~12NV (~14 GiB above).
+  unfused, cached tail: the same plus what autograd keeps for the estimator: the fp32 logits (saved
+    by gather) and the two -inf-scattered copies under the complement log-sum-exps: 12NV more saved
+    (16NV in all, counted with saved_tensors_hooks), and their exp'd gradients in backward.
+  fused (this module), any estimator: nothing [N, V] is alive between forward and backward, only
+    grad_hidden [N, H] (hidden dtype; the size of the hidden state the unfused lm_head saves) and,
+    if W is trained, grad_W [V, H] fp32. Transient, per chunk of C rows: the bf16 logits (2CV), the
+    fp32 buffer (4CV) and the bf16 cast of its gradient (2CV): <= 6CV at once, plus a cast of W to
+    the compute dtype when W is stored in another one (2VH). With C = 1664 (`auto_chunk_size` for
+    V = 151,936) that is ~1.4 GiB, whatever N, in place of ~14 GiB (CE only) or ~19+ GiB (tail).
+Time: the same two big matmuls as unfused (logits; G @ W for grad_hidden), no recomputation, and
+far fewer fp32 passes over [C, V].
 
 Logit softcapping or scaling between the hidden state and the logits is not modelled: the trainer
 refuses models whose config declares one (stages/student/lm_head.py `output_head`).
@@ -50,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, StudentStats, kl_from_stats, student_stats
+from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, StudentStats, kl_from_stats
 
 __all__ = ["chunked_regularized_loss", "auto_chunk_size"]
 
@@ -166,59 +169,69 @@ class _ChunkedLoss(torch.autograd.Function):
 
 # --- one chunk ------------------------------------------------------------------------------------
 def _chunk(x, w, b, targets, teacher, denom, spec: _Spec, want_grad: bool):
-    """(CE sum, KL sum, d loss / d logits [C, V] float32 or None) for one chunk of rows."""
+    """(CE sum, KL sum, d loss / d logits [C, V] float32 or None) for one chunk of rows.
+
+    One fp32 [C, V] buffer does everything: the logits, then exp(z - max) over the "rest" ids
+    (not in S + {y}), then the gradient.
+    """
     logits = torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
     z = logits.float()
-    del logits  # the fp32 copy is all we need (a no-op when the compute dtype is float32)
+    del logits  # the fp32 copy is all we need (the same tensor when the compute dtype is float32)
+    y = targets[:, None]
     ids = teacher.topk_ids if teacher is not None else targets.new_zeros(targets.shape[0], 0)
-    stats = student_stats(z, targets, ids, spec.estimator, with_log_Z=True)
-    leaves = _small_leaves(stats, want_grad)
+    has_tail = ids.shape[-1] < z.shape[-1] - 1
+    z_S, z_y = z.gather(-1, ids), z.gather(-1, y).squeeze(-1)
+    rest_ids = torch.cat([ids, y], -1)
+    log_Z_rest, rest_sum = _rest_logsumexp_(z, rest_ids)  # z now holds exp(z - max_rest), 0 at S + {y}
+    leaves = [t.requires_grad_(want_grad) for t in (z_S, z_y, log_Z_rest)]
     with torch.enable_grad():
+        stats = _stats(*leaves, ids, targets, has_tail)
         ce = (stats.log_Z - stats.z_y).sum()
         kl = kl_from_stats(stats, teacher, spec.estimator).sum() if teacher is not None else ce.new_zeros(())
         if not want_grad:
             return ce, kl, None
         # Scaled by 1/denom here, in fp32, so the compute-dtype cast sees the same values as unfused.
-        partials = torch.autograd.grad((ce + spec.kl_weight * kl) / denom, [t for _, t in leaves], allow_unused=True)
-    return ce.detach(), kl.detach(), _logits_grad(z, targets, ids, stats, dict(zip([n for n, _ in leaves], partials)))
+        g_S, g_y, g_rest = torch.autograd.grad((ce + spec.kl_weight * kl) / denom, leaves, allow_unused=True)
+    # d/dz_v of log_Z_rest is exp(z_v - log_Z_rest) = e_v / rest_sum for v in the rest, 0 elsewhere.
+    coef = torch.zeros_like(rest_sum) if g_rest is None else torch.where(rest_sum > 0, g_rest / rest_sum, 0.0)
+    grad = z.mul_(coef[:, None])
+    if g_S is not None:
+        grad.scatter_add_(-1, ids, g_S)
+    if g_y is not None:
+        grad.scatter_add_(-1, y, g_y[:, None])
+    return ce.detach(), kl.detach(), grad
 
 
-def _small_leaves(stats: StudentStats, want_grad: bool) -> list[tuple[str, torch.Tensor]]:
-    """Turn the reductions into autograd leaves (in place on `stats`); their (name, tensor) pairs."""
-    leaves = []
-    for name in ("z_S", "z_y", "log_Z", "log_Z_S", "log_Z_rest"):
-        value = getattr(stats, name)
-        if value is not None and want_grad:
-            value = value.detach().requires_grad_(True)
-            setattr(stats, name, value)
-            leaves.append((name, value))
-    return leaves
+def _rest_logsumexp_(z: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log-sum-exp of each row of z over the ids not in `excluded`, overwriting z with exp(z - max).
 
-
-def _logits_grad(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, stats: StudentStats,
-                 partials: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """Expand the reductions' gradients to d/dz [C, V]: one masked softmax per log-sum-exp, then the gathers.
-
-    Consumes z: the last softmax term is built in place in it, so at most three [C, V] fp32 buffers live.
+    Returns (log-sum-exp [C], sum [C] of the overwritten z); a row with no id left gives -inf and 0.
     """
-    y = targets[:, None]
-    terms = [(stats.log_Z, partials.get("log_Z"), None),
-             (stats.log_Z_S, partials.get("log_Z_S"), y),
-             (stats.log_Z_rest, partials.get("log_Z_rest"), torch.cat([ids, y], -1) if stats.log_Z_rest is not None else None)]
-    terms = [(norm.detach(), g, excluded) for norm, g, excluded in terms if norm is not None and g is not None]
-    grad = None
-    for i, (norm, g, excluded) in enumerate(terms):
-        last = i == len(terms) - 1
-        term = (z.sub_(norm[:, None]) if last else z - norm[:, None]).exp_()  # softmax over the kept ids
-        if excluded is not None:
-            term.scatter_(-1, excluded, 0.0)
-        term.mul_(g[:, None])
-        grad = term if grad is None else grad.add_(term)
-        del term
-    if grad is None:  # no log-sum-exp term (cannot happen with CE, kept for safety)
-        grad = torch.zeros_like(z)
-    if partials.get("z_S") is not None and ids.shape[-1]:
-        grad.scatter_add_(-1, ids, partials["z_S"])
-    if partials.get("z_y") is not None:
-        grad.scatter_add_(-1, y, partials["z_y"][:, None])
-    return grad
+    z.scatter_(-1, excluded, float("-inf"))
+    top = z.amax(-1)
+    shift = torch.where(torch.isfinite(top), top, 0.0)
+    total = z.sub_(shift[:, None]).exp_().sum(-1)
+    return shift + total.log(), total
+
+
+def _stats(z_S, z_y, log_Z_rest, ids, targets, has_tail: bool) -> StudentStats:
+    """The normalizers from the rest's log-sum-exp and the gathered logits, differentiably.
+
+    Sums of positive terms only (logaddexp), so as accurate as a log-sum-exp over the row. Ids that
+    repeat in S or equal the target count once, as they do in the unfused log-sum-exps.
+    """
+    first = _first_occurrence(ids) & (ids != targets[:, None])
+    lse_S = z_S.masked_fill(~first, float("-inf")).logsumexp(-1)
+    log_Z_S = torch.logaddexp(log_Z_rest, lse_S)
+    log_Z = torch.logaddexp(log_Z_S, z_y)
+    return StudentStats(z_S, z_y, log_Z, log_Z_S, log_Z_rest if has_tail else None, has_tail)
+
+
+def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """[C, k] bool: True at the first position of each distinct id in its row."""
+    if ids.shape[-1] < 2:
+        return torch.ones_like(ids, dtype=torch.bool)
+    sorted_ids, order = ids.sort(dim=-1, stable=True)
+    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first_sorted[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    return torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)

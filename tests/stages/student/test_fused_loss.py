@@ -99,6 +99,48 @@ def test_zero_rows_give_zero_loss_and_zero_gradients(estimator):
     assert got_grads[0].shape == (0, H) and torch.equal(got_grads[1], torch.zeros(V, H)) and torch.equal(ref_grads[1], got_grads[1])
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_peaked_logits_match_and_stay_finite(estimator):
+    """Logits 40x wider: q_y rounds to 1 on many rows and the rest lies > 100 nats below the max."""
+    hidden, weight, _, targets, _ = problem(torch.float32)
+    weight = weight * 40
+    logits = hidden @ weight.T
+    targets = logits.argmax(-1)  # the student is (over)confident in the target
+    teacher = cache_from_logits(logits.double() / 40, targets, K)
+    assert (torch.log_softmax(logits, -1).gather(-1, targets[:, None]) > -1e-7).float().mean() > 0.3
+    results = []
+    for fn, extra in ((unfused, {}), (fused, {"chunk_size": 5})):
+        h, w = leaves(hidden, weight)
+        parts = fn(h, w, None, targets, teacher, estimator, 0.7, None, **extra)
+        parts.loss.backward()
+        results.append((parts, h.grad, w.grad))
+    (ref, *ref_grads), (got, *got_grads) = results
+    assert torch.isfinite(got.loss) and all(torch.isfinite(g).all() for g in got_grads)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for name, g_ref, g_got in zip(("hidden", "weight"), ref_grads, got_grads):
+        # seen: <= 9.5e-6 apart; each is 1e-5..5e-5 from a float64 evaluation (fp32 logits of size ~250)
+        assert_grad_close(g_got, g_ref, 3e-5, name)
+
+
+@pytest.mark.parametrize("estimator", ["tail", "topk", "full_kl"])
+def test_a_cache_that_repeats_an_id_or_holds_the_target_counts_it_once_like_unfused(estimator):
+    hidden, weight, _, targets, teacher = problem(torch.float32)
+    ids = teacher.topk_ids.clone()
+    ids[::3, 1] = ids[::3, 0]          # a repeated id
+    ids[1::3, 2] = targets[1::3]       # the target among the cached ids
+    bad = CachedTeacher(ids, teacher.topk_logprobs, teacher.target_logprob)
+    results = []
+    for fn, extra in ((unfused, {}), (fused, {"chunk_size": 8})):
+        h, w = leaves(hidden, weight)
+        parts = fn(h, w, None, targets, bad, estimator, 0.7, None, **extra)
+        parts.loss.backward()
+        results.append((parts.loss, h.grad, w.grad))
+    (ref, *ref_grads), (got, *got_grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    for name, g_ref, g_got in zip(("hidden", "weight"), ref_grads, got_grads):
+        assert_grad_close(g_got, g_ref, 2e-6, name)
+
+
 def test_without_grad_mode_only_values_are_computed():
     hidden, weight, _, targets, teacher = problem(torch.float32)
     h, w = leaves(hidden, weight)
