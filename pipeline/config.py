@@ -105,6 +105,8 @@ class TrainConfig:
     logging_steps: int = 5
     bf16: str = "auto"                   # auto (bf16 on CUDA) | true | false
     streaming: bool = False              # stream shards instead of memory-mapping (huge/remote caches)
+    fused_loss: bool = False             # chunked lm_head + loss from the last hidden state: no [B, T, V] logits (not live)
+    fused_chunk_size: int = 0            # fused_loss rows per chunk; 0 = auto (one fp32 [rows, V] buffer <= 1 GiB)
     allow_model_mismatch: bool = False   # train on a cache made by other weights (never other tokenizer)
     # lalora only (stages/student/weight_penalties.py): diagonal Fisher from SOURCE (retention) text
     fisher_data: str = ""                # jsonl/parquet/saved dataset with a "text" column; required for lalora
@@ -126,6 +128,9 @@ class TrainConfig:
         _require(self.save_steps >= 1 and self.logging_steps >= 1, "train.save_steps and train.logging_steps must be >= 1")
         _require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         _require(self.bf16 in ("auto", "true", "false"), f"train.bf16: {self.bf16!r} not in auto|true|false")
+        _require(not (self.fused_loss and self.estimator == "live"),
+                 "train.fused_loss: not supported with estimator 'live' (its teacher needs the full logits)")
+        _require(self.fused_chunk_size >= 0, f"train.fused_chunk_size: must be >= 0, got {self.fused_chunk_size}")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CachedTeacher", "log1mexp", "cached_kl", "live_masked_kl", "regularized_loss", "LossParts", "CACHED_ESTIMATORS",
+    "StudentStats", "student_stats", "kl_from_stats",
 ]
 
 CACHED_ESTIMATORS = ("tail", "topk", "full_kl")
@@ -77,6 +78,51 @@ def _teacher_nontarget_logmass(a_S: torch.Tensor, a_y: torch.Tensor) -> torch.Te
     return torch.maximum(log1mexp(a_y), a_S.logsumexp(-1))
 
 
+@dataclass
+class StudentStats:
+    """The few reductions of the student logits z [N, V] that every cached estimator reads.
+
+    The estimators are functions of these [N] / [N, k] tensors only, so the fused chunked loss
+    (stages/student/fused_loss.py) can differentiate them on small tensors and expand the gradient
+    to the logits itself: d/dz of a log-sum-exp is a softmax over the same ids.
+
+    z_S         [N, k] the logits of the cached ids S
+    z_y         [N]    the target's logit
+    log_Z       [N]    log-sum-exp over the whole vocabulary (full_kl, CE), else None
+    log_Z_S     [N]    log-sum-exp over v != y, the non-target normalizer (tail, topk), else None
+    log_Z_rest  [N]    log-sum-exp over v not in S + {y} (tail, full_kl; only when S + {y} is not V), else None
+    has_tail    whether any non-target id lies outside S (k < V - 1)
+    """
+
+    z_S: torch.Tensor
+    z_y: torch.Tensor
+    log_Z: torch.Tensor | None
+    log_Z_S: torch.Tensor | None
+    log_Z_rest: torch.Tensor | None
+    has_tail: bool
+
+
+def student_stats(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, estimator: str | None,
+                  with_log_Z: bool = False) -> StudentStats:
+    """The reductions `estimator` needs from float logits z [N, V] (plus log_Z if `with_log_Z`, for CE).
+
+    estimator None: CE only (z_S is then empty). Each log-sum-exp costs one pass over [N, V].
+    """
+    if estimator is not None and estimator not in CACHED_ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} is not a cache estimator; choose from {CACHED_ESTIMATORS}")
+    y = targets[:, None]
+    has_tail = ids.shape[-1] < z.shape[-1] - 1
+    need_rest = has_tail and estimator in ("tail", "full_kl")
+    return StudentStats(
+        z_S=z.gather(-1, ids), z_y=z.gather(-1, y).squeeze(-1),
+        log_Z=z.logsumexp(-1) if with_log_Z or estimator == "full_kl" else None,
+        # Student non-target normalizer straight from the logits: exact even when q_y rounds to 1.
+        log_Z_S=_logsumexp_without(z, y) if estimator in ("tail", "topk") else None,
+        log_Z_rest=_logsumexp_without(z, torch.cat([ids, y], -1)) if need_rest else None,
+        has_tail=has_tail,
+    )
+
+
 def cached_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher: CachedTeacher, estimator: str = "tail") -> torch.Tensor:
     """Per-position regularizer from student logits and the cached teacher.
 
@@ -87,40 +133,38 @@ def cached_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher: Cach
     topk    masked KL with both distributions renormalized over S alone (biased; for comparison).
     full_kl ordinary, unmasked KL(p || q) over the categories S + {y} + rest.
     """
-    if estimator not in CACHED_ESTIMATORS:
-        raise ValueError(f"estimator {estimator!r} is not a cache estimator; choose from {CACHED_ESTIMATORS}")
-    z = student_logits.float()
-    ids, y = teacher.topk_ids.long(), targets[:, None]
+    stats = student_stats(student_logits.float(), targets, teacher.topk_ids.long(), estimator)
+    return kl_from_stats(stats, teacher, estimator)
+
+
+def kl_from_stats(s: StudentStats, teacher: CachedTeacher, estimator: str) -> torch.Tensor:
+    """`cached_kl` from the student's reductions (`student_stats`) -> [N] float32."""
     a_S, a_y = teacher.topk_logprobs.float(), teacher.target_logprob.float()
-    has_tail = ids.shape[-1] < z.shape[-1] - 1
     if estimator == "full_kl":
-        return _full_kl(z, ids, y, a_S, a_y, has_tail)
-    # Student non-target normalizer straight from the logits: exact even when q_y rounds to 1.
-    log_Z_S = _logsumexp_without(z, y)
-    lq_S = z.gather(-1, ids) - log_Z_S[:, None]
+        return _full_kl(s, a_S, a_y)
+    lq_S = s.z_S - s.log_Z_S[:, None]
     lp_S = a_S - _teacher_nontarget_logmass(a_S, a_y)[:, None]
     if estimator == "topk":
         lp_hat = lp_S - lp_S.logsumexp(-1, keepdim=True)
         lq_hat = lq_S - lq_S.logsumexp(-1, keepdim=True)
         return _xlogy_ratio(lp_hat, lq_hat).sum(-1)
     kl_S = _xlogy_ratio(lp_S, lq_S).sum(-1)
-    if not has_tail:  # S is the whole non-target vocabulary
+    if not s.has_tail:  # S is the whole non-target vocabulary
         return kl_S
     log_R_T = log1mexp(lp_S.logsumexp(-1))
-    log_R_S = _logsumexp_without(z, torch.cat([ids, y], -1)) - log_Z_S
+    log_R_S = s.log_Z_rest - s.log_Z_S
     return kl_S + _xlogy_ratio(log_R_T, log_R_S)
 
 
-def _full_kl(z, ids, y, a_S, a_y, has_tail: bool) -> torch.Tensor:
+def _full_kl(s: StudentStats, a_S: torch.Tensor, a_y: torch.Tensor) -> torch.Tensor:
     """Unmasked KL over the categories S, the target, and (if any) one bucket for the rest."""
-    log_Z = z.logsumexp(-1, keepdim=True)
     a_cat = torch.cat([a_S, a_y[:, None]], -1)
-    b_cat = torch.cat([z.gather(-1, ids), z.gather(-1, y)], -1) - log_Z
+    b_cat = torch.cat([s.z_S, s.z_y[:, None]], -1) - s.log_Z[:, None]
     kl = _xlogy_ratio(a_cat, b_cat).sum(-1)
-    if not has_tail:
+    if not s.has_tail:
         return kl
     log_rest_T = log1mexp(a_cat.logsumexp(-1))
-    log_rest_S = _logsumexp_without(z, torch.cat([ids, y], -1)) - log_Z.squeeze(-1)
+    log_rest_S = s.log_Z_rest - s.log_Z
     return kl + _xlogy_ratio(log_rest_T, log_rest_S)
 
 

@@ -3,6 +3,7 @@
     python -m stages.student.measure_step                        # tiny random Llama, CPU
     python -m stages.student.measure_step --vocab 32000 --batch 8 --seq 256
     python -m stages.student.measure_step --model DIR --batch 8 --seq 1024 --k 32 --dtype bfloat16
+    python -m stages.student.measure_step --fused                # + rows none+fused, tail+fused
 
 One optimizer step = forward (+ teacher forward for `live`) + loss + backward + AdamW on the LoRA
 weights. Times: the estimators interleaved step by step in one process, `--steps` rounds after
@@ -14,6 +15,8 @@ and "step extra", the peak's excess over what is held before the first step (mod
 AdamW state): the activations, logits and loss temporaries the estimator adds.
 The cached teacher arrays are computed once from a base-model forward before timing (stage one's
 work, offline). Ratios are relative to `none` (the plain LoRA step the cache competes with).
+A row named `<estimator>+fused` runs the same estimator with the fused chunked loss
+(stages/student/fused_loss.py; `--chunk` rows per chunk, 0 = auto), as `train.fused_loss=true` does.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from stages.student.trainer import batch_loss
 __all__ = ["tiny_llama", "synthetic_batch", "measure_time", "measure_memory", "compare", "main"]
 
 ESTIMATORS = ("none", "tail", "live")
+FUSED_ROWS = ("none+fused", "tail+fused")
 
 
 def tiny_llama(out_dir: Path, vocab: int, layers: int = 2, hidden: int = 128) -> Path:
@@ -101,11 +105,12 @@ def _setup(model_dir: str, batch: int, seq: int, k: int, dtype: str):
     return model, inputs, optim, torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
-def _step(model, inputs, optim, autocast, estimator: str) -> float:
-    """One optimizer step; its wall time in seconds."""
+def _step(model, inputs, optim, autocast, estimator: str, chunk: int = 0) -> float:
+    """One optimizer step of `estimator` (or `<estimator>+fused`); its wall time in seconds."""
+    name, fused = estimator.removesuffix("+fused"), estimator.endswith("+fused")
     start = time.perf_counter()
     with autocast:
-        loss = batch_loss(model, inputs, estimator, kl_weight=1.0).loss
+        loss = batch_loss(model, inputs, name, kl_weight=1.0, fused=fused, chunk_size=chunk).loss
     loss.backward()
     optim.step()
     optim.zero_grad(set_to_none=True)
@@ -115,7 +120,7 @@ def _step(model, inputs, optim, autocast, estimator: str) -> float:
 
 
 def measure_memory(model_dir: str, estimator: str, batch: int, seq: int, k: int, dtype: str = "float32",
-                   steps: int = 3) -> dict:
+                   steps: int = 3, chunk: int = 0) -> dict:
     """Peak memory of `steps` steps of one estimator; call in a fresh process."""
     model, inputs, optim, autocast = _setup(model_dir, batch, seq, k, dtype)
     device = inputs["input_ids"].device
@@ -124,20 +129,20 @@ def measure_memory(model_dir: str, estimator: str, batch: int, seq: int, k: int,
     # holds the step's peak); AdamW's two state tensors, created at the first step, count as baseline.
     baseline = _memory_start(device) + adam_state
     for _ in range(steps):
-        _step(model, inputs, optim, autocast, estimator)
+        _step(model, inputs, optim, autocast, estimator, chunk)
     peak = _memory_peak(device)
     return {"peak_mib": peak / 2**20, "step_extra_mib": (peak - baseline) / 2**20}
 
 
 def measure_time(model_dir: str, estimators: Sequence[str], batch: int, seq: int, k: int, steps: int, warmup: int,
-                 dtype: str = "float32") -> dict:
+                 dtype: str = "float32", chunk: int = 0) -> dict:
     """Median and min step time per estimator, the estimators interleaved round by round so that
     load drifting on a shared machine hits them all alike."""
     model, inputs, optim, autocast = _setup(model_dir, batch, seq, k, dtype)
     times: dict[str, list[float]] = {e: [] for e in estimators}
     for round_ in range(warmup + steps):
         for estimator in estimators:
-            seconds = _step(model, inputs, optim, autocast, estimator)
+            seconds = _step(model, inputs, optim, autocast, estimator, chunk)
             if round_ >= warmup:
                 times[estimator].append(seconds)
     return {e: {"step_s": statistics.median(t), "step_min_s": min(t)} for e, t in times.items()}
@@ -158,9 +163,9 @@ def _in_fresh_process(name: str, **kwargs):
 
 
 def compare(model_dir: str, batch: int = 8, seq: int = 256, k: int = 32, steps: int = 10, warmup: int = 3,
-            dtype: str = "float32", estimators: Sequence[str] = ESTIMATORS) -> dict:
+            dtype: str = "float32", estimators: Sequence[str] = ESTIMATORS, chunk: int = 0) -> dict:
     """Times (one process, interleaved) and memory (one fresh process per estimator); ratios to the first."""
-    shape = dict(model_dir=model_dir, batch=batch, seq=seq, k=k, dtype=dtype)
+    shape = dict(model_dir=model_dir, batch=batch, seq=seq, k=k, dtype=dtype, chunk=chunk)
     times = _in_fresh_process("measure_time", estimators=list(estimators), steps=steps, warmup=warmup, **shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {e: {"estimator": e, "device": device, **times[e], **_in_fresh_process("measure_memory", estimator=e, **shape)}
@@ -183,12 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS),
+                        help=f"rows, the first is the ratios' base (default {' '.join(ESTIMATORS)})")
+    parser.add_argument("--fused", action="store_true", help=f"add the rows {' '.join(FUSED_ROWS)}")
+    parser.add_argument("--chunk", type=int, default=0, help="fused rows per chunk (0 = auto from the vocabulary)")
     args = parser.parse_args(argv)
+    estimators = list(args.estimators) + [r for r in FUSED_ROWS if args.fused and r not in args.estimators]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(tiny_llama(Path(tmp), args.vocab))
-        results = compare(model_dir, args.batch, args.seq, args.k, args.steps, args.warmup, args.dtype)
+        results = compare(model_dir, args.batch, args.seq, args.k, args.steps, args.warmup, args.dtype, estimators,
+                          args.chunk)
     for r in results.values():
-        print(f"{r['estimator']:>5}: step median {r['step_s'] * 1e3:8.1f} ms ({r['time_ratio']:.2f}x), "
+        print(f"{r['estimator']:>10}: step median {r['step_s'] * 1e3:8.1f} ms ({r['time_ratio']:.2f}x), "
               f"min {r['step_min_s'] * 1e3:8.1f} ms ({r['min_time_ratio']:.2f}x)   "
               f"peak {r['peak_mib']:8.0f} MiB ({r['peak_ratio']:.2f}x)   "
               f"step extra {r['step_extra_mib']:7.0f} MiB ({r['extra_ratio']:.2f}x)   [{r['device']}]")

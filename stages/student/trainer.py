@@ -21,6 +21,11 @@ not divide by the accumulation steps again: the summed micro-batch gradients equ
 gradient exactly. Under DDP the loss is multiplied by the process count (as the stock
 `compute_loss` does) because DDP averages gradients while the count is global.
 
+Fused loss (`train.fused_loss=true`; every estimator but `live`): the model runs with logits for no
+position (stages/student/lm_head.py), and CE + KL come from the last hidden state at the labelled
+positions and the lm_head weight in row chunks (stages/student/fused_loss.py): the same loss and
+gradients without the [B, T, V] logits and their float32 copies.
+
 Logs (progress bar, trainer_state.json, log.csv): per logging window the Trainer's `loss` (mean of
 the step losses) plus `ce` and `kl` (per labelled token over the window, summed over processes) and
 `tokens_per_s` (non-padding input tokens). The model is always called without labels, so it never
@@ -47,12 +52,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from pipeline.config import Config, TrainConfig, save_config
 from stages.student.adapters import check_live_teacher, save_adapter
 from stages.student.collator import IGNORE_INDEX
+from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
+from stages.student.lm_head import final_hidden_state, output_head
 from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, cached_kl, live_masked_kl, regularized_loss
 from stages.student.weight_penalties import WEIGHT_PENALTIES, WeightPenalty
 from storage_schemas import Manifest
 
 __all__ = [
-    "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "batch_loss", "dataset_columns", "use_bf16",
+    "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "batch_loss", "fused_batch_loss", "dataset_columns", "use_bf16",
     "training_arguments", "build_trainer", "train_and_save", "last_checkpoint", "run_metrics", "cache_fingerprint",
     "write_run_files", "CHECKPOINT_DIR",
 ]
@@ -82,13 +89,24 @@ def _labelled(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return logits[:, :-1][mask], labels[:, 1:][mask]
 
 
+def _cached_teacher(inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> CachedTeacher:
+    teacher = CachedTeacher(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"], inputs["teacher_target_logprob"])
+    if teacher.target_logprob.shape[0] != targets.shape[0]:
+        raise ValueError(f"{targets.shape[0]} labelled positions but {teacher.target_logprob.shape[0]} cached ones")
+    return teacher
+
+
 def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], estimator: str, kl_weight: float,
-               num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None) -> LossParts:
+               num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
+               fused: bool = False, chunk_size: int = 0) -> LossParts:
     """CE + kl_weight * KL for one collated micro-batch (keys as `CacheCollator` returns them).
 
     The model is called WITHOUT labels so it does not compute (and allocate for) its own loss.
     `peft_model` is the unwrapped PeftModel used for the `live` teacher (defaults to `model`).
+    `fused`: the same loss via `fused_batch_loss` (no [B, T, V] logits); `chunk_size` its rows per chunk.
     """
+    if fused:
+        return fused_batch_loss(model, inputs, estimator, kl_weight, num_items, peft_model, chunk_size)
     labels = inputs["labels"]
     if estimator == "live":  # teacher first, so its full [B, T, V] logits are freed before backward
         teacher_model = peft_model if peft_model is not None else model
@@ -103,11 +121,24 @@ def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], estimato
     elif estimator == "live":
         kl = live_masked_kl(student_logits, teacher_logits, targets)
     else:
-        teacher = CachedTeacher(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"], inputs["teacher_target_logprob"])
-        if teacher.target_logprob.shape[0] != targets.shape[0]:
-            raise ValueError(f"{targets.shape[0]} labelled positions but {teacher.target_logprob.shape[0]} cached ones")
-        kl = cached_kl(student_logits, targets, teacher, estimator)
+        kl = cached_kl(student_logits, targets, _cached_teacher(inputs, targets), estimator)
     return regularized_loss(student_logits, targets, kl, kl_weight, num_items=num_items)
+
+
+def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], estimator: str, kl_weight: float,
+                     num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
+                     chunk_size: int = 0) -> LossParts:
+    """`batch_loss` from the last hidden state at the labelled positions and the lm_head weight, through
+    `chunked_regularized_loss` (fused_loss.py): the [B, T, V] logits are never built. `chunk_size` 0 = auto."""
+    if estimator == "live":
+        raise ValueError("train.fused_loss: not supported with estimator 'live' (its teacher needs full logits)")
+    peft_model = peft_model if peft_model is not None else model
+    hidden = final_hidden_state(model, peft_model, inputs["input_ids"], inputs["attention_mask"])
+    hidden, targets = _labelled(hidden, inputs["labels"])
+    weight, bias = output_head(peft_model)
+    teacher = _cached_teacher(inputs, targets) if estimator in CACHED_ESTIMATORS else None  # none, l2, lalora: CE
+    return chunked_regularized_loss(hidden, weight, targets, teacher, kl_weight, estimator, num_items,
+                                    chunk_size or auto_chunk_size(weight.shape[0]), bias)
 
 
 # --- the Trainer -------------------------------------------------------------------------------
@@ -117,10 +148,12 @@ class CacheTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss normalizes by the whole step's labelled-token count
 
     def __init__(self, *args: Any, estimator: str, kl_weight: float, variant: str = "lora",
-                 penalty: WeightPenalty | None = None, **kwargs: Any) -> None:
+                 penalty: WeightPenalty | None = None, fused_loss: bool = False, fused_chunk_size: int = 0,
+                 **kwargs: Any) -> None:
         check_live_teacher(estimator, variant)
         super().__init__(*args, **kwargs)
         self.estimator, self.kl_weight = estimator, kl_weight
+        self.fused_loss, self.fused_chunk_size = fused_loss, fused_chunk_size  # see fused_batch_loss
         # l2/lalora: R(theta), set (anchored at init) by stages.train before training; see weight_penalties
         self.penalty = penalty
         # Make the Trainer count labels[:, 1:] != -100 over the accumulated micro-batches whatever
@@ -138,7 +171,8 @@ class CacheTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's share of the step loss, already scaled for accumulation (see module doc)."""
         parts = batch_loss(model, inputs, self.estimator, self.kl_weight, num_items_in_batch,
-                           peft_model=self.accelerator.unwrap_model(model))
+                           peft_model=self.accelerator.unwrap_model(model),
+                           fused=self.fused_loss, chunk_size=self.fused_chunk_size)
         loss = parts.loss
         if num_items_in_batch is None and model.training:
             loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
@@ -330,4 +364,5 @@ def build_trainer(model, dataset, collator, config: Config, num_rows: int,
         train_dataset=dataset, data_collator=collator,
         callbacks=[CsvLogCallback(run_dir / "log.csv"), LogLastStepCallback(), *callbacks],
         estimator=train.estimator, kl_weight=train.kl_weight, variant=train.lora.variant,
+        fused_loss=train.fused_loss, fused_chunk_size=train.fused_chunk_size,
     )
