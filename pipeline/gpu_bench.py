@@ -12,7 +12,7 @@ stage one   plain      `model(ids).logits` (the floor: what any stage one must a
                        the non-target selection, results on the host (everything but shard writing)
             torch      the same engine with float32 log_softmax + topk instead of the kernel
             naive      the anchor's fp32 log_softmax + topk(k+1) + copy over the whole batch
-            kernel     `topk_logsumexp` alone on [4096, V] bf16 logits, per vocabulary tile size,
+            kernel     `topk_logsumexp` alone on [4096, V] bf16 logits, per launch configuration,
                        vs torch.topk(k+1) + logsumexp and vs one read of the logits (amax)
 stage two   ce         one optimizer step with `batch_loss(estimator="none")` (CE only)
             tail       the same with the cached masked KL (`tail`), teacher arrays on the device
@@ -81,7 +81,7 @@ def build_model(name: str, out_dir: Path):
 # --- stage one -----------------------------------------------------------------------------------
 def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
     from stages.teacher.hf_engine import HFEngine
-    from stages.teacher.topk_kernel import topk_logsumexp, topk_logsumexp_reference
+    from stages.teacher.topk_kernel import LAUNCH_CONFIGS, topk_logsumexp, topk_logsumexp_reference, tuned_launch
 
     engine = HFEngine(str(model_dir), K, "bfloat16", max_length=T, batch_tokens=B * T, vocab_size=vocab, device="cuda")
     torch_engine = HFEngine(str(model_dir), K, "bfloat16", max_length=T, batch_tokens=B * T, vocab_size=vocab,
@@ -114,6 +114,13 @@ def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
     row["plain_tok_s"] = B * T / row["plain_ms"] * 1e3
     row["engine_tok_s"] = B * T / row["engine_ms"] * 1e3
 
+    # Where the engine's extra time goes: the chunked head + kernel + selection + host copy vs the head alone.
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+        targets = ids[:, 1:].reshape(-1)
+        row["head_ms"] = cuda_time_ms(lambda: model.get_output_embeddings()(hidden))
+        row["head_topk_select_copy_ms"] = cuda_time_ms(lambda: engine._top_logprobs(hidden, targets))
+    del hidden
     # The kernel alone, on the model's own logits for 4096 positions.
     with torch.no_grad():
         logits = model(input_ids=ids[:4]).logits.reshape(-1, vocab).contiguous()
@@ -122,8 +129,10 @@ def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
     row["kernel_max_abs_value_err"] = (values - ref_values).abs().max().item()
     row["kernel_max_abs_lse_err"] = (lse - ref_lse).abs().max().item()
     row["kernel_ids_point_at_values"] = bool((logits.float().gather(1, top_ids) == values).all())
-    row["kernel_ms_by_block"] = {b: cuda_time_ms(lambda b=b: topk_logsumexp(logits, K + 1, block=b))
-                                 for b in (512, 1024, 2048, 4096)}
+    row["kernel_ms_by_launch"] = {f"block{b}_warps{w}": cuda_time_ms(lambda b=b, w=w: topk_logsumexp(logits, K + 1, b, w))
+                                  for b, w in LAUNCH_CONFIGS}
+    row["kernel_tuned_launch"] = list(tuned_launch(logits, K + 1))
+    row["kernel_ms"] = cuda_time_ms(lambda: topk_logsumexp(logits, K + 1))
     row["torch_topk_lse_ms"] = cuda_time_ms(lambda: (logits.float().topk(K + 1, -1), logits.float().logsumexp(-1)))
     row["one_read_ms"] = cuda_time_ms(lambda: logits.amax(-1))
     row["logits_gib"] = logits.numel() * logits.element_size() / 2**30
@@ -173,11 +182,24 @@ def bench_stage_two(name: str, model_dir: Path, vocab: int, fused_available: boo
             opt.zero_grad(set_to_none=True)
         return run
 
+    row = dict(model=name, vocab=vocab, B=B, T=T, k=K, lora_r=16)
+    if fused_available:  # bf16 agreement of the fused loss with the unfused one, same batch and weights
+        params = [p for p in student.parameters() if p.requires_grad]
+
+        def loss_and_grad(fused: bool):
+            parts = batch_loss(student, inputs, "tail", 0.1, peft_model=student, fused=fused)
+            parts.loss.backward()
+            grad = torch.cat([p.grad.float().flatten() for p in params])
+            opt.zero_grad(set_to_none=True)
+            return parts.loss.item(), grad
+
+        (loss_plain, grad_plain), (loss_fused, grad_fused) = loss_and_grad(False), loss_and_grad(True)
+        row["fused_loss_rel_err"] = abs(loss_fused - loss_plain) / abs(loss_plain)
+        row["fused_grad_rel_err"] = ((grad_fused - grad_plain).norm() / grad_plain.norm()).item()
     variants = {"ce": step("none"), "tail": step("tail"), "live": step("live")}
     if fused_available:
         variants["fused_ce"] = step("none", fused=True)
         variants["fused_tail"] = step("tail", fused=True)
-    row = dict(model=name, vocab=vocab, B=B, T=T, k=K, lora_r=16)
     for key, fn in variants.items():
         row[f"{key}_ms"] = cuda_time_ms(fn, reps=5, warm=2)
         row[f"{key}_peak_gib"] = peak_gib(fn)
@@ -201,7 +223,7 @@ def to_markdown(results: dict) -> str:
              "| model | plain ms | engine ms (x plain) | torch path (x) | naive (x) | kernel ms / torch topk+lse ms / one read ms |",
              "|---|---|---|---|---|---|"]
     for r in results["stage_one"]:
-        kernel = r["kernel_ms_by_block"][1024]
+        kernel = r["kernel_ms"]
         lines.append(f"| {r['model']} | {r['plain_ms']:.1f} | {r['engine_ms']:.1f} ({r['engine_over_plain']:.3f}x) | "
                      f"{r['torch_engine_over_plain']:.3f}x | {r['naive_over_plain']:.3f}x | "
                      f"{kernel:.2f} / {r['torch_topk_lse_ms']:.2f} / {r['one_read_ms']:.2f} |")

@@ -55,12 +55,14 @@ def topk_logsumexp_reference(logits: torch.Tensor, k1: int) -> tuple[torch.Tenso
     return values, ids, x.logsumexp(-1)
 
 
-def topk_logsumexp(logits: torch.Tensor, k1: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_logsumexp(logits: torch.Tensor, k1: int, block: int | None = None,
+                   num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k1 largest logits per row (float32, descending), their ids (int64) and each row's
     log-sum-exp (float32) for logits [N, V]. Log-probs are `values - lse[:, None]`.
 
     Uses the Triton kernel where `kernel_available`, else `topk_logsumexp_reference`.
-    `block` is the vocabulary tile (a power of two; default 1024, the fastest measured on an H100).
+    `block` (vocabulary tile, a power of two) and `num_warps` default to the fastest of a few
+    configurations, timed once per (device, vocab, k1, dtype) on CUDA (`tuned_launch`).
     """
     if logits.dim() != 2:
         raise ValueError(f"expected logits [N, V], got shape {tuple(logits.shape)}")
@@ -69,7 +71,6 @@ def topk_logsumexp(logits: torch.Tensor, k1: int, block: int | None = None) -> t
         raise ValueError(f"k1={k1} must be in [1, vocab={vocab}]")
     if not kernel_available(logits.device):
         return topk_logsumexp_reference(logits, k1)
-    block = block or 1024
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     k1_padded = max(16, triton.next_power_of_2(k1))
@@ -77,12 +78,50 @@ def topk_logsumexp(logits: torch.Tensor, k1: int, block: int | None = None) -> t
     ids = torch.empty(n, k1_padded, dtype=torch.int32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        _topk_lse_kernel[(n,)](logits, logits.stride(0), vocab, values, ids, lse,
-                               K1=k1, K1P=k1_padded, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        if block is None or num_warps is None:
+            tuned_block, tuned_warps = tuned_launch(logits, k1)
+            block, num_warps = block or tuned_block, num_warps or tuned_warps
+        _launch(logits, k1, values, ids, lse, block, num_warps)
     # The running set is unordered, and padding slots hold +inf: sort, then keep the first k1.
     values, order = values.masked_fill(values == float("inf"), float("-inf")).sort(dim=-1, descending=True)
     ids = ids.gather(-1, order)
     return values[:, :k1].contiguous(), ids[:, :k1].long(), lse
+
+
+# Launch configurations tried by `tuned_launch`; (1024, 4) is the default where nothing is timed.
+LAUNCH_CONFIGS = [(block, warps) for block in (512, 1024, 2048) for warps in (1, 2, 4, 8) if warps * 32 <= block]
+_DEFAULT_LAUNCH = (1024, 4)
+_tuned: dict[tuple, tuple[int, int]] = {}
+
+
+def _launch(logits, k1, values, ids, lse, block, num_warps):
+    _topk_lse_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], values, ids, lse,
+                                         K1=k1, K1P=values.shape[1], BLOCK=block, num_warps=num_warps)
+
+
+def tuned_launch(logits: torch.Tensor, k1: int) -> tuple[int, int]:
+    """(block, num_warps) for this shape: on CUDA, each of LAUNCH_CONFIGS is timed once on these
+    logits (a few ms, first call only) and the fastest kept; elsewhere the default."""
+    if logits.device.type != "cuda":
+        return _DEFAULT_LAUNCH
+    key = (logits.device.index, logits.shape[1], k1, logits.dtype)
+    if key not in _tuned:
+        rows = logits[: 2048]
+        outputs = (torch.empty(rows.shape[0], max(16, triton.next_power_of_2(k1)), device=logits.device),
+                   torch.empty(rows.shape[0], max(16, triton.next_power_of_2(k1)), dtype=torch.int32, device=logits.device),
+                   torch.empty(rows.shape[0], device=logits.device))
+        timings = {}
+        for config in LAUNCH_CONFIGS:
+            _launch(rows, k1, *outputs, *config)  # compile + warm up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                _launch(rows, k1, *outputs, *config)
+            end.record()
+            end.synchronize()
+            timings[config] = start.elapsed_time(end)
+        _tuned[key] = min(timings, key=timings.get)
+    return _tuned[key]
 
 
 if triton is not None:
@@ -103,20 +142,21 @@ if triton is not None:
         for start in range(0, vocab, BLOCK):
             idx = start + cols
             x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-            # One reduction gives the tile max and where it is (first position among ties).
-            best, best_col = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
-            new_m = tl.maximum(m, best)
+            tile_max = tl.max(x, 0)
+            new_m = tl.maximum(m, tile_max)
             safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)  # an all -inf prefix has sum 0
             s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), 0)
             m = new_m
+            best = tile_max
             cand = x
             while best > tau:  # insert the tile's elements above tau, largest first
+                best_id = tl.min(tl.where(cand == best, idx, vocab), 0)
                 slot = tl.min(tl.where(run_v == tau, slots, K1P), 0)
                 run_v = tl.where(slots == slot, best, run_v)
-                run_i = tl.where(slots == slot, start + best_col, run_i)
+                run_i = tl.where(slots == slot, best_id, run_i)
                 tau = tl.min(run_v, 0)
-                cand = tl.where((cols == best_col) | (cand <= tau), float("-inf"), cand)
-                best, best_col = tl.max(cand, 0, return_indices=True, return_indices_tie_break_left=True)
+                cand = tl.where((idx == best_id) | (cand <= tau), float("-inf"), cand)
+                best = tl.max(cand, 0)
         safe_m = tl.where(m == float("-inf"), 0.0, m)
         tl.store(lse_ptr + row, safe_m + tl.log(s))
         out = row.to(tl.int64) * K1P + slots
