@@ -135,25 +135,28 @@ ENCODINGS: dict[str, Encoding] = {
                  "the version-1 format"),
         Encoding("topk_f16", "topk_nontarget", "as topk_f32 with float16 log-probs (~1e-3 relative error on "
                  "log-probs); the version-1 format", value_codec="f16"),
-        # The default (chosen by the encoding study, BENCHMARKS.md): ids sorted and delta-coded,
-        # values on a sqrt(p) grid of step 2^-10, target exact, every numeric column byte-stream-split.
+        # The default, chosen by the encoding study (BENCHMARKS.md, "Cache encodings"): ids sorted and
+        # delta-coded (the set costs ~6 bits/id instead of ~11), values on a uniform log grid (the same
+        # error at every probability scale: robust on flat large-vocabulary distributions), target exact
+        # (it enters log1mexp(a_y); float16 shifts log(1 - p_y) by 1e-2 nats at p_y = 1 - 1e-6).
+        Encoding("topk_idd_logq7", "topk_nontarget",
+                 "ids sorted by id + delta-coded; values round(-log p * 128) (|error| <= 2^-8 nats down to "
+                 "log p = -512); target float32; byte-stream-split",
+                 id_order="id_delta", value_codec="log_q", value_step=2.0 ** -7, value_max_code=65535,
+                 target_codec="f32", byte_stream_split=_BSS_ALL),
+        Encoding("topk_idd_f16", "topk_nontarget",
+                 "ids sorted by id + delta-coded; values float16 (relative error <= 2^-11); target float32; "
+                 "byte-stream-split", id_order="id_delta", value_codec="f16", byte_stream_split=_BSS_ALL),
+        # Smaller, for peaked (trained) teachers only: an absolute sqrt(p) grid loses precision where
+        # every cached p is small (flat distributions), see the study's random32k table.
         Encoding("topk_idd_sqrtp10", "topk_nontarget",
                  "ids sorted by id + delta-coded; values round(sqrt(p) * 1024) (|error in sqrt p| <= 2^-11, "
                  "p < 2^-22 dropped to the tail); target float32; byte-stream-split",
                  id_order="id_delta", value_codec="sqrtp_q", value_step=2.0 ** -10, value_max_code=1024,
                  target_codec="f32", byte_stream_split=_BSS_ALL),
-        Encoding("topk_idd_sqrtp9", "topk_nontarget",
-                 "as topk_idd_sqrtp10 on a grid twice as coarse (step 2^-9): smaller, ~2x the D_k error",
-                 id_order="id_delta", value_codec="sqrtp_q", value_step=2.0 ** -9, value_max_code=512,
-                 target_codec="f32", byte_stream_split=_BSS_ALL),
-        Encoding("topk_logq8", "topk_nontarget",
-                 "ids by probability; values round(-log p * 256) delta-coded along the k entries (|error| <= "
-                 "2^-9 nats down to log p = -256); target float32; byte-stream-split",
-                 value_codec="log_q", value_step=2.0 ** -8, value_max_code=65535, value_delta=True,
-                 target_codec="f32", byte_stream_split=_BSS_ALL),
     )
 }
-DEFAULT_ENCODING = "topk_idd_sqrtp10"
+DEFAULT_ENCODING = "topk_idd_logq7"
 
 
 def get_encoding(name: str) -> Encoding:
