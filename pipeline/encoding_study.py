@@ -56,6 +56,7 @@ class StudyConfig:
     random_lora_std: float = 0.4                   # same for random32k (its weights are small: init 0.02)
     train_cache: str = "runs/demo/cache"           # a k=32 float32 cache for the training comparison
     train_steps: int = 20                          # 0 skips the training comparison
+    speed_only: bool = False                       # only time encode+write / read+decode (demo rows)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,7 +118,8 @@ def _demo_sequences(cfg: StudyConfig) -> list[np.ndarray]:
 
     tok = AutoTokenizer.from_pretrained(cfg.model)
     texts = [json.loads(line)["text"] for line in Path(cfg.data).read_text().splitlines()[: cfg.examples]]
-    return [np.asarray(tok(t)["input_ids"][:256], np.int32) for t in texts if len(tok(t)["input_ids"]) >= 2]
+    encoded = [tok(t)["input_ids"][:256] for t in texts]
+    return [np.asarray(ids, np.int32) for ids in encoded if len(ids) >= 2]
 
 
 def _random_model(out: Path, seed: int) -> Path:
@@ -365,9 +367,35 @@ def _machine() -> str:
            f"pyarrow {pa.__version__}"
 
 
+def _speed(rows: list[ShardRow], k: int, workdir: Path, repeats: int = 5) -> list[dict]:
+    """Best-of-`repeats` seconds of rows_to_table + write_shard (zstd 3, sha256 included) and of
+    read + decode, per encoding, on the same rows: the stage-one and reader cost of the encoding."""
+    out = []
+    for name in ("topk_f32", DEFAULT_ENCODING):
+        runs = [_write_read(_slice_k(rows, k), get_encoding(name), k, 3, workdir) for _ in range(repeats)]
+        tokens = runs[0]["tokens"]
+        write, read = min(r["write_s"] for r in runs), min(r["read_s"] for r in runs)
+        out.append({"encoding": name, "tokens": tokens, "write_s": write, "read_s": read,
+                    "write_tok_per_s": tokens / write, "read_tok_per_s": tokens / read})
+    return out
+
+
+def _speed_markdown(rows: list[dict]) -> str:
+    lines = ["| encoding | encode + write (tok/s) | read + decode (tok/s) |", "|---|---|---|"]
+    lines += [f"| {r['encoding']} | {r['write_tok_per_s']:,.0f} | {r['read_tok_per_s']:,.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def run_study(cfg: StudyConfig, command: str = "python -m pipeline encoding-study") -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.speed_only:
+        rows = _teacher_rows(cfg.model, _demo_sequences(cfg), 2048)
+        with tempfile.TemporaryDirectory(dir=out) as workdir:
+            speed = _speed(rows, cfg.k, Path(workdir))
+        (out / "speed.json").write_text(json.dumps({"command": command, "machine": _machine(), "speed": speed}, indent=1))
+        (out / "speed.md").write_text(_speed_markdown(speed))
+        return {"speed": speed}
     result = {"config": dataclasses.asdict(cfg), "command": command, "machine": _machine(),
               "default": DEFAULT_ENCODING, "sets": {}}
     rng = np.random.default_rng(cfg.seed)
@@ -397,10 +425,13 @@ def run_study(cfg: StudyConfig, command: str = "python -m pipeline encoding-stud
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline encoding-study", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(StudyConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"(default: {f.default})")
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help="(flag)")
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                                help=f"(default: {f.default})")
     args = parser.parse_args(argv)
     cfg = StudyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)})
     result = run_study(cfg, "python -m pipeline encoding-study " + " ".join(argv or []))
-    print(_markdown(result))
+    print(_speed_markdown(result["speed"]) if cfg.speed_only else _markdown(result))
     return 0
