@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 RUN     ?= runs/demo/train
 
-.PHONY: setup base-model demo cache-teacher train eval sweep verify test clean help
+.PHONY: setup base-model demo cache-teacher train eval sweep verify test clean help encoding-study
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -44,6 +44,9 @@ sweep: base-model  ## method x lambda x seed over one cache (configs/sweep_demo.
 
 verify: setup  ## verify the cache named in CONFIG
 	$(PY) -m pipeline verify $$($(PY) -c "from pipeline.config import load_config; print(load_config('$(CONFIG)').cache.dir)")
+
+encoding-study: base-model  ## cache encodings: bytes/token vs D_k error -> runs/encoding-study/study.{json,md}
+	$(PY) -m pipeline encoding-study --out runs/encoding-study $(ARGS)
 
 test: setup  ## run the test suite (real vLLM, Parquet, peft; CPU)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -8,6 +8,7 @@
     eval            learning (held-out target) vs forgetting (retention set, drift) of a run
     sweep           method x lambda x seed over one cache: results table and frontier plot
     demo            build-default -> cache-teacher -> train on the embedded default
+    encoding-study  bytes/token vs D_k error of every cache encoding (BENCHMARKS.md "Cache encodings")
 
 Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
 """
@@ -114,6 +115,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_encoding_study(args) -> int:
+    from pipeline.encoding_study import main as study_main
+
+    return study_main(args.study_args)
+
+
 # --- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
@@ -162,13 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="build/default", help="where the embedded default is built")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("encoding-study", help="bytes/token vs D_k error of the cache encodings (JSON + markdown)",
+                       add_help=False)
+    p.add_argument("study_args", nargs=argparse.REMAINDER, help="see `python -m pipeline encoding-study --help`")
+    p.set_defaults(func=cmd_encoding_study)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bar and summary say what matters
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # only encoding-study passes options through
+    if extra and args.command != "encoding-study":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.study_args = [*extra, *args.study_args]
     try:
         return args.func(args)
     except USER_ERRORS as err:

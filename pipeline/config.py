@@ -50,7 +50,7 @@ class CacheConfig:
     dir: str = "runs/demo/cache"         # where shards and manifest.json go
     engine: str = "vllm"                 # vllm (default) | hf (transformers forward; oracle, no-vLLM machines)
     k: int = 32                          # non-target tokens kept per position
-    encoding: str = "topk_f32"           # value encoding (storage_schemas.ENCODINGS)
+    encoding: str = "topk_idd_logq7"     # storage_schemas.ENCODINGS; topk_f32 = exact (2.4x the bytes)
     rows_per_shard: int = 256            # sequences per Parquet shard
     zstd_level: int = 3                  # Parquet zstd compression level
     dtype: str = "float32"               # teacher compute dtype: float32 | bfloat16 | float16

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from storage_schemas import Manifest
-from storage_schemas.shard_io import read_shard
+from storage_schemas.shard_io import decode_table, read_shard
 
 __all__ = ["describe_position"]
 
@@ -19,7 +19,11 @@ def _find_row(cache_dir: str, manifest: Manifest, example: int) -> dict:
     for record in manifest.shards:
         if record.first_example <= example < record.first_example + record.rows:
             table = read_shard(f"{cache_dir}/{record.file}", manifest.settings.encoding)
-            return table.slice(example - record.first_example, 1).to_pylist()[0]
+            row = table.slice(example - record.first_example, 1)
+            ids, logprobs, target = decode_table(row, manifest.settings.encoding, manifest.settings.k)
+            plain = row.select(["input_ids", "loss_mask"]).to_pylist()[0]
+            return {**plain, "topk_ids": ids.reshape(-1).tolist(), "topk_logprobs": logprobs.reshape(-1),
+                    "target_logprob": target}
     raise ValueError(f"example {example} is not in {cache_dir} ({manifest.num_rows} examples cached)")
 
 

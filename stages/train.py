@@ -129,7 +129,7 @@ def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerC
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
     collator = CacheCollator(pad_token_id(config.model), manifest.settings.k,
-                             with_teacher=train.estimator in CACHED_ESTIMATORS)
+                             with_teacher=train.estimator in CACHED_ESTIMATORS, encoding=manifest.settings.encoding)
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
     model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32)
     trainer = build_trainer(model, dataset, collator, config, manifest.num_rows, callbacks)

@@ -5,8 +5,11 @@ encodings, the shard naming rule and the manifest. Writers and readers import th
 nothing else in the project spells a column name or a version number.
 """
 from storage_schemas.cache_schema import (
+    DEFAULT_ENCODING,
     ENCODINGS,
+    LEGACY_ENCODINGS,
     SCHEMA_VERSION,
+    SUPPORTED_SCHEMA_VERSIONS,
     SHARD_COLUMNS,
     Encoding,
     get_encoding,
@@ -26,7 +29,7 @@ from storage_schemas.manifest import (
 )
 
 __all__ = [
-    "ENCODINGS", "SCHEMA_VERSION", "SHARD_COLUMNS", "Encoding", "get_encoding", "shard_file_name", "shard_schema",
+    "DEFAULT_ENCODING", "ENCODINGS", "LEGACY_ENCODINGS", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "SHARD_COLUMNS", "Encoding", "get_encoding", "shard_file_name", "shard_schema",
     "MANIFEST_NAME", "CacheSettings", "DatasetFingerprint", "EngineInfo", "FingerprintMismatch",
     "Manifest", "ShardRecord", "TeacherFingerprint", "TokenizerFingerprint",
 ]

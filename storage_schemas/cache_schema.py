@@ -1,58 +1,162 @@
-"""Arrow schema of one cache shard: one row per training sequence.
+"""Arrow schema of one cache shard (one row per training sequence) and the registry of encodings.
 
 Row layout (T = sequence length, n = number of trained positions, k = cached tokens per position):
 
-    example_id        int64                 index of the example in the source dataset
-    input_ids         list<int32>  [T]      the token ids the teacher saw
-    loss_mask         list<bool>   [T-1]    position i (predicting token i+1) is trained
-    target_logprob    list<float32> [n]     teacher log p(y) at each trained position
-    topk_ids          list<int32>  [n*k]    the k most likely NON-target ids, per trained position,
-                                            in descending teacher probability, flattened row-major
-    topk_logprobs     list<V>      [n*k]    their teacher log-probs (full-vocabulary log-softmax,
-                                            not renormalized); V is set by the value encoding
+    example_id        int64            index of the example in the source dataset
+    input_ids         list<int32> [T]  the token ids the teacher saw
+    loss_mask         list<bool>  [T-1] position i (predicting token i+1) is trained
+    target_logprob    list<.>     [n]  teacher log p(y) at each trained position
+    topk_ids          list<int32> [n*k] the k most likely NON-target ids per trained position,
+                                       flattened row-major (order/coding: the encoding's `id_order`)
+    topk_logprobs     list<.>     [n*k] their teacher log-probs (full-vocabulary log-softmax, not
+                                       renormalized), stored as the encoding's `value_codec` says
 
 Only trained positions carry teacher arrays: prompt tokens of chat data cost no bytes. Flat lists
-(not nested) keep decoding a single `np.frombuffer`-style reshape with no per-token Python work.
+(not nested) keep decoding a reshape plus a few numpy ops, with no per-token Python work.
+
+An `Encoding` says everything a reader needs to decode the three teacher columns (id order, value
+and target codecs with their parameters) and how the Parquet file is laid out (byte-stream-split
+and dictionary columns, row-group size). Its full spec is written into every shard's Arrow metadata
+(`mtcache.encoding_spec`); readers look the name up here and refuse a shard whose spec differs.
+The codecs themselves live in `storage_schemas.codecs`; the study that chose the default is
+`python -m pipeline encoding-study` (BENCHMARKS.md, "Cache encodings").
+
+Schema versions: 1 = the first format (encodings `topk_f32`/`topk_f16` only, no spec metadata);
+2 = this one. Version-1 caches are read as before (their columns are exactly those of the v2
+`topk_f32`/`topk_f16` encodings); other versions are refused by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-__all__ = ["SCHEMA_VERSION", "Encoding", "ENCODINGS", "SHARD_COLUMNS", "shard_schema", "shard_file_name"]
+__all__ = [
+    "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "LEGACY_ENCODINGS", "DEFAULT_ENCODING", "Encoding", "ENCODINGS",
+    "SHARD_COLUMNS", "ID_ORDERS", "VALUE_CODECS", "TARGET_CODECS", "get_encoding", "shard_schema", "shard_file_name",
+    "encoding_of_schema",
+]
 
 # Bump when a column is added, removed or changes meaning; readers refuse other versions by name.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+LEGACY_ENCODINGS = ("topk_f32", "topk_f16")  # the only encodings a version-1 cache can hold
+
+SHARD_COLUMNS = ("example_id", "input_ids", "loss_mask", "target_logprob", "topk_ids", "topk_logprobs")
+TEACHER_COLUMNS = ("target_logprob", "topk_ids", "topk_logprobs")
+
+# prob: ids as they come, descending teacher probability.
+# id_delta: each position's ids sorted ascending and stored as differences (first = the id itself);
+#   values follow their ids; the decoder restores descending-probability order (ties: any order).
+ID_ORDERS = ("prob", "id_delta")
+# f32 / f16: IEEE floats. bf16: the upper 16 bits of the float32 (round to nearest even), as uint16.
+# log_q: integer code round(-a / step), clamped to [0, max_code]  (|error| <= step/2 nats inside
+#   the range [-max_code*step, 0]; below it the value is clamped to the range's floor).
+# sqrtp_q: integer code round(sqrt(exp(a)) / step), clamped to max_code (|error in sqrt p| <=
+#   step/2; code 0 decodes to log-prob -inf, i.e. p < step^2/4 is dropped into the tail bucket).
+#   The error in log p is step/sqrt(p): fine where p is large, where D_k is sensitive to it.
+# Quantized codes are delta-coded along each position's k entries when `value_delta` (prob order
+# makes them monotone, so the differences are small and compress well).
+VALUE_CODECS = ("f32", "f16", "bf16", "log_q", "sqrtp_q")
+TARGET_CODECS = ("f32", "f16", "bf16")
+_FLOAT_TYPES = {"f32": pa.float32(), "f16": pa.float16(), "bf16": pa.uint16()}
 
 
 @dataclass(frozen=True)
 class Encoding:
-    """How the per-position teacher values are stored.
+    """How the per-position teacher values are stored, and how the shard file is laid out.
 
     `selection` says which tokens are cached at each position ("topk_nontarget" today; a sampled
-    estimator would register e.g. "sampled_nontarget" with its own weight column). `value_type` is
-    the Arrow type of `topk_logprobs`.
+    estimator would register e.g. "sampled_nontarget" with its own weight column).
     """
 
     name: str
     selection: str
-    value_type: pa.DataType
     description: str
+    id_order: str = "prob"
+    value_codec: str = "f32"
+    value_step: float = 0.0          # quantized codecs only
+    value_max_code: int = 0          # quantized codecs only: codes clamp to [0, value_max_code]
+    value_delta: bool = False        # quantized codes stored as differences along the k entries
+    target_codec: str = "f32"
+    byte_stream_split: tuple[str, ...] = ()  # columns written with Parquet BYTE_STREAM_SPLIT
+    dictionary: tuple[str, ...] = ()         # columns written with Parquet dictionary encoding
+    row_group_rows: int | None = None        # sequences per Parquet row group (None: one per shard)
 
+    def __post_init__(self) -> None:
+        where = f"encoding {self.name!r}"
+        if self.id_order not in ID_ORDERS:
+            raise ValueError(f"{where}: id_order {self.id_order!r} not in {ID_ORDERS}")
+        if self.value_codec not in VALUE_CODECS:
+            raise ValueError(f"{where}: value_codec {self.value_codec!r} not in {VALUE_CODECS}")
+        if self.target_codec not in TARGET_CODECS:
+            raise ValueError(f"{where}: target_codec {self.target_codec!r} not in {TARGET_CODECS}")
+        if self.quantized and not (self.value_step > 0 and self.value_max_code >= 1):
+            raise ValueError(f"{where}: {self.value_codec} needs value_step > 0 and value_max_code >= 1")
+        if self.value_delta and not self.quantized:
+            raise ValueError(f"{where}: value_delta applies to quantized codecs only")
+        for column in (*self.byte_stream_split, *self.dictionary):
+            if column not in SHARD_COLUMNS:
+                raise ValueError(f"{where}: unknown column {column!r} in its Parquet options")
+
+    @property
+    def quantized(self) -> bool:
+        return self.value_codec in ("log_q", "sqrtp_q")
+
+    @property
+    def value_type(self) -> pa.DataType:
+        """Arrow type of `topk_logprobs`."""
+        return pa.int32() if self.quantized else _FLOAT_TYPES[self.value_codec]
+
+    @property
+    def target_type(self) -> pa.DataType:
+        return _FLOAT_TYPES[self.target_codec]
+
+    def spec_json(self) -> str:
+        """Everything that decides the bytes of a shard (the description is left out)."""
+        spec = {key: value for key, value in asdict(self).items() if key != "description"}
+        return json.dumps(spec, sort_keys=True)
+
+    @classmethod
+    def from_spec_json(cls, text: str, description: str = "") -> "Encoding":
+        spec = json.loads(text)
+        for key in ("byte_stream_split", "dictionary"):
+            spec[key] = tuple(spec.get(key, ()))
+        return cls(description=description, **spec)
+
+
+_BSS_ALL = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs")
 
 ENCODINGS: dict[str, Encoding] = {
     e.name: e
     for e in (
-        Encoding("topk_f32", "topk_nontarget", pa.float32(),
-                 "k largest non-target teacher log-probs, float32 (exact)"),
-        Encoding("topk_f16", "topk_nontarget", pa.float16(),
-                 "k largest non-target teacher log-probs, float16 (half the value bytes; "
-                 "~1e-3 relative error on log-probs)"),
+        Encoding("topk_f32", "topk_nontarget", "k largest non-target teacher log-probs, float32 (exact); "
+                 "the version-1 format"),
+        Encoding("topk_f16", "topk_nontarget", "as topk_f32 with float16 log-probs (~1e-3 relative error on "
+                 "log-probs); the version-1 format", value_codec="f16"),
+        # The default, chosen by the encoding study (BENCHMARKS.md, "Cache encodings"): ids sorted and
+        # delta-coded (the set costs ~6 bits/id instead of ~11), values on a uniform log grid (the same
+        # error at every probability scale: robust on flat large-vocabulary distributions), target exact
+        # (it enters log1mexp(a_y); float16 shifts log(1 - p_y) by 1e-2 nats at p_y = 1 - 1e-6).
+        Encoding("topk_idd_logq7", "topk_nontarget",
+                 "ids sorted by id + delta-coded; values round(-log p * 128) (|error| <= 2^-8 nats down to "
+                 "log p = -512); target float32; byte-stream-split",
+                 id_order="id_delta", value_codec="log_q", value_step=2.0 ** -7, value_max_code=65535,
+                 target_codec="f32", byte_stream_split=_BSS_ALL),
+        Encoding("topk_idd_f16", "topk_nontarget",
+                 "ids sorted by id + delta-coded; values float16 (relative error <= 2^-11); target float32; "
+                 "byte-stream-split", id_order="id_delta", value_codec="f16", byte_stream_split=_BSS_ALL),
+        # Smaller, for peaked (trained) teachers only: an absolute sqrt(p) grid loses precision where
+        # every cached p is small (flat distributions), see the study's random32k table.
+        Encoding("topk_idd_sqrtp10", "topk_nontarget",
+                 "ids sorted by id + delta-coded; values round(sqrt(p) * 1024) (|error in sqrt p| <= 2^-11, "
+                 "p < 2^-22 dropped to the tail); target float32; byte-stream-split",
+                 id_order="id_delta", value_codec="sqrtp_q", value_step=2.0 ** -10, value_max_code=1024,
+                 target_codec="f32", byte_stream_split=_BSS_ALL),
     )
 }
-
-SHARD_COLUMNS = ("example_id", "input_ids", "loss_mask", "target_logprob", "topk_ids", "topk_logprobs")
+DEFAULT_ENCODING = "topk_idd_logq7"
 
 
 def get_encoding(name: str) -> Encoding:
@@ -62,20 +166,45 @@ def get_encoding(name: str) -> Encoding:
     return ENCODINGS[name]
 
 
-def shard_schema(encoding: str) -> pa.Schema:
-    """The Arrow schema every shard written with `encoding` has, exactly."""
-    value_type = get_encoding(encoding).value_type
+def _resolve(encoding: str | Encoding) -> Encoding:
+    return encoding if isinstance(encoding, Encoding) else get_encoding(encoding)
+
+
+def shard_schema(encoding: str | Encoding) -> pa.Schema:
+    """The Arrow schema every shard written with `encoding` (a registered name, or an `Encoding`
+    object: the study's candidates) has, exactly; its metadata carries the full spec."""
+    enc = _resolve(encoding)
     return pa.schema(
         [
             pa.field("example_id", pa.int64(), nullable=False),
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-            pa.field("target_logprob", pa.list_(pa.float32()), nullable=False),
+            pa.field("target_logprob", pa.list_(enc.target_type), nullable=False),
             pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("topk_logprobs", pa.list_(value_type), nullable=False),
+            pa.field("topk_logprobs", pa.list_(enc.value_type), nullable=False),
         ],
-        metadata={b"mtcache.schema_version": str(SCHEMA_VERSION).encode(), b"mtcache.encoding": encoding.encode()},
+        metadata={
+            b"mtcache.schema_version": str(SCHEMA_VERSION).encode(),
+            b"mtcache.encoding": enc.name.encode(),
+            b"mtcache.encoding_spec": enc.spec_json().encode(),
+        },
     )
+
+
+def encoding_of_schema(schema: pa.Schema, where: str) -> Encoding:
+    """The encoding a shard's own metadata declares (version 1: its registered name); ValueError
+    naming `where` when the metadata is missing, of an unsupported version, or unknown."""
+    meta = schema.metadata or {}
+    version = meta.get(b"mtcache.schema_version", b"?").decode()
+    if version not in {str(v) for v in SUPPORTED_SCHEMA_VERSIONS}:
+        raise ValueError(f"{where}: shard schema version {version!r} is not supported "
+                         f"(this reader: {SUPPORTED_SCHEMA_VERSIONS})")
+    name = meta.get(b"mtcache.encoding", b"").decode()
+    if b"mtcache.encoding_spec" in meta:
+        return Encoding.from_spec_json(meta[b"mtcache.encoding_spec"].decode())
+    if name not in LEGACY_ENCODINGS:
+        raise ValueError(f"{where}: version-{version} shard with encoding {name!r} and no encoding spec")
+    return get_encoding(name)
 
 
 def shard_file_name(index: int) -> str:

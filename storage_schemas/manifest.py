@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from storage_schemas.cache_schema import SCHEMA_VERSION, get_encoding
+from storage_schemas.cache_schema import LEGACY_ENCODINGS, SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, get_encoding
 
 __all__ = [
     "MANIFEST_NAME", "TeacherFingerprint", "TokenizerFingerprint", "DatasetFingerprint", "CacheSettings",
@@ -135,8 +135,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: dict, where: str = MANIFEST_NAME) -> "Manifest":
         version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"{where}: schema_version {version!r} is not supported (this reader: {SCHEMA_VERSION})")
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ValueError(f"{where}: schema_version {version!r} is not supported "
+                             f"(this reader: {SUPPORTED_SCHEMA_VERSIONS}; written now: {SCHEMA_VERSION})")
         try:
             parts = {
                 "teacher": TeacherFingerprint(**raw["teacher"]),
@@ -149,6 +150,9 @@ class Manifest:
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: malformed manifest ({err})") from err
         get_encoding(parts["settings"].encoding)
+        if version == 1 and parts["settings"].encoding not in LEGACY_ENCODINGS:
+            raise ValueError(f"{where}: schema_version 1 cannot hold encoding {parts['settings'].encoding!r} "
+                             f"(version 1 had {LEGACY_ENCODINGS})")
         scalars = {f.name: raw[f.name] for f in fields(cls) if f.name not in parts and f.name in raw}
         return cls(**parts, **scalars)
 

@@ -1,7 +1,11 @@
 """Writing, reading and verifying cache shards: the only code that touches shard files.
 
-    rows -> rows_to_table -> write_shard (temp name, fsync, rename)  -> ShardRecord
+    rows -> rows_to_table (encodes, vectorized) -> write_shard (temp name, fsync, rename) -> ShardRecord
+    read_shard(path, encoding) -> table;  decode_table(table, encoding, k) -> ids, log-probs, targets
     verify_cache(dir)  -> list of problems, each naming the shard and what is wrong
+
+How the Parquet file is laid out (byte-stream-split / dictionary columns, row-group size) is part
+of the encoding, read back from the table's own schema metadata, so `write_shard` needs no options.
 """
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage_schemas.cache_schema import SCHEMA_VERSION, shard_file_name, shard_schema
+from storage_schemas.cache_schema import Encoding, encoding_of_schema, get_encoding, shard_file_name, shard_schema
+from storage_schemas.codecs import decode_teacher, encode_teacher
 from storage_schemas.manifest import Manifest, ShardRecord
 
-__all__ = ["ShardRow", "rows_to_table", "write_shard", "read_shard", "file_sha256", "token_ids_sha256", "verify_cache"]
+__all__ = ["ShardRow", "rows_to_table", "decode_table", "parquet_options", "write_shard", "read_shard", "file_sha256", "token_ids_sha256", "verify_cache"]
 
 
 @dataclass
@@ -29,7 +34,7 @@ class ShardRow:
     loss_mask: np.ndarray        # [T-1] bool
     target_logprob: np.ndarray   # [n] float32
     topk_ids: np.ndarray         # [n, k] int32
-    topk_logprobs: np.ndarray    # [n, k] float32 (cast to the encoding's type on write)
+    topk_logprobs: np.ndarray    # [n, k] float32, descending (the encoding codes them on write)
 
     def check(self, k: int) -> None:
         """Raise ValueError naming the example if the arrays disagree in shape."""
@@ -46,28 +51,61 @@ class ShardRow:
             raise ValueError(f"example {self.example_id}: " + "; ".join(problems))
 
 
-def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    """One Arrow list column from per-row numpy arrays, without a per-element Python loop."""
-    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+def _offsets(lengths: np.ndarray) -> np.ndarray:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     if offsets[-1] > np.iinfo(np.int32).max:  # Arrow list offsets are int32
         raise ValueError(f"a shard column would hold {offsets[-1]:,} values (> 2^31-1): lower cache.rows_per_shard")
-    offsets = offsets.astype(np.int32)
+    return offsets.astype(np.int32)
+
+
+def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """One Arrow list column from per-row numpy arrays, without a per-element Python loop."""
+    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
     flat = np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+    return _flat_list_array(flat, lengths, value_type)
 
 
-def rows_to_table(rows: list[ShardRow], encoding: str, k: int) -> pa.Table:
+def _flat_list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    numpy_type = np.dtype(value_type.to_pandas_dtype())  # the encoding decides, e.g. float16
+    values = pa.array(np.ascontiguousarray(flat.reshape(-1)).astype(numpy_type, copy=False), type=value_type)
+    return pa.ListArray.from_arrays(pa.array(_offsets(lengths)), values)
+
+
+def _teacher_columns(rows: list[ShardRow], enc: Encoding, k: int) -> list[pa.ListArray]:
+    """The three teacher columns, encoded once over all the shard's positions (vectorized)."""
+    n = np.fromiter((len(r.target_logprob) for r in rows), dtype=np.int64, count=len(rows))
+    def stack(name: str, width: int, dtype) -> np.ndarray:
+        parts = [np.asarray(getattr(r, name), dtype).reshape(-1, width) for r in rows]
+        return np.concatenate(parts) if parts else np.zeros((0, width), dtype)
+    ids, values, target = encode_teacher(enc, stack("topk_ids", k, np.int64), stack("topk_logprobs", k, np.float32),
+                                         stack("target_logprob", 1, np.float32)[:, 0])
+    return [_flat_list_array(target, n, enc.target_type), _flat_list_array(ids, n * k, pa.int32()),
+            _flat_list_array(values, n * k, enc.value_type)]
+
+
+def rows_to_table(rows: list[ShardRow], encoding: str | Encoding, k: int) -> pa.Table:
+    """Rows -> one shard's Arrow table in `encoding` (a registered name or an `Encoding` object)."""
     schema = shard_schema(encoding)
+    enc = get_encoding(encoding) if isinstance(encoding, str) else encoding
     for row in rows:
         row.check(k)
     columns = [pa.array([r.example_id for r in rows], type=pa.int64())]
-    for name in schema.names[1:]:
+    for name in ("input_ids", "loss_mask"):
         value_type = schema.field(name).type.value_type
-        numpy_type = np.dtype(value_type.to_pandas_dtype())  # the encoding decides, e.g. float16
-        parts = [np.asarray(getattr(r, name)).astype(numpy_type, copy=False) for r in rows]
-        columns.append(_list_array(parts, value_type))
+        numpy_type = np.dtype(value_type.to_pandas_dtype())
+        columns.append(_list_array([np.asarray(getattr(r, name)).astype(numpy_type, copy=False) for r in rows],
+                                   value_type))
+    columns.extend(_teacher_columns(rows, enc, k))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def decode_table(table: pa.Table, encoding: str | Encoding, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A shard table's teacher columns, decoded: ids int64 [n, k] (descending probability),
+    log-probs float32 [n, k], target log-probs float32 [n], over all its rows in order."""
+    enc = get_encoding(encoding) if isinstance(encoding, str) else encoding
+    flat = [table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            for name in ("topk_ids", "topk_logprobs", "target_logprob")]
+    return decode_teacher(enc, flat[0], flat[1], flat[2], k)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -87,13 +125,28 @@ def token_ids_sha256(example_ids, input_ids: pa.ListArray) -> str:
     return digest.hexdigest()
 
 
+def parquet_options(enc: Encoding) -> dict:
+    """`pq.write_table` keyword arguments for an encoding's file layout.
+
+    Byte-stream-split applies to list<float/int> leaf columns ("name.list.element" in Parquet).
+    """
+    leaf = {"example_id": "example_id"}
+    path = lambda name: leaf.get(name, f"{name}.list.element")  # noqa: E731
+    options = {"use_dictionary": [path(c) for c in enc.dictionary] or False,
+               "use_byte_stream_split": [path(c) for c in enc.byte_stream_split] or False}
+    if enc.row_group_rows:
+        options["row_group_size"] = enc.row_group_rows
+    return options
+
+
 def write_shard(cache_dir: str | os.PathLike, index: int, first_example: int, table: pa.Table,
                 zstd_level: int, truncated: int) -> ShardRecord:
     """Write `table` as shard `index`: to a temp name, fsync, then rename, so a shard file that
     exists is always complete."""
     final = Path(cache_dir) / shard_file_name(index)
     tmp = final.with_name(final.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level, use_dictionary=False)
+    pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
+                   **parquet_options(encoding_of_schema(table.schema, str(final))))
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -108,14 +161,20 @@ def write_shard(cache_dir: str | os.PathLike, index: int, first_example: int, ta
 
 
 def read_shard(path: str | os.PathLike, encoding: str) -> pa.Table:
-    """Read a shard and check it has exactly the schema of `encoding`; ValueError names the file."""
+    """Read a shard and check it has exactly the schema of `encoding` and declares that encoding
+    (name and spec) in its metadata; ValueError names the file. Version-1 shards are accepted for
+    the encodings version 1 had."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
         raise ValueError(f"{path}: unreadable Parquet ({err})") from err
-    expected = shard_schema(encoding)
-    if not table.schema.remove_metadata().equals(expected.remove_metadata()):
-        raise ValueError(f"{path}: schema differs from version {SCHEMA_VERSION} / {encoding}:\n{table.schema}")
+    declared = encoding_of_schema(table.schema, str(path))
+    expected = get_encoding(encoding)
+    if declared.name != expected.name or declared.spec_json() != expected.spec_json():
+        raise ValueError(f"{path}: written with encoding {declared.name!r} ({declared.spec_json()}), "
+                         f"the manifest says {expected.name!r} ({expected.spec_json()})")
+    if not table.schema.remove_metadata().equals(shard_schema(expected).remove_metadata()):
+        raise ValueError(f"{path}: schema differs from encoding {encoding}:\n{table.schema}")
     return table
 
 

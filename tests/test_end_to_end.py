@@ -28,7 +28,7 @@ def rows(cache_dir: Path) -> list[dict]:
 @pytest.mark.vllm
 def test_vllm_stage_one_then_training(tiny_model_dir, tiny_jsonl, tmp_path):
     common = ["--config", "", f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", "data.max_length=64",
-              f"cache.k={K}", "cache.rows_per_shard=16"]
+              f"cache.k={K}", "cache.rows_per_shard=16", "cache.encoding=topk_f32"]  # raw float32 columns compared
     out = cli("cache-teacher", *common, f"cache.dir={tmp_path / 'vllm'}").stdout
     assert "bytes/token" in out and "tok/s" in out
     assert sorted(p.name for p in (tmp_path / "vllm").iterdir()) == [

@@ -1,13 +1,16 @@
 """Cache rows -> a padded training batch whose teacher arrays line up with the labelled positions.
 
-    collate = CacheCollator(pad_id=pad_token_id(model_dir), k=manifest.settings.k)
+    collate = CacheCollator(pad_id=pad_token_id(model_dir), k=manifest.settings.k,
+                            encoding=manifest.settings.encoding)
     batch = collate([dataset[0], dataset[1]])
 
 Alignment contract (what the trainer relies on): with `mask = labels[:, 1:] != -100`,
 `logits[:, :-1][mask]` (row-major: sequence by sequence, position by position) is row i of
 `teacher_topk_ids`, `teacher_topk_logprobs` and `teacher_target_logprob` for every i. That is the
 order stage one stores them in (each row's trained positions, ascending), so the batch arrays are a
-plain concatenation of the rows' arrays: no per-token Python work anywhere.
+plain concatenation of the rows' arrays: no per-token Python work anywhere. The stored teacher
+columns are decoded here, once per batch (`storage_schemas.codecs.decode_teacher`: a reshape, a
+cumsum and an argsort for the delta/quantized encodings), as the cache's encoding says.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from storage_schemas import Encoding, get_encoding
+from storage_schemas.codecs import decode_teacher
 
 __all__ = ["CacheCollator", "pad_token_id", "IGNORE_INDEX"]
 
@@ -52,7 +58,9 @@ def _pad_rows(parts: Sequence[np.ndarray], width: int, fill: Any, dtype: Any) ->
 
 
 def _concat(rows: Sequence[dict], name: str, dtype: Any) -> np.ndarray:
-    return np.concatenate([np.asarray(r[name]).reshape(-1) for r in rows]).astype(dtype, copy=False)
+    """The rows' arrays end to end; `dtype=None` keeps the stored type (codes stay integers)."""
+    flat = np.concatenate([np.asarray(r[name]).reshape(-1) for r in rows])
+    return flat if dtype is None else flat.astype(dtype, copy=False)
 
 
 class CacheCollator:
@@ -66,12 +74,15 @@ class CacheCollator:
         teacher_topk_logprobs   [N, k]    float32
         teacher_target_logprob  [N]       float32
     `with_teacher=False` (estimators `none` and `live`) skips the cached arrays entirely.
+    `encoding` must be the cache's (`manifest.settings.encoding`); the float default decodes only
+    `topk_f32`/`topk_f16` caches and refuses integer codes with a message saying so.
     """
 
-    def __init__(self, pad_id: int, k: int, with_teacher: bool = True) -> None:
+    def __init__(self, pad_id: int, k: int, with_teacher: bool = True, encoding: str | Encoding = "topk_f32") -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.pad_id, self.k, self.with_teacher = int(pad_id), int(k), with_teacher
+        self.encoding = get_encoding(encoding) if isinstance(encoding, str) else encoding
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         ids_parts = [np.asarray(r["input_ids"]) for r in rows]
@@ -89,17 +100,14 @@ class CacheCollator:
 
     def _teacher_arrays(self, rows: Sequence[dict], n: int) -> dict[str, np.ndarray]:
         """The rows' cached arrays concatenated in row order, checked against the N labels."""
-        target = _concat(rows, "target_logprob", np.float32)
+        target = _concat(rows, "target_logprob", None)
         topk_ids = _concat(rows, "topk_ids", np.int64)
-        topk_logprobs = _concat(rows, "topk_logprobs", np.float32)
+        topk_logprobs = _concat(rows, "topk_logprobs", None)  # floats or integer codes: decode says
         if target.shape[0] != n or topk_ids.shape[0] != n * self.k or topk_logprobs.shape[0] != n * self.k:
             examples = [int(np.asarray(r.get("example_id", -1))) for r in rows]
             raise ValueError(
                 f"cached arrays do not match the loss mask of examples {examples}: {n} trained positions, "
                 f"{target.shape[0]} target log-probs, {topk_ids.shape[0]} top-k ids (want {n} x k={self.k})"
             )
-        return {
-            "teacher_topk_ids": topk_ids.reshape(n, self.k),
-            "teacher_topk_logprobs": topk_logprobs.reshape(n, self.k),
-            "teacher_target_logprob": target,
-        }
+        ids, logprobs, target = decode_teacher(self.encoding, topk_ids, topk_logprobs, target, self.k)
+        return {"teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs, "teacher_target_logprob": target}

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def make_config(model_dir, data_path, cache_dir, *extra):
     return load_config(None, [f"model={model_dir}", f"data.path={data_path}", f"cache.dir={cache_dir}",
-                              "cache.engine=hf", "cache.k=8", "cache.rows_per_shard=8", "data.max_length=48", *extra])
+                              "cache.engine=hf", "cache.k=8", "cache.rows_per_shard=8", "data.max_length=48",
+                              "cache.encoding=topk_f32", *extra])  # exact values: raw columns compare exactly
 
 
 def read_cache(cache_dir) -> list[dict]:

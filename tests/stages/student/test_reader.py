@@ -117,3 +117,44 @@ def test_incomplete_cache_is_refused(cache_copy, tiny_model_dir):
 def test_unknown_column_is_refused(tiny_cache, tiny_model_dir):
     with pytest.raises(ValueError, match="unknown cache columns"):
         load_cache_dataset(tiny_cache, Manifest.load(tiny_cache), columns=["input_ids", "teacher_logits"])
+
+
+# --- encodings ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ["topk_idd_logq7", "topk_idd_f16", "topk_idd_sqrtp10", "topk_f16"])
+def test_encoded_cache_collates_to_the_float32_teacher_within_its_bound(encoding, tiny_cache, tiny_model_dir,
+                                                                        tiny_token_ids, build_cache, tmp_path):
+    from stages.student.collator import CacheCollator
+    from storage_schemas import get_encoding
+    from storage_schemas.codecs import value_error_bound
+
+    encoded = tmp_path / encoding
+    build_cache(tiny_model_dir, tiny_token_ids, encoded, k=8, encoding=encoding)
+    batches = []
+    for cache in (tiny_cache, encoded):
+        manifest = open_cache(cache, tiny_model_dir)  # verifies checksums and the shards' declared encoding
+        dataset = load_cache_dataset(cache, manifest)
+        collate = CacheCollator(pad_id=0, k=8, encoding=manifest.settings.encoding)
+        batches.append(collate([dataset[i] for i in range(12)]))
+    exact, got = batches
+    for name in ("input_ids", "labels", "attention_mask"):
+        assert exact[name].equal(got[name])
+    # same cached set per position; each log-prob within the encoding's bound of the exact one
+    order_e, order_g = exact["teacher_topk_ids"].argsort(-1), got["teacher_topk_ids"].argsort(-1)
+    ids_e, ids_g = exact["teacher_topk_ids"].gather(-1, order_e), got["teacher_topk_ids"].gather(-1, order_g)
+    assert ids_e.equal(ids_g)
+    lp_e = exact["teacher_topk_logprobs"].gather(-1, order_e).numpy()
+    lp_g = got["teacher_topk_logprobs"].gather(-1, order_g).numpy()
+    bound = value_error_bound(get_encoding(encoding), lp_e)
+    finite = np.isfinite(bound)
+    assert np.all(np.abs(lp_g - lp_e)[finite] <= bound[finite] * (1 + 1e-6) + 1e-6)
+    assert np.all(lp_g[~finite] == -np.inf)
+    assert got["teacher_target_logprob"].equal(exact["teacher_target_logprob"])  # targets stored exactly
+
+
+def test_float_collator_refuses_an_encoded_cache(tiny_model_dir, tiny_token_ids, build_cache, tmp_path):
+    from stages.student.collator import CacheCollator
+
+    build_cache(tiny_model_dir, tiny_token_ids[:4], tmp_path / "c", k=8, encoding="topk_idd_logq7")
+    dataset = load_cache_dataset(tmp_path / "c", open_cache(tmp_path / "c", tiny_model_dir))
+    with pytest.raises(ValueError, match="integer codes mean another encoding"):
+        CacheCollator(pad_id=0, k=8)([dataset[0]])  # forgot encoding=manifest.settings.encoding
