@@ -98,9 +98,12 @@ class HFEngine:
         attention_mask = (columns[None, :] < lengths_t[:, None]).long() if padded else None
         hidden = self.model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
         # Position i of a row predicts token i+1: rows contribute their first T-1 positions.
-        scored = columns[None, :] < (lengths_t[:, None] - 1)
-        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]
-        ids_k, lp_k, target_lp = self._top_logprobs(hidden[scored], targets)
+        if padded:
+            scored = columns[None, :] < (lengths_t[:, None] - 1)
+            hidden, targets = hidden[scored], torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]
+        else:  # row-major either way; slicing avoids the boolean index (a device sync)
+            hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+        ids_k, lp_k, target_lp = self._top_logprobs(hidden, targets)
         bounds = np.cumsum([0] + [n - 1 for n in lengths])
         return [PositionScores(ids_k[a:b], lp_k[a:b], target_lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 

@@ -58,7 +58,9 @@ def select_nontarget_topk_torch(
         raise ValueError(f"expected top_ids and top_logprobs of shape {(P, k + 1)} (positions, k+1), "
                          f"got {tuple(top_ids.shape)} and {tuple(top_logprobs.shape)}")
     is_target = top_ids == targets.reshape(-1, 1)
-    # Only the first column holding the target is dropped (ids are distinct, so there is at most one).
-    keep = ~(is_target & (is_target.cumsum(1) == 1))
-    keep[:, k] &= is_target.any(1)  # rows without the target drop their (k+1)-th instead
-    return top_ids[keep].reshape(P, k).int(), top_logprobs[keep].reshape(P, k).float()
+    # Column to drop: the first holding the target, else the (k+1)-th. Kept columns are 0..k minus
+    # that one, found arithmetically (a gather, no boolean indexing: no device-to-host sync).
+    drop = torch.where(is_target.any(1), is_target.int().argmax(1), k)
+    columns = torch.arange(k, device=top_ids.device)
+    keep = columns[None, :] + (columns[None, :] >= drop[:, None]).long()
+    return top_ids.gather(1, keep).int(), top_logprobs.gather(1, keep).float()
