@@ -246,3 +246,13 @@ def test_heads_that_change_the_logits_are_refused(tiny_model_dir, lora_student):
     wrapped_head = make_student(tiny_model_dir, LoraSettings(rank=4, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="not a plain"):
         output_head(wrapped_head)
+
+
+def test_config_refuses_fused_live_and_a_negative_chunk():
+    from pipeline.config import TrainConfig
+
+    with pytest.raises(ValueError, match="train.fused_loss: not supported with estimator 'live'"):
+        TrainConfig(estimator="live", fused_loss=True)
+    with pytest.raises(ValueError, match="train.fused_chunk_size"):
+        TrainConfig(fused_loss=True, fused_chunk_size=-1)
+    assert TrainConfig(estimator="lalora", fisher_data="x.jsonl", fused_loss=True).fused_loss
