@@ -2,12 +2,14 @@
 
     python -m pipeline train --config configs/demo.yaml train.fused_loss=true
 
-    hidden = final_hidden_state(model, peft_model, input_ids, attention_mask)   # no [B, T, V] logits
+    hidden, autocast = final_hidden_state(model, peft_model, input_ids, attention_mask)  # no [B, T, V] logits
     weight, bias = output_head(peft_model)
 
 `final_hidden_state` calls the top-level model (so DDP's and peft's forward hooks run as usual)
 with `logits_to_keep` = an empty index tensor, so the lm_head projects zero positions, and captures
-the decoder body's `last_hidden_state` (after the final norm) with a forward hook.
+the decoder body's `last_hidden_state` (after the final norm) with a forward hook, together with the
+autocast dtype the forward ran under: the Trainer (accelerate) may enable autocast inside the
+model's forward only, and the fused loss must compute the logits in the dtype the lm_head would.
 """
 from __future__ import annotations
 
@@ -46,16 +48,20 @@ def output_head(peft_model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
 
 
 def final_hidden_state(model: torch.nn.Module, peft_model: torch.nn.Module, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden state [B, T, H] from one forward of `model` that projects no logits.
+                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None]:
+    """(the decoder's last hidden state [B, T, H], the autocast dtype in force there or None), from one
+    forward of `model` that projects no logits.
 
     `model` is what the Trainer calls (possibly DDP-wrapped); `peft_model` its unwrapped PeftModel.
     """
     decoder = _base(peft_model).get_decoder()
     captured: list[torch.Tensor] = []
+    device = input_ids.device.type
+    autocast: list[torch.dtype | None] = []
 
     def keep(_module, _args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+        autocast.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
 
     handle = decoder.register_forward_hook(keep)
     try:
@@ -66,4 +72,4 @@ def final_hidden_state(model: torch.nn.Module, peft_model: torch.nn.Module, inpu
     if logits.shape[1] != 0 or len(captured) != 1:
         raise ValueError(f"train.fused_loss: {type(_base(peft_model)).__name__} ignored logits_to_keep (got logits "
                          f"{tuple(logits.shape)}) or ran its decoder {len(captured)} times; set train.fused_loss=false")
-    return captured[0]
+    return captured[0], autocast[0]

@@ -36,6 +36,7 @@ and at the end adapter/, config.yaml, cache_fingerprint.json, metrics.json.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -133,12 +134,15 @@ def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], es
     if estimator == "live":
         raise ValueError("train.fused_loss: not supported with estimator 'live' (its teacher needs full logits)")
     peft_model = peft_model if peft_model is not None else model
-    hidden = final_hidden_state(model, peft_model, inputs["input_ids"], inputs["attention_mask"])
+    hidden, autocast = final_hidden_state(model, peft_model, inputs["input_ids"], inputs["attention_mask"])
     hidden, targets = _labelled(hidden, inputs["labels"])
     weight, bias = output_head(peft_model)
     teacher = _cached_teacher(inputs, targets) if estimator in CACHED_ESTIMATORS else None  # none, l2, lalora: CE
-    return chunked_regularized_loss(hidden, weight, targets, teacher, kl_weight, estimator, num_items,
-                                    chunk_size or auto_chunk_size(weight.shape[0]), bias)
+    # The lm_head's dtype inside the forward (accelerate's autocast may cover only the forward).
+    context = torch.autocast(hidden.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with context:
+        return chunked_regularized_loss(hidden, weight, targets, teacher, kl_weight, estimator, num_items,
+                                        chunk_size or auto_chunk_size(weight.shape[0]), bias)
 
 
 # --- the Trainer -------------------------------------------------------------------------------

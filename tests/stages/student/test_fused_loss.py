@@ -256,3 +256,18 @@ def test_config_refuses_fused_live_and_a_negative_chunk():
     with pytest.raises(ValueError, match="train.fused_chunk_size"):
         TrainConfig(fused_loss=True, fused_chunk_size=-1)
     assert TrainConfig(estimator="lalora", fisher_data="x.jsonl", fused_loss=True).fused_loss
+
+
+def test_autocast_inside_the_forward_only_is_followed(lora_student):
+    """accelerate may wrap only model.forward in autocast: the fused logits must be bf16 there too."""
+    inputs = lora_batch(lora_student)
+    exact = batch_loss(lora_student, inputs, "tail", 0.5, fused=True, chunk_size=7).loss
+    forward = lora_student.forward
+    lora_student.forward = torch.autocast("cpu", dtype=torch.bfloat16)(forward)
+    try:
+        unfused_bf16 = batch_loss(lora_student, inputs, "tail", 0.5).loss
+        fused_bf16 = batch_loss(lora_student, inputs, "tail", 0.5, fused=True, chunk_size=7).loss
+    finally:
+        lora_student.forward = forward
+    torch.testing.assert_close(fused_bf16, unfused_bf16, rtol=2e-3, atol=1e-4)
+    assert (fused_bf16 - exact).abs() > 1e-4  # bf16 logits, not float32 ones
