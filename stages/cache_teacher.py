@@ -4,9 +4,9 @@
 
 Steps: load + tokenize the data (all bad input is reported before any teacher time is spent) ->
 fingerprint teacher, tokenizer and data -> open or resume the cache directory -> for each shard
-not yet in the manifest: score its examples with the engine, write the shard, update the manifest
--> mark complete and print a summary. Example i always lands in shard i // rows_per_shard, so a
-killed run resumes exactly where it stopped and N workers could split the shard indices.
+not yet in the manifest: score its examples with the engine, then hand them to a background writer
+that writes the shard and updates the manifest while the engine scores the next one -> mark
+complete and print a summary. Example i always lands in shard i // rows_per_shard, so a killed run resumes exactly where it stopped and N workers could split the shard indices.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pipeline.config import Config, save_config
 from pipeline.data import Example, load_rows, source_files, source_sha256, tokenize_rows
 from pipeline.fingerprints import model_vocab_size, teacher_fingerprint, tokenizer_fingerprint
 from stages.teacher.engine import PositionScores, open_engine
+from stages.teacher.shard_writer import ShardWriter
 from storage_schemas import (
     MANIFEST_NAME, CacheSettings, DatasetFingerprint, EngineInfo, FingerprintMismatch, Manifest,
 )
-from stages.teacher.shard_writer import ShardWriter
 from storage_schemas.shard_io import ShardRow
 
 __all__ = ["run_cache_teacher", "plan_manifest"]
@@ -178,6 +178,8 @@ def run_cache_teacher(config: Config, overwrite: bool = False, engine=None) -> C
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
+    if engine is not None and engine.k != config.cache.k:
+        raise ValueError(f"the engine passed to run_cache_teacher has k={engine.k}, cache.k={config.cache.k}")
     vocab_size = model_vocab_size(config.model)
     if config.cache.k > vocab_size - 1:
         raise ValueError(f"cache.k={config.cache.k}: at most vocab_size - 1 = {vocab_size - 1} non-target tokens exist")

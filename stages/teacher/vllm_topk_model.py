@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from vllm import ModelRegistry
+from vllm.model_executor.layers.pooler.abstract import Pooler
 
 __all__ = ["PREFIX", "POOLING_TASK", "TopKWorkerExtension", "pooling_llm_kwargs", "pooling_params", "unpack"]
 
@@ -39,7 +41,9 @@ def pooling_llm_kwargs(architecture: str) -> dict:
     """`vllm.LLM` arguments that load `architecture`'s top-k twin as a pooling model."""
     from vllm.config import PoolerConfig
 
-    _register(architecture)
+    # Registered with the class itself here (not the lazy "module:Class" string the worker uses),
+    # so vLLM inspects it in this process instead of in a subprocess.
+    ModelRegistry.register_model(PREFIX + architecture, __getattr__(PREFIX + architecture))
     return dict(
         runner="pooling", convert="none",
         hf_overrides={"architectures": [PREFIX + architecture]},
@@ -75,18 +79,15 @@ class TopKWorkerExtension:
 
 # --- the model ------------------------------------------------------------------------------------
 def _register(architecture: str) -> None:
-    from vllm import ModelRegistry
-
     name = PREFIX + architecture
     if name not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(name, f"{__name__}:{name}")
 
 
 def _make_topk_class(architecture: str) -> type:
-    from vllm import ModelRegistry
     from vllm.model_executor.models.interfaces_base import VllmModelForPooling
 
-    base = ModelRegistry._try_load_model_cls(architecture)
+    base = ModelRegistry._try_load_model_cls(architecture)  # the registry's own lazy import of the class
     if base is None:
         raise ValueError(f"vLLM has no model class for architecture {architecture!r}")
 
@@ -101,13 +102,7 @@ def _make_topk_class(architecture: str) -> type:
     return TopKModel
 
 
-def _pooler_base():
-    from vllm.model_executor.layers.pooler.abstract import Pooler
-
-    return Pooler
-
-
-class TopKPooler(_pooler_base()):
+class TopKPooler(Pooler):
     """Per finished request: [T-1, 2*num_top+1] float32 rows (see the module docstring)."""
 
     def __init__(self, model):
@@ -168,8 +163,6 @@ def __getattr__(name: str):
 
 def _register_all() -> None:
     """Register a twin for every architecture vLLM knows (lazily: nothing is imported here)."""
-    from vllm import ModelRegistry
-
     for arch in list(ModelRegistry.get_supported_archs()):
         if not arch.startswith(PREFIX):
             _register(arch)
