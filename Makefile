@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 RUN     ?= runs/demo/train
 
-.PHONY: setup base-model demo cache-teacher train eval sweep verify test clean help
+.PHONY: setup base-model demo cache-teacher train eval sweep verify bench test clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -44,6 +44,9 @@ sweep: base-model  ## method x lambda x seed over one cache (configs/sweep_demo.
 
 verify: setup  ## verify the cache named in CONFIG
 	$(PY) -m pipeline verify $$($(PY) -c "from pipeline.config import load_config; print(load_config('$(CONFIG)').cache.dir)")
+
+bench: base-model  ## speed/memory side by side (~10 min on 2 cores) -> runs/bench/<UTC time>.json + .md
+	$(PY) -m pipeline bench $(ARGS)
 
 test: setup  ## run the test suite (real vLLM, Parquet, peft; CPU)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -8,6 +8,7 @@
     eval            learning (held-out target) vs forgetting (retention set, drift) of a run
     sweep           method x lambda x seed over one cache: results table and frontier plot
     demo            build-default -> cache-teacher -> train on the embedded default
+    bench           speed and memory, side by side: stage one, stage two, reader (runs/bench/)
 
 Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
 """
@@ -114,6 +115,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pipeline.bench import run_bench
+    from pipeline.embedded import main_build_default
+
+    main_build_default("build/default", force=False)  # the demo model and data the bench runs on
+    command = "python -m pipeline bench" + (" --quick" if args.quick else "")
+    result, path = run_bench(quick=args.quick, out_dir=args.out, command=command)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
@@ -162,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="build/default", help="where the embedded default is built")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="speed and memory side by side: stage one vs prefill, stage two steps, reader",
+                       description="Writes <out>/<UTC time>.json and .md and prints the tables. Full run: "
+                                   "~10 min on 2 CPU cores; --quick: tiny shapes, every section, seconds-minutes.")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (checks the bench runs; figures mean nothing)")
+    p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
