@@ -1,4 +1,4 @@
-"""Teacher engine on vLLM prompt log-probs: the default engine of stage one.
+"""Teacher engine on vLLM: the default engine of stage one.
 
     from stages.teacher.engine import open_engine
     engine = open_engine("vllm", "path/to/model", k=32, kv_cache_gib=1.0)
@@ -18,8 +18,8 @@ Two ways to get the top k+1 per position out of vLLM (`output=`):
 - "prompt_logprobs": the stock API, kept as the fallback (any vLLM build, any model vLLM can load
   as a generator). Same numbers: both compute `compute_logits` then `log_softmax(float32)` + topk.
 
-Stock path: each request asks for `prompt_logprobs=k+1` with `flat_logprobs=True`. In that layout a request's
-`FlatLogprobs` holds, for every position but the first, the prompt token's own entry first and then
+Stock path: each request asks for `prompt_logprobs=k+1` with `flat_logprobs=True`. In that layout a
+request's `FlatLogprobs` holds, for every position but the first, the prompt token's own entry first and then
 the top k+1 by rank (K+1 entries, the prompt token possibly twice); the older dict layout holds the
 top entries plus the prompt token only if it is not among them. `topk_from_prompt_logprobs` handles
 both with array operations, so no per-token Python object is built on our side.
