@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 RUN     ?= runs/demo/train
 
-.PHONY: setup base-model demo cache-teacher train eval sweep verify test clean help encoding-study
+.PHONY: setup base-model demo cache-teacher train eval sweep verify bench encoding-study test clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -47,6 +47,9 @@ verify: setup  ## verify the cache named in CONFIG
 
 encoding-study: base-model  ## cache encodings: bytes/token vs D_k error -> runs/encoding-study/study.{json,md}
 	$(PY) -m pipeline encoding-study --out runs/encoding-study $(ARGS)
+
+bench: base-model  ## speed/memory side by side (~10 min on 2 cores) -> runs/bench/<UTC time>.json + .md
+	$(PY) -m pipeline bench $(ARGS)
 
 test: setup  ## run the test suite (real vLLM, Parquet, peft; CPU)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -9,6 +9,7 @@
     sweep           method x lambda x seed over one cache: results table and frontier plot
     demo            build-default -> cache-teacher -> train on the embedded default
     encoding-study  bytes/token vs D_k error of every cache encoding (BENCHMARKS.md "Cache encodings")
+    bench           speed and memory, side by side: stage one, stage two, reader (runs/bench/)
 
 Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
 """
@@ -119,6 +120,16 @@ def cmd_encoding_study(args) -> int:
     from pipeline.encoding_study import main as study_main
 
     return study_main(args.study_args)
+def cmd_bench(args) -> int:
+    from pipeline.bench import run_bench
+    from pipeline.embedded import main_build_default
+
+    main_build_default("build/default", force=False)  # the demo model and data the bench runs on
+    command = "python -m pipeline bench" + (" --quick" if args.quick else "")
+    result, path = run_bench(quick=args.quick, out_dir=args.out, command=command)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -174,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("study_args", nargs=argparse.REMAINDER, help="see `python -m pipeline encoding-study --help`")
     p.set_defaults(func=cmd_encoding_study)
+    p = sub.add_parser("bench", help="speed and memory side by side: stage one vs prefill, stage two steps, reader",
+                       description="Writes <out>/<UTC time>.json and .md and prints the tables. Full run: "
+                                   "~10 min on 2 CPU cores; --quick: tiny shapes, every section, seconds-minutes.")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (checks the bench runs; figures mean nothing)")
+    p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -20,6 +20,7 @@ import yaml
 __all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "SweepConfig", "Config", "load_config", "to_dict"]
 
 ENGINES = ("vllm", "hf")
+VLLM_OUTPUTS = ("pooler", "prompt_logprobs")  # stages/teacher/vllm_engine.py OUTPUTS
 ESTIMATORS = ("tail", "topk", "full_kl", "none", "live", "l2", "lalora")
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 
@@ -55,6 +56,7 @@ class CacheConfig:
     zstd_level: int = 3                  # Parquet zstd compression level
     dtype: str = "float32"               # teacher compute dtype: float32 | bfloat16 | float16
     batch_tokens: int = 32768            # hf engine: tokens per forward; vllm: tokens per generate() call
+    vllm_output: str = "pooler"          # vllm: pooler (top-k as tensors from vLLM's worker) | prompt_logprobs (stock API, fallback)
     vllm_kv_cache_gib: float = 1.0       # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.85 # vLLM on CUDA
 
@@ -63,6 +65,7 @@ class CacheConfig:
 
         _require(self.engine in ENGINES, f"cache.engine: {self.engine!r} not in {ENGINES}")
         _require(self.k >= 1, f"cache.k: must be >= 1, got {self.k}")
+        _require(self.vllm_output in VLLM_OUTPUTS, f"cache.vllm_output: {self.vllm_output!r} not in {VLLM_OUTPUTS}")
         get_encoding(self.encoding)
         _require(self.rows_per_shard >= 1, f"cache.rows_per_shard: must be >= 1, got {self.rows_per_shard}")
         _require(1 <= self.zstd_level <= 22, f"cache.zstd_level: must be in 1..22, got {self.zstd_level}")

@@ -4,9 +4,9 @@
 
 Steps: load + tokenize the data (all bad input is reported before any teacher time is spent) ->
 fingerprint teacher, tokenizer and data -> open or resume the cache directory -> for each shard
-not yet in the manifest: score its examples with the engine, write the shard, update the manifest
--> mark complete and print a summary. Example i always lands in shard i // rows_per_shard, so a
-killed run resumes exactly where it stopped and N workers could split the shard indices.
+not yet in the manifest: score its examples with the engine, then hand them to a background writer
+that writes the shard and updates the manifest while the engine scores the next one -> mark
+complete and print a summary. Example i always lands in shard i // rows_per_shard, so a killed run resumes exactly where it stopped and N workers could split the shard indices.
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from pipeline.config import Config, save_config
 from pipeline.data import Example, load_rows, source_files, source_sha256, tokenize_rows
 from pipeline.fingerprints import model_vocab_size, teacher_fingerprint, tokenizer_fingerprint
 from stages.teacher.engine import PositionScores, open_engine
+from stages.teacher.shard_writer import ShardWriter
 from storage_schemas import (
     MANIFEST_NAME, CacheSettings, DatasetFingerprint, EngineInfo, FingerprintMismatch, Manifest,
 )
-from storage_schemas.shard_io import ShardRow, rows_to_table, write_shard
+from storage_schemas.shard_io import ShardRow
 
 __all__ = ["run_cache_teacher", "plan_manifest"]
 
@@ -123,29 +124,27 @@ def _combined_token_hash(manifest: Manifest) -> str:
 
 def _open_engine(config: Config):
     cache = config.cache
-    extra = {"kv_cache_gib": cache.vllm_kv_cache_gib, "gpu_memory_utilization": cache.gpu_memory_utilization} if cache.engine == "vllm" else {}
+    extra = {"output": cache.vllm_output, "kv_cache_gib": cache.vllm_kv_cache_gib,
+             "gpu_memory_utilization": cache.gpu_memory_utilization} if cache.engine == "vllm" else {}
     return open_engine(cache.engine, config.model, k=cache.k, dtype=cache.dtype, max_length=config.data.max_length,
                        batch_tokens=max(cache.batch_tokens, config.data.max_length), **extra)
 
 
-def _write_shards(engine, config: Config, examples: list[Example], todo: list[int], manifest: Manifest) -> int:
-    """Score and write each shard in `todo`, saving the manifest after each.
+def _write_shards(engine, config: Config, examples: list[Example], todo: list[int], manifest: Manifest) -> tuple[int, float]:
+    """Score each shard in `todo` here while a background ShardWriter compresses, writes and records
+    the previous one (so the engine does not wait for zstd).
 
     Returns (tokens written, seconds): the pass's throughput, engine start-up excluded."""
-    cache_dir, per_shard, written = Path(config.cache.dir), config.cache.rows_per_shard, 0
+    cache, per_shard = config.cache, config.cache.rows_per_shard
     start = time.perf_counter()
     total = sum(len(e.input_ids) for s in todo for e in examples[s * per_shard:(s + 1) * per_shard])
-    with tqdm(total=total, desc="teacher pass", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc="teacher pass", unit="tok", unit_scale=True, dynamic_ncols=True) as bar, \
+            ShardWriter(cache.dir, manifest, cache.encoding, cache.k, cache.zstd_level) as writer:
         for index in todo:
             shard_examples = examples[index * per_shard:(index + 1) * per_shard]
-            rows = _score_shard(engine, shard_examples, config.cache.batch_tokens, bar)
-            table = rows_to_table(rows, config.cache.encoding, config.cache.k)
-            record = write_shard(cache_dir, index, shard_examples[0].example_id, table, config.cache.zstd_level,
-                                 truncated=sum(e.truncated for e in shard_examples))
-            manifest.shards = sorted([*manifest.shards, record], key=lambda r: r.index)
-            manifest.save(cache_dir)
-            written += record.tokens
-    return written, time.perf_counter() - start
+            rows = _score_shard(engine, shard_examples, cache.batch_tokens, bar)
+            writer.submit(index, shard_examples[0].example_id, rows, truncated=sum(e.truncated for e in shard_examples))
+    return writer.tokens_written, time.perf_counter() - start
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -173,10 +172,14 @@ class CacheSummary:
         ])
 
 
-def run_cache_teacher(config: Config, overwrite: bool = False) -> CacheSummary:
+def run_cache_teacher(config: Config, overwrite: bool = False, engine=None) -> CacheSummary:
+    """Stage one (module docstring). `engine`: an already open engine to use instead of opening one
+    from `config.cache` (the benchmark reuses one across runs); the caller then closes it."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
+    if engine is not None and engine.k != config.cache.k:
+        raise ValueError(f"the engine passed to run_cache_teacher has k={engine.k}, cache.k={config.cache.k}")
     vocab_size = model_vocab_size(config.model)
     if config.cache.k > vocab_size - 1:
         raise ValueError(f"cache.k={config.cache.k}: at most vocab_size - 1 = {vocab_size - 1} non-target tokens exist")
@@ -189,7 +192,9 @@ def run_cache_teacher(config: Config, overwrite: bool = False) -> CacheSummary:
     per_shard = config.cache.rows_per_shard
     todo = [s for s in range(math.ceil(len(examples) / per_shard)) if manifest.shard(s) is None]
     written_tokens, pass_seconds = 0, 0.0
-    if todo:
+    if todo and engine is not None:
+        written_tokens, pass_seconds = _write_shards(engine, config, examples, todo, manifest)
+    elif todo:
         engine = _open_engine(config)
         try:
             written_tokens, pass_seconds = _write_shards(engine, config, examples, todo, manifest)

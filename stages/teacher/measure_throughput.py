@@ -1,4 +1,5 @@
-"""Stage-one throughput: vLLM plain prefill vs the vLLM engine's score() vs the hf engine's score().
+"""Stage-one throughput: vLLM plain prefill vs the vLLM engine's score() (pooler and stock
+prompt_logprobs outputs) vs the hf engine's score().
 
     python -m stages.teacher.measure_throughput                      # two random Llamas, built in a temp dir
     python -m stages.teacher.measure_throughput --model-dir PATH --json out.json
@@ -61,7 +62,9 @@ def _best_tok_per_s(fn, n_tokens: int, repeats: int) -> float:
 
 
 def measure(model_dir: str, num_sequences: int = 64, length: int = 256, k: int = 32, repeats: int = 3) -> dict:
-    """{"vllm_prefill", "vllm_score", "hf_score"} in tok/s, and "score_over_prefill"."""
+    """{"vllm_prefill", "vllm_score" (pooler output), "vllm_score_prompt_logprobs", "hf_score"} in tok/s,
+    and "score_over_prefill" (pooler). The pooler output needs a tokenizer in model_dir (vLLM's pooling
+    runner loads one); without it "vllm_score" is measured with prompt_logprobs."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -70,7 +73,7 @@ def measure(model_dir: str, num_sequences: int = 64, length: int = 256, k: int =
     n_tokens = num_sequences * length
     # The random models have no tokenizer; vLLM then logs a harmless "Chat template warmup failed".
     engine = open_engine("vllm", model_dir, k=k, max_length=length, batch_tokens=n_tokens,
-                         skip_tokenizer_init=True)
+                         skip_tokenizer_init=True, output="prompt_logprobs")
     try:
         prompts = [TokensPrompt(prompt_token_ids=s.tolist()) for s in sequences]
         # Repeated prompts would hit vLLM's prefix cache and skip most of the prefill (~2x faster
@@ -78,9 +81,16 @@ def measure(model_dir: str, num_sequences: int = 64, length: int = 256, k: int =
         plain = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_reading_prefix_cache=True)
         result = {"vllm_prefill": _best_tok_per_s(lambda: engine.llm.generate(prompts, plain, use_tqdm=False),
                                                   n_tokens, repeats),
-                  "vllm_score": _best_tok_per_s(lambda: engine.score(sequences), n_tokens, repeats)}
+                  "vllm_score_prompt_logprobs": _best_tok_per_s(lambda: engine.score(sequences), n_tokens, repeats)}
     finally:
         engine.close()
+    result["vllm_score"] = result["vllm_score_prompt_logprobs"]
+    if (Path(model_dir) / "tokenizer.json").exists():  # the pooling runner loads one (ENVIRONMENT.md)
+        engine = open_engine("vllm", model_dir, k=k, max_length=length, batch_tokens=n_tokens, output="pooler")
+        try:
+            result["vllm_score"] = _best_tok_per_s(lambda: engine.score(sequences), n_tokens, repeats)
+        finally:
+            engine.close()
     engine = open_engine("hf", model_dir, k=k, max_length=length, batch_tokens=n_tokens)
     try:
         result["hf_score"] = _best_tok_per_s(lambda: engine.score(sequences), n_tokens, repeats)

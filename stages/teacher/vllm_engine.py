@@ -1,4 +1,4 @@
-"""Teacher engine on vLLM prompt log-probs: the default engine of stage one.
+"""Teacher engine on vLLM: the default engine of stage one.
 
     from stages.teacher.engine import open_engine
     engine = open_engine("vllm", "path/to/model", k=32, kv_cache_gib=1.0)
@@ -10,8 +10,16 @@
 vLLM starts its engine core and workers as *spawned* processes: a script that opens this engine
 needs an `if __name__ == "__main__":` guard (pytest needs nothing: its entry point is guarded).
 
-Each request asks for `prompt_logprobs=k+1` with `flat_logprobs=True`. In that layout a request's
-`FlatLogprobs` holds, for every position but the first, the prompt token's own entry first and then
+Two ways to get the top k+1 per position out of vLLM (`output=`):
+- "pooler" (default): the model is loaded as its top-k twin from `vllm_topk_model`, a pooling model
+  whose pooler runs lm_head + float32 log-softmax + top-k + the prompt token's log-prob inside
+  vLLM's worker and returns one small float32 tensor per sequence (`LLM.encode`). No per-position
+  Python object is built anywhere, which is what made the stock path slow on CPU.
+- "prompt_logprobs": the stock API, kept as the fallback (any vLLM build, any model vLLM can load
+  as a generator). Same numbers: both compute `compute_logits` then `log_softmax(float32)` + topk.
+
+Stock path: each request asks for `prompt_logprobs=k+1` with `flat_logprobs=True`. In that layout a
+request's `FlatLogprobs` holds, for every position but the first, the prompt token's own entry first and then
 the top k+1 by rank (K+1 entries, the prompt token possibly twice); the older dict layout holds the
 top entries plus the prompt token only if it is not among them. `topk_from_prompt_logprobs` handles
 both with array operations, so no per-token Python object is built on our side.
@@ -27,13 +35,15 @@ import numpy as np
 from stages.teacher.engine import PositionScores, check_sequences, read_model_config
 from stages.teacher.select import select_nontarget_topk
 
-__all__ = ["VLLMEngine", "topk_from_prompt_logprobs"]
+__all__ = ["VLLMEngine", "OUTPUTS", "topk_from_prompt_logprobs", "topk_from_pooler"]
+
+OUTPUTS = ("pooler", "prompt_logprobs")
 
 
 class VLLMEngine:
     """One `vllm.LLM`, scoring many sequences per `generate` call. See `open_engine` for arguments.
 
-    Extra keyword arguments: `kv_cache_gib` (CPU only, KV-cache size, default 1 GiB, overridden by an
+    Extra keyword arguments: `output` ("pooler" or "prompt_logprobs", see the module docstring), `kv_cache_gib` (CPU only, KV-cache size, default 1 GiB, overridden by an
     already-set VLLM_CPU_KVCACHE_SPACE), `gpu_memory_utilization` (CUDA only), and anything else is
     passed to `vllm.LLM` as is.
     """
@@ -41,7 +51,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
-                 batch_tokens: int = 32768, *, vocab_size: int, kv_cache_gib: float = 1.0,
+                 batch_tokens: int = 32768, *, vocab_size: int, output: str = "pooler", kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.85, **llm_kwargs):
         try:
             from vllm import LLM, SamplingParams
@@ -49,8 +59,14 @@ class VLLMEngine:
             raise ImportError(f"the vllm teacher engine needs vLLM ({err}); install it (extra 'cpu' or "
                               f"'gpu') or use the 'hf' engine") from err
 
-        self.k, self.max_length, self.batch_tokens = k, max_length, batch_tokens
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown vLLM engine output {output!r}; known: {', '.join(OUTPUTS)}")
+        self.k, self.max_length, self.batch_tokens, self.output = k, max_length, batch_tokens, output
         kwargs = _llm_kwargs(model_dir, k, dtype, max_length, kv_cache_gib, gpu_memory_utilization)
+        if output == "pooler":
+            from stages.teacher.vllm_topk_model import pooling_llm_kwargs
+
+            kwargs.update(pooling_llm_kwargs(_architecture(model_dir)))
         kwargs.update(llm_kwargs)
         # vLLM refuses a prompt as long as max_model_len (it must leave room for the one token it
         # samples), so max_length-token sequences need max_model_len = max_length + 1. That extra
@@ -76,9 +92,15 @@ class VLLMEngine:
         results: list[PositionScores] = []
         for group in _groups(sequences, self.batch_tokens):
             prompts = [TokensPrompt(prompt_token_ids=seq.tolist()) for seq in group]
-            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-            for seq, out in zip(group, outputs):
-                top_ids, top_lp, target_lp = topk_from_prompt_logprobs(out.prompt_logprobs, seq, self.k + 1)
+            if self.output == "pooler":
+                from stages.teacher.vllm_topk_model import POOLING_TASK, pooling_params
+
+                outputs = self.llm.encode(prompts, pooling_params(self.k + 1), pooling_task=POOLING_TASK, use_tqdm=False)
+                tops = [topk_from_pooler(out.outputs.data, seq, self.k + 1) for seq, out in zip(group, outputs)]
+            else:
+                outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+                tops = [topk_from_prompt_logprobs(out.prompt_logprobs, seq, self.k + 1) for seq, out in zip(group, outputs)]
+            for seq, (top_ids, top_lp, target_lp) in zip(group, tops):
                 ids, lp = select_nontarget_topk(top_ids, top_lp, seq[1:], self.k)
                 results.append(PositionScores(ids, lp, target_lp))
         return results
@@ -93,6 +115,18 @@ class VLLMEngine:
             engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def topk_from_pooler(packed, sequence: np.ndarray, num_top: int):
+    """(top ids [T-1, num_top] int64, log-probs float32, target log-probs [T-1] float32) from the
+    top-k twin's pooler output for one sequence; ValueError if it does not cover every position."""
+    from stages.teacher.vllm_topk_model import unpack
+
+    top_ids, top_lp, target_lp = unpack(packed, num_top)
+    if top_ids.shape[0] != len(sequence) - 1:
+        raise ValueError(f"vLLM's top-k pooler returned {top_ids.shape[0]} positions for a sequence of "
+                         f"{len(sequence)} tokens (want {len(sequence) - 1})")
+    return top_ids, top_lp, target_lp
 
 
 def topk_from_prompt_logprobs(prompt_logprobs, sequence: np.ndarray, num_top: int):
@@ -152,6 +186,14 @@ def _llm_kwargs(model_dir: str, k: int, dtype: str, max_length: int, kv_cache_gi
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     return kwargs
+
+
+def _architecture(model_dir: str) -> str:
+    architectures = read_model_config(model_dir).get("architectures") or []
+    if not architectures:
+        raise ValueError(f"{model_dir}/config.json names no architectures; the vLLM 'pooler' output needs one "
+                         f"(or set cache.vllm_output=prompt_logprobs)")
+    return architectures[0]
 
 
 def _groups(sequences: list[np.ndarray], batch_tokens: int) -> list[list[np.ndarray]]:

@@ -161,3 +161,21 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_cache(tiny_model_di
     assert [r["example_id"] for r in read_cache(killed)] == list(range(400))
     assert read_cache(killed) == read_cache(reference)
     assert verify_cache(killed) == []
+
+
+# --- vLLM: the top-k pooler and the stock prompt log-probs write the same cache ---------------
+@pytest.mark.vllm
+def test_vllm_pooler_and_prompt_logprobs_write_the_same_cache(tiny_model_dir, tiny_jsonl, tmp_path):
+    caches = {}
+    for output in ("pooler", "prompt_logprobs"):
+        caches[output] = tmp_path / output
+        run_cache_teacher(make_config(tiny_model_dir, tiny_jsonl, caches[output], "cache.engine=vllm",
+                                      f"cache.vllm_output={output}", "cache.vllm_kv_cache_gib=0.25"))
+    pooled, stock = read_cache(caches["pooler"]), read_cache(caches["prompt_logprobs"])
+    assert len(pooled) == len(stock) == 30
+    for a, b in zip(pooled, stock):
+        for name in ("example_id", "input_ids", "loss_mask", "topk_ids"):
+            assert a[name] == b[name], f"example {a['example_id']}: {name}"
+        for name in ("topk_logprobs", "target_logprob"):
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=f"example {a['example_id']}: {name}")
+    assert verify_cache(caches["pooler"]) == [] and Manifest.load(caches["pooler"]).engine.name == "vllm"

@@ -50,9 +50,11 @@ def hf_scores(tiny_model_dir, sequences):
         engine.close()
 
 
-@pytest.fixture(scope="module")
-def vllm_scores(tiny_model_dir, sequences):
-    engine = open_engine("vllm", str(tiny_model_dir), k=K, max_length=MAX_LENGTH, batch_tokens=700)
+@pytest.fixture(scope="module", params=["pooler", "prompt_logprobs"])
+def vllm_scores(request, tiny_model_dir, sequences):
+    """Both ways out of vLLM: the top-k pooler twin (default) and the stock prompt log-probs."""
+    engine = open_engine("vllm", str(tiny_model_dir), k=K, max_length=MAX_LENGTH, batch_tokens=700,
+                         output=request.param)
     try:
         yield engine.score(sequences)
     finally:
@@ -164,6 +166,25 @@ def test_prompt_logprob_layouts():
 
 
 # --- validation ----------------------------------------------------------------------------------
+
+def test_unknown_vllm_output_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown vLLM engine output 'logits'; known: pooler, prompt_logprobs"):
+        open_engine("vllm", str(tiny_model_dir), k=4, output="logits")
+
+
+def test_pooler_output_is_checked():
+    from stages.teacher.vllm_engine import topk_from_pooler
+
+    ids = torch.tensor([[3, 1], [2, 0]], dtype=torch.int32).view(torch.float32)
+    packed = torch.cat([ids, torch.tensor([[-0.1, -2.0], [-0.5, -0.9]]), torch.tensor([[-3.0], [-0.5]])], 1)
+    top_ids, top_lp, target = topk_from_pooler(packed, np.array([7, 1, 2]), 2)
+    np.testing.assert_array_equal(top_ids, [[3, 1], [2, 0]])
+    np.testing.assert_array_equal(target, np.array([-3.0, -0.5], np.float32))
+    with pytest.raises(ValueError, match="2 positions for a sequence of 4 tokens"):
+        topk_from_pooler(packed, np.arange(4), 2)
+    with pytest.raises(ValueError, match="unexpected top-k pooler output"):
+        topk_from_pooler(packed, np.arange(3), 3)
+
 
 @pytest.mark.parametrize("name", ["hf", "vllm"])
 def test_k_out_of_range_refused(tiny_model_dir, name):

@@ -1,0 +1,50 @@
+"""What `python -m pipeline bench` measures: one dataclass, a full and a quick preset."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["BenchSettings", "FULL", "QUICK", "LargeVocabShape"]
+
+
+@dataclass(frozen=True)
+class LargeVocabShape:
+    """The second, random-weight model of stage one's table (the demo model has vocab 2048)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4     # head_dim 64: vLLM's CPU attention rejects smaller
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str = "build/default/base-model"   # the demo model (has the tokenizer the bench data uses)
+    data: str = "build/default/data/target_train.jsonl"
+    large: LargeVocabShape = field(default_factory=LargeVocabShape)
+    k: int = 32                        # cached non-target tokens (sections a-c)
+    sequences: int = 64                # stage one: sequences per measurement ...
+    length: int = 256                  # ... of exactly this many tokens (texts joined, then truncated)
+    rows_per_shard: int = 16           # several shards per pass, so the background writer overlaps
+    repeats: int = 2                   # stage one: best of this many passes, after one warm-up
+    batch: int = 8                     # stage two batch: batch x length tokens
+    steps: int = 6                     # stage two: timed steps (median) after `warmup`
+    warmup: int = 2
+    reader_passes: int = 3             # reader: decode the cache this many times (best pass)
+    ks: tuple[int, ...] = (8, 32, 128)             # scaling tables
+    lengths: tuple[int, ...] = (64, 256, 512)
+    vocab_table: bool = True           # the vocabulary table: demo vs large model (from section a)
+
+    def __post_init__(self) -> None:
+        if self.k not in self.ks:
+            raise ValueError(f"bench: k={self.k} must be one of ks={self.ks} (its row is shared)")
+        if self.length not in self.lengths:
+            raise ValueError(f"bench: length={self.length} must be one of lengths={self.lengths}")
+        if min(self.sequences, self.rows_per_shard, self.repeats, self.batch, self.steps, self.reader_passes) < 1:
+            raise ValueError("bench: sequences, rows_per_shard, repeats, batch, steps, reader_passes must be >= 1")
+
+
+FULL = BenchSettings()
+# End to end on small shapes: every section and table, finite numbers, no timing meaning.
+QUICK = BenchSettings(large=LargeVocabShape(vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=2),
+                      sequences=8, length=64, rows_per_shard=4, repeats=1, batch=2, steps=1, warmup=1,
+                      reader_passes=1, ks=(8, 32), lengths=(32, 64))

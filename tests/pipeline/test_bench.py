@@ -1,0 +1,56 @@
+"""`python -m pipeline bench --quick` end to end on tiny shapes: both files, every section, every
+number finite and positive. No timing thresholds: the bench reports speed, tests do not judge it."""
+import dataclasses
+import json
+import math
+
+import pytest
+
+from pipeline.bench import QUICK, run_bench
+from pipeline.cli import main as cli_main
+
+
+def numbers(tree, path=""):
+    """Every (path, number) in a JSON tree, bools excluded."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from numbers(value, f"{path}.{key}")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from numbers(value, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+@pytest.mark.vllm
+def test_quick_bench_writes_every_section(tiny_model_dir, tiny_jsonl, tmp_path):
+    # The session's tiny model and data stand in for the demo's (no build/default needed).
+    settings = dataclasses.replace(QUICK, model=str(tiny_model_dir), data=str(tiny_jsonl))
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    result, path = run_bench(quick=True, out_dir=tmp_path / "out", settings=settings)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [path.name, path.with_suffix(".md").name]
+    saved = json.loads(path.read_text())
+    assert set(saved) == {"stage_one", "stage_two", "reader", "scaling", "settings", "meta"}
+    for model in ("demo", "large"):
+        main = saved["stage_one"][model]["main"]
+        for variant in ("plain", "vllm_e2e", "vllm_score", "stock_e2e", "hf_e2e"):
+            assert main[f"{variant}_tok_s"] > 0
+    assert saved["stage_one"]["large"]["vocab_size"] == QUICK.large.vocab_size
+    assert set(saved["stage_two"]) == {"none", "tail", "live"}
+    assert saved["reader"]["decode_tok_s"] > 0 and saved["reader"]["decode_over_train"] > 0
+    assert [r["k"] for r in saved["scaling"]["k"]] == list(QUICK.ks)
+    assert [r["length"] for r in saved["scaling"]["length"]] == list(QUICK.lengths)
+    assert [r["vocab"] for r in saved["scaling"]["vocab"]] == [vocab, QUICK.large.vocab_size]
+    bad = [(p, v) for p, v in numbers({k: saved[k] for k in ("stage_one", "stage_two", "reader", "scaling")})
+           if not (math.isfinite(v) and v > 0) and not p.endswith("step_extra_mib") and not p.endswith("extra_ratio")]
+    assert not bad, bad
+    markdown = path.with_suffix(".md").read_text()
+    for title in ("(a) Stage one", "(b) Stage two", "(c) Cache reader", "(d) Cost vs k", "(d) Cost vs sequence length",
+                  "(d) Cost vs vocabulary"):
+        assert title in markdown
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
