@@ -7,10 +7,11 @@
 2. Held-out data: the first `approx.examples` sequences of `eval.target_path` (at `eval.max_length`),
    cached by stage one with the hf engine at k = |V|-1 into `approx.output_dir/cache-full` (built
    once, reused). A smaller k reads the first k columns of that cache, as `train.k` does.
-3. Per labelled position and k in `approx.ks` + [|V|-1]: `tail`, `topk` and `full_kl` from the cache
+3. Per labelled position and k in `approx.ks` + [cache.k, |V|-1]: `tail`, `topk` and `full_kl` from the cache
    (stages.student.loss.cached_kl) and the student's logits; the exact masked D (`live_masked_kl`,
    teacher = the same PeftModel with its adapter disabled) and the exact unmasked KL(p||q).
-4. From the sweep's results.json: does `tail` (cached, default k) reach `live`'s frontier?
+4. From the sweep's results.json: `tail` vs `live` at each shared lambda, and every method's points
+   against the `tail` frontier at the same target loss (does `tail` reach `live`'s frontier?).
 
 Writes approx_study.json and approx_study.md into `approx.output_dir`, and prints the markdown.
 """
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import CacheConfig, Config, DataConfig
 
-__all__ = ["run_approx_study", "gap_table", "estimator_sums", "tail_vs_live", "render_markdown"]
+__all__ = ["run_approx_study", "gap_table", "estimator_sums", "tail_vs_live", "frontier_gaps", "render_markdown"]
 
 ESTIMATORS = ("tail", "topk", "full_kl")
 BOUND_TOL = 1e-5  # float32 slack of the lower-bound check, relative to (1 + D)
@@ -189,6 +190,47 @@ def tail_vs_live(records: list[dict]) -> list[dict]:
     return out
 
 
+def _curve(records: list[dict], method: str) -> list[tuple[float, dict]]:
+    """(lambda, {key: (mean, std, n)}) per lambda of `method` at the default k and variant, by lambda."""
+    by_weight: dict[float, list[dict]] = {}
+    for r in records:
+        if r["method"] == method and not r.get("k") and not r.get("variant"):
+            by_weight.setdefault(r["kl_weight"], []).append(r)
+    return [(w, {key: (*_stats([r[key] for r in runs]), len(runs)) for key in ("target_loss", "source_loss_increase")})
+            for w, runs in sorted(by_weight.items())]
+
+
+def _interpolate(points: list[tuple[float, float, float]], x: float) -> tuple[float, float] | None:
+    """Piecewise-linear (y, y_std) at x on points (x, y, y_std) sorted by x; None outside their range."""
+    for (x0, y0, s0), (x1, y1, s1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+            return y0 + t * (y1 - y0), s0 + t * (s1 - s0)
+    return None
+
+
+def frontier_gaps(records: list[dict], reference: str = "tail") -> list[dict]:
+    """Each (method, lambda) point against the reference method's frontier at the same target loss.
+
+    gap = forgetting of the point - forgetting of the reference frontier (linear between its lambda
+    points) at the point's mean target loss: < 0 = forgets less for the same learning. `two_se` =
+    2 sqrt(s_point^2/n + s_ref^2/n_ref) with s_ref interpolated; None where the point's target loss is
+    outside the reference's range (no extrapolation)."""
+    ref = sorted((c["target_loss"][0], c["source_loss_increase"][0], c["source_loss_increase"][1], c["source_loss_increase"][2])
+                 for _, c in _curve(records, reference))
+    n_ref = min((p[3] for p in ref), default=1)
+    out = []
+    for method in sorted({r["method"] for r in records} - {reference}):
+        for weight, c in _curve(records, method):
+            (x, _, n), (y, sy, _) = c["target_loss"], c["source_loss_increase"]
+            at = _interpolate([p[:3] for p in ref], x)
+            row = {"method": method, "kl_weight": weight, "seeds": n, "target_loss": x, "forgetting": y, "gap": None, "two_se": None}
+            if at is not None:
+                row.update(gap=y - at[0], two_se=2 * math.sqrt(sy ** 2 / n + at[1] ** 2 / n_ref))
+            out.append(row)
+    return out
+
+
 # --- report -------------------------------------------------------------------------------------
 def render_markdown(result: dict) -> str:
     lines = [f"Held-out target data: {result['positions']:,} positions of {result['examples']} sequences; "
@@ -215,6 +257,15 @@ def render_markdown(result: dict) -> str:
                      f"{'yes' if t['within_noise'] and f['within_noise'] else 'no'} |")
     if not result["tail_vs_live"]:
         lines.append("| – | 0 | the sweep has no lambda run by both tail and live | | |")
+    lines += ["", "### Every method against the `tail` frontier (forgetting minus tail's, at the same target loss)", "",
+              "| method | λ | seeds | target loss | forgetting | gap vs tail frontier (2 SE) | reading |", "|---|---|---|---|---|---|---|"]
+    for r in result["frontier_vs_tail"]:
+        if r["gap"] is None:
+            gap, reading = "outside tail's range", ""
+        else:
+            gap = f"{r['gap']:+.4f} ({r['two_se']:.4f})"
+            reading = "same" if abs(r["gap"]) <= r["two_se"] else ("better" if r["gap"] < 0 else "worse")
+        lines.append(f"| {r['method']} | {r['kl_weight']:g} | {r['seeds']} | {r['target_loss']:.4f} | {r['forgetting']:.4f} | {gap} | {reading} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +277,8 @@ def run_approx_study(config: Config) -> dict:
     study = full_cache_config(config)
     print(run_cache_teacher(study).render())
     vocab_minus_one = study.cache.k
-    ks = sorted({k for k in config.approx.ks if k < vocab_minus_one} | {vocab_minus_one})
+    # the sweep's cache k (the default the runs train with) is always measured, and |V|-1 (exact)
+    ks = sorted({k for k in [*config.approx.ks, config.cache.k] if k < vocab_minus_one} | {vocab_minus_one})
     students = {}
     for name, run_dir in student_dirs(config).items():
         total = measure_student(config, Path(study.cache.dir), run_dir / "adapter", ks)
@@ -235,7 +287,8 @@ def run_approx_study(config: Config) -> dict:
     results_path = Path(config.sweep.output_dir) / "results.json"
     records = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
     result = {"examples": config.approx.examples, "positions": total["n"], "vocab_size": vocab_minus_one + 1,
-              "ks": ks, "students": students, "tail_vs_live": tail_vs_live(records), "sweep_results": str(results_path)}
+              "ks": ks, "students": students, "tail_vs_live": tail_vs_live(records),
+              "frontier_vs_tail": frontier_gaps(records), "sweep_results": str(results_path)}
     (out / "approx_study.json").write_text(json.dumps(result, indent=2))
     (out / "approx_study.md").write_text(render_markdown(result))
     print(render_markdown(result))

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from pipeline.config import load_config
-from stages.approx_study import run_approx_study, tail_vs_live
+from stages.approx_study import frontier_gaps, run_approx_study, tail_vs_live
 from stages.sweep import run_sweep
 
 
@@ -28,6 +28,16 @@ def test_tail_vs_live_compares_seed_means_against_two_standard_errors():
     assert f["paired_mean"] == pytest.approx(-0.09) and f["paired_std"] == pytest.approx(math.sqrt(0.0002))  # diffs -0.10, -0.08
 
 
+def test_frontier_gap_interpolates_the_tail_curve_at_the_same_target_loss():
+    records = [_record("tail", 1.0, s, 5.0, 0.2) for s in (0, 1)] + [_record("tail", 3.0, s, 5.4, 0.0) for s in (0, 1)]
+    records += [_record("live", 1.0, 0, 5.15, 0.06), _record("live", 1.0, 1, 5.25, 0.04),  # mean (5.2, 0.05)
+                _record("none", 0.0, 0, 4.8, 0.5), _record("none", 0.0, 1, 4.8, 0.5)]
+    rows = {r["method"]: r for r in frontier_gaps(records)}
+    live = rows["live"]  # tail frontier at 5.2 is 0.1; its std is 0 there, live's is 0.01414
+    assert live["gap"] == pytest.approx(-0.05) and live["two_se"] == pytest.approx(2 * math.sqrt(0.0002 / 2))
+    assert rows["none"]["gap"] is None  # target loss 4.8 is outside tail's range: not extrapolated
+
+
 def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny_jsonl, tmp_path):
     config = load_config(None, [
         f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", "data.max_length=48", f"cache.dir={tmp_path / 'cache'}",
@@ -45,7 +55,7 @@ def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny
     assert (tmp_path / "sweep" / "none-l0-s0" / "adapter").is_dir()
     assert json.loads((tmp_path / "approx" / "approx_study.json").read_text()) == json.loads(json.dumps(result))
     vocab = result["vocab_size"]
-    assert result["ks"] == [1, 4, 16, vocab - 1] and result["examples"] == 6
+    assert result["ks"] == [1, 4, 8, 16, vocab - 1]  # cache.k = 8 is always measured and result["examples"] == 6
     for student in result["students"].values():
         assert student["mean_exact_d"] > 1e-4  # the students moved: the gaps below are not 0/0
         rows = {(r["k"], r["estimator"]): r for r in student["table"]}
