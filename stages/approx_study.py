@@ -139,6 +139,22 @@ def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list
     return total
 
 
+def _measured(config: Config, cache_dir: Path, adapter_dir: Path, ks: list[int], out: Path) -> dict:
+    """`measure_student`, reused from out/measured-<run>.json when adapter, cache and ks are unchanged
+    (re-running the study after more sweep runs only redoes the cheap frontier part)."""
+    from storage_schemas import Manifest
+    from storage_schemas.shard_io import file_sha256
+
+    key = {"adapter_sha256": file_sha256(adapter_dir / "adapter_model.safetensors"),
+           "cache_token_ids_sha256": Manifest.load(cache_dir).token_ids_sha256, "ks": ks}
+    path = out / f"measured-{adapter_dir.parent.name}.json"
+    if path.exists() and (saved := json.loads(path.read_text())).get("key") == key:
+        return {**saved["total"], "k": {int(k): v for k, v in saved["total"]["k"].items()}}
+    total = measure_student(config, cache_dir, adapter_dir, ks)
+    path.write_text(json.dumps({"key": key, "total": total}))
+    return total
+
+
 def _check_cache_matches(teacher_logits: torch.Tensor, targets: torch.Tensor, cached) -> None:
     """The cached target log-probs are the live teacher's (same model, float32): else the study is void."""
     live = F.log_softmax(teacher_logits.float(), -1).gather(-1, targets[:, None])[:, 0]
@@ -281,7 +297,7 @@ def run_approx_study(config: Config) -> dict:
     ks = sorted({k for k in [*config.approx.ks, config.cache.k] if k < vocab_minus_one} | {vocab_minus_one})
     students = {}
     for name, run_dir in student_dirs(config).items():
-        total = measure_student(config, Path(study.cache.dir), run_dir / "adapter", ks)
+        total = _measured(config, Path(study.cache.dir), run_dir / "adapter", ks, out)
         students[name] = {"run_dir": str(run_dir), "mean_exact_d": total["exact"] / total["n"],
                           "mean_exact_full_kl": total["exact_full_kl"] / total["n"], "table": gap_table(total)}
     results_path = Path(config.sweep.output_dir) / "results.json"

@@ -67,6 +67,9 @@ def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny
         gaps = [r["rel_gap_vs_masked_d"] for r in tails]
         assert all(g <= 1e-6 for g in gaps) and gaps == sorted(gaps)  # below D, closing as k grows
         assert gaps[0] < -1e-3
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "approx").glob("measured-*.json")}
+    assert len(stamps) == 2 and run_approx_study(config) == result  # measurements reused, not redone
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "approx").glob("measured-*.json")}
     (row,) = result["tail_vs_live"]
     assert row["kl_weight"] == 1.0 and row["seeds"] == 2
     assert "### Cached `tail` vs `live`" in (tmp_path / "approx" / "approx_study.md").read_text()
