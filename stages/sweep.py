@@ -162,13 +162,15 @@ def plot_frontier(records: list[dict], path: Path) -> None:
     for (method, weight), runs in sorted(_groups(records).items()):
         x, y = _mean_std([r["target_loss"] for r in runs]), _mean_std([r["source_loss_increase"] for r in runs])
         by_method.setdefault(method, []).append((weight, x, y))
-    for method, points in by_method.items():
+    offsets = [(4, 4), (4, -10), (-34, 4), (-34, -10)]  # curves that coincide keep readable labels
+    for i, (method, points) in enumerate(by_method.items()):
         points.sort()
-        ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
-                    yerr=[p[2][1] for p in points], marker="o", capsize=3, label=method)
+        bars = ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
+                           yerr=[p[2][1] for p in points], marker="o", capsize=3, label=method)
         for weight, x, y in points:
-            if method not in WEIGHTLESS:
-                ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if method.split()[0] not in WEIGHTLESS:
+                ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=offsets[i % len(offsets)],
+                            fontsize=7, color=bars[0].get_color())
     ax.set_xlabel("held-out target loss, nats/token (lower = learned more)")
     ax.set_ylabel("retention loss increase over base, nats/token (lower = forgot less)")
     ax.set_title("Learning vs forgetting (mean ± std over seeds)")
