@@ -216,13 +216,23 @@ def _curve(records: list[dict], method: str) -> list[tuple[float, dict]]:
             for w, runs in sorted(by_weight.items())]
 
 
-def _interpolate(points: list[tuple[float, float, float]], x: float) -> tuple[float, float] | None:
-    """Piecewise-linear (y, y_std) at x on points (x, y, y_std) sorted by x; None outside their range."""
-    for (x0, y0, s0), (x1, y1, s1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
-            return y0 + t * (y1 - y0), s0 + t * (s1 - s0)
-    return None
+def _interpolate(points: list[tuple[float, float, float, float]], x: float) -> tuple[float, float] | None:
+    """Piecewise-linear (y, y_std) at x on points (x, y, y_std, x_std) sorted by x. Beyond an end, the
+    end segment is extended only as far as that end's x seed std (indistinguishable in x); else None."""
+    if len(points) < 2:
+        return None
+    if x < points[0][0]:
+        segment, inside = points[:2], points[0][0] - x <= points[0][3]
+    elif x > points[-1][0]:
+        segment, inside = points[-2:], x - points[-1][0] <= points[-1][3]
+    else:
+        segment = next([a, b] for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+        inside = True
+    (x0, y0, s0, _), (x1, y1, s1, _) = segment
+    if not inside:
+        return None
+    t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+    return y0 + t * (y1 - y0), max(s0 + t * (s1 - s0), 0.0)
 
 
 def frontier_gaps(records: list[dict], reference: str = "tail") -> list[dict]:
@@ -231,15 +241,15 @@ def frontier_gaps(records: list[dict], reference: str = "tail") -> list[dict]:
     gap = forgetting of the point - forgetting of the reference frontier (linear between its lambda
     points) at the point's mean target loss: < 0 = forgets less for the same learning. `two_se` =
     2 sqrt(s_point^2/n + s_ref^2/n_ref) with s_ref interpolated; None where the point's target loss is
-    outside the reference's range (no extrapolation)."""
-    ref = sorted((c["target_loss"][0], c["source_loss_increase"][0], c["source_loss_increase"][1], c["source_loss_increase"][2])
-                 for _, c in _curve(records, reference))
-    n_ref = min((p[3] for p in ref), default=1)
+    outside the reference's range by more than the end point's seed std (no real extrapolation)."""
+    curve = [c for _, c in _curve(records, reference)]
+    ref = sorted((c["target_loss"][0], c["source_loss_increase"][0], c["source_loss_increase"][1], c["target_loss"][1]) for c in curve)
+    n_ref = min((c["target_loss"][2] for c in curve), default=1)
     out = []
     for method in sorted({r["method"] for r in records} - {reference}):
         for weight, c in _curve(records, method):
             (x, _, n), (y, sy, _) = c["target_loss"], c["source_loss_increase"]
-            at = _interpolate([p[:3] for p in ref], x)
+            at = _interpolate(ref, x)
             row = {"method": method, "kl_weight": weight, "seeds": n, "target_loss": x, "forgetting": y, "gap": None, "two_se": None}
             if at is not None:
                 row.update(gap=y - at[0], two_se=2 * math.sqrt(sy ** 2 / n + at[1] ** 2 / n_ref))
