@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 RUN     ?= runs/demo/train
 
-.PHONY: setup base-model demo cache-teacher train eval sweep verify bench encoding-study test clean help
+.PHONY: setup base-model demo cache-teacher train eval sweep approx-study verify bench encoding-study test clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -41,6 +41,9 @@ eval: setup  ## learning vs forgetting of RUN (default runs/demo/train) against 
 
 sweep: base-model  ## method x lambda x seed over one cache (configs/sweep_demo.yaml): table + frontier.png
 	$(PY) -m pipeline sweep --config configs/sweep_demo.yaml $(ARGS)
+
+approx-study: base-model  ## D_k of tail/topk/full_kl vs the exact masked KL (k up to |V|-1); tail vs live (after make sweep)
+	$(PY) -m pipeline approx-study --config configs/sweep_demo.yaml $(ARGS)
 
 verify: setup  ## verify the cache named in CONFIG
 	$(PY) -m pipeline verify $$($(PY) -c "from pipeline.config import load_config; print(load_config('$(CONFIG)').cache.dir)")

@@ -7,6 +7,7 @@
     train           stage two: LoRA on the cached shards with the masked KL
     eval            learning (held-out target) vs forgetting (retention set, drift) of a run
     sweep           method x lambda x seed over one cache: results table and frontier plot
+    approx-study    cached estimators' D_k vs the exact masked KL for k up to |V|-1; tail vs live
     demo            build-default -> cache-teacher -> train on the embedded default
     encoding-study  bytes/token vs D_k error of every cache encoding (BENCHMARKS.md "Cache encodings")
     bench           speed and memory, side by side: stage one, stage two, reader (runs/bench/)
@@ -101,6 +102,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_approx_study(args) -> int:
+    config = _config(args)
+    from stages.approx_study import run_approx_study
+
+    run_approx_study(config)
+    return 0
+
+
 def cmd_demo(args) -> int:
     config = _config(args)
     from pipeline.embedded import main_build_default
@@ -175,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="grid of runs (method x lambda x seed) over one cache, table + frontier plot")
     _add_config_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("approx-study", help="estimators' D_k vs the exact masked KL on held-out data; tail vs live")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_approx_study)
 
     p = sub.add_parser("demo", help="build-default -> cache-teacher -> train on the embedded default")
     _add_config_args(p)

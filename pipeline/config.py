@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "SweepConfig", "Config", "load_config", "to_dict"]
+__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "SweepConfig", "ApproxConfig", "Config", "load_config", "to_dict"]
 
 ENGINES = ("vllm", "hf")
 VLLM_OUTPUTS = ("pooler", "prompt_logprobs")  # stages/teacher/vllm_engine.py OUTPUTS
@@ -116,6 +116,7 @@ class TrainConfig:
     fisher_examples: int = 64            # the first N texts of fisher_data (one per-example gradient each)
     fisher_max_length: int = 256         # tokens per Fisher text (truncated on the right)
     fisher_floor: float = 0.1            # F_i += fisher_floor * mean(F): anchors A, whose Fisher is 0 at B = 0
+    k: int = 0                           # cached estimators: use the first k cached tokens (the teacher's top k); 0 = all
 
     def __post_init__(self) -> None:
         _require(self.estimator in ESTIMATORS, f"train.estimator: {self.estimator!r} not in {ESTIMATORS}")
@@ -124,6 +125,7 @@ class TrainConfig:
         _require(self.fisher_examples >= 1, f"train.fisher_examples: must be >= 1, got {self.fisher_examples}")
         _require(self.fisher_max_length >= 2, f"train.fisher_max_length: must be >= 2, got {self.fisher_max_length}")
         _require(self.fisher_floor >= 0, f"train.fisher_floor: must be >= 0, got {self.fisher_floor}")
+        _require(self.k >= 0, f"train.k: must be >= 0 (0 = all cached tokens), got {self.k}")
         _require(self.kl_weight >= 0, f"train.kl_weight: must be >= 0, got {self.kl_weight}")
         _require(self.learning_rate > 0, f"train.learning_rate: must be > 0, got {self.learning_rate}")
         _require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
@@ -156,12 +158,39 @@ class SweepConfig:
     methods: list[str] = field(default_factory=lambda: ["none", "tail", "full_kl", "topk"])  # train.estimator values
     kl_weights: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])  # lambdas (ignored by `none`)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # per-method lambda grids replacing kl_weights for that method, e.g. {l2: [0.1, 1], lalora: [1e3]}
+    # (weight penalties live on another scale than the KL)
+    method_kl_weights: dict[str, list[float]] = field(default_factory=dict)
+    ks: list[int] = field(default_factory=list)             # optional axis: train.k values (<= cache.k); [] = cache's k
+    lora_variants: list[str] = field(default_factory=list)  # optional axis: train.lora.variant values; [] = as configured
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in ESTIMATORS]
-        _require(not bad, f"sweep.methods: {bad} not in {ESTIMATORS}")
+        bad = [m for m in [*self.methods, *self.method_kl_weights] if m not in ESTIMATORS]
+        _require(not bad, f"sweep.methods / sweep.method_kl_weights: {bad} not in {ESTIMATORS}")
         _require(bool(self.methods) and bool(self.kl_weights) and bool(self.seeds), "sweep: methods, kl_weights and seeds must be non-empty")
         self.kl_weights = [float(w) for w in self.kl_weights]
+        for method, weights in self.method_kl_weights.items():
+            _require(isinstance(weights, list) and bool(weights) and all(isinstance(w, (int, float)) and w >= 0 for w in weights),
+                     f"sweep.method_kl_weights.{method}: expected a non-empty list of numbers >= 0, got {weights!r}")
+        self.method_kl_weights = {m: [float(w) for w in ws] for m, ws in self.method_kl_weights.items()}
+        _require(all(k >= 1 for k in self.ks), f"sweep.ks: every k must be >= 1, got {self.ks}")
+        bad = [v for v in self.lora_variants if v not in LORA_VARIANTS]
+        _require(not bad, f"sweep.lora_variants: {bad} not in {LORA_VARIANTS}")
+
+
+@dataclass
+class ApproxConfig:
+    """The approximation study (stages/approx_study.py): cached D_k against the exact masked KL D."""
+    output_dir: str = "runs/approx"      # its k = |V|-1 cache of held-out data + approx_study.json/.md
+    runs: list[str] = field(default_factory=lambda: ["none-l0-s0", "tail-l1-s0"])  # fixed students: run dirs, names under sweep.output_dir
+    examples: int = 200                  # held-out target sequences (eval.target_path, eval.max_length)
+    ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # |V|-1 (exact) is always added
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _require(bool(self.runs), "approx.runs: empty")
+        _require(self.examples >= 1 and self.batch_size >= 1, "approx.examples and approx.batch_size must be >= 1")
+        _require(all(k >= 1 for k in self.ks), f"approx.ks: every k must be >= 1, got {self.ks}")
 
 
 @dataclass
@@ -172,6 +201,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    approx: ApproxConfig = field(default_factory=ApproxConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model: empty")

@@ -1,13 +1,20 @@
-"""A grid of stage-two runs over one cache: method x lambda x seed, then a learning/forgetting table.
+"""A grid of stage-two runs over one cache: method x lambda x seed (x k, x LoRA variant), then a
+learning/forgetting table and plot.
 
     python -m pipeline sweep --config configs/sweep_demo.yaml       (or: make sweep)
 
 Stage one runs once (or is skipped: a complete cache is reused). Each run trains into
-`sweep.output_dir/<method>-l<lambda>-s<seed>/` and is evaluated there; a run whose eval.json exists
-is skipped, so a killed sweep continues where it stopped. At the end: results.json (one record per
-run), results.md (mean ± std over seeds per method and lambda) and frontier.png (x: held-out target
-loss, y: increase of the retention loss over the base model; one curve per method across lambda,
-error bars over seeds).
+`sweep.output_dir/<method>-l<lambda>-s<seed>[-k<k>][-<variant>]/` and is evaluated there; a run whose
+eval.json exists is skipped, so a killed sweep continues where it stopped. At the end: results.json
+(one record per run), results.md (mean ± std over seeds per method, k, variant and lambda) and
+frontier.png (x: held-out target loss, y: increase of the retention loss over the base model; one
+curve per method (and k, variant) across lambda, error bars over seeds).
+
+Grid (config `sweep`): lambdas are `kl_weights`, or `method_kl_weights[method]` where given (the
+weight penalties l2/lalora live on another scale than the KL). `ks` (optional) multiplies the cached
+estimators (tail/topk/full_kl) by `train.k`: such a run reads the first k columns of the same cache
+(the teacher's top k), so a k study never re-runs stage one; methods that read no teacher arrays get
+one run per seed whatever `ks` says. `lora_variants` (optional) multiplies every method.
 """
 from __future__ import annotations
 
@@ -21,9 +28,11 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config
 
-__all__ = ["plan_runs", "run_sweep", "summarize", "plot_frontier"]
+__all__ = ["RunSpec", "plan_runs", "run_sweep", "summarize", "plot_frontier", "curve_label"]
 
 WEIGHTLESS = ("none",)  # methods where lambda means nothing: one run per seed
+K_READERS = ("tail", "topk", "full_kl")  # methods that read the cached top-k (the `ks` axis applies)
+BASE_ONLY_VARIANTS = ("pissa", "olora")  # `live` refuses these (adapters.check_live_teacher)
 
 
 @dataclass(frozen=True)
@@ -31,21 +40,49 @@ class RunSpec:
     method: str
     kl_weight: float
     seed: int
+    k: int = 0          # train.k; 0 = all the cache's columns (name unchanged)
+    variant: str = ""   # train.lora.variant; "" = as configured (name unchanged)
 
     @property
     def name(self) -> str:
-        return f"{self.method}-l{self.kl_weight:g}-s{self.seed}"
+        suffix = (f"-k{self.k}" if self.k else "") + (f"-{self.variant}" if self.variant else "")
+        return f"{self.method}-l{self.kl_weight:g}-s{self.seed}{suffix}"
+
+
+def _weights(config: Config, method: str) -> list[float]:
+    if method in WEIGHTLESS:
+        return [0.0]
+    return config.sweep.method_kl_weights.get(method, config.sweep.kl_weights)
+
+
+def _check_axes(config: Config) -> None:
+    sweep = config.sweep
+    too_big = [k for k in sweep.ks if k > config.cache.k]
+    if too_big:
+        raise ValueError(f"sweep.ks: {too_big} > cache.k={config.cache.k}: a run reads only the first k of the "
+                         f"cache's {config.cache.k} columns; raise cache.k (one new stage one) or drop them")
+    clash = [v for v in sweep.lora_variants if v in BASE_ONLY_VARIANTS] if "live" in sweep.methods else []
+    if clash:
+        raise ValueError(f"sweep: method 'live' cannot run with sweep.lora_variants {clash} (disable_adapter() is not "
+                         "the base model for them); sweep them in a separate config without 'live'")
 
 
 def plan_runs(config: Config) -> list[RunSpec]:
+    """Every run of the grid, in order: method, variant, k, lambda, seed."""
+    _check_axes(config)
     sweep = config.sweep
-    return [RunSpec(m, 0.0 if m in WEIGHTLESS else w, s)
-            for m in sweep.methods for w in (sweep.kl_weights if m not in WEIGHTLESS else [0.0]) for s in sweep.seeds]
+    return [RunSpec(m, w, s, k, v)
+            for m in sweep.methods for v in (sweep.lora_variants or [""])
+            for k in (sweep.ks if m in K_READERS and sweep.ks else [0])
+            for w in _weights(config, m) for s in sweep.seeds]
 
 
 def _run_config(config: Config, spec: RunSpec, out: Path) -> Config:
     run = copy.deepcopy(config)
     run.train.estimator, run.train.kl_weight, run.train.seed = spec.method, spec.kl_weight, spec.seed
+    run.train.k = spec.k or config.train.k
+    if spec.variant:
+        run.train.lora.variant = spec.variant
     run.train.output_dir = str(out / spec.name)
     return run
 
@@ -53,6 +90,7 @@ def _run_config(config: Config, spec: RunSpec, out: Path) -> Config:
 def _record(spec: RunSpec, result: dict) -> dict:
     adapted, forgetting = result["adapted"], result["forgetting"]
     return {"name": spec.name, "method": spec.method, "kl_weight": spec.kl_weight, "seed": spec.seed,
+            "k": spec.k, "variant": spec.variant,
             "target_loss": adapted["target"]["loss"], "target_accuracy": adapted["target"]["accuracy"],
             "source_loss": adapted["source"]["loss"], "source_loss_increase": forgetting["source_loss_increase"],
             "drift_kl": adapted["source"]["drift_kl"]}
@@ -86,10 +124,16 @@ def run_sweep(config: Config) -> list[dict]:
 
 
 # --- reporting ----------------------------------------------------------------------------------
+def curve_label(record: dict) -> str:
+    """One curve / table block per method, k and LoRA variant: e.g. `tail`, `tail k=4`, `tail dora`."""
+    k, variant = record.get("k", 0), record.get("variant", "")
+    return record["method"] + (f" k={k}" if k else "") + (f" {variant}" if variant else "")
+
+
 def _groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in records:
-        groups.setdefault((r["method"], r["kl_weight"]), []).append(r)
+        groups.setdefault((curve_label(r), r["kl_weight"]), []).append(r)
     return groups
 
 
@@ -118,13 +162,15 @@ def plot_frontier(records: list[dict], path: Path) -> None:
     for (method, weight), runs in sorted(_groups(records).items()):
         x, y = _mean_std([r["target_loss"] for r in runs]), _mean_std([r["source_loss_increase"] for r in runs])
         by_method.setdefault(method, []).append((weight, x, y))
-    for method, points in by_method.items():
+    offsets = [(4, 4), (4, -10), (-34, 4), (-34, -10)]  # curves that coincide keep readable labels
+    for i, (method, points) in enumerate(by_method.items()):
         points.sort()
-        ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
-                    yerr=[p[2][1] for p in points], marker="o", capsize=3, label=method)
+        bars = ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
+                           yerr=[p[2][1] for p in points], marker="o", capsize=3, label=method)
         for weight, x, y in points:
-            if method not in WEIGHTLESS:
-                ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if method.split()[0] not in WEIGHTLESS:
+                ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=offsets[i % len(offsets)],
+                            fontsize=7, color=bars[0].get_color())
     ax.set_xlabel("held-out target loss, nats/token (lower = learned more)")
     ax.set_ylabel("retention loss increase over base, nats/token (lower = forgot less)")
     ax.set_title("Learning vs forgetting (mean ± std over seeds)")

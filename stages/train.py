@@ -48,7 +48,7 @@ def _check_same_config(config: Config, saved: Path) -> None:
         return
     before, now = _flat(to_dict(load_config(saved))), _flat(to_dict(config))
     changed = sorted(k for k in before.keys() | now.keys()
-                     if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith(("eval.", "sweep.")))
+                     if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith(("eval.", "sweep.", "approx.")))
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume {saved.parent}: the config changed since the checkpoint ({details})")
@@ -129,7 +129,8 @@ def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerC
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
     collator = CacheCollator(pad_token_id(config.model), manifest.settings.k,
-                             with_teacher=train.estimator in CACHED_ESTIMATORS, encoding=manifest.settings.encoding)
+                             with_teacher=train.estimator in CACHED_ESTIMATORS, encoding=manifest.settings.encoding,
+                             use_k=train.k)
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
     model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32)
     trainer = build_trainer(model, dataset, collator, config, manifest.num_rows, callbacks)

@@ -76,12 +76,19 @@ class CacheCollator:
     `with_teacher=False` (estimators `none` and `live`) skips the cached arrays entirely.
     `encoding` must be the cache's (`manifest.settings.encoding`); the float default decodes only
     `topk_f32`/`topk_f16` caches and refuses integer codes with a message saying so.
+    `use_k` in 1..k keeps only the first `use_k` decoded tokens per position (teacher arrays
+    [N, use_k]): decoding restores descending teacher probability, so they are the cache's top-`use_k`
+    (ties: any order), and a smaller k is studied from the same cache without re-running stage one.
+    0 = all k.
     """
 
-    def __init__(self, pad_id: int, k: int, with_teacher: bool = True, encoding: str | Encoding = "topk_f32") -> None:
+    def __init__(self, pad_id: int, k: int, with_teacher: bool = True, encoding: str | Encoding = "topk_f32",
+                 use_k: int = 0) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.pad_id, self.k, self.with_teacher = int(pad_id), int(k), with_teacher
+        if not 0 <= use_k <= k:
+            raise ValueError(f"train.k={use_k}: the cache holds k={k} tokens per position; use 1..{k} (0 = all)")
+        self.pad_id, self.k, self.with_teacher, self.use_k = int(pad_id), int(k), with_teacher, int(use_k or k)
         self.encoding = get_encoding(encoding) if isinstance(encoding, str) else encoding
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -110,4 +117,5 @@ class CacheCollator:
                 f"{target.shape[0]} target log-probs, {topk_ids.shape[0]} top-k ids (want {n} x k={self.k})"
             )
         ids, logprobs, target = decode_teacher(self.encoding, topk_ids, topk_logprobs, target, self.k)
-        return {"teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs, "teacher_target_logprob": target}
+        return {"teacher_topk_ids": ids[:, :self.use_k], "teacher_topk_logprobs": logprobs[:, :self.use_k],
+                "teacher_target_logprob": target}

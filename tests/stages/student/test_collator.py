@@ -52,6 +52,25 @@ def test_row_without_trained_positions_and_without_teacher():
     assert set(plain) == {"input_ids", "attention_mask", "labels"}
 
 
+def test_use_k_keeps_the_first_cached_columns():
+    """A smaller k reads the first columns of the same rows (the cache stores them in descending order)."""
+    rows = [coded_row(0, 6, 0), coded_row(1, 4, 2)]
+    for row in rows:  # column j of position i holds 10 * code + j
+        n = len(row["target_logprob"])
+        row["topk_ids"] = (np.repeat(row["topk_ids"][::K], K) * 10 + np.tile(np.arange(K), n))
+        row["topk_logprobs"] = row["topk_ids"].astype(np.float32)
+    full = CacheCollator(pad_id=0, k=K)(rows)
+    for use_k in (1, 2, K):
+        part = CacheCollator(pad_id=0, k=K, use_k=use_k)(rows)
+        assert part["teacher_topk_ids"].shape == (full["teacher_topk_ids"].shape[0], use_k)
+        assert torch.equal(part["teacher_topk_ids"], full["teacher_topk_ids"][:, :use_k])
+        assert torch.equal(part["teacher_topk_logprobs"], full["teacher_topk_logprobs"][:, :use_k])
+        assert torch.equal(part["teacher_target_logprob"], full["teacher_target_logprob"])
+    assert part["teacher_topk_ids"][0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"train.k=4: the cache holds k=3"):
+        CacheCollator(pad_id=0, k=K, use_k=K + 1)
+
+
 def test_inconsistent_row_is_refused():
     row = coded_row(4, 6, 0)
     row["target_logprob"] = row["target_logprob"][:-1]

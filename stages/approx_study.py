@@ -1,0 +1,321 @@
+"""The approximation study: the cached estimators' D_k against the exact masked KL D, and tail vs live.
+
+    python -m pipeline approx-study --config configs/sweep_demo.yaml     (or: make approx-study)
+
+1. Fixed students: the adapters of `approx.runs` (run directories, or run names under
+   `sweep.output_dir`; a sweep run that is missing is trained first, nothing else is).
+2. Held-out data: the first `approx.examples` sequences of `eval.target_path` (at `eval.max_length`),
+   cached by stage one with the hf engine at k = |V|-1 into `approx.output_dir/cache-full` (built
+   once, reused). A smaller k reads the first k columns of that cache, as `train.k` does.
+3. Per labelled position and k in `approx.ks` + [cache.k, |V|-1]: `tail`, `topk` and `full_kl` from the cache
+   (stages.student.loss.cached_kl) and the student's logits; the exact masked D (`live_masked_kl`,
+   teacher = the same PeftModel with its adapter disabled) and the exact unmasked KL(p||q).
+4. From the sweep's results.json: `tail` vs `live` at each shared lambda, and every method's points
+   against the `tail` frontier at the same target loss (does `tail` reach `live`'s frontier?).
+
+Writes approx_study.json and approx_study.md into `approx.output_dir`, and prints the markdown.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.config import CacheConfig, Config, DataConfig
+
+__all__ = ["run_approx_study", "gap_table", "estimator_sums", "tail_vs_live", "frontier_gaps", "render_markdown"]
+
+ESTIMATORS = ("tail", "topk", "full_kl")
+BOUND_TOL = 1e-5  # float32 slack of the lower-bound check, relative to (1 + D)
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def full_cache_config(config: Config) -> Config:
+    """Stage one over the held-out target data with every non-target token kept (k = |V|-1)."""
+    from pipeline.fingerprints import model_vocab_size
+
+    study = copy.deepcopy(config)
+    study.data = DataConfig(path=config.eval.target_path, text_field=config.eval.text_field,
+                            max_length=config.eval.max_length, max_examples=config.approx.examples)
+    study.cache = CacheConfig(dir=str(Path(config.approx.output_dir) / "cache-full"), engine="hf",
+                              k=model_vocab_size(config.model) - 1, encoding="topk_f32", dtype="float32",
+                              rows_per_shard=64, batch_tokens=8192)
+    return study
+
+
+def student_dirs(config: Config) -> dict[str, Path]:
+    """{name: run dir} of the fixed students; trains a missing sweep run (and only that)."""
+    from stages.sweep import _run_config, plan_runs
+    from stages.train import run_train
+
+    out, planned = Path(config.sweep.output_dir), {spec.name: spec for spec in plan_runs(config)}
+    dirs = {}
+    for name in config.approx.runs:
+        path = Path(name) if Path(name).is_dir() else out / name
+        if not (path / "adapter").is_dir():
+            if name not in planned:
+                raise FileNotFoundError(f"approx.runs: {name!r} is neither a trained run dir nor a run of this sweep "
+                                        f"({config.sweep.output_dir}); train it or change approx.runs")
+            run_train(_run_config(config, planned[name], out), resume=True)
+        dirs[name] = path
+    return dirs
+
+
+# --- the measurement --------------------------------------------------------------------------
+def estimator_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                   cached, ks: list[int]) -> dict:
+    """Sums over the N positions of one batch: the exact D and full KL, and per k and estimator
+    sum D_k, sum |D_k - D|, and the tail's lower-bound violations (count, largest excess).
+
+    student_logits, teacher_logits [N, V]; targets [N]; cached: a CachedTeacher with k = |V|-1.
+    """
+    from stages.student.loss import CachedTeacher, cached_kl, live_masked_kl
+
+    exact = live_masked_kl(student_logits, teacher_logits, targets).double()
+    lp, lq = F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)
+    full = (lp.exp() * (lp - lq)).sum(-1).double()
+    out = {"n": targets.numel(), "exact": exact.sum().item(), "exact_full_kl": full.sum().item(), "k": {}}
+    for k in ks:
+        part = CachedTeacher(cached.topk_ids[:, :k], cached.topk_logprobs[:, :k], cached.target_logprob)
+        row = {}
+        for estimator in ESTIMATORS:
+            d_k = cached_kl(student_logits, targets, part, estimator).double()
+            reference = full if estimator == "full_kl" else exact
+            row[estimator] = {"sum": d_k.sum().item(), "abs_gap_sum": (d_k - exact).abs().sum().item(),
+                              "own_abs_gap_sum": (d_k - reference).abs().sum().item()}
+            if estimator == "tail":
+                excess = d_k - exact
+                row[estimator]["violations"] = int((excess > BOUND_TOL * (1 + exact)).sum())
+                row[estimator]["max_excess"] = excess.max().item()
+        out["k"][k] = row
+    return out
+
+
+def _merge(total: dict | None, part: dict) -> dict:
+    if total is None:
+        return part
+    for key in ("n", "exact", "exact_full_kl"):
+        total[key] += part[key]
+    for k, row in part["k"].items():
+        for estimator, values in row.items():
+            into = total["k"][k][estimator]
+            for name, value in values.items():
+                into[name] = max(into[name], value) if name == "max_excess" else into[name] + value
+    return total
+
+
+@torch.no_grad()
+def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list[int]) -> dict:
+    """Summed estimator statistics of one fixed student over the whole held-out cache."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stages.student.collator import CacheCollator, pad_token_id
+    from stages.student.loss import CachedTeacher
+    from stages.student.reader import load_cache_dataset, open_cache
+
+    manifest = open_cache(cache_dir, config.model)
+    dataset = load_cache_dataset(cache_dir, manifest)
+    collate = CacheCollator(pad_token_id(config.model), manifest.settings.k)
+    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    total, size = None, config.approx.batch_size
+    for start in tqdm(range(0, len(dataset), size), desc=f"approx {adapter_dir.parent.name}", unit="batch", leave=False):
+        batch = collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+        mask = batch["labels"][:, 1:] != -100
+        args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        student = model(**args).logits[:, :-1][mask]
+        with model.disable_adapter():
+            teacher = model(**args).logits[:, :-1][mask]
+        cached = CachedTeacher(batch["teacher_topk_ids"], batch["teacher_topk_logprobs"], batch["teacher_target_logprob"])
+        _check_cache_matches(teacher, batch["labels"][:, 1:][mask], cached)
+        total = _merge(total, estimator_sums(student, teacher, batch["labels"][:, 1:][mask], cached, ks))
+    return total
+
+
+def _measured(config: Config, cache_dir: Path, adapter_dir: Path, ks: list[int], out: Path) -> dict:
+    """`measure_student`, reused from out/measured-<run>.json when adapter, cache and ks are unchanged
+    (re-running the study after more sweep runs only redoes the cheap frontier part)."""
+    from storage_schemas import Manifest
+    from storage_schemas.shard_io import file_sha256
+
+    key = {"adapter_sha256": file_sha256(adapter_dir / "adapter_model.safetensors"),
+           "cache_token_ids_sha256": Manifest.load(cache_dir).token_ids_sha256, "ks": ks}
+    path = out / f"measured-{adapter_dir.parent.name}.json"
+    if path.exists() and (saved := json.loads(path.read_text())).get("key") == key:
+        return {**saved["total"], "k": {int(k): v for k, v in saved["total"]["k"].items()}}
+    total = measure_student(config, cache_dir, adapter_dir, ks)
+    path.write_text(json.dumps({"key": key, "total": total}))
+    return total
+
+
+def _check_cache_matches(teacher_logits: torch.Tensor, targets: torch.Tensor, cached) -> None:
+    """The cached target log-probs are the live teacher's (same model, float32): else the study is void."""
+    live = F.log_softmax(teacher_logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    worst = (live - cached.target_logprob).abs().max().item()
+    if worst > 1e-3:
+        raise ValueError(f"the study cache disagrees with the live teacher (max |a_y| diff {worst:.2e}): rebuild it")
+
+
+def gap_table(total: dict) -> list[dict]:
+    """Per k and estimator: mean D_k, D_k/D - 1 (relative gap of the mean), mean |D_k - D| / mean D."""
+    n, exact, full = total["n"], total["exact"], total["exact_full_kl"]
+    rows = []
+    for k, row in sorted(total["k"].items()):
+        for estimator, v in row.items():
+            reference = full if estimator == "full_kl" else exact
+            rows.append({"k": k, "estimator": estimator, "mean_d_k": v["sum"] / n,
+                         "rel_gap_vs_masked_d": v["sum"] / exact - 1, "mean_abs_gap_vs_masked_d": v["abs_gap_sum"] / exact,
+                         "rel_gap_vs_own_limit": v["sum"] / reference - 1, "mean_abs_gap_vs_own_limit": v["own_abs_gap_sum"] / reference,
+                         **({"bound_violations": v["violations"], "max_excess": v["max_excess"]} if estimator == "tail" else {})})
+    return rows
+
+
+# --- tail vs live on the sweep's frontier ----------------------------------------------------
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def tail_vs_live(records: list[dict]) -> list[dict]:
+    """Per lambda run by both (default k and variant): tail - live on each axis, against the seed noise.
+
+    `within_noise` = |difference of the seed means| <= 2 standard errors of that difference
+    (sqrt(s_tail^2/n_tail + s_live^2/n_live)); `paired` = the mean ± std of the per-seed differences
+    (same seed: same init and batch order, so only the regularizer differs)."""
+    def runs(method):
+        return {(r["kl_weight"], r["seed"]): r for r in records if r["method"] == method and not r.get("k") and not r.get("variant")}
+
+    tail, live = runs("tail"), runs("live")
+    out = []
+    for weight in sorted({w for w, _ in tail} & {w for w, _ in live}):
+        seeds = sorted({s for w, s in tail if w == weight} & {s for w, s in live if w == weight})
+        row = {"kl_weight": weight, "seeds": len(seeds)}
+        for key in ("target_loss", "source_loss_increase"):
+            (mt, st), (ml, sl) = _stats([tail[weight, s][key] for s in seeds]), _stats([live[weight, s][key] for s in seeds])
+            se = math.sqrt((st ** 2 + sl ** 2) / max(len(seeds), 1))
+            paired = _stats([tail[weight, s][key] - live[weight, s][key] for s in seeds])
+            row[key] = {"tail": mt, "live": ml, "diff": mt - ml, "two_se": 2 * se, "within_noise": abs(mt - ml) <= 2 * se,
+                        "paired_mean": paired[0], "paired_std": paired[1]}
+        out.append(row)
+    return out
+
+
+def _curve(records: list[dict], method: str) -> list[tuple[float, dict]]:
+    """(lambda, {key: (mean, std, n)}) per lambda of `method` at the default k and variant, by lambda."""
+    by_weight: dict[float, list[dict]] = {}
+    for r in records:
+        if r["method"] == method and not r.get("k") and not r.get("variant"):
+            by_weight.setdefault(r["kl_weight"], []).append(r)
+    return [(w, {key: (*_stats([r[key] for r in runs]), len(runs)) for key in ("target_loss", "source_loss_increase")})
+            for w, runs in sorted(by_weight.items())]
+
+
+def _interpolate(points: list[tuple[float, float, float, float]], x: float) -> tuple[float, float] | None:
+    """Piecewise-linear (y, y_std) at x on points (x, y, y_std, x_std) sorted by x. Beyond an end, the
+    end segment is extended only as far as that end's x seed std (indistinguishable in x); else None."""
+    if len(points) < 2:
+        return None
+    if x < points[0][0]:
+        segment, inside = points[:2], points[0][0] - x <= points[0][3]
+    elif x > points[-1][0]:
+        segment, inside = points[-2:], x - points[-1][0] <= points[-1][3]
+    else:
+        segment = next([a, b] for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+        inside = True
+    (x0, y0, s0, _), (x1, y1, s1, _) = segment
+    if not inside:
+        return None
+    t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+    return y0 + t * (y1 - y0), max(s0 + t * (s1 - s0), 0.0)
+
+
+def frontier_gaps(records: list[dict], reference: str = "tail") -> list[dict]:
+    """Each (method, lambda) point against the reference method's frontier at the same target loss.
+
+    gap = forgetting of the point - forgetting of the reference frontier (linear between its lambda
+    points) at the point's mean target loss: < 0 = forgets less for the same learning. `two_se` =
+    2 sqrt(s_point^2/n + s_ref^2/n_ref) with s_ref interpolated; None where the point's target loss is
+    outside the reference's range by more than the end point's seed std (no real extrapolation)."""
+    curve = [c for _, c in _curve(records, reference)]
+    ref = sorted((c["target_loss"][0], c["source_loss_increase"][0], c["source_loss_increase"][1], c["target_loss"][1]) for c in curve)
+    n_ref = min((c["target_loss"][2] for c in curve), default=1)
+    out = []
+    for method in sorted({r["method"] for r in records} - {reference}):
+        for weight, c in _curve(records, method):
+            (x, _, n), (y, sy, _) = c["target_loss"], c["source_loss_increase"]
+            at = _interpolate(ref, x)
+            row = {"method": method, "kl_weight": weight, "seeds": n, "target_loss": x, "forgetting": y, "gap": None, "two_se": None}
+            if at is not None:
+                row.update(gap=y - at[0], two_se=2 * math.sqrt(sy ** 2 / n + at[1] ** 2 / n_ref))
+            out.append(row)
+    return out
+
+
+# --- report -------------------------------------------------------------------------------------
+def render_markdown(result: dict) -> str:
+    lines = [f"Held-out target data: {result['positions']:,} positions of {result['examples']} sequences; "
+             f"exact reference = live masked KL over all {result['vocab_size']} tokens (teacher = adapter disabled).", ""]
+    for name, student in result["students"].items():
+        lines += [f"### Student `{name}`: exact masked D = {student['mean_exact_d']:.4f}, "
+                  f"unmasked KL = {student['mean_exact_full_kl']:.4f} nats/position", "",
+                  "| k | estimator | mean D_k | D_k/D - 1 | mean abs(D_k - D) / D | vs own limit | tail bound violations |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in student["table"]:
+            bound = f"{r['bound_violations']} (max excess {r['max_excess']:.1e})" if "bound_violations" in r else ""
+            own = f"{r['rel_gap_vs_own_limit']:+.4f}" if r["estimator"] == "full_kl" else ""
+            k = f"{r['k']} (= abs(V)-1)" if r["k"] == result["vocab_size"] - 1 else r["k"]
+            lines.append(f"| {k} | {r['estimator']} | {r['mean_d_k']:.4f} | {r['rel_gap_vs_masked_d']:+.4f} | "
+                         f"{r['mean_abs_gap_vs_masked_d']:.4f} | {own} | {bound} |")
+        lines.append("")
+    lines += ["### Cached `tail` vs `live` on the sweep (seed means; within noise = abs(diff) <= 2 SE)", "",
+              "| λ | seeds | target loss tail / live (diff, 2 SE) | forgetting tail / live (diff, 2 SE) | within noise |",
+              "|---|---|---|---|---|"]
+    for r in result["tail_vs_live"]:
+        t, f = r["target_loss"], r["source_loss_increase"]
+        lines.append(f"| {r['kl_weight']:g} | {r['seeds']} | {t['tail']:.4f} / {t['live']:.4f} ({t['diff']:+.4f}, {t['two_se']:.4f}) | "
+                     f"{f['tail']:.4f} / {f['live']:.4f} ({f['diff']:+.4f}, {f['two_se']:.4f}) | "
+                     f"{'yes' if t['within_noise'] and f['within_noise'] else 'no'} |")
+    if not result["tail_vs_live"]:
+        lines.append("| – | 0 | the sweep has no lambda run by both tail and live | | |")
+    lines += ["", "### Every method against the `tail` frontier (forgetting minus tail's, at the same target loss)", "",
+              "| method | λ | seeds | target loss | forgetting | gap vs tail frontier (2 SE) | reading |", "|---|---|---|---|---|---|---|"]
+    for r in result["frontier_vs_tail"]:
+        if r["gap"] is None:
+            gap, reading = "outside tail's range", ""
+        else:
+            gap = f"{r['gap']:+.4f} ({r['two_se']:.4f})"
+            reading = "same" if abs(r["gap"]) <= r["two_se"] else ("better" if r["gap"] < 0 else "worse")
+        lines.append(f"| {r['method']} | {r['kl_weight']:g} | {r['seeds']} | {r['target_loss']:.4f} | {r['forgetting']:.4f} | {gap} | {reading} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_approx_study(config: Config) -> dict:
+    from stages.cache_teacher import run_cache_teacher
+
+    out = Path(config.approx.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    study = full_cache_config(config)
+    print(run_cache_teacher(study).render())
+    vocab_minus_one = study.cache.k
+    # the sweep's cache k (the default the runs train with) is always measured, and |V|-1 (exact)
+    ks = sorted({k for k in [*config.approx.ks, config.cache.k] if k < vocab_minus_one} | {vocab_minus_one})
+    students = {}
+    for name, run_dir in student_dirs(config).items():
+        total = _measured(config, Path(study.cache.dir), run_dir / "adapter", ks, out)
+        students[name] = {"run_dir": str(run_dir), "mean_exact_d": total["exact"] / total["n"],
+                          "mean_exact_full_kl": total["exact_full_kl"] / total["n"], "table": gap_table(total)}
+    results_path = Path(config.sweep.output_dir) / "results.json"
+    records = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    result = {"examples": config.approx.examples, "positions": total["n"], "vocab_size": vocab_minus_one + 1,
+              "ks": ks, "students": students, "tail_vs_live": tail_vs_live(records),
+              "frontier_vs_tail": frontier_gaps(records), "sweep_results": str(results_path)}
+    (out / "approx_study.json").write_text(json.dumps(result, indent=2))
+    (out / "approx_study.md").write_text(render_markdown(result))
+    print(render_markdown(result))
+    return result

@@ -1,0 +1,80 @@
+"""The approximation study: exact at k = |V|-1, tail a lower bound below it, tail vs live arithmetic."""
+import copy
+import json
+import math
+
+import pytest
+
+from pipeline.config import load_config
+from stages.approx_study import frontier_gaps, run_approx_study, tail_vs_live
+from stages.sweep import run_sweep
+
+
+def _record(method, weight, seed, target, forgetting):
+    return {"method": method, "kl_weight": weight, "seed": seed, "k": 0, "variant": "",
+            "target_loss": target, "source_loss_increase": forgetting}
+
+
+def test_tail_vs_live_compares_seed_means_against_two_standard_errors():
+    records = [_record("tail", 1.0, 0, 5.0, 0.10), _record("tail", 1.0, 1, 5.2, 0.14),
+               _record("live", 1.0, 0, 5.1, 0.20), _record("live", 1.0, 1, 5.3, 0.22),
+               _record("tail", 3.0, 0, 5.5, 0.05), _record("none", 0.0, 0, 4.8, 0.5)]
+    (row,) = tail_vs_live(records)  # lambda 3 has no live run: not compared
+    assert row["kl_weight"] == 1.0 and row["seeds"] == 2
+    t = row["target_loss"]  # both std = 0.1414: 2 SE = 2 * sqrt((0.02 + 0.02) / 2) = 0.2828
+    assert t["diff"] == pytest.approx(-0.1) and t["two_se"] == pytest.approx(2 * math.sqrt(0.02)) and t["within_noise"]
+    f = row["source_loss_increase"]  # stds 0.02828, 0.01414: 2 SE = 2 * sqrt((0.0008 + 0.0002) / 2) = 0.04472
+    assert f["diff"] == pytest.approx(-0.09) and f["two_se"] == pytest.approx(2 * math.sqrt(0.0005)) and not f["within_noise"]
+    assert f["paired_mean"] == pytest.approx(-0.09) and f["paired_std"] == pytest.approx(math.sqrt(0.0002))  # diffs -0.10, -0.08
+
+
+def test_frontier_gap_interpolates_the_tail_curve_at_the_same_target_loss():
+    records = [_record("tail", 1.0, s, 5.0, 0.2) for s in (0, 1)] + [_record("tail", 3.0, s, 5.4, 0.0) for s in (0, 1)]
+    records += [_record("live", 1.0, 0, 5.15, 0.06), _record("live", 1.0, 1, 5.25, 0.04),  # mean (5.2, 0.05)
+                _record("none", 0.0, 0, 4.8, 0.5), _record("none", 0.0, 1, 4.8, 0.5)]
+    rows = {r["method"]: r for r in frontier_gaps(records)}
+    live = rows["live"]  # tail frontier at 5.2 is 0.1; its std is 0 there, live's is 0.01414
+    assert live["gap"] == pytest.approx(-0.05) and live["two_se"] == pytest.approx(2 * math.sqrt(0.0002 / 2))
+    assert rows["none"]["gap"] is None  # target loss 4.8 is outside tail's range: not extrapolated
+    near = records[:4] + [_record("full_kl", 3.0, 0, 5.41, 0.0), _record("full_kl", 3.0, 1, 5.41, -0.02)]
+    near[2]["target_loss"], near[3]["target_loss"] = 5.38, 5.42  # tail's end: x 5.40 ± 0.028
+    (row,) = frontier_gaps(near)  # 0.01 past the end, within its x std: the end segment is extended
+    assert row["gap"] == pytest.approx(-0.01 - (-0.005))
+
+
+def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # torch top-k in the hf engine: the interpreted kernel is slow at k ~ V
+    config = load_config(None, [
+        f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", "data.max_length=48", f"cache.dir={tmp_path / 'cache'}",
+        "cache.engine=hf", "cache.k=8", "train.max_steps=4", "train.save_steps=4", "train.batch_size=4",
+        "train.learning_rate=0.02", "train.warmup_ratio=0",
+        f"eval.source_path={tiny_jsonl}", f"eval.target_path={tiny_jsonl}", "eval.max_examples=4", "eval.max_length=32",
+        f"sweep.output_dir={tmp_path / 'sweep'}", "sweep.methods=[none, tail, live]", "sweep.kl_weights=[1]", "sweep.seeds=[0, 1]",
+        f"approx.output_dir={tmp_path / 'approx'}", "approx.runs=[none-l0-s0, tail-l1-s0]", "approx.examples=6",
+        "approx.ks=[1, 4, 16]",
+    ])
+    partial = copy.deepcopy(config)
+    partial.sweep.methods = ["tail", "live"]
+    run_sweep(partial)
+    result = run_approx_study(config)  # none-l0-s0 is in the grid but was not run: the study trains it
+    assert (tmp_path / "sweep" / "none-l0-s0" / "adapter").is_dir()
+    assert json.loads((tmp_path / "approx" / "approx_study.json").read_text()) == json.loads(json.dumps(result))
+    vocab = result["vocab_size"]
+    assert result["ks"] == [1, 4, 8, 16, vocab - 1]  # cache.k = 8 is always measured and result["examples"] == 6
+    for student in result["students"].values():
+        assert student["mean_exact_d"] > 1e-4  # the students moved: the gaps below are not 0/0
+        rows = {(r["k"], r["estimator"]): r for r in student["table"]}
+        for estimator in ("tail", "topk"):
+            assert abs(rows[vocab - 1, estimator]["mean_abs_gap_vs_masked_d"]) < 1e-4
+        assert abs(rows[vocab - 1, "full_kl"]["mean_abs_gap_vs_own_limit"]) < 1e-4
+        tails = [rows[k, "tail"] for k in result["ks"]]
+        assert all(r["bound_violations"] == 0 for r in tails)
+        gaps = [r["rel_gap_vs_masked_d"] for r in tails]
+        assert all(g <= 1e-6 for g in gaps) and gaps == sorted(gaps)  # below D, closing as k grows
+        assert gaps[0] < -1e-3
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "approx").glob("measured-*.json")}
+    assert len(stamps) == 2 and run_approx_study(config) == result  # measurements reused, not redone
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "approx").glob("measured-*.json")}
+    (row,) = result["tail_vs_live"]
+    assert row["kl_weight"] == 1.0 and row["seeds"] == 2
+    assert "### Cached `tail` vs `live`" in (tmp_path / "approx" / "approx_study.md").read_text()
