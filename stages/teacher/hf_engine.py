@@ -44,8 +44,8 @@ class HFEngine:
             self.close()
             raise ValueError(f"{model_dir}: output layer has {self.vocab_size} rows but config.json "
                              f"says vocab_size={vocab_size}")
-        # The kernel needs the plain head (`_logits` adds softcap/scale in float32 when present).
-        self.use_kernel = kernel_available(self.device) if topk_kernel is None else topk_kernel
+        # Default: the kernel on CUDA; on CPU only when asked (tests run it under Triton's interpreter).
+        self.use_kernel = (self.device.type == "cuda" and kernel_available(self.device)) if topk_kernel is None else topk_kernel
         if self.use_kernel and not kernel_available(self.device):
             raise ValueError(f"hf engine: the Triton top-k kernel does not run on {self.device} "
                              "(it needs CUDA, or TRITON_INTERPRET=1 for tests)")
