@@ -124,6 +124,8 @@ def _combined_token_hash(manifest: Manifest) -> str:
 def _open_engine(config: Config):
     cache = config.cache
     extra = {"kv_cache_gib": cache.vllm_kv_cache_gib, "gpu_memory_utilization": cache.gpu_memory_utilization} if cache.engine == "vllm" else {}
+    if cache.engine == "vllm":  # teachers larger than one GPU: passed to vllm.LLM as is
+        extra.update(tensor_parallel_size=cache.tensor_parallel_size, pipeline_parallel_size=cache.pipeline_parallel_size)
     return open_engine(cache.engine, config.model, k=cache.k, dtype=cache.dtype, max_length=config.data.max_length,
                        batch_tokens=max(cache.batch_tokens, config.data.max_length), **extra)
 
