@@ -162,7 +162,8 @@ def mirror_cache(uri: str, local_dir: str | os.PathLike) -> Path:
         local = local_dir / record.file
         if not (local.exists() and local.stat().st_size == record.bytes and file_sha256(local) == record.sha256):
             store.get_file(record.file, local)
-    manifest.save(local_dir)  # last, as on the remote side
+    # last, as on the remote side; a unique temp name, as DDP ranks may mirror into one directory at once
+    CacheStore.open(local_dir).write_text(MANIFEST_NAME, manifest.to_json())
     return local_dir
 
 
