@@ -47,7 +47,7 @@ def _open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(local).resolve())
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, ValueError) as native_error:  # a scheme pyarrow has no filesystem for
+    except ValueError as native_error:  # ArrowInvalid: a scheme pyarrow has no filesystem for
         try:
             import fsspec
         except ImportError:
