@@ -202,13 +202,15 @@ def _tokenized(config: Config) -> list[Example]:
 
 
 def _pin_device(worker: WorkerSpec, config: Config) -> None:
-    """Under torchrun: one GPU per worker (LOCAL_RANK), and hide torchrun's variables from vLLM."""
+    """Under torchrun: GPUs [LOCAL_RANK * g, (LOCAL_RANK + 1) * g) for a worker using g = tp * pp GPUs
+    (unless CUDA_VISIBLE_DEVICES is set), and hide torchrun's variables from vLLM."""
     if worker.source != "torchrun":
         return
     local_rank = os.environ.get("LOCAL_RANK")
-    single_gpu = config.cache.tensor_parallel_size * config.cache.pipeline_parallel_size == 1
-    if local_rank is not None and single_gpu and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        os.environ["CUDA_VISIBLE_DEVICES"] = local_rank
+    per_worker = config.cache.tensor_parallel_size * config.cache.pipeline_parallel_size
+    if local_rank is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        first = int(local_rank) * per_worker
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_worker))
     for name in _TORCHRUN_VARS:
         os.environ.pop(name, None)
 

@@ -196,3 +196,20 @@ def test_killed_worker_redoes_only_its_own_missing_shards(tiny_model_dir, tmp_pa
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("shard-*.parquet")}
     assert all(after[p] == t for p, t in {**done_by_0, **kept}.items())  # nobody else's shard was rewritten
     assert_same_cache(tmp_path / "two", reference)
+
+
+# --- torchrun: rank and size from RANK / WORLD_SIZE ----------------------------------------------
+@pytest.mark.slow
+def test_torchrun_launches_the_workers(two_worker_cache, tiny_model_dir, tiny_jsonl, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "pipeline", "cache-teacher", "--config", "",
+               *config_args(tiny_model_dir, tiny_jsonl, tmp_path / "torchrun")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "worker 0 of 2" in result.stdout and "worker 1 of 2" in result.stdout
+    assert_same_cache(tmp_path / "torchrun", two_worker_cache[1])
