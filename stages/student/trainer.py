@@ -280,7 +280,7 @@ def training_arguments(train: TrainConfig, run_dir: Path, num_rows: int, streami
         report_to="none", dataloader_pin_memory=torch.cuda.is_available(),
         # Without CUDA, accelerate sets up DDP (gloo) under torchrun only when told it runs on CPU;
         # otherwise every process would silently train on its own.
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
 
 
