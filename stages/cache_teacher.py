@@ -6,7 +6,8 @@ Steps: load + tokenize the data (all bad input is reported before any teacher ti
 fingerprint teacher, tokenizer and data -> open or resume the cache directory -> for each shard
 not yet in the manifest: score its examples with the engine, write the shard, update the manifest
 -> mark complete and print a summary. Example i always lands in shard i // rows_per_shard, so a
-killed run resumes exactly where it stopped and N workers could split the shard indices.
+killed run resumes exactly where it stopped and N workers split the shard indices
+(stages/scale_out/workers.py: shard i -> worker i mod N).
 """
 from __future__ import annotations
 

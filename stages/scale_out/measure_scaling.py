@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["measure", "main"]
 
-_LINE = re.compile(r"worker (\d+) of (\d+): .* written now, ([\d,]+) tokens at ([\d,]+) tok/s")
+_LINE = re.compile(r"worker (\d+) of (\d+) \(\w+\): .* written now, ([\d,]+) tokens at ([\d,]+) tok/s")
 
 
 def _number(text: str) -> float:

@@ -144,10 +144,10 @@ def read_parts(store: CacheStore) -> dict[str, ManifestPart]:
 
 
 # --- opening a cache as worker r -----------------------------------------------------------------
-def _check_merged(store: CacheStore, planned: Manifest) -> bool:
-    """True if a complete manifest of this same cache already exists (nothing left to do)."""
+def _merged(store: CacheStore, planned: Manifest) -> Manifest | None:
+    """The complete manifest of this same cache if it already exists (nothing left to do), else None."""
     if not store.exists(MANIFEST_NAME):
-        return False
+        return None
     import json
 
     existing = Manifest.from_dict(json.loads(store.read_text(MANIFEST_NAME)), where=store.where(MANIFEST_NAME))
@@ -155,7 +155,7 @@ def _check_merged(store: CacheStore, planned: Manifest) -> bool:
     if not existing.complete:
         raise FileExistsError(f"{store.where(MANIFEST_NAME)}: an unfinished single-process stage one is in this cache; "
                               "resume it without --num-workers, or start over in an empty cache.dir")
-    return True
+    return existing
 
 
 def _same_origin(existing: Manifest, planned: Manifest, where: str) -> None:
@@ -224,10 +224,11 @@ class WorkerSummary:
     shards_written_now: int
     tokens_written_now: int
     tokens_per_second: float    # this worker's teacher pass incl. top-k and writing; engine start excluded
-    merged: Manifest | None     # set by the worker that completed the cache
+    merged: Manifest | None     # set by the worker that completed the cache (or found it complete)
+    source: str = "flags"       # where rank and size came from: flags | slurm | torchrun | ray | single
 
     def render(self) -> str:
-        lines = [f"worker {self.rank} of {self.size}: {self.shards_assigned} shards assigned, "
+        lines = [f"worker {self.rank} of {self.size} ({self.source}): {self.shards_assigned} shards assigned, "
                  f"{self.shards_written_now} written now"
                  + (f", {self.tokens_written_now:,} tokens at {self.tokens_per_second:,.0f} tok/s" if self.shards_written_now else "")]
         if self.merged is not None:
@@ -250,8 +251,8 @@ def run_worker(config: Config, worker: WorkerSpec, merge: bool = True) -> Worker
     planned = plan_manifest(config, len(examples))
     num_shards = math.ceil(len(examples) / config.cache.rows_per_shard)
     mine = assigned_shards(num_shards, worker)
-    if _check_merged(store, planned):
-        return WorkerSummary(worker.rank, worker.size, len(mine), 0, 0, 0.0, None)
+    if (done := _merged(store, planned)) is not None:
+        return WorkerSummary(worker.rank, worker.size, len(mine), 0, 0, 0.0, done, worker.source)
     part = _open_part(store, planned, worker)
     local.mkdir(parents=True, exist_ok=True)
     for index in mine:  # this worker's half-written shards from a killed attempt; never another's
@@ -270,7 +271,8 @@ def run_worker(config: Config, worker: WorkerSpec, merge: bool = True) -> Worker
     part.complete = all(part.shard(i) is not None for i in mine)
     part.save(local)
     merged = try_merge(store) if merge else None
-    return WorkerSummary(worker.rank, worker.size, len(mine), len(todo), tokens, tokens / seconds if tokens else 0.0, merged)
+    return WorkerSummary(worker.rank, worker.size, len(mine), len(todo), tokens, tokens / seconds if tokens else 0.0,
+                         merged, worker.source)
 
 
 def _save_config(config: Config, store: CacheStore, local: Path) -> None:
