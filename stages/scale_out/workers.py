@@ -31,7 +31,7 @@ from pipeline.config import Config, save_config
 from pipeline.data import Example, load_rows, tokenize_rows
 from pipeline.fingerprints import model_vocab_size
 from stages.cache_teacher import _open_engine, _write_shards, plan_manifest
-from storage_schemas import MANIFEST_NAME, FingerprintMismatch, Manifest
+from storage_schemas import MANIFEST_NAME, FingerprintMismatch, Manifest, shard_file_name
 from storage_schemas.remote import CacheStore, default_local_dir
 
 __all__ = ["WorkerSpec", "ManifestPart", "resolve_worker", "assigned_shards", "part_name", "parse_part_name",
@@ -256,7 +256,7 @@ def run_worker(config: Config, worker: WorkerSpec, merge: bool = True) -> Worker
     part = _open_part(store, planned, worker)
     local.mkdir(parents=True, exist_ok=True)
     for index in mine:  # this worker's half-written shards from a killed attempt; never another's
-        (local / f"shard-{index:05d}.parquet.tmp").unlink(missing_ok=True)
+        (local / f"{shard_file_name(index)}.tmp").unlink(missing_ok=True)  # write_shard's temp name
     if worker.rank == 0:
         _save_config(config, store, local)
     todo = [i for i in mine if part.shard(i) is None]
@@ -269,7 +269,7 @@ def run_worker(config: Config, worker: WorkerSpec, merge: bool = True) -> Worker
         finally:
             engine.close()
     part.complete = all(part.shard(i) is not None for i in mine)
-    part.save(local)
+    part.save(local)  # before looking at the others: of two workers finishing together, one sees both complete
     merged = try_merge(store) if merge else None
     return WorkerSummary(worker.rank, worker.size, len(mine), len(todo), tokens, tokens / seconds if tokens else 0.0,
                          merged, worker.source)
