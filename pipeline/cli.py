@@ -2,6 +2,7 @@
 
     build-default   build the embedded tiny base model and corpora (cached, rebuilt on recipe change)
     cache-teacher   stage one: teacher pass over the data into zstd Parquet shards + manifest
+    merge-manifest  join the manifest parts of N stage-one workers (automatic when the last finishes)
     verify          check a cache's schema, counts and checksums; names any bad shard
     inspect         show one cached position: target and top-k with probabilities
     train           stage two: LoRA on the cached shards with the masked KL
@@ -48,6 +49,13 @@ def cmd_build_default(args) -> int:
 
 def cmd_cache_teacher(args) -> int:
     config = _config(args)  # bad keys fail fast, before the heavy imports
+    if args.launcher == "ray" or args.num_workers is not None or args.worker_rank is not None \
+            or _scaled_out(config.cache.dir):
+        from stages.scale_out.launch import run_scaled_stage_one
+
+        print(run_scaled_stage_one(config, args.launcher, args.num_workers, args.worker_rank,
+                                   args.ray_address, overwrite=args.overwrite))
+        return 0
     from stages.cache_teacher import run_cache_teacher
 
     summary = run_cache_teacher(config, overwrite=args.overwrite)
@@ -55,12 +63,31 @@ def cmd_cache_teacher(args) -> int:
     return 0
 
 
+def _scaled_out(cache_dir: str) -> bool:
+    """A remote cache, or a Slurm array / torchrun worker: stage one runs as one of N workers."""
+    from stages.scale_out.workers import resolve_worker
+    from storage_schemas.remote import is_remote
+
+    return is_remote(cache_dir) or resolve_worker().size > 1
+
+
+def cmd_merge_manifest(args) -> int:
+    from stages.scale_out.merge import merge_parts
+
+    manifest = merge_parts(args.cache)
+    print(f"OK   {args.cache}: merged {len(manifest.shards)} shards, {manifest.num_rows:,} examples, "
+          f"{manifest.num_tokens:,} tokens (complete={manifest.complete}); run `verify` to check checksums")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from storage_schemas import Manifest
+    from storage_schemas.remote import local_cache_copy
     from storage_schemas.shard_io import verify_cache
 
-    manifest = Manifest.load(args.cache)
-    problems = verify_cache(args.cache, manifest)
+    cache = local_cache_copy(args.cache, args.local_dir)  # a remote cache is downloaded first
+    manifest = Manifest.load(cache)
+    problems = verify_cache(cache, manifest)
     for problem in problems:
         print(f"BAD  {problem}", file=sys.stderr)
     if not problems:
@@ -155,10 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-teacher", help="stage one: cache the teacher's top-k non-target log-probs")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="delete a cache of another model/data/settings in cache.dir")
+    scale = p.add_argument_group("scale-out (README: Running at scale)")
+    scale.add_argument("--num-workers", type=int, default=None,
+                       help="data-parallel workers; shard i goes to worker i mod N (default: SLURM_ARRAY_TASK_COUNT or WORLD_SIZE, else 1)")
+    scale.add_argument("--worker-rank", type=int, default=None,
+                       help="this worker's rank (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN or RANK)")
+    scale.add_argument("--launcher", choices=("none", "ray"), default="none",
+                       help="none: this process is one worker; ray: run all N workers as Ray tasks, then merge")
+    scale.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
     p.set_defaults(func=cmd_cache_teacher)
 
+    p = sub.add_parser("merge-manifest", help="join the workers' manifest parts into manifest.json (refuses gaps/overlaps)")
+    p.add_argument("cache", help="cache directory or URI (s3://...)")
+    p.set_defaults(func=cmd_merge_manifest)
+
     p = sub.add_parser("verify", help="check a cache's schema, counts and checksums (exit 1 if bad)")
-    p.add_argument("cache", help="cache directory")
+    p.add_argument("cache", help="cache directory or URI (s3://...: downloaded to --local-dir first)")
+    p.add_argument("--local-dir", default="", help="local copy of a remote cache (default: ~/.cache/mtcache/remote/<hash>)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="show one cached position: target and top-k, decoded")

@@ -59,6 +59,9 @@ class CacheConfig:
     vllm_output: str = "pooler"          # vllm: pooler (top-k as tensors from vLLM's worker) | prompt_logprobs (stock API, fallback)
     vllm_kv_cache_gib: float = 1.0       # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.85 # vLLM on CUDA
+    tensor_parallel_size: int = 1        # vLLM: GPUs one teacher is split across (layers' matrices)
+    pipeline_parallel_size: int = 1      # vLLM: pipeline stages (layer groups); GPUs per worker = tp * pp
+    local_dir: str = ""                  # remote cache.dir (s3://...): local working copy; "" = ~/.cache/mtcache/remote/<hash>
 
     def __post_init__(self) -> None:
         from storage_schemas import get_encoding
@@ -70,6 +73,8 @@ class CacheConfig:
         _require(self.rows_per_shard >= 1, f"cache.rows_per_shard: must be >= 1, got {self.rows_per_shard}")
         _require(1 <= self.zstd_level <= 22, f"cache.zstd_level: must be in 1..22, got {self.zstd_level}")
         _require(self.dtype in ("float32", "bfloat16", "float16"), f"cache.dtype: {self.dtype!r} unsupported")
+        _require(self.tensor_parallel_size >= 1 and self.pipeline_parallel_size >= 1,
+                 "cache.tensor_parallel_size and cache.pipeline_parallel_size must be >= 1")
 
 
 @dataclass

@@ -6,7 +6,9 @@ Steps: load + tokenize the data (all bad input is reported before any teacher ti
 fingerprint teacher, tokenizer and data -> open or resume the cache directory -> for each shard
 not yet in the manifest: score its examples with the engine, then hand them to a background writer
 that writes the shard and updates the manifest while the engine scores the next one -> mark
-complete and print a summary. Example i always lands in shard i // rows_per_shard, so a killed run resumes exactly where it stopped and N workers could split the shard indices.
+complete and print a summary. Example i always lands in shard i // rows_per_shard, so a killed run
+resumes exactly where it stopped and N workers split the shard indices
+(stages/scale_out/workers.py: shard i -> worker i mod N).
 """
 from __future__ import annotations
 
@@ -126,6 +128,8 @@ def _open_engine(config: Config):
     cache = config.cache
     extra = {"output": cache.vllm_output, "kv_cache_gib": cache.vllm_kv_cache_gib,
              "gpu_memory_utilization": cache.gpu_memory_utilization} if cache.engine == "vllm" else {}
+    if cache.engine == "vllm":  # teachers larger than one GPU: passed to vllm.LLM as is
+        extra.update(tensor_parallel_size=cache.tensor_parallel_size, pipeline_parallel_size=cache.pipeline_parallel_size)
     return open_engine(cache.engine, config.model, k=cache.k, dtype=cache.dtype, max_length=config.data.max_length,
                        batch_tokens=max(cache.batch_tokens, config.data.max_length), **extra)
 

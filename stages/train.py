@@ -23,6 +23,7 @@ from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CACHED_ESTIMATORS
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.weight_penalties import build_penalty
+from storage_schemas.remote import local_cache_copy
 from stages.student.trainer import (
     CHECKPOINT_DIR, build_trainer, dataset_columns, last_checkpoint, train_and_save, use_bf16,
 )
@@ -123,8 +124,9 @@ def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerC
         print(f"{run_dir} already finished; nothing to train.\n" + _summary(done, config))
         return done
     resume_from = resume_point(config, resume)
-    manifest = open_cache(config.cache.dir, config.model, allow_model_mismatch=train.allow_model_mismatch)
-    dataset = load_cache_dataset(config.cache.dir, manifest, streaming=train.streaming,
+    cache_dir = local_cache_copy(config.cache.dir, config.cache.local_dir)  # s3://...: a local, verified mirror
+    manifest = open_cache(cache_dir, config.model, allow_model_mismatch=train.allow_model_mismatch)
+    dataset = load_cache_dataset(cache_dir, manifest, streaming=train.streaming,
                                  columns=dataset_columns(train.estimator))
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)

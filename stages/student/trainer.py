@@ -282,6 +282,9 @@ def training_arguments(train: TrainConfig, run_dir: Path, num_rows: int, streami
         accelerator_config={"dispatch_batches": False, "split_batches": False},
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
         report_to="none", dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA, accelerate sets up DDP (gloo) under torchrun only when told it runs on CPU;
+        # otherwise every process would silently train on its own.
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
 
 
