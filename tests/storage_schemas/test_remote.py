@@ -31,15 +31,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_triton_interpreter():
-    """The hf engine's Triton kernel is not the subject; under the interpreter it is ~100x slower."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    yield
-    if saved is not None:
-        os.environ["TRITON_INTERPRET"] = saved
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on a free port with bucket `caches`; the AWS variables point clients at it."""
