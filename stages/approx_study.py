@@ -122,7 +122,7 @@ def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list
 
     manifest = open_cache(cache_dir, config.model)
     dataset = load_cache_dataset(cache_dir, manifest)
-    collate = CacheCollator(pad_token_id(config.model), manifest.settings.k)
+    collate = CacheCollator(pad_token_id(config.model), manifest.settings.k, encoding=manifest.settings.encoding)
     base = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     total, size = None, config.approx.batch_size

@@ -30,7 +30,7 @@ def _decode_pass(dataset, collate: CacheCollator, batch: int) -> tuple[int, floa
 def measure_reader(cache_dir: Path, model: str, s: BenchSettings, train_tok_s: float) -> dict:
     """Decode tok/s (best of `reader_passes`) and its ratio to the training step's tok/s."""
     manifest = open_cache(cache_dir, model)
-    collate = CacheCollator(pad_token_id(model), manifest.settings.k)
+    collate = CacheCollator(pad_token_id(model), manifest.settings.k, encoding=manifest.settings.encoding)
     with tempfile.TemporaryDirectory(prefix="mtcache-bench-hf-") as hf_cache:
         start = time.perf_counter()
         dataset = load_cache_dataset(cache_dir, manifest, hf_cache_dir=hf_cache)
