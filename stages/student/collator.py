@@ -82,8 +82,10 @@ class CacheCollator:
     0 = all k.
     """
 
-    def __init__(self, pad_id: int, k: int, with_teacher: bool = True, encoding: str | Encoding = "topk_f32",
+    def __init__(self, pad_id: int, k: int, with_teacher: bool = True, *, encoding: str | Encoding,
                  use_k: int = 0) -> None:
+        # `encoding` has no default: a collator that guessed would train on raw integer codes or
+        # refuse late; callers pass the cache's own `manifest.settings.encoding`.
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if not 0 <= use_k <= k:

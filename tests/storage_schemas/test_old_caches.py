@@ -38,7 +38,7 @@ def test_version_1_rows_collate_like_before():
     manifest = Manifest.load(cache)
     table = read_shard(cache / manifest.shards[0].file, "topk_f32")
     rows = [{name: np.asarray(value) for name, value in row.items()} for row in table.to_pylist()]
-    batch = CacheCollator(pad_id=0, k=manifest.settings.k)(rows)  # default: the float encoding of v1
+    batch = CacheCollator(pad_id=0, k=manifest.settings.k, encoding=manifest.settings.encoding)(rows)  # v1: a float encoding
     expected = json.loads((cache / "expected.json").read_text())[:2]
     np.testing.assert_array_equal(batch["teacher_topk_logprobs"].numpy(),
                                   np.concatenate([np.asarray(e["topk_logprobs"], np.float32) for e in expected]))

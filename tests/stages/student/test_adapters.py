@@ -19,7 +19,7 @@ VARIANTS = ["lora", "rslora", "dora", "pissa", "olora"]
 def cache_batch(cache_dir, model_dir, rows: int = 8) -> dict:
     manifest = open_cache(cache_dir, model_dir, verify=False)
     dataset = load_cache_dataset(cache_dir, manifest)
-    return CacheCollator(pad_token_id(model_dir), manifest.settings.k)([dataset[i] for i in range(rows)])
+    return CacheCollator(pad_token_id(model_dir), manifest.settings.k, encoding=manifest.settings.encoding)([dataset[i] for i in range(rows)])
 
 
 def student(model_dir, variant: str = "lora", seed: int = 0) -> PeftModel:

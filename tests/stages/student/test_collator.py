@@ -26,7 +26,7 @@ def coded_row(example: int, length: int, trained_from: int) -> dict:
 
 def test_padding_labels_and_alignment():
     rows = [coded_row(0, 6, 0), coded_row(1, 4, 2), coded_row(2, 7, 3)]
-    batch = CacheCollator(pad_id=99, k=K)(rows)
+    batch = CacheCollator(pad_id=99, k=K, encoding="topk_f32")(rows)
     assert batch["input_ids"].shape == (3, 7) and batch["input_ids"].dtype == torch.long
     assert batch["input_ids"][1].tolist() == [11, 12, 13, 14, 99, 99, 99]
     assert batch["attention_mask"].tolist() == [[1] * 6 + [0], [1] * 4 + [0] * 3, [1] * 7]
@@ -46,9 +46,9 @@ def test_padding_labels_and_alignment():
 
 def test_row_without_trained_positions_and_without_teacher():
     rows = [coded_row(0, 5, 4), coded_row(1, 3, 0)]  # row 0 trains nothing
-    batch = CacheCollator(pad_id=0, k=K)(rows)
+    batch = CacheCollator(pad_id=0, k=K, encoding="topk_f32")(rows)
     assert (batch["labels"][0] == -100).all() and batch["teacher_topk_ids"].shape == (2, K)
-    plain = CacheCollator(pad_id=0, k=K, with_teacher=False)(rows)
+    plain = CacheCollator(pad_id=0, k=K, encoding="topk_f32", with_teacher=False)(rows)
     assert set(plain) == {"input_ids", "attention_mask", "labels"}
 
 
@@ -59,23 +59,23 @@ def test_use_k_keeps_the_first_cached_columns():
         n = len(row["target_logprob"])
         row["topk_ids"] = (np.repeat(row["topk_ids"][::K], K) * 10 + np.tile(np.arange(K), n))
         row["topk_logprobs"] = row["topk_ids"].astype(np.float32)
-    full = CacheCollator(pad_id=0, k=K)(rows)
+    full = CacheCollator(pad_id=0, k=K, encoding="topk_f32")(rows)
     for use_k in (1, 2, K):
-        part = CacheCollator(pad_id=0, k=K, use_k=use_k)(rows)
+        part = CacheCollator(pad_id=0, k=K, encoding="topk_f32", use_k=use_k)(rows)
         assert part["teacher_topk_ids"].shape == (full["teacher_topk_ids"].shape[0], use_k)
         assert torch.equal(part["teacher_topk_ids"], full["teacher_topk_ids"][:, :use_k])
         assert torch.equal(part["teacher_topk_logprobs"], full["teacher_topk_logprobs"][:, :use_k])
         assert torch.equal(part["teacher_target_logprob"], full["teacher_target_logprob"])
     assert part["teacher_topk_ids"][0].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match=r"train.k=4: the cache holds k=3"):
-        CacheCollator(pad_id=0, k=K, use_k=K + 1)
+        CacheCollator(pad_id=0, k=K, encoding="topk_f32", use_k=K + 1)
 
 
 def test_inconsistent_row_is_refused():
     row = coded_row(4, 6, 0)
     row["target_logprob"] = row["target_logprob"][:-1]
     with pytest.raises(ValueError, match=r"examples \[4\]"):
-        CacheCollator(pad_id=0, k=K)([row])
+        CacheCollator(pad_id=0, k=K, encoding="topk_f32")([row])
 
 
 def test_real_cache_lines_up_with_a_model_forward(tiny_cache, tiny_model_dir):
@@ -84,7 +84,7 @@ def test_real_cache_lines_up_with_a_model_forward(tiny_cache, tiny_model_dir):
 
     manifest = open_cache(tiny_cache, tiny_model_dir, verify=False)
     rows = [load_cache_dataset(tiny_cache, manifest)[i] for i in range(5)]
-    batch = CacheCollator(pad_token_id(tiny_model_dir), manifest.settings.k)(rows)
+    batch = CacheCollator(pad_token_id(tiny_model_dir), manifest.settings.k, encoding=manifest.settings.encoding)(rows)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

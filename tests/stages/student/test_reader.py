@@ -157,4 +157,4 @@ def test_float_collator_refuses_an_encoded_cache(tiny_model_dir, tiny_token_ids,
     build_cache(tiny_model_dir, tiny_token_ids[:4], tmp_path / "c", k=8, encoding="topk_idd_logq7")
     dataset = load_cache_dataset(tmp_path / "c", open_cache(tmp_path / "c", tiny_model_dir))
     with pytest.raises(ValueError, match="integer codes mean another encoding"):
-        CacheCollator(pad_id=0, k=8)([dataset[0]])  # forgot encoding=manifest.settings.encoding
+        CacheCollator(pad_id=0, k=8, encoding="topk_f32")([dataset[0]])  # not the cache's encoding

@@ -46,7 +46,7 @@ class Capture(TrainerCallback):
 def mean_ce(model, cache_dir, model_dir, rows: int = 16) -> float:
     manifest = open_cache(cache_dir, model_dir, verify=False)
     dataset = load_cache_dataset(cache_dir, manifest)
-    batch = CacheCollator(pad_token_id(model_dir), manifest.settings.k)([dataset[i] for i in range(rows)])
+    batch = CacheCollator(pad_token_id(model_dir), manifest.settings.k, encoding=manifest.settings.encoding)([dataset[i] for i in range(rows)])
     return batch_loss(model.eval(), batch, "none", 0.0).ce.item()
 
 
