@@ -145,6 +145,7 @@ def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
 # --- stage two -----------------------------------------------------------------------------------
 def _cached_teacher(model, ids: torch.Tensor, vocab: int):
     """Stage one in-process: the k non-target ids and log-probs per position, and the target's."""
+    from stages.teacher.select import select_nontarget_topk_torch
     from stages.teacher.topk_kernel import topk_logsumexp
 
     with torch.no_grad():
@@ -152,11 +153,8 @@ def _cached_teacher(model, ids: torch.Tensor, vocab: int):
         targets = ids[:, 1:].reshape(-1)
         values, top_ids, lse = topk_logsumexp(logits, K + 1)
         target_lp = logits.gather(1, targets[:, None])[:, 0].float() - lse
-    is_target = top_ids == targets[:, None]
-    keep = ~is_target
-    keep[~is_target.any(1), K] = False  # rows without the target drop their (k+1)-th
-    n = targets.numel()
-    return top_ids[keep].view(n, K), (values - lse[:, None])[keep].view(n, K), target_lp
+    top_ids, top_lp = select_nontarget_topk_torch(top_ids, values - lse[:, None], targets, K)
+    return top_ids.long(), top_lp, target_lp
 
 
 def bench_stage_two(name: str, model_dir: Path, vocab: int, fused_available: bool) -> dict:
