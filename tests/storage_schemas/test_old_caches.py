@@ -1,7 +1,9 @@
 """Caches written by the schema-version-1 code (checked-in files) still read, value for value.
 
 `data/v1-topk_f32` and `data/v1-topk_f16` were written by the version-1 `storage_schemas` (commit
-7e316e3), with `expected.json` holding the float32 arrays they were given.
+7e316e3), with `expected.json` holding the float32 arrays they were given. `data/v2-topk_idd_logq7`
+is the same cache transcoded (`pipeline.encoding_study.transcode_cache`) by the commit after 1927c1f,
+when `topk_idd_logq7` was the default: caches written then must keep reading after the default moved.
 """
 import json
 import shutil
@@ -42,6 +44,27 @@ def test_version_1_rows_collate_like_before():
     expected = json.loads((cache / "expected.json").read_text())[:2]
     np.testing.assert_array_equal(batch["teacher_topk_logprobs"].numpy(),
                                   np.concatenate([np.asarray(e["topk_logprobs"], np.float32) for e in expected]))
+
+
+def test_version_2_logq7_cache_still_reads_within_its_bound():
+    from storage_schemas import get_encoding
+    from storage_schemas.codecs import value_error_bound
+
+    cache = DATA / "v2-topk_idd_logq7"
+    manifest = Manifest.load(cache)
+    assert manifest.schema_version == 2 and manifest.settings.encoding == "topk_idd_logq7"
+    assert verify_cache(cache, manifest) == []
+    expected = json.loads((cache / "expected.json").read_text())
+    k = manifest.settings.k
+    got = [decode_table(read_shard(cache / s.file, "topk_idd_logq7"), "topk_idd_logq7", k) for s in manifest.shards]
+    ids, values, target = (np.concatenate(parts) for parts in zip(*got))
+    want_ids = np.concatenate([np.asarray(e["topk_ids"]) for e in expected])
+    want = np.concatenate([np.asarray(e["topk_logprobs"], np.float32) for e in expected])
+    np.testing.assert_array_equal(np.sort(ids, 1), np.sort(want_ids, 1))
+    order = np.argsort(-want, 1, kind="stable")  # both in descending probability
+    assert np.all(np.abs(values - np.take_along_axis(want, order, 1))
+                  <= value_error_bound(get_encoding("topk_idd_logq7"), np.take_along_axis(want, order, 1)) + 1e-6)
+    np.testing.assert_array_equal(target, np.concatenate([np.asarray(e["target_logprob"], np.float32) for e in expected]))
 
 
 def test_unknown_schema_version_is_refused_by_name(tmp_path):
