@@ -127,7 +127,7 @@ def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerC
     cache_dir = local_cache_copy(config.cache.dir, config.cache.local_dir)  # s3://...: a local, verified mirror
     manifest = open_cache(cache_dir, config.model, allow_model_mismatch=train.allow_model_mismatch)
     dataset = load_cache_dataset(cache_dir, manifest, streaming=train.streaming,
-                                 columns=dataset_columns(train.estimator))
+                                 columns=dataset_columns(train.estimator, manifest.settings.encoding))
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
     collator = CacheCollator(pad_token_id(config.model), manifest.settings.k,

@@ -11,10 +11,13 @@ from storage_schemas.cache_schema import (
     SCHEMA_VERSION,
     SUPPORTED_SCHEMA_VERSIONS,
     SHARD_COLUMNS,
+    MASS_COLUMN,
     Encoding,
     get_encoding,
+    shard_columns,
     shard_file_name,
     shard_schema,
+    teacher_columns,
 )
 from storage_schemas.manifest import (
     MANIFEST_NAME,
@@ -29,7 +32,8 @@ from storage_schemas.manifest import (
 )
 
 __all__ = [
-    "DEFAULT_ENCODING", "ENCODINGS", "LEGACY_ENCODINGS", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "SHARD_COLUMNS", "Encoding", "get_encoding", "shard_file_name", "shard_schema",
+    "DEFAULT_ENCODING", "ENCODINGS", "LEGACY_ENCODINGS", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "SHARD_COLUMNS", "MASS_COLUMN", "Encoding", "get_encoding", "shard_columns", "shard_file_name", "shard_schema",
+    "teacher_columns",
     "MANIFEST_NAME", "CacheSettings", "DatasetFingerprint", "EngineInfo", "FingerprintMismatch",
     "Manifest", "ShardRecord", "TeacherFingerprint", "TokenizerFingerprint",
 ]

@@ -10,6 +10,8 @@ Row layout (T = sequence length, n = number of trained positions, k = cached tok
                                        flattened row-major (order/coding: the encoding's `id_order`)
     topk_logprobs     list<.>     [n*k] their teacher log-probs (full-vocabulary log-softmax, not
                                        renormalized), stored as the encoding's `value_codec` says
+    topk_mass         list<int32> [n]  only in encodings with a `mass_codec`: the share of the
+                                       non-target mass the k cached tokens hold, coded (see below)
 
 Only trained positions carry teacher arrays: prompt tokens of chat data cost no bytes. Flat lists
 (not nested) keep decoding a reshape plus a few numpy ops, with no per-token Python work.
@@ -22,8 +24,9 @@ The codecs themselves live in `storage_schemas.codecs`; the study that chose the
 `python -m pipeline encoding-study` (BENCHMARKS.md, "Cache encodings").
 
 Schema versions: 1 = the first format (encodings `topk_f32`/`topk_f16` only, no spec metadata);
-2 = this one. Version-1 caches are read as before (their columns are exactly those of the v2
-`topk_f32`/`topk_f16` encodings); other versions are refused by name.
+2 = this one (the column set is the encoding's: `shard_columns(enc)`). Version-1 caches are read as
+before (their columns are exactly those of the v2 `topk_f32`/`topk_f16` encodings); other versions
+are refused by name, and a reader that predates an encoding refuses it by name (`get_encoding`).
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ import pyarrow as pa
 
 __all__ = [
     "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "LEGACY_ENCODINGS", "DEFAULT_ENCODING", "Encoding", "ENCODINGS",
-    "SHARD_COLUMNS", "ID_ORDERS", "VALUE_CODECS", "TARGET_CODECS", "get_encoding", "shard_schema", "shard_file_name",
-    "encoding_of_schema",
+    "SHARD_COLUMNS", "MASS_COLUMN", "ID_ORDERS", "VALUE_CODECS", "TARGET_CODECS", "MASS_CODECS", "MASS_LOGIT_RANGE",
+    "get_encoding", "shard_schema", "shard_columns", "teacher_columns", "shard_file_name", "encoding_of_schema",
 ]
 
 # Bump when a column is added, removed or changes meaning; readers refuse other versions by name.
@@ -45,6 +48,7 @@ LEGACY_ENCODINGS = ("topk_f32", "topk_f16")  # the only encodings a version-1 ca
 
 SHARD_COLUMNS = ("example_id", "input_ids", "loss_mask", "target_logprob", "topk_ids", "topk_logprobs")
 TEACHER_COLUMNS = ("target_logprob", "topk_ids", "topk_logprobs")
+MASS_COLUMN = "topk_mass"  # the seventh column, present only in encodings with a mass codec
 
 # prob: ids as they come, descending teacher probability.
 # id_delta: each position's ids sorted ascending and stored as differences (first = the id itself);
@@ -56,10 +60,23 @@ ID_ORDERS = ("prob", "id_delta")
 # sqrtp_q: integer code round(sqrt(exp(a)) / step), clamped to max_code (|error in sqrt p| <=
 #   step/2; code 0 decodes to log-prob -inf, i.e. p < step^2/4 is dropped into the tail bucket).
 #   The error in log p is step/sqrt(p): fine where p is large, where D_k is sensitive to it.
+# relpow_q: each value relative to its position's top-1, r = p / p_1 in (0, 1], stored as the integer
+#   code round((1 - r^power) / step) in [0, 1/step]; |error in r^power| <= step/2, and the bottom
+#   code (r^power < step/2) decodes to r^power = step/4. Only relative values are stored: the scale
+#   comes from the `topk_mass` column, so the decoded values hold exactly the cached mass (to that
+#   column's precision) and the tail estimator's 1 - sum_S p~ is not rebuilt from rounded values.
+#   power 1 would spend bits in proportion to probability, power -> 0 is a log grid; 1/4 was the
+#   best of those tried (BENCHMARKS.md, "Cache encodings").
 # Quantized codes are delta-coded along each position's k entries when `value_delta` (prob order
 # makes them monotone, so the differences are small and compress well).
-VALUE_CODECS = ("f32", "f16", "bf16", "log_q", "sqrtp_q")
+VALUE_CODECS = ("f32", "f16", "bf16", "log_q", "sqrtp_q", "relpow_q")
 TARGET_CODECS = ("f32", "f16", "bf16")
+# none: no topk_mass column. logit_q: S = sum_S p / (1 - p_y), the share of the non-target mass the
+#   k cached tokens hold, stored as round((log(S / (1 - S)) + R) / mass_step) clamped to [0, 2R /
+#   mass_step] with R = MASS_LOGIT_RANGE: the logit keeps the relative error of both S and the
+#   tail 1 - S below mass_step / 2 whether the teacher is flat (S ~ 1e-3) or peaked (1 - S ~ 1e-9).
+MASS_CODECS = ("none", "logit_q")
+MASS_LOGIT_RANGE = 32.0  # S or 1 - S below e^-32 (1.3e-14) is clamped there
 _FLOAT_TYPES = {"f32": pa.float32(), "f16": pa.float16(), "bf16": pa.uint16()}
 
 
@@ -79,10 +96,16 @@ class Encoding:
     value_step: float = 0.0          # quantized codecs only
     value_max_code: int = 0          # quantized codecs only: codes clamp to [0, value_max_code]
     value_delta: bool = False        # quantized codes stored as differences along the k entries
+    value_power: float = 0.0         # relpow_q only: the exponent of p / p_1 that is gridded
     target_codec: str = "f32"
+    mass_codec: str = "none"         # "logit_q": a topk_mass column (required by relpow_q)
+    mass_step: float = 0.0           # logit_q only
     byte_stream_split: tuple[str, ...] = ()  # columns written with Parquet BYTE_STREAM_SPLIT
     dictionary: tuple[str, ...] = ()         # columns written with Parquet dictionary encoding
     row_group_rows: int | None = None        # sequences per Parquet row group (None: one per shard)
+    data_page_bytes: int | None = None       # Parquet data page size (None: pyarrow's 1 MiB); zstd and
+                                             # byte-stream-split work per page, so one page per column
+                                             # chunk compresses better (1 to 1.5 bytes/token here)
 
     def __post_init__(self) -> None:
         where = f"encoding {self.name!r}"
@@ -96,13 +119,37 @@ class Encoding:
             raise ValueError(f"{where}: {self.value_codec} needs value_step > 0 and value_max_code >= 1")
         if self.value_delta and not self.quantized:
             raise ValueError(f"{where}: value_delta applies to quantized codecs only")
+        if self.mass_codec not in MASS_CODECS:
+            raise ValueError(f"{where}: mass_codec {self.mass_codec!r} not in {MASS_CODECS}")
+        if self.value_codec == "relpow_q":
+            if not 0 < self.value_power <= 1:
+                raise ValueError(f"{where}: relpow_q needs 0 < value_power <= 1, got {self.value_power}")
+            if self.value_max_code != round(1 / self.value_step):
+                raise ValueError(f"{where}: relpow_q needs value_max_code = 1 / value_step = {round(1 / self.value_step)}")
+            if self.mass_codec == "none":
+                raise ValueError(f"{where}: relpow_q stores relative values only and needs a mass_codec for their scale")
+        elif self.mass_codec != "none":
+            raise ValueError(f"{where}: mass_codec {self.mass_codec!r} applies to relpow_q values only")
+        if self.data_page_bytes is not None and self.data_page_bytes < 1024:
+            raise ValueError(f"{where}: data_page_bytes must be >= 1024 (or None), got {self.data_page_bytes}")
+        if self.mass_codec != "none" and not self.mass_step > 0:
+            raise ValueError(f"{where}: mass_codec {self.mass_codec!r} needs mass_step > 0")
         for column in (*self.byte_stream_split, *self.dictionary):
-            if column not in SHARD_COLUMNS:
+            if column not in (*SHARD_COLUMNS, MASS_COLUMN):
                 raise ValueError(f"{where}: unknown column {column!r} in its Parquet options")
 
     @property
     def quantized(self) -> bool:
-        return self.value_codec in ("log_q", "sqrtp_q")
+        return self.value_codec in ("log_q", "sqrtp_q", "relpow_q")
+
+    @property
+    def has_mass(self) -> bool:
+        """Whether shards of this encoding carry the `topk_mass` column."""
+        return self.mass_codec != "none"
+
+    @property
+    def mass_max_code(self) -> int:
+        return int(round(2 * MASS_LOGIT_RANGE / self.mass_step)) if self.has_mass else 0
 
     @property
     def value_type(self) -> pa.DataType:
@@ -127,6 +174,7 @@ class Encoding:
 
 
 _BSS_ALL = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs")
+_BSS_MASS = (*_BSS_ALL, MASS_COLUMN)
 
 ENCODINGS: dict[str, Encoding] = {
     e.name: e
@@ -135,7 +183,7 @@ ENCODINGS: dict[str, Encoding] = {
                  "the version-1 format"),
         Encoding("topk_f16", "topk_nontarget", "as topk_f32 with float16 log-probs (~1e-3 relative error on "
                  "log-probs); the version-1 format", value_codec="f16"),
-        # The default, chosen by the encoding study (BENCHMARKS.md, "Cache encodings"): ids sorted and
+        # The default of the first encoding study (BENCHMARKS.md, "Cache encodings"): ids sorted and
         # delta-coded (the set costs ~6 bits/id instead of ~11), values on a uniform log grid (the same
         # error at every probability scale: robust on flat large-vocabulary distributions), target exact
         # (it enters log1mexp(a_y); float16 shifts log(1 - p_y) by 1e-2 nats at p_y = 1 - 1e-6).
@@ -144,6 +192,18 @@ ENCODINGS: dict[str, Encoding] = {
                  "log p = -512); target float32; byte-stream-split",
                  id_order="id_delta", value_codec="log_q", value_step=2.0 ** -7, value_max_code=65535,
                  target_codec="f32", byte_stream_split=_BSS_ALL),
+        # The default since the second encoding study (BENCHMARKS.md, "Cache encodings"): values
+        # relative to the top-1 on a (p / p_1)^(1/4) grid, the cached share of the non-target mass
+        # to 2^-9 relative in a column of its own, so rounding never moves mass between S and the
+        # tail. The values are rebuilt on the decoded target's log(1 - p_y), so the masked estimators
+        # (tail, topk) do not see the target's rounding at all and float16 is enough for it (full_kl
+        # sees it only through p_y itself: 2^-11 relative).
+        Encoding("topk_idd_rel4q112", "topk_nontarget",
+                 "ids sorted by id + delta-coded; values round((1 - (p / p_1)^(1/4)) * 112); cached share of the "
+                 "non-target mass as its logit on a 2^-8 grid (topk_mass); target float16; byte-stream-split; "
+                 "64 MiB pages", id_order="id_delta", value_codec="relpow_q", value_step=1 / 112,
+                 value_max_code=112, value_power=0.25, mass_codec="logit_q", mass_step=2.0 ** -8,
+                 target_codec="f16", byte_stream_split=_BSS_MASS, data_page_bytes=64 << 20),
         Encoding("topk_idd_f16", "topk_nontarget",
                  "ids sorted by id + delta-coded; values float16 (relative error <= 2^-11); target float32; "
                  "byte-stream-split", id_order="id_delta", value_codec="f16", byte_stream_split=_BSS_ALL),
@@ -156,7 +216,7 @@ ENCODINGS: dict[str, Encoding] = {
                  target_codec="f32", byte_stream_split=_BSS_ALL),
     )
 }
-DEFAULT_ENCODING = "topk_idd_logq7"
+DEFAULT_ENCODING = "topk_idd_rel4q112"
 
 
 def get_encoding(name: str) -> Encoding:
@@ -170,10 +230,21 @@ def _resolve(encoding: str | Encoding) -> Encoding:
     return encoding if isinstance(encoding, Encoding) else get_encoding(encoding)
 
 
+def teacher_columns(encoding: str | Encoding) -> tuple[str, ...]:
+    """The columns holding the teacher arrays in shards of `encoding` (what the collator decodes)."""
+    return TEACHER_COLUMNS + ((MASS_COLUMN,) if _resolve(encoding).has_mass else ())
+
+
+def shard_columns(encoding: str | Encoding) -> tuple[str, ...]:
+    """Every column of a shard of `encoding`, in file order."""
+    return SHARD_COLUMNS + ((MASS_COLUMN,) if _resolve(encoding).has_mass else ())
+
+
 def shard_schema(encoding: str | Encoding) -> pa.Schema:
     """The Arrow schema every shard written with `encoding` (a registered name, or an `Encoding`
     object: the study's candidates) has, exactly; its metadata carries the full spec."""
     enc = _resolve(encoding)
+    mass = [pa.field(MASS_COLUMN, pa.list_(pa.int32()), nullable=False)] if enc.has_mass else []
     return pa.schema(
         [
             pa.field("example_id", pa.int64(), nullable=False),
@@ -182,6 +253,7 @@ def shard_schema(encoding: str | Encoding) -> pa.Schema:
             pa.field("target_logprob", pa.list_(enc.target_type), nullable=False),
             pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("topk_logprobs", pa.list_(enc.value_type), nullable=False),
+            *mass,
         ],
         metadata={
             b"mtcache.schema_version": str(SCHEMA_VERSION).encode(),

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage_schemas.cache_schema import Encoding, encoding_of_schema, get_encoding, shard_file_name, shard_schema
+from storage_schemas.cache_schema import (MASS_COLUMN, Encoding, encoding_of_schema, get_encoding, shard_file_name,
+                                          shard_schema)
 from storage_schemas.codecs import decode_teacher, encode_teacher
 from storage_schemas.manifest import Manifest, ShardRecord
 
@@ -72,15 +73,19 @@ def _flat_list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.DataT
 
 
 def _teacher_columns(rows: list[ShardRow], enc: Encoding, k: int) -> list[pa.ListArray]:
-    """The three teacher columns, encoded once over all the shard's positions (vectorized)."""
+    """The teacher columns (three, or four with a mass codec), encoded once over all the shard's
+    positions (vectorized)."""
     n = np.fromiter((len(r.target_logprob) for r in rows), dtype=np.int64, count=len(rows))
     def stack(name: str, width: int, dtype) -> np.ndarray:
         parts = [np.asarray(getattr(r, name), dtype).reshape(-1, width) for r in rows]
         return np.concatenate(parts) if parts else np.zeros((0, width), dtype)
-    ids, values, target = encode_teacher(enc, stack("topk_ids", k, np.int64), stack("topk_logprobs", k, np.float32),
-                                         stack("target_logprob", 1, np.float32)[:, 0])
-    return [_flat_list_array(target, n, enc.target_type), _flat_list_array(ids, n * k, pa.int32()),
-            _flat_list_array(values, n * k, enc.value_type)]
+    stored = encode_teacher(enc, stack("topk_ids", k, np.int64), stack("topk_logprobs", k, np.float32),
+                            stack("target_logprob", 1, np.float32)[:, 0])
+    columns = [_flat_list_array(stored.target, n, enc.target_type), _flat_list_array(stored.ids, n * k, pa.int32()),
+               _flat_list_array(stored.values, n * k, enc.value_type)]
+    if stored.mass is not None:
+        columns.append(_flat_list_array(stored.mass, n, pa.int32()))
+    return columns
 
 
 def rows_to_table(rows: list[ShardRow], encoding: str | Encoding, k: int) -> pa.Table:
@@ -103,9 +108,9 @@ def decode_table(table: pa.Table, encoding: str | Encoding, k: int) -> tuple[np.
     """A shard table's teacher columns, decoded: ids int64 [n, k] (descending probability),
     log-probs float32 [n, k], target log-probs float32 [n], over all its rows in order."""
     enc = get_encoding(encoding) if isinstance(encoding, str) else encoding
-    flat = [table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            for name in ("topk_ids", "topk_logprobs", "target_logprob")]
-    return decode_teacher(enc, flat[0], flat[1], flat[2], k)
+    names = ("topk_ids", "topk_logprobs", "target_logprob") + ((MASS_COLUMN,) if enc.has_mass else ())
+    flat = [table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False) for name in names]
+    return decode_teacher(enc, flat[0], flat[1], flat[2], k, flat[3] if enc.has_mass else None)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -136,6 +141,8 @@ def parquet_options(enc: Encoding) -> dict:
                "use_byte_stream_split": [path(c) for c in enc.byte_stream_split] or False}
     if enc.row_group_rows:
         options["row_group_size"] = enc.row_group_rows
+    if enc.data_page_bytes:
+        options["data_page_size"] = enc.data_page_bytes
     return options
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from storage_schemas import Encoding, get_encoding
+from storage_schemas import MASS_COLUMN, Encoding, get_encoding
 from storage_schemas.codecs import decode_teacher
 
 __all__ = ["CacheCollator", "pad_token_id", "IGNORE_INDEX"]
@@ -112,12 +112,14 @@ class CacheCollator:
         target = _concat(rows, "target_logprob", None)
         topk_ids = _concat(rows, "topk_ids", np.int64)
         topk_logprobs = _concat(rows, "topk_logprobs", None)  # floats or integer codes: decode says
-        if target.shape[0] != n or topk_ids.shape[0] != n * self.k or topk_logprobs.shape[0] != n * self.k:
+        mass = _concat(rows, MASS_COLUMN, None) if self.encoding.has_mass else None
+        if target.shape[0] != n or topk_ids.shape[0] != n * self.k or topk_logprobs.shape[0] != n * self.k \
+                or (mass is not None and mass.shape[0] != n):
             examples = [int(np.asarray(r.get("example_id", -1))) for r in rows]
             raise ValueError(
                 f"cached arrays do not match the loss mask of examples {examples}: {n} trained positions, "
                 f"{target.shape[0]} target log-probs, {topk_ids.shape[0]} top-k ids (want {n} x k={self.k})"
             )
-        ids, logprobs, target = decode_teacher(self.encoding, topk_ids, topk_logprobs, target, self.k)
+        ids, logprobs, target = decode_teacher(self.encoding, topk_ids, topk_logprobs, target, self.k, mass)
         return {"teacher_topk_ids": ids[:, :self.use_k], "teacher_topk_logprobs": logprobs[:, :self.use_k],
                 "teacher_target_logprob": target}

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from storage_schemas import SHARD_COLUMNS, FingerprintMismatch, Manifest, get_encoding
+from storage_schemas import FingerprintMismatch, Manifest, get_encoding, shard_columns
 from storage_schemas.shard_io import verify_cache
 from pipeline.fingerprints import teacher_fingerprint, tokenizer_fingerprint
 
@@ -32,7 +32,6 @@ __all__ = ["open_cache", "load_cache_dataset", "check_tokenizer", "check_teacher
 # Which token selections this reader (and the collator's layout) understands; a cache written with
 # another selection (e.g. a future "sampled_nontarget" with weights) is refused by name.
 SUPPORTED_SELECTIONS = ("topk_nontarget",)
-TEACHER_COLUMNS = ("target_logprob", "topk_ids", "topk_logprobs")
 
 
 def _differences(group: str, cached: dict, student: dict, keys: Sequence[str]) -> list[str]:
@@ -103,10 +102,12 @@ def load_cache_dataset(cache_dir: str | os.PathLike, manifest: Manifest, streami
     from datasets import load_dataset
 
     files = [str(Path(cache_dir) / shard.file) for shard in sorted(manifest.shards, key=lambda s: s.index)]
-    columns = list(columns) if columns is not None else list(SHARD_COLUMNS)
-    unknown = sorted(set(columns) - set(SHARD_COLUMNS))
+    present = shard_columns(manifest.settings.encoding)
+    columns = list(columns) if columns is not None else list(present)
+    unknown = sorted(set(columns) - set(present))
     if unknown:
-        raise ValueError(f"unknown cache columns {unknown}; a shard has {list(SHARD_COLUMNS)}")
+        raise ValueError(f"unknown cache columns {unknown}; a shard of this cache "
+                         f"(encoding {manifest.settings.encoding}) has {list(present)}")
     dataset = load_dataset("parquet", data_files={"train": files}, split="train", streaming=streaming,
                            cache_dir=hf_cache_dir, columns=columns)
     return dataset.with_format("numpy")

@@ -57,7 +57,7 @@ from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
 from stages.student.lm_head import final_hidden_state, output_head
 from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, cached_kl, live_masked_kl, regularized_loss
 from stages.student.weight_penalties import WEIGHT_PENALTIES, WeightPenalty
-from storage_schemas import Manifest
+from storage_schemas import Manifest, teacher_columns
 
 __all__ = [
     "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "batch_loss", "fused_batch_loss", "dataset_columns", "use_bf16",
@@ -69,10 +69,10 @@ CHECKPOINT_DIR = "checkpoints"
 _BASE_COLUMNS = ["example_id", "input_ids", "loss_mask"]
 
 
-def dataset_columns(estimator: str) -> list[str]:
-    """Cache columns an estimator reads: `none` and `live` never decode the teacher arrays."""
-    extra = ["target_logprob", "topk_ids", "topk_logprobs"] if estimator in CACHED_ESTIMATORS else []
-    return _BASE_COLUMNS + extra
+def dataset_columns(estimator: str, encoding: str) -> list[str]:
+    """Cache columns an estimator reads from a cache of `encoding`: `none` and `live` never decode
+    the teacher arrays."""
+    return _BASE_COLUMNS + (list(teacher_columns(encoding)) if estimator in CACHED_ESTIMATORS else [])
 
 
 def use_bf16(setting: str) -> bool:

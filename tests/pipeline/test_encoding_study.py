@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.encoding_study import candidates, transcode_cache
-from storage_schemas import DEFAULT_ENCODING, Manifest, get_encoding
+from storage_schemas import DEFAULT_ENCODING, Encoding, Manifest, get_encoding
 from storage_schemas.codecs import value_error_bound
 from storage_schemas.shard_io import decode_table, read_shard, verify_cache
 
@@ -14,9 +14,10 @@ V1_CACHE = Path(__file__).parents[1] / "storage_schemas" / "data" / "v1-topk_f32
 def test_candidates_cover_the_issue_list_with_unique_names():
     encs = [enc for enc, _ in candidates()]
     assert len({e.name for e in encs}) == len(encs)
-    assert {e.value_codec for e in encs} == {"f32", "f16", "bf16", "log_q", "sqrtp_q"}
+    assert {e.value_codec for e in encs} == {"f32", "f16", "bf16", "log_q", "sqrtp_q", "relpow_q"}
+    assert DEFAULT_ENCODING in {e.name.removeprefix("DEFAULT ") for e in encs}
     assert {e.id_order for e in encs} == {"prob", "id_delta"}
-    assert {level for _, level in candidates()} == {1, 3, 9, 19}
+    assert {1, 3, 9, 19} <= {level for _, level in candidates()}
     assert any(e.dictionary for e in encs) and any(e.row_group_rows for e in encs)
 
 
@@ -37,5 +38,40 @@ def test_transcoding_a_version_1_cache_keeps_rows_and_values_within_the_bound(tm
     np.testing.assert_array_equal(np.sort(ids0, 1), np.sort(ids1, 1))
     order0, order1 = np.argsort(ids0, 1), np.argsort(ids1, 1)
     a0, a1 = np.take_along_axis(lp0, order0, 1), np.take_along_axis(lp1, order1, 1)
-    assert np.all(np.abs(a1 - a0) <= value_error_bound(get_encoding(DEFAULT_ENCODING), a0) + 1e-6)
-    np.testing.assert_array_equal(t0, t1)
+    enc = get_encoding(DEFAULT_ENCODING)
+    assert np.all(np.abs(a1 - a0) <= value_error_bound(enc, a0, t0) + 1e-6)
+    target_codec = Encoding("t", "topk_nontarget", "", value_codec=enc.target_codec)
+    assert np.all(np.abs(t1 - t0) <= value_error_bound(target_codec, t0) + 1e-7)
+
+
+def test_floors_order_the_bounds_sensibly():
+    """The per-id (order-0) bound on the id set is below the uniform one, and both are positive."""
+    from pipeline.encoding_study import _floors
+    from storage_schemas.shard_io import ShardRow
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(20):
+        n = 30
+        logits = rng.normal(size=(n, 200)) * 2 + np.linspace(3, 0, 200)  # low ids likelier: a skewed id set
+        lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        top = np.argsort(-lp, 1)[:, 1:9]
+        rows.append(ShardRow(i, rng.integers(0, 200, n + 1).astype(np.int32), np.ones(n, bool),
+                             lp[:, 0].astype(np.float32), top.astype(np.int32),
+                             np.take_along_axis(lp, top, 1).astype(np.float32)))
+    floors = _floors(rows, 200)
+    assert 0 < floors["ids_set_order0"] < floors["ids_uniform"]
+    assert floors["values_id_order_order0"] > 0 and floors["permutation_at_most"] > 0
+
+
+def test_training_curves_are_plotted_and_compared(tmp_path):
+    from pipeline.encoding_study import _max_step_difference, plot_training
+
+    header = "step,epoch,loss,ce,kl,learning_rate,grad_norm,tokens_per_s,elapsed_s"
+    def log(shift):
+        return [header] + [f"{s},0,{6 - s * 0.1 + shift},{6 - s * 0.1},{0.1 + shift},0,1,1,1" for s in range(1, 6)]
+    training = {"steps": 5, "topk_f32": {"log": log(0.0), "cache_bytes_per_token": 155.0},
+                DEFAULT_ENCODING: {"log": log(1e-3), "cache_bytes_per_token": 47.0}}
+    assert abs(_max_step_difference(training, "loss") - 1e-3) < 1e-9
+    plot_training(training, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

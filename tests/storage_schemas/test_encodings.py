@@ -31,6 +31,8 @@ def teacher_rows(k: int = K, vocab: int = 300, seed: int = 0, scale: float = 3.0
 
 
 AD_HOC = [
+    Encoding("relpow sqrt, prob order, rank-delta", "topk_nontarget", "", value_codec="relpow_q", value_step=2.0 ** -6,
+             value_max_code=64, value_power=0.5, value_delta=True, mass_codec="logit_q", mass_step=2.0 ** -8),
     Encoding("bf16 values and target", "topk_nontarget", "", value_codec="bf16", target_codec="bf16"),
     Encoding("f16 target", "topk_nontarget", "", target_codec="f16"),
     Encoding("log_q rank-delta", "topk_nontarget", "", value_codec="log_q", value_step=2.0 ** -6,
@@ -51,7 +53,7 @@ def _by_id(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 @pytest.mark.parametrize("enc", ALL, ids=[e.name for e in ALL])
-@pytest.mark.parametrize("scale", [3.0, 0.1], ids=["peaked", "flat"])
+@pytest.mark.parametrize("scale", [3.0, 0.1, 12.0], ids=["peaked", "flat", "spiky"])
 def test_round_trip_within_the_stated_bound(enc, scale, tmp_path):
     rows = teacher_rows(scale=scale)
     record = write_shard(tmp_path, 0, 0, rows_to_table(rows, enc, K), zstd_level=3, truncated=0)
@@ -65,12 +67,15 @@ def test_round_trip_within_the_stated_bound(enc, scale, tmp_path):
     got_ids, got_values = _by_id(ids, values)
     ref_ids, ref_values = _by_id(want_ids, want_values)
     np.testing.assert_array_equal(got_ids, ref_ids)
-    bound = value_error_bound(enc, ref_values)
+    bound = value_error_bound(enc, ref_values, want_target)
     finite = np.isfinite(bound)
     assert np.all(np.abs(got_values - ref_values)[finite] <= bound[finite] * (1 + 1e-6) + 1e-6)
-    if not finite.all():  # only sqrtp_q has a floor: values below its grid decode to -inf (dropped)
+    if not finite.all() and enc.value_codec == "sqrtp_q":  # values below its grid decode to -inf (dropped)
         assert np.all(got_values[~finite] == -np.inf)
-    assert np.all(np.diff(values, axis=1) <= 0)  # decoded in descending probability
+    if not finite.all() and enc.value_codec == "relpow_q":  # below the grid: p / p_1 < (step/2)^(1/power)
+        ceiling = got_values.max(1, keepdims=True) + np.log(enc.value_step / 2) / enc.value_power
+        assert np.all((got_values <= ceiling + 1e-3)[~finite])
+    assert not np.any(np.diff(values, axis=1) > 0)  # decoded in descending probability (-inf - -inf: nan)
     target_bound = value_error_bound(Encoding("t", "topk_nontarget", "", value_codec=enc.target_codec), want_target)
     assert np.all(np.abs(target - want_target) <= target_bound * (1 + 1e-6) + 1e-7)
     # the input ids and masks are stored exactly, whatever the encoding
@@ -89,19 +94,24 @@ def test_lossless_encodings_are_exact(tmp_path):
         np.testing.assert_array_equal(target, np.concatenate([r.target_logprob for r in rows]))
 
 
+def _round_trip(enc: Encoding, ids, logprobs, target, k: int):
+    stored = encode_teacher(enc, ids, logprobs, target)
+    return decode_teacher(enc, stored.ids, stored.values, stored.target, k, stored.mass)
+
+
 def test_bf16_matches_torch_rounding():
     import torch
 
     x = np.random.default_rng(0).normal(size=1000).astype(np.float32) * 10
     enc = Encoding("b", "topk_nontarget", "", value_codec="bf16")
-    _, decoded, _ = decode_teacher(enc, *encode_teacher(enc, np.zeros((1000, 1)), x[:, None], x), 1)
+    _, decoded, _ = _round_trip(enc, np.zeros((1000, 1)), x[:, None], x, 1)
     np.testing.assert_array_equal(decoded[:, 0], torch.from_numpy(x).bfloat16().float().numpy())
 
 
 def test_log_q_clamps_below_its_stated_range():
     enc = Encoding("u4", "topk_nontarget", "", value_codec="log_q", value_step=0.5, value_max_code=15)
     a = np.array([[-0.2, -3.3, -7.5, -20.0]], np.float32)
-    _, decoded, _ = decode_teacher(enc, *encode_teacher(enc, np.arange(4)[None], a, np.zeros(1)), 4)
+    _, decoded, _ = _round_trip(enc, np.arange(4)[None], a, np.zeros(1), 4)
     np.testing.assert_array_equal(decoded, [[0.0, -3.5, -7.5, -7.5]])
 
 
@@ -132,7 +142,7 @@ def test_a_shard_of_another_encoding_is_refused_naming_both(tmp_path):
 
 def test_float_decoder_refuses_integer_codes():
     enc = get_encoding("topk_idd_logq7")
-    ids, codes, target = encode_teacher(enc, np.arange(4)[None], np.full((1, 4), -1.0, np.float32), np.zeros(1))
+    ids, codes, target, _ = encode_teacher(enc, np.arange(4)[None], np.full((1, 4), -1.0, np.float32), np.zeros(1))
     with pytest.raises(ValueError, match="integer codes mean another encoding"):
         decode_teacher(get_encoding("topk_f32"), ids, codes, target, 4)
 
@@ -143,7 +153,130 @@ def test_float_decoder_refuses_integer_codes():
     (dict(value_codec="log_q"), "needs value_step > 0"),
     (dict(value_delta=True), "value_delta applies to quantized codecs only"),
     (dict(byte_stream_split=("logits",)), "unknown column 'logits'"),
+    (dict(value_codec="relpow_q", value_step=2.0 ** -7, value_max_code=128, value_power=0.25),
+     "needs a mass_codec for their scale"),
+    (dict(value_codec="relpow_q", value_step=2.0 ** -7, value_max_code=100, value_power=0.25, mass_codec="logit_q",
+          mass_step=0.001), "value_max_code = 1 / value_step = 128"),
+    (dict(value_codec="relpow_q", value_step=2.0 ** -7, value_max_code=128, value_power=2.0, mass_codec="logit_q",
+          mass_step=0.001), "0 < value_power <= 1"),
+    (dict(mass_codec="logit_q", mass_step=0.001), "applies to relpow_q values only"),
+    (dict(value_codec="relpow_q", value_step=2.0 ** -7, value_max_code=128, value_power=0.25, mass_codec="logit_q"),
+     "needs mass_step > 0"),
 ])
 def test_bad_encoding_specs_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         Encoding("bad", "topk_nontarget", "", **bad)
+
+
+# --- relpow_q: relative values + the cached mass in its own column ------------------------------
+REL = get_encoding("topk_idd_rel4q112")
+
+
+def _nontarget_share(logprobs: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """log of sum_S p / (1 - p_y), float64."""
+    a = logprobs.astype(np.float64)
+    return np.logaddexp.reduce(a, axis=1) - np.log(-np.expm1(target.astype(np.float64)))
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])
+def test_relpow_keeps_the_cached_mass_and_the_tail(scale):
+    """Rounding the values never moves mass between S and the tail: both keep mass_step/2 relative error."""
+    rows = teacher_rows(scale=scale)
+    ids = np.concatenate([r.topk_ids for r in rows])
+    a = np.concatenate([r.topk_logprobs for r in rows])
+    a_y = np.concatenate([r.target_logprob for r in rows])
+    _, decoded, target = _round_trip(REL, ids, a, a_y, K)
+    want, got = _nontarget_share(a, a_y), _nontarget_share(decoded, target)
+    tol = REL.mass_step / 2 + 1e-6
+    assert np.all(np.abs(got - want) <= tol)
+    tail_want, tail_got = np.log(-np.expm1(want)), np.log(-np.expm1(got))
+    # float32 log-probs (the float32 cache's too) resolve S only to ~k * 2^-24: a smaller tail is not resolved
+    resolved = tail_want > np.log(1e-3)
+    assert resolved.any()
+    assert np.all(np.abs(tail_got - tail_want)[resolved] <= tol + K * 2.0 ** -24 / np.exp(tail_want[resolved]))
+
+
+def test_relpow_extremes_decode_finite():
+    """A whole-vocabulary position (no tail), a spike whose rest falls below the grid, p_y rounding to 1."""
+    k = 4
+    lp = np.log(np.array([[0.5, 0.25, 0.15, 0.1]]))           # k = V - 1: S = 1 - p_y exactly
+    a_y = np.array([np.log(1e-9)], np.float32)
+    lp = (lp + np.log1p(-1e-9)).astype(np.float32)
+    spike = np.array([[-1e-6, -40.0, -41.0, -60.0]], np.float32)  # the rest is < e^-32 of the top
+    sure = np.array([[-18.0, -19.0, -20.0, -21.0]], np.float32)   # p_y rounds to 1: a_y == 0
+    ids = np.arange(k)[None]
+    _, full, _ = _round_trip(REL, ids, lp, a_y, k)
+    assert abs(np.logaddexp.reduce(full[0].astype(np.float64)) - np.log1p(-1e-9)) < 1e-6
+    _, got, _ = _round_trip(REL, ids, spike, np.array([-20.0], np.float32), k)
+    assert np.all(np.isfinite(got)) and abs(got[0, 0] - spike[0, 0]) < 1e-5 and np.all(got[0, 1:] < -20)
+    _, got, target = _round_trip(REL, ids, sure, np.zeros(1, np.float32), k)
+    assert np.all(np.isfinite(got)) and target[0] == 0.0
+    bound = value_error_bound(REL, sure)[0]  # relative values kept: each difference within two bounds
+    assert np.all(np.abs(np.diff(got[0]) - np.diff(sure[0])) <= bound[1:] + bound[:-1])
+
+
+def test_relpow_changes_the_masked_kl_little():
+    """The loss the trainer computes, float32 cache vs the default encoding, on a perturbed student."""
+    import torch
+
+    from stages.student.loss import CachedTeacher, cached_kl
+
+    rng = np.random.default_rng(1)
+    n, vocab = 400, 300
+    teacher = rng.normal(size=(n, vocab)) * 2
+    lp = teacher - np.logaddexp.reduce(teacher, axis=1, keepdims=True)
+    y = rng.integers(0, vocab, n)
+    a_y = lp[np.arange(n), y].astype(np.float32)
+    masked = lp.copy()
+    masked[np.arange(n), y] = -np.inf
+    ids = np.argsort(-masked, 1, kind="stable")[:, :K]
+    a = np.take_along_axis(lp, ids, 1).astype(np.float32)
+    student = torch.from_numpy(teacher + rng.normal(size=teacher.shape) * 0.3).float()
+    targets = torch.from_numpy(y)
+    exact = cached_kl(student, targets, CachedTeacher(torch.from_numpy(ids), torch.from_numpy(a), torch.from_numpy(a_y)))
+    got_ids, got_a, got_y = _round_trip(REL, ids, a, a_y, K)
+    coded = cached_kl(student, targets, CachedTeacher(torch.from_numpy(got_ids), torch.from_numpy(got_a),
+                                                      torch.from_numpy(got_y)))
+    assert abs(coded.mean().item() / exact.mean().item() - 1) < 5e-3
+    # per position the rounding noise is larger (a few % of D here); it averages out over positions
+    assert (coded - exact).abs().max().item() < 0.1 * exact.mean().item()
+
+
+def test_a_mass_encoding_needs_its_mass_column():
+    stored = encode_teacher(REL, np.arange(4)[None], np.log(np.full((1, 4), 0.1, np.float32)), np.full(1, -1.0))
+    assert stored.mass is not None and stored.mass.shape == (1,)
+    with pytest.raises(ValueError, match="needs its topk_mass column"):
+        decode_teacher(REL, stored.ids, stored.values, stored.target, 4)
+    with pytest.raises(ValueError, match="has no topk_mass column, but one was given"):
+        decode_teacher(get_encoding("topk_idd_logq7"), stored.ids, stored.values, stored.target, 4, stored.mass)
+
+
+def test_the_mass_column_is_in_the_shard_schema(tmp_path):
+    from storage_schemas import MASS_COLUMN, shard_columns, teacher_columns
+
+    record = write_shard(tmp_path, 0, 0, rows_to_table(teacher_rows(), REL.name, K), zstd_level=3, truncated=0)
+    table = read_shard(tmp_path / record.file, REL.name)
+    assert tuple(table.column_names) == shard_columns(REL) and MASS_COLUMN in teacher_columns(REL)
+    assert MASS_COLUMN not in shard_columns("topk_idd_logq7")
+    n = sum(int(r.loss_mask.sum()) for r in teacher_rows())
+    assert len(table.column(MASS_COLUMN).combine_chunks().flatten()) == n
+
+
+def test_big_pages_are_written_and_read_back(tmp_path):
+    """The default asks for one data page per column chunk; with columns over pyarrow's 1 MiB page
+    the file is smaller than with 1 MiB pages, and it reads back the same."""
+    import dataclasses
+
+    rows = teacher_rows(k=64, vocab=3000) * 40  # > 1 MiB of codes in topk_ids / topk_logprobs
+    rows = [dataclasses.replace(r, example_id=i) for i, r in enumerate(rows)]
+    assert parquet_options(REL)["data_page_size"] == REL.data_page_bytes == 64 << 20
+    small_pages = dataclasses.replace(REL, data_page_bytes=None)
+    sizes, decoded = [], []
+    for enc, sub in ((REL, "big"), (small_pages, "small")):
+        (tmp_path / sub).mkdir()
+        record = write_shard(tmp_path / sub, 0, 0, rows_to_table(rows, enc, 64), zstd_level=3, truncated=0)
+        sizes.append(record.bytes)
+        decoded.append(decode_table(pq.read_table(tmp_path / sub / record.file), enc, 64))
+    assert sizes[0] < sizes[1]
+    for a, b in zip(*decoded):
+        np.testing.assert_array_equal(a, b)
