@@ -53,7 +53,7 @@ class CacheConfig:
     dir: str = "runs/demo/cache"         # where shards and manifest.json go
     engine: str = "vllm"                 # vllm (default) | hf (transformers forward; oracle, no-vLLM machines)
     k: int = 32                          # non-target tokens kept per position
-    encoding: str = DEFAULT_ENCODING     # storage_schemas.ENCODINGS (topk_idd_rel4q112); topk_f32 = exact (2.7x the bytes)
+    encoding: str = DEFAULT_ENCODING     # storage_schemas.ENCODINGS (topk_idd_rel4q112); topk_f32 = exact (3.3x the bytes)
     rows_per_shard: int = 256            # sequences per Parquet shard
     zstd_level: int = 9                  # Parquet zstd level (9: ~2 bytes/token below 3 at ~0.5x its write speed)
     dtype: str = "float32"               # teacher compute dtype: float32 | bfloat16 | float16

@@ -492,7 +492,8 @@ def _speed(rows: list[ShardRow], k: int, workdir: Path, repeats: int = 5) -> lis
     """Best-of-`repeats` seconds of rows_to_table + write_shard (sha256 included) and of read +
     decode, per (encoding, zstd level), on the same rows: the stage-one and reader cost of each."""
     out = []
-    for name, level in (("topk_f32", 3), ("topk_idd_logq7", 3), (DEFAULT_ENCODING, DEFAULT_LEVEL), (DEFAULT_ENCODING, 9)):
+    pairs = dict.fromkeys([("topk_f32", 3), ("topk_idd_logq7", 3), (DEFAULT_ENCODING, 3), (DEFAULT_ENCODING, DEFAULT_LEVEL)])
+    for name, level in pairs:
         runs = [_write_read(_slice_k(rows, k), get_encoding(name), k, level, workdir) for _ in range(repeats)]
         tokens = runs[0]["tokens"]
         write, read = min(r["write_s"] for r in runs), min(r["read_s"] for r in runs)
