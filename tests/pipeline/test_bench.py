@@ -54,3 +54,15 @@ def test_bench_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", "--help"])
     assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.vllm
+def test_encoding_write_bench_runs_every_variant(tiny_model_dir, tiny_jsonl):
+    """The per-encoding stage-one comparison on tiny shapes: one row per variant, sizes that differ."""
+    from pipeline.bench.encoding_write import VARIANTS, measure
+
+    rows = measure(str(tiny_model_dir), str(tiny_jsonl), examples=4, length=32, rounds=1, k=4)
+    assert [r["variant"] for r in rows] == ["plain prefill"] + [f"{e}, zstd {z}" for e, z in VARIANTS]
+    assert all(r["tok_s"] > 0 and r["over_plain"] > 0 for r in rows)
+    sizes = {r["variant"]: r["bytes_per_token"] for r in rows[1:]}
+    assert sizes["topk_f32, zstd 3"] > sizes["topk_idd_rel4q112, zstd 9"] > 0
