@@ -116,9 +116,10 @@ class CacheCollator:
         if target.shape[0] != n or topk_ids.shape[0] != n * self.k or topk_logprobs.shape[0] != n * self.k \
                 or (mass is not None and mass.shape[0] != n):
             examples = [int(np.asarray(r.get("example_id", -1))) for r in rows]
+            masses = "" if mass is None else f", {mass.shape[0]} {MASS_COLUMN} entries"
             raise ValueError(
                 f"cached arrays do not match the loss mask of examples {examples}: {n} trained positions, "
-                f"{target.shape[0]} target log-probs, {topk_ids.shape[0]} top-k ids (want {n} x k={self.k})"
+                f"{target.shape[0]} target log-probs, {topk_ids.shape[0]} top-k ids{masses} (want {n} x k={self.k})"
             )
         ids, logprobs, target = decode_teacher(self.encoding, topk_ids, topk_logprobs, target, self.k, mass)
         return {"teacher_topk_ids": ids[:, :self.use_k], "teacher_topk_logprobs": logprobs[:, :self.use_k],
