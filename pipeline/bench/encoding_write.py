@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 from pipeline.bench.stage_one import _config, _plain_prefill, _sequences
-from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
 from stages.teacher.engine import open_engine
 
@@ -35,10 +34,8 @@ def measure(model: str, data: str, examples: int, length: int, rounds: int, k: i
                 plain = tokens / _plain_prefill(stock, sequences)
                 best["plain prefill"] = {"tok_s": max(plain, best.get("plain prefill", {}).get("tok_s", 0.0))}
                 for encoding, level in VARIANTS:
-                    config = load_config(None, [f"model={model}", f"data.path={data}", f"data.max_length={length}",
-                                                f"data.max_examples={examples}", f"cache.dir={work}/{encoding}-{level}",
-                                                "cache.engine=vllm", f"cache.k={k}", f"cache.encoding={encoding}",
-                                                f"cache.zstd_level={level}", "cache.batch_tokens=32768"])
+                    config = _config(model, Path(data), Path(work) / f"{encoding}-{level}", "vllm", k, length, examples,
+                                     256, extra=(f"cache.encoding={encoding}", f"cache.zstd_level={level}"))
                     summary = run_cache_teacher(config, overwrite=True, engine=pooler)
                     name = f"{encoding}, zstd {level}"
                     if summary.tokens_per_second > best.get(name, {}).get("tok_s", 0.0):

@@ -24,11 +24,12 @@ __all__ = ["measure_stage_one"]
 
 
 def _config(model: str, data: Path, cache_dir: Path, engine: str, k: int, length: int, examples: int,
-            rows_per_shard: int, vllm_output: str = "pooler"):
+            rows_per_shard: int, vllm_output: str = "pooler", extra: tuple[str, ...] = ()):
+    """A stage-one config for the bench; `extra` = further `key=value` overrides (e.g. the encoding)."""
     return load_config(None, [
         f"model={model}", f"data.path={data}", f"data.max_length={length}", f"data.max_examples={examples}",
         f"cache.dir={cache_dir}", f"cache.engine={engine}", f"cache.vllm_output={vllm_output}", f"cache.k={k}",
-        f"cache.rows_per_shard={rows_per_shard}", "cache.batch_tokens=32768",
+        f"cache.rows_per_shard={rows_per_shard}", "cache.batch_tokens=32768", *extra,
     ])
 
 
