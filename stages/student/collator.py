@@ -63,6 +63,29 @@ def _concat(rows: Sequence[dict], name: str, dtype: Any) -> np.ndarray:
     return flat if dtype is None else flat.astype(dtype, copy=False)
 
 
+def _check_finite(rows: Sequence[dict], logprobs: np.ndarray, target: np.ndarray, enc: Encoding) -> None:
+    """ValueError naming the examples (and their first bad position) whose decoded teacher values are
+    NaN or inf: the loss would train on them. A top-k value of -inf is p = 0, which the sqrtp_q codec
+    decodes below its grid on purpose; every other encoding decodes only finite values from a sound cache."""
+    bad = ~np.isfinite(target)
+    wrong = np.isnan(logprobs) | np.isposinf(logprobs) if enc.value_codec == "sqrtp_q" else ~np.isfinite(logprobs)
+    bad |= wrong.any(axis=1)
+    if not bad.any():
+        return
+    # Only on failure: the batch row and the sequence position of every labelled position.
+    masks = [np.asarray(r["loss_mask"], bool) for r in rows]
+    row_of = np.repeat(np.arange(len(rows)), [int(m.sum()) for m in masks])
+    position_of = np.concatenate([np.flatnonzero(m) for m in masks])
+    named = []
+    for r in dict.fromkeys(row_of[bad].tolist()):
+        first = int(position_of[bad & (row_of == r)][0])
+        named.append(f"example {int(np.asarray(rows[r].get('example_id', -1)))} (first at position {first})")
+    raise ValueError(f"the cache holds non-finite teacher values (encoding {enc.name!r}) for {int(bad.sum())} trained "
+                     f"position(s): {', '.join(named)}. Stage two would train on them; the cache was made before "
+                     "stage one refused such values: re-create it with `cache-teacher --overwrite` "
+                     "(an fp16 teacher overflowed? use cache.dtype=bfloat16 or float32)")
+
+
 class CacheCollator:
     """Collate cache rows (dicts of numpy arrays, as `load_cache_dataset` yields them).
 
@@ -122,5 +145,6 @@ class CacheCollator:
                 f"{target.shape[0]} target log-probs, {topk_ids.shape[0]} top-k ids{masses} (want {n} x k={self.k})"
             )
         ids, logprobs, target = decode_teacher(self.encoding, topk_ids, topk_logprobs, target, self.k, mass)
+        _check_finite(rows, logprobs, target, self.encoding)
         return {"teacher_topk_ids": ids[:, :self.use_k], "teacher_topk_logprobs": logprobs[:, :self.use_k],
                 "teacher_target_logprob": target}
