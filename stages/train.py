@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from pipeline.config import Config, load_config, save_config, to_dict
-from stages.student.adapters import MUTATES_BASE, check_live_teacher, make_student, save_initial_adapter
+from stages.student.adapters import MUTATES_BASE, check_live_teacher, make_student, render_adapted, save_initial_adapter
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CACHED_ESTIMATORS
 from stages.student.reader import load_cache_dataset, open_cache
@@ -98,6 +98,7 @@ def _summary(metrics: dict[str, Any], config: Config) -> str:
         f"  CE {_num(metrics['ce_start'], '.4f')} (step 1) -> {_num(metrics['final_ce'], '.4f')} (last window), "
         f"KL {_num(metrics['final_kl'], '.5f')} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
         f"  adapter: {metrics['adapter_dir']}  (PeftModel.from_pretrained(base_model, that_dir))",
+        f"  adapted modules: {render_adapted(metrics['adapted_modules']) if 'adapted_modules' in metrics else 'n/a'}",
         f"  metrics: {Path(train.output_dir) / 'metrics.json'}",
     ])
 

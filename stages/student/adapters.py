@@ -37,7 +37,7 @@ from pipeline.config import LoraSettings
 
 __all__ = [
     "MUTATES_BASE", "lora_config", "make_student", "check_live_teacher",
-    "save_initial_adapter", "save_adapter", "adapter_state", "base_state",
+    "save_initial_adapter", "save_adapter", "adapter_state", "base_state", "adapted_modules", "render_adapted",
 ]
 
 MUTATES_BASE = frozenset({"pissa", "olora"})
@@ -54,7 +54,8 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        # "all-linear": every nn.Linear but the output head (peft excludes get_output_embeddings())
+        target_modules=settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules),
         bias="none",
         use_rslora=settings.variant == "rslora",
         use_dora=settings.variant == "dora",
@@ -121,6 +122,24 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, initial_adapter: str
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable (adapter) parameters, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adapted_modules(model: torch.nn.Module) -> dict[str, int]:
+    """Module leaf name -> how many modules of that name carry an adapter, in model order
+    (e.g. {"qkv_proj": 2, "o_proj": 2, "gate_up_proj": 2, "down_proj": 2} for a 2-layer Phi-3)."""
+    from peft.tuners.lora import LoraLayer
+
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            leaf = name.rsplit(".", 1)[-1]
+            counts[leaf] = counts.get(leaf, 0) + 1
+    return counts
+
+
+def render_adapted(counts: dict[str, int]) -> str:
+    """{"q_proj": 2, "o_proj": 2} -> "q_proj x2, o_proj x2"."""
+    return ", ".join(f"{name} x{n}" for name, n in counts.items()) or "none"
 
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

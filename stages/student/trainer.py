@@ -51,7 +51,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pipeline.config import Config, TrainConfig, save_config
-from stages.student.adapters import check_live_teacher, save_adapter
+from stages.student.adapters import adapted_modules, check_live_teacher, save_adapter
 from stages.student.collator import IGNORE_INDEX
 from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
 from stages.student.lm_head import final_hidden_state, output_head
@@ -357,6 +357,7 @@ def train_and_save(trainer: CacheTrainer, config: Config, manifest: Manifest, re
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics = run_metrics(trainer, time.time() - start, resume_from)
     metrics["adapter_dir"] = str(Path(config.train.output_dir) / "adapter")
+    metrics["adapted_modules"] = adapted_modules(trainer.model)  # leaf name -> count: what train.lora.target_modules matched
     write_run_files(trainer, config, manifest, metrics, initial_adapter)
     return metrics
 

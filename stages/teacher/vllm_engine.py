@@ -35,7 +35,7 @@ import numpy as np
 from stages.teacher.engine import PositionScores, check_sequences, read_model_config
 from stages.teacher.select import select_nontarget_topk
 
-__all__ = ["VLLMEngine", "OUTPUTS", "topk_from_prompt_logprobs", "topk_from_pooler"]
+__all__ = ["VLLMEngine", "OUTPUTS", "llm_kwargs", "topk_from_prompt_logprobs", "topk_from_pooler"]
 
 OUTPUTS = ("pooler", "prompt_logprobs")
 
@@ -52,22 +52,16 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
                  batch_tokens: int = 32768, *, vocab_size: int, output: str = "pooler", kv_cache_gib: float = 1.0,
-                 gpu_memory_utilization: float = 0.85, **llm_kwargs):
+                 gpu_memory_utilization: float = 0.85, **extra_llm_kwargs):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:
             raise ImportError(f"the vllm teacher engine needs vLLM ({err}); install it (extra 'cpu' or "
                               f"'gpu') or use the 'hf' engine") from err
 
-        if output not in OUTPUTS:
-            raise ValueError(f"unknown vLLM engine output {output!r}; known: {', '.join(OUTPUTS)}")
         self.k, self.max_length, self.batch_tokens, self.output = k, max_length, batch_tokens, output
-        kwargs = _llm_kwargs(model_dir, k, dtype, max_length, kv_cache_gib, gpu_memory_utilization)
-        if output == "pooler":
-            from stages.teacher.vllm_topk_model import pooling_llm_kwargs
-
-            kwargs.update(pooling_llm_kwargs(_architecture(model_dir)))
-        kwargs.update(llm_kwargs)
+        kwargs = {**llm_kwargs(model_dir, output, k, dtype, max_length, kv_cache_gib, gpu_memory_utilization),
+                  **extra_llm_kwargs}
         # vLLM refuses a prompt as long as max_model_len (it must leave room for the one token it
         # samples), so max_length-token sequences need max_model_len = max_length + 1. That extra
         # position is never run through the model (max_tokens=1 ends the request at prefill), so
@@ -169,13 +163,18 @@ def topk_from_prompt_logprobs(prompt_logprobs, sequence: np.ndarray, num_top: in
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def _llm_kwargs(model_dir: str, k: int, dtype: str, max_length: int, kv_cache_gib: float,
-                gpu_memory_utilization: float) -> dict:
-    """`vllm.LLM` arguments for this platform."""
+def llm_kwargs(model_dir: str, output: str, k: int, dtype: str = "float32", max_length: int = 512,
+               kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.85) -> dict:
+    """The `vllm.LLM` arguments of an engine with this `output` on this platform (see VLLMEngine)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown vLLM engine output {output!r}; known: {', '.join(OUTPUTS)}")
     from vllm.platforms import current_platform
 
-    # max_logprobs defaults to 20; the request asks for k+1 per position.
-    kwargs = dict(model=model_dir, dtype=dtype, max_model_len=max_length + 1, max_logprobs=k + 1)
+    # max_logprobs defaults to 20; the request asks for k+1 per position. Prefix caching off for
+    # both outputs: a prefix-cache hit skips the cached positions' forward, and every position's
+    # hidden state (pooler) or logits (prompt log-probs) is needed.
+    kwargs = dict(model=model_dir, dtype=dtype, max_model_len=max_length + 1, max_logprobs=k + 1,
+                  enable_prefix_caching=False)
     if current_platform.is_cpu():
         # No CUDA graphs to capture on CPU, and compiling costs minutes on small machines.
         kwargs["enforce_eager"] = True
@@ -185,6 +184,10 @@ def _llm_kwargs(model_dir: str, k: int, dtype: str, max_length: int, kv_cache_gi
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if output == "pooler":
+        from stages.teacher.vllm_topk_model import pooling_llm_kwargs
+
+        kwargs.update(pooling_llm_kwargs(_architecture(model_dir)))
     return kwargs
 
 

@@ -1,7 +1,7 @@
 """A vLLM pooling model that runs lm_head + log-softmax + top-k inside vLLM's worker.
 
-    from stages.teacher.vllm_topk_model import pooling_llm_kwargs, pooling_params, unpack
-    llm = LLM(**base_kwargs, **pooling_llm_kwargs("LlamaForCausalLM"))
+    from stages.teacher.vllm_topk_model import pooling_params, unpack
+    llm = LLM(**llm_kwargs(model_dir, "pooler", k))   # stages.teacher.vllm_engine: incl. pooling_llm_kwargs
     out = llm.encode(prompts, pooling_params(num_top=k + 1), pooling_task=POOLING_TASK)
     top_ids, top_lp, target_lp = unpack(out[i].outputs.data, num_top=k + 1)
 
@@ -48,8 +48,6 @@ def pooling_llm_kwargs(architecture: str) -> dict:
         runner="pooling", convert="none",
         hf_overrides={"architectures": [PREFIX + architecture]},
         pooler_config=PoolerConfig(task=POOLING_TASK),
-        # A prefix-cache hit would skip positions, and the pooler needs every position's state.
-        enable_prefix_caching=False,
         worker_extension_cls=f"{__name__}.TopKWorkerExtension",
     )
 
