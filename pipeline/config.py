@@ -38,12 +38,14 @@ class DataConfig:
     path: str = "build/default/data/target_train.jsonl"  # file, glob, directory or saved dataset
     split: str = "train"                 # split to read
     text_field: str = "text"             # used when messages_field is empty
-    messages_field: str = ""             # chat data: list of {role, content}; prompt turns are not trained
+    messages_field: str = ""             # chat data: list of {role, content, ...}; only assistant bodies are trained
     max_length: int = 256                # longer sequences are truncated on the right (counted, reported)
     max_examples: int = 0                # 0 = all; else the first N (quick runs)
+    on_bad_example: str = "refuse"       # refuse (stop, naming file + example) | skip (leave it out, id kept as a gap, counted)
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path: empty")
+        _require(self.on_bad_example in ("refuse", "skip"), f"data.on_bad_example: {self.on_bad_example!r} not in refuse|skip")
         _require(self.max_length >= 2, f"data.max_length: must be >= 2, got {self.max_length}")
         _require(self.max_examples >= 0, f"data.max_examples: must be >= 0, got {self.max_examples}")
 
@@ -85,15 +87,16 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: str | list[str] = "all-linear"  # every linear layer but the output head (peft), or module names
 
     def __post_init__(self) -> None:
         _require(self.variant in LORA_VARIANTS, f"train.lora.variant: {self.variant!r} not in {LORA_VARIANTS}")
         _require(self.rank >= 1, f"train.lora.rank: must be >= 1, got {self.rank}")
         _require(0.0 <= self.dropout < 1.0, f"train.lora.dropout: must be in [0, 1), got {self.dropout}")
-        _require(len(self.target_modules) > 0, "train.lora.target_modules: empty")
+        names = self.target_modules
+        _require(names == "all-linear" or (isinstance(names, list) and bool(names) and all(isinstance(n, str) and n for n in names)),
+                 f"train.lora.target_modules: expected \"all-linear\" or a non-empty list of module names "
+                 f"(e.g. [q_proj, v_proj]), got {names!r}")
 
 
 @dataclass
@@ -149,12 +152,20 @@ class TrainConfig:
 class EvalConfig:
     source_path: str = "build/default/data/source_heldout.jsonl"  # retention set: what must not be forgotten
     target_path: str = "build/default/data/target_heldout.jsonl"  # held-out data of the new task
-    text_field: str = "text"
+    # Each set is read as stage one reads data: a set whose rows hold data.messages_field (or
+    # "messages") is chat, scored on the assistant bodies; otherwise data.text_field, every token.
+    text_field: str = ""                 # DEPRECATED: use data.text_field (still honoured, with a warning)
     max_length: int = 256                # sequences are truncated to this many tokens
     max_examples: int = 300              # per set; 0 = all
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        if self.text_field:
+            import warnings
+
+            warnings.warn("eval.text_field is deprecated: eval reads each set with data.text_field / "
+                          "data.messages_field, like stage one; remove eval.text_field from the config",
+                          FutureWarning, stacklevel=2)
         _require(self.max_length >= 2, f"eval.max_length: must be >= 2, got {self.max_length}")
         _require(self.max_examples >= 0 and self.batch_size >= 1, "eval.max_examples >= 0 and eval.batch_size >= 1")
 

@@ -2,22 +2,25 @@
 
 Accepted sources (`data.path`): a .jsonl/.json/.parquet/.csv/.arrow file, a glob or directory of
 them, or a dataset saved with `save_to_disk`. Each row has either a text field (every position is
-trained) or a chat `messages` field (list of {role, content}, rendered with the tokenizer's chat
-template; only assistant turns are trained). Errors name the file, the field and the example.
+trained) or a chat `messages` field (list of {role, content, ...}, rendered with the tokenizer's chat
+template; only the assistant turns' bodies are trained: pipeline/chat_masks.py). Errors name the
+file, the field and the example.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.chat_masks import ChatMaskError, assistant_body_mask, stop_token_ids
 from pipeline.config import DataConfig
 
-__all__ = ["Example", "load_rows", "tokenize_rows", "source_files", "source_sha256"]
+__all__ = ["Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files", "source_sha256"]
 
+INPUT_RULES_VERSION = 2  # bump when tokenization or the trained-token mask changes (cache identity)
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -71,8 +74,9 @@ def _first_bad_utf8_line(path: Path) -> int | None:
     return None
 
 
-def load_rows(cfg: DataConfig):
-    """The raw rows as a `datasets.Dataset`, with the configured field checked to exist."""
+def load_rows(cfg: DataConfig, check_field: bool = True):
+    """The raw rows as a `datasets.Dataset`, with the configured field checked to exist (unless
+    `check_field` is False: callers that pick the field from the columns)."""
     import datasets
 
     files = source_files(cfg.path)
@@ -90,7 +94,7 @@ def load_rows(cfg: DataConfig):
     finally:
         datasets.enable_progress_bars()
     field = cfg.messages_field or cfg.text_field
-    if field not in rows.column_names:
+    if check_field and field not in rows.column_names:
         kind = "data.messages_field" if cfg.messages_field else "data.text_field"
         raise ValueError(f"{kind} {field!r} is not a column of {cfg.path} (columns: {rows.column_names})")
     if cfg.max_examples:
@@ -112,44 +116,74 @@ def _explain_load_error(files: list[Path], err: Exception) -> str:
 
 
 # --- tokenization ---------------------------------------------------------------------------
-def _text_example(text, tokenizer, where: str) -> tuple[list[int], list[bool]]:
+@dataclass
+class InputReport:
+    """What tokenizing a source did besides producing examples (summary and manifest)."""
+
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (example id, reason): data.on_bad_example=skip
+    leading_bos_dropped: int = 0   # text rows that began with the BOS string (one BOS kept)
+
+
+def _text_example(text, tokenizer, where: str, report: InputReport) -> tuple[list[int], list[bool]]:
+    """Text as the tokenizer parses it (special-token strings included; BOS where the tokenizer adds
+    one, no EOS appended: a text row may be a slice of a longer document). A row that already starts
+    with the BOS string would get a second BOS: one is dropped and the row counted."""
     if not isinstance(text, str):
         raise ValueError(f"{where}: expected a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError(f"{where}: empty or whitespace-only text")
     ids = tokenizer(text)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(tokenizer.bos_token):
+        ids = ids[1:]
+        report.leading_bos_dropped += 1
     return ids, [True] * (len(ids) - 1)
 
 
-def _chat_example(messages, tokenizer, where: str) -> tuple[list[int], list[bool]]:
-    """Render with the chat template; train only tokens inside assistant turns (by char offsets)."""
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise ValueError(f"{where}: expected a non-empty list of {{role, content}} messages")
-    if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in messages):
-        raise ValueError(f"{where}: no non-empty assistant turn to train on")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
-            spans.append((start, len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))))
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    trained = [any(s <= begin < e for s, e in spans) for begin, _ in encoded["offset_mapping"]]
-    return encoded["input_ids"], trained[1:]
+def _chat_example(messages, tokenizer, where: str, report: InputReport) -> tuple[list[int], list[bool]]:
+    """The conversation's one rendering; trained = the assistant bodies (pipeline/chat_masks.py)."""
+    try:
+        ids, trained = assistant_body_mask(messages, tokenizer, _stops(tokenizer))
+    except ChatMaskError as err:
+        raise ChatMaskError(f"{where}: {err}") from None
+    return ids, trained[1:]
 
 
-def tokenize_rows(rows, tokenizer, cfg: DataConfig, first_id: int = 0) -> list[Example]:
-    """Tokenize rows (example ids counted from `first_id`), truncating to cfg.max_length."""
-    field = cfg.messages_field or cfg.text_field
+def _stops(tokenizer) -> frozenset[int]:
+    stops = getattr(tokenizer, "_mtcache_stop_ids", None)  # computed once per tokenizer object
+    if stops is None:
+        stops = stop_token_ids(tokenizer)
+        tokenizer._mtcache_stop_ids = stops
+    return stops
+
+
+def tokenize_rows(rows, tokenizer, cfg: DataConfig, first_id: int = 0, report: InputReport | None = None) -> list[Example]:
+    """Tokenize rows (example ids counted from `first_id`), truncating to cfg.max_length.
+
+    A row that cannot be used raises ValueError naming cfg.path, the example and the field; with
+    cfg.on_bad_example == "skip" it is left out instead (its id stays a gap) and recorded in
+    `report.skipped`. Returns the examples in id order."""
+    report = InputReport() if report is None else report
+    field_name = cfg.messages_field or cfg.text_field
+    make = _chat_example if cfg.messages_field else _text_example
     examples = []
     for offset, row in enumerate(rows):
         example_id = first_id + offset
-        where = f"{cfg.path}: example {example_id}, field {field!r}"
-        make = _chat_example if cfg.messages_field else _text_example
-        ids, mask = make(row[field], tokenizer, where)
-        truncated = len(ids) > cfg.max_length
-        ids, mask = ids[: cfg.max_length], mask[: cfg.max_length - 1]
-        if len(ids) < 2 or not any(mask):
-            raise ValueError(f"{where}: fewer than 2 tokens or no trained position after tokenization")
-        examples.append(Example(example_id, np.asarray(ids, np.int32), np.asarray(mask, bool), truncated))
+        where = f"{cfg.path}: example {example_id}, field {field_name!r}"
+        try:
+            examples.append(_example(example_id, make(row[field_name], tokenizer, where, report), cfg, where))
+        except ValueError as err:
+            if cfg.on_bad_example != "skip":
+                raise
+            report.skipped.append((example_id, str(err)))
     return examples
+
+
+def _example(example_id: int, tokenized: tuple[list[int], list[bool]], cfg: DataConfig, where: str) -> Example:
+    ids, mask = tokenized
+    truncated = len(ids) > cfg.max_length
+    ids, mask = ids[: cfg.max_length], mask[: cfg.max_length - 1]
+    if len(ids) < 2 or not any(mask):
+        raise ValueError(f"{where}: fewer than 2 tokens or no trained position after tokenization"
+                         + (f" (truncated to data.max_length={cfg.max_length})" if truncated else ""))
+    return Example(example_id, np.asarray(ids, np.int32), np.asarray(mask, bool), truncated)

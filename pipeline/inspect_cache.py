@@ -16,10 +16,17 @@ __all__ = ["describe_position"]
 
 
 def _find_row(cache_dir: str, manifest: Manifest, example: int) -> dict:
-    for record in manifest.shards:
-        if record.first_example <= example < record.first_example + record.rows:
-            table = read_shard(f"{cache_dir}/{record.file}", manifest.settings.encoding)
-            row = table.slice(example - record.first_example, 1)
+    if example in manifest.dataset.skipped_examples:
+        raise ValueError(f"example {example} was skipped by stage one (data.on_bad_example=skip): not in {cache_dir}")
+    # shards hold increasing ids, contiguous except where examples were skipped: the last shard that
+    # starts at or before the id holds it, if any does; the row is found by its id
+    starts = [r for r in manifest.shards if r.first_example <= example]
+    if starts:
+        record = max(starts, key=lambda r: r.first_example)
+        table = read_shard(f"{cache_dir}/{record.file}", manifest.settings.encoding)
+        where = np.flatnonzero(table.column("example_id").to_numpy() == example)
+        if where.size:
+            row = table.slice(int(where[0]), 1)
             ids, logprobs, target = decode_table(row, manifest.settings.encoding, manifest.settings.k)
             plain = row.select(["input_ids", "loss_mask"]).to_pylist()[0]
             return {**plain, "topk_ids": ids.reshape(-1).tolist(), "topk_logprobs": logprobs.reshape(-1),

@@ -41,7 +41,7 @@ def full_cache_config(config: Config) -> Config:
     from pipeline.fingerprints import model_vocab_size
 
     study = copy.deepcopy(config)
-    study.data = DataConfig(path=config.eval.target_path, text_field=config.eval.text_field,
+    study.data = DataConfig(path=config.eval.target_path, text_field=config.eval.text_field or config.data.text_field,
                             max_length=config.eval.max_length, max_examples=config.approx.examples)
     study.cache = CacheConfig(dir=str(Path(config.approx.output_dir) / "cache-full"), engine="hf",
                               k=model_vocab_size(config.model) - 1, encoding="topk_f32", dtype="float32",

@@ -4,12 +4,15 @@
     python -m pipeline eval --config configs/demo.yaml   (the base model alone)
 
 Learning = loss / perplexity / next-token accuracy on held-out target data (`eval.target_path`).
+Each set is read as stage one reads data: a chat set is scored on the assistant bodies only (the
+positions stage one would train), a text set on every token.
 Forgetting = the same on retention data (`eval.source_path`) relative to the base model, plus
 output drift = mean KL(base || adapted) over the full vocabulary at every retention position.
 Writes `eval.json` into the run directory and prints a table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,33 +21,55 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, DataConfig, EvalConfig, load_config
+from pipeline.config import Config, DataConfig, load_config
 from pipeline.data import load_rows, tokenize_rows
 
 __all__ = ["run_eval", "score_texts", "config_for_run"]
 
 
-def _batches(path: str, tokenizer, cfg: EvalConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids [B, T], attention_mask [B, T]) batches of the eval set, right-padded."""
-    data = DataConfig(path=path, text_field=cfg.text_field, max_length=cfg.max_length, max_examples=cfg.max_examples)
+def eval_data_config(path: str, config: Config) -> DataConfig:
+    """How an eval set is read: chat (assistant bodies scored) when its rows hold the chat field
+    (data.messages_field, else "messages"), otherwise text (every token scored) from data.text_field
+    (or the deprecated eval.text_field). The same tokenization and masks as stage one."""
+    cfg = config.eval
+    text = DataConfig(path=path, text_field=cfg.text_field or config.data.text_field, max_length=cfg.max_length,
+                      max_examples=cfg.max_examples)
+    chat_field = config.data.messages_field or "messages"
+    columns = load_rows(text, check_field=False).column_names
+    if chat_field in columns:
+        return dataclasses.replace(text, messages_field=chat_field)
+    if text.text_field not in columns:
+        raise ValueError(f"eval set {path}: neither a chat column {chat_field!r} nor a text column "
+                         f"{text.text_field!r} (columns: {columns})")
+    return text
+
+
+def _batches(path: str, tokenizer, config: Config) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids [B, T], attention_mask [B, T], scored [B, T-1] bool) batches of the eval set,
+    right-padded; `scored` marks the positions stage one would train (all of a text row)."""
+    data = eval_data_config(path, config)
     examples = tokenize_rows(load_rows(data), tokenizer, data)
-    out = []
-    for start in range(0, len(examples), cfg.batch_size):
-        group = [torch.from_numpy(e.input_ids).long() for e in examples[start:start + cfg.batch_size]]
-        ids = torch.nn.utils.rnn.pad_sequence(group, batch_first=True, padding_value=0)
-        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(g) for g in group], batch_first=True)
-        out.append((ids, mask))
+    out, size = [], config.eval.batch_size
+    for start in range(0, len(examples), size):
+        group = examples[start:start + size]
+        ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(e.input_ids).long() for e in group],
+                                              batch_first=True, padding_value=0)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(e.input_ids), dtype=torch.long) for e in group],
+                                               batch_first=True)
+        scored = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(e.loss_mask) for e in group], batch_first=True)
+        out.append((ids, mask, scored))
     return out
 
 
 @torch.no_grad()
 def score_texts(model, batches, with_drift: bool = False) -> dict[str, float]:
-    """Token-weighted mean NLL, perplexity and accuracy; with a PeftModel and `with_drift`, also the
-    mean KL(base || adapted) per position (base = the same model with its adapter disabled)."""
+    """Mean NLL, perplexity and accuracy over the scored positions (`tokens` counts them); with a
+    PeftModel and `with_drift`, also the mean KL(base || adapted) per scored position (base = the
+    same model with its adapter disabled)."""
     nll = correct = count = drift = 0.0
-    for ids, mask in tqdm(batches, desc="eval", leave=False, unit="batch"):
+    for ids, mask, scored in tqdm(batches, desc="eval", leave=False, unit="batch"):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        keep = mask[:, 1:].bool()
+        keep = scored.bool()
         logp, targets = F.log_softmax(logits[keep], -1), ids[:, 1:][keep]
         nll -= logp.gather(-1, targets[:, None]).sum().item()
         correct += (logp.argmax(-1) == targets).sum().item()
@@ -88,7 +113,7 @@ def run_eval(config: Config, run_dir: str | None = None, base_results: dict | No
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    sets = {name: _batches(path, tokenizer, config.eval)
+    sets = {name: _batches(path, tokenizer, config)
             for name, path in (("target", config.eval.target_path), ("source", config.eval.source_path))}
     if base_results is None:
         base = _load(config, None)

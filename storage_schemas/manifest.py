@@ -1,9 +1,11 @@
 """`manifest.json`: the only index of a cache.
 
 A shard not listed here does not exist. The manifest fingerprints what produced the cache (teacher
-weights, tokenizer, data, settings) so that a reader can refuse a cache that does not belong to its
-model, naming the field that differs. It is rewritten atomically (temp file + rename) after every
-shard, so a killed writer leaves either the old or the new manifest, never half of one.
+weights, tokenizer, data and the rules that tokenized and masked it, settings, engine and dtype) so
+that a reader can refuse a cache that does not belong to its model, and a resume or merge can refuse
+to mix shards of two origins, naming the field that differs. It is rewritten atomically (temp file
++ rename) after every shard, so a killed writer leaves either the old or the new manifest, never
+half of one.
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ class DatasetFingerprint:
     format: str                # "text" or "chat"
     source_sha256: str         # over the input file bytes (or the saved dataset's files)
     num_examples: int
+    input_rules: int = 1       # pipeline.data.INPUT_RULES_VERSION: tokenization + trained-token mask rules
+                               # (manifests written before it was recorded read as 1)
+    skipped_examples: list[int] = field(default_factory=list)  # ids refused and skipped (data.on_bad_example: skip): gaps
+    leading_bos_dropped: int = 0  # text rows that began with the BOS string, whose duplicated BOS was dropped
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,13 @@ class ShardRecord:
     token_ids_sha256: str      # of the cached input ids, to fingerprint the data actually cached
 
 
-_IDENTITY_FIELDS = ("teacher", "tokenizer", "dataset", "settings")
+_IDENTITY_FIELDS = ("teacher", "tokenizer", "dataset", "settings", "engine")
 # Where things were found is recorded but is not identity: a moved model or data file with the same
 # bytes still matches its cache.
 _LOCATION_FIELDS = {"teacher.model_path", "dataset.source"}
+# Package versions are recorded but are not identity: a patch release of torch must not orphan a
+# half-written cache. The engine's name and dtype are (their values differ in the last bits).
+_RECORDED_ONLY = _LOCATION_FIELDS | {"engine.versions"}
 
 
 @dataclass
@@ -123,7 +132,7 @@ class Manifest:
         for group in _IDENTITY_FIELDS:
             mine, theirs = asdict(getattr(self, group)), asdict(getattr(other, group))
             for key in mine:
-                if f"{group}.{key}" not in _LOCATION_FIELDS and mine[key] != theirs[key]:
+                if f"{group}.{key}" not in _RECORDED_ONLY and mine[key] != theirs[key]:
                     raise FingerprintMismatch(
                         f"{group}.{key} differs: cache has {mine[key]!r}, this run has {theirs[key]!r}"
                     )

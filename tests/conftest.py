@@ -38,3 +38,21 @@ def tiny_jsonl(tmp_path_factory) -> Path:
         for i, text in enumerate(SAMPLE_TEXTS[:30]):
             fh.write(json.dumps({"text": f"{i}: {text} {text[: (i * 7) % 40]}"}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tool_chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with a Qwen2.5-shaped tool-calling chat template (tests/tiny_models.py)."""
+    from tiny_models import build_tool_chat_model
+
+    return build_tool_chat_model(tmp_path_factory.mktemp("tiny-tool-chat"))
+
+
+@pytest.fixture(scope="session")
+def tool_chat_jsonl(tmp_path_factory) -> Path:
+    """Twelve multi-turn tool-calling conversations in a `messages` column (None-filled keys)."""
+    from tiny_models import tool_conversations
+
+    path = tmp_path_factory.mktemp("chat-data") / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in tool_conversations(12)))
+    return path

@@ -55,3 +55,32 @@ def test_vllm_stage_one_then_training(tiny_model_dir, tiny_jsonl, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 4 and np.isfinite(metrics["final_kl"]) and metrics["final_kl"] >= 0
+
+
+@pytest.mark.vllm
+def test_vllm_chat_with_tool_calls_stage_one_train_eval(tool_chat_model_dir, tool_chat_jsonl, tiny_jsonl, tmp_path):
+    """Chat data with a multi-turn tool-calling template on the default engine: stage one -> train ->
+    eval. Stage one stores, and eval scores, exactly the assistant bodies' tokens, counted here by
+    tokenizing each body as written from the rule (tests/tiny_models.py tool_chat_bodies)."""
+    from transformers import AutoTokenizer
+
+    from tiny_models import tool_chat_bodies, tool_conversations
+
+    tok = AutoTokenizer.from_pretrained(tool_chat_model_dir)
+    assistant_positions = sum(len(tok(body, add_special_tokens=False)["input_ids"])
+                              for chat in tool_conversations(12) for body in tool_chat_bodies(chat))
+    common = ["--config", "", f"model={tool_chat_model_dir}", f"data.path={tool_chat_jsonl}", "data.messages_field=messages",
+              "data.max_length=512", "cache.k=8", "cache.rows_per_shard=8", f"cache.dir={tmp_path / 'cache'}"]
+    cli("cache-teacher", *common)
+    manifest = Manifest.load(tmp_path / "cache")
+    assert manifest.complete and manifest.dataset.format == "chat"
+    assert sum(s.positions for s in manifest.shards) == assistant_positions
+
+    run = tmp_path / "run"
+    cli("train", *common, f"train.output_dir={run}", "train.max_steps=3", "train.batch_size=4")
+    out = cli("eval", "--run", str(run), f"eval.target_path={tool_chat_jsonl}", f"eval.source_path={tiny_jsonl}",
+              "eval.max_length=512").stdout
+    assert "forgetting" in out
+    result = json.loads((run / "eval.json").read_text())
+    assert result["adapted"]["target"]["tokens"] == result["base"]["target"]["tokens"] == assistant_positions
+    assert result["adapted"]["source"]["tokens"] > 0 and np.isfinite(result["adapted"]["source"]["drift_kl"])

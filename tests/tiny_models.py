@@ -28,9 +28,10 @@ def build_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB):
     )
     tok.train_from_iterator(SAMPLE_TEXTS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    fast.chat_template = (  # an assistant turn is closed by eos (what the model learns to stop with)
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ '\\n' }}{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
     )
     fast.save_pretrained(out_dir)
     return fast
@@ -53,3 +54,63 @@ def build_tiny_llama(out_dir: Path, vocab_size: int, seed: int = 0, layers: int 
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+# A Qwen2.5-shaped chat tokenizer: ChatML turns, tool calls and tool results. Content is joined with
+# `+` as in many real templates (so a null content is a TypeError unless inputs are normalized);
+# the tokenizer's eos is <|endoftext|>, and <|im_end|> closes a turn (found from the template).
+TOOL_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + m['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% for tc in m['tool_calls'] or [] %}"
+    "{{ '\\n<tool_call>\\n' + tc['function']['name'] + ' ' + (tc['function']['arguments'] | tojson) + '\\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tool_chat_model(out_dir: Path) -> Path:
+    """The tiny tokenizer with ChatML special tokens, plain added tool tokens and TOOL_CHAT_TEMPLATE,
+    and a random tiny Llama sized to it."""
+    from transformers import AutoTokenizer
+
+    build_tokenizer(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
+    tok.eos_token, tok.chat_template = "<|endoftext|>", TOOL_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return build_tiny_llama(out_dir, vocab_size=len(tok))
+
+
+def tool_conversations(count: int) -> list[list[dict]]:
+    """Multi-turn tool-calling chats as `datasets` leaves them (missing keys filled with None)."""
+    chats = []
+    for i in range(count):
+        city = ["Paris", "Rome", "Oslo", "Lima"][i % 4]
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        chats.append([
+            {"role": "system", "content": "You can call tools.", "tool_calls": None},
+            {"role": "user", "content": f"What is the weather in {city}?", "tool_calls": None},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": f"{10 + i}C and sunny", "tool_calls": None},
+            {"role": "assistant", "content": f"It is {10 + i}C and sunny in {city}.", "tool_calls": None},
+            {"role": "user", "content": "Thanks!", "tool_calls": None},
+            {"role": "assistant", "content": "You are welcome.", "tool_calls": None},
+        ])
+    return chats
+
+
+def tool_chat_bodies(chat: list[dict]) -> list[str]:
+    """The trained text of each assistant turn of `chat`, written from the rule, not from the code:
+    its content, its tool calls as TOOL_CHAT_TEMPLATE renders them, and the closing <|im_end|>."""
+    import json
+
+    bodies = []
+    for m in chat:
+        if m["role"] == "assistant":
+            calls = "".join(f"\n<tool_call>\n{c['function']['name']} {json.dumps(c['function']['arguments'])}\n</tool_call>"
+                            for c in m.get("tool_calls") or [])
+            bodies.append((m["content"] or "") + calls + "<|im_end|>")
+    return bodies

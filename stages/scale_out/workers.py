@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, save_config
-from pipeline.data import Example, load_rows, tokenize_rows
-from pipeline.fingerprints import model_vocab_size
-from stages.cache_teacher import _open_engine, _write_shards, plan_manifest
+from pipeline.data import Example, InputReport
+from stages.cache_teacher import _open_engine, _write_shards, load_examples, plan_manifest
 from storage_schemas import MANIFEST_NAME, FingerprintMismatch, Manifest, shard_file_name
 from storage_schemas.remote import CacheStore, default_local_dir
 
@@ -187,18 +186,10 @@ def _writer() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _tokenized(config: Config) -> list[Example]:
+def _tokenized(config: Config) -> tuple[list[Example], InputReport]:
     """The whole dataset, tokenized and checked (as run_cache_teacher does): shard boundaries and
     the dataset fingerprint depend on every example, so each worker sees them all."""
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
-    vocab_size = model_vocab_size(config.model)
-    if config.cache.k > vocab_size - 1:
-        raise ValueError(f"cache.k={config.cache.k}: at most vocab_size - 1 = {vocab_size - 1} non-target tokens exist")
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    rows = load_rows(config.data)
-    return tokenize_rows(tqdm(rows, desc="tokenizing", unit="ex", leave=False), tokenizer, config.data)
+    return load_examples(config)
 
 
 def _pin_device(worker: WorkerSpec, config: Config) -> None:
@@ -246,9 +237,9 @@ def run_worker(config: Config, worker: WorkerSpec, merge: bool = True) -> Worker
     from stages.scale_out.merge import try_merge
 
     _pin_device(worker, config)
-    examples = _tokenized(config)
+    examples, report = _tokenized(config)
     store, local = CacheStore.open(config.cache.dir), local_working_dir(config)
-    planned = plan_manifest(config, len(examples))
+    planned = plan_manifest(config, len(examples), report)
     num_shards = math.ceil(len(examples) / config.cache.rows_per_shard)
     mine = assigned_shards(num_shards, worker)
     if (done := _merged(store, planned)) is not None:

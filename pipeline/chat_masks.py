@@ -1,0 +1,281 @@
+"""Which tokens of a chat conversation are trained: the assistant turns' bodies, from one rendering.
+
+    from pipeline.chat_masks import assistant_body_mask
+    ids, trained = assistant_body_mask(messages, tokenizer)   # trained[t]: token t is a target
+
+The rule (README "Chat data", DESIGN §5): a token is trained when it belongs to an assistant turn's
+**body** — everything the chat template renders for that turn after its header (what the model has
+to generate after the generation prompt: text, a rendered think block, a rendered tool call), up to
+and including the first token of the stop set that closes the turn (the tokenizer's and
+`generation_config`'s eos ids, and the template's turn-closing special token). Nothing after it
+(no separator), nothing of a system, user or tool turn, no header.
+
+How bodies are located, from the ONE full rendering R of the conversation (templates may render a
+turn differently depending on what follows it, so renderings of prefixes are never used as
+positions):
+1. Render the conversation again with each message's content replaced by a marker (a private-use
+   character pair): the text between markers is the template's own structure. R must equal that
+   structure with each marker replaced by the message's content as templates render it (verbatim,
+   stripped, or with a reasoning block split off); the one match gives every content's span in R.
+2. The body of assistant turn i starts where R stops agreeing with the generation prompt: the text
+   the template emits after the previous message's content when asked for a generation prompt
+   (`add_generation_prompt=True` on the marked messages before i; only this structural tail is
+   taken from it). A generation prompt that ends in `<think>\n` while the rendered turn does not
+   simply agrees for a shorter stretch.
+3. The body ends at the first stop-set token after the turn's content (or after the body start for
+   a turn with only tool calls).
+4. Every mask is checked: each assistant turn has a trained token, bodies are in order and do not
+   overlap, no other message's content lies inside a body, no stop token inside an assistant's own
+   content; a template with `{% generation %}` blocks must mark spans that lie inside the derived
+   bodies, each body holding one.
+Anything that does not fit raises `ChatMaskError` with the reason; callers add file and example.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["ChatMaskError", "normalize_messages", "assistant_body_mask", "stop_token_ids"]
+
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # Unicode private use: never in real text (checked)
+_MARKER_RE = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+REASONING_CLOSE = "</think>"                   # content "<think>…</think>answer": templates split it here
+
+
+class ChatMaskError(ValueError):
+    """A conversation whose trained tokens cannot be established under the project's rule."""
+
+
+# --- input -----------------------------------------------------------------------------------------
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def normalize_messages(messages) -> list[dict]:
+    """Messages as templates expect them: None-valued keys dropped at every depth (`datasets` fills
+    every key missing from a row with None), `content` a string ("" when absent, e.g. on a turn that
+    only calls tools). Raises ChatMaskError for anything that is not a conversation to train on."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatMaskError("expected a non-empty list of {role, content} messages")
+    out = []
+    for j, raw in enumerate(messages):
+        if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
+            raise ChatMaskError(f"message {j}: expected a mapping with a string 'role', got {str(raw)[:80]!r}")
+        message = _drop_none(raw)
+        content = message.setdefault("content", "")
+        if not isinstance(content, str):
+            raise ChatMaskError(f"message {j}: content must be a string (or null), got {type(content).__name__}")
+        if _MARK_OPEN in content or _MARK_CLOSE in content:
+            raise ChatMaskError(f"message {j}: content holds the private-use characters U+E000/U+E001")
+        if message["role"] == "assistant" and not content.strip() and not message.get("tool_calls"):
+            raise ChatMaskError(f"message {j}: an assistant turn with neither content nor tool calls")
+        out.append(message)
+    if not any(m["role"] == "assistant" for m in out):
+        raise ChatMaskError("no assistant turn to train on")
+    return out
+
+
+@lru_cache(maxsize=16)
+def _generation_config_eos(model_dir: str) -> tuple[int, ...]:
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
+
+
+def _special_ids(tokenizer) -> set[int]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def stop_token_ids(tokenizer) -> frozenset[int]:
+    """The stop set that closes an assistant turn: the tokenizer's eos, `generation_config.json`'s
+    eos ids (read from the tokenizer's own directory), and the template's turn-closing special
+    token (the first special token the template renders after a one-word assistant reply)."""
+    stops = set(_generation_config_eos(str(tokenizer.name_or_path)))
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    try:
+        text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    except ChatMaskError:
+        return frozenset(stops)
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    after, special = text.rfind("Hello") + len("Hello"), _special_ids(tokenizer)
+    closer = next((t for t, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                   if begin >= after and t in special), None)
+    return frozenset(stops | ({closer} if closer is not None else set()))
+
+
+# --- rendering -------------------------------------------------------------------------------------
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # jinja raises many types (TypeError, UndefinedError, TemplateError)
+        raise ChatMaskError(f"the chat template failed: {type(err).__name__}: {err}") from err
+
+
+def _marker(j: int) -> str:
+    return f"{_MARK_OPEN}{j}{_MARK_CLOSE}"
+
+
+def _split_reasoning(content: str) -> tuple[str, str]:
+    """('<think>…</think>', 'answer') for reasoning inline in content, else ('', content)."""
+    cut = content.rfind(REASONING_CLOSE)
+    return (content[:cut + len(REASONING_CLOSE)], content[cut + len(REASONING_CLOSE):]) if cut >= 0 else ("", content)
+
+
+def _marked(messages: list[dict]) -> list[dict]:
+    """Each non-empty content replaced by its marker (an inline reasoning block kept before it, so
+    templates that render reasoning specially still do)."""
+    out = []
+    for j, message in enumerate(messages):
+        if message["content"].strip():
+            reasoning, _ = _split_reasoning(message["content"])
+            message = {**message, "content": reasoning + _marker(j)}
+        out.append(message)
+    return out
+
+
+def _rendered_forms(content: str) -> list[str]:
+    """How templates render a content string: verbatim, stripped (`| trim`), answer part only."""
+    _, answer = _split_reasoning(content)
+    forms = {answer, answer.strip(), answer.lstrip(), answer.rstrip()}
+    return sorted(forms, key=len, reverse=True)
+
+
+def _content_spans(rendered: str, marked: str, messages: list[dict]) -> dict[int, tuple[int, int]]:
+    """Message index -> (start, end) of its content in `rendered`, matched against the marked
+    rendering's structure; ChatMaskError where the two cannot be aligned in one way."""
+    found = [(m.start(), m.end(), int(m.group(1))) for m in _MARKER_RE.finditer(marked)]
+    indices = [j for _, _, j in found]
+    if len(set(indices)) != len(indices):
+        raise ChatMaskError("the chat template renders a message's content more than once")
+    pattern, last = [], 0
+    for start, end, j in found:
+        pattern.append(re.escape(marked[last:start]))
+        pattern.append(f"(?P<m{j}>{'|'.join(re.escape(f) for f in _rendered_forms(messages[j]['content']))})")
+        last = end
+    pattern.append(re.escape(marked[last:]))
+    match = re.fullmatch("".join(pattern), rendered, flags=re.DOTALL)
+    if match is None:
+        raise ChatMaskError("the chat template's rendering depends on message content in a way the mask "
+                            "cannot follow (content is neither verbatim, trimmed nor a split-off reasoning block)")
+    return {j: match.span(f"m{j}") for j in indices}
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _body_start(tokenizer, marked: list[dict], i: int, spans: dict, rendered: str) -> int:
+    """Where assistant turn i's body starts in `rendered`: past the longest stretch after the
+    previous message's content that agrees with the generation prompt (the marked messages before
+    i rendered with `add_generation_prompt=True`; only its tail after that content is used)."""
+    if i == 0:
+        raise ChatMaskError("message 0: an assistant turn opens the conversation (no generation prompt precedes it)")
+    prompt = _render(tokenizer, marked[:i], generation_prompt=True)
+    before = [j for j in range(i) if j in spans]
+    anchor, tail = 0, prompt
+    if before:
+        at = prompt.find(_marker(before[-1]))
+        if at < 0:
+            raise ChatMaskError(f"message {i}: the generation prompt does not render message {before[-1]}")
+        anchor, tail = spans[before[-1]][1], prompt[at + len(_marker(before[-1])):]
+    if _MARK_OPEN in tail:
+        raise ChatMaskError(f"message {i}: the generation prompt renders message content after message {before[-1]}")
+    return anchor + _common_prefix(rendered[anchor:], tail)
+
+
+# --- the mask --------------------------------------------------------------------------------------
+def _token_index_at(offsets: list[tuple[int, int]], char: int) -> int:
+    """First token ending after `char` (the token holding it, or the next one)."""
+    return next((t for t, (_, end) in enumerate(offsets) if end > char), len(offsets))
+
+
+def _bodies(tokenizer, messages, rendered, ids, offsets, stops) -> list[tuple[int, int]]:
+    """Token ranges [first, last] (inclusive) of each assistant turn's body, in order."""
+    marked = _marked(messages)
+    spans = _content_spans(rendered, _render(tokenizer, marked), messages)
+    bodies = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _body_start(tokenizer, marked, i, spans, rendered)
+        if message["content"].strip() and i not in spans:
+            raise ChatMaskError(f"message {i}: the chat template does not render this assistant turn's content")
+        content_end = spans[i][1] if i in spans else start
+        first = _token_index_at(offsets, start)
+        closers = [t for t in range(first, len(ids)) if ids[t] in stops and offsets[t][0] >= content_end]
+        inside = [t for t in range(first, len(ids)) if ids[t] in stops and offsets[t][0] < content_end]
+        if inside:
+            raise ChatMaskError(f"message {i}: the assistant's content holds the stop token "
+                                f"{tokenizer.convert_ids_to_tokens(ids[inside[0]])!r} before its end")
+        if not closers:
+            raise ChatMaskError(f"message {i}: no stop token closes the assistant turn (stop set: "
+                                f"{sorted(tokenizer.convert_ids_to_tokens(sorted(stops)))})")
+        if i not in spans and offsets[closers[0]][0] <= start:
+            raise ChatMaskError(f"message {i}: the chat template renders nothing for this assistant turn but its "
+                                "closing token (are its tool calls rendered by the template?)")
+        bodies.append((i, first, closers[0]))
+    _check_bodies(bodies, spans, messages, offsets)
+    return [(first, last) for _, first, last in bodies]
+
+
+def _check_bodies(bodies, spans, messages, offsets) -> None:
+    previous_end = -1
+    for i, first, last in bodies:
+        if first > last:
+            raise ChatMaskError(f"message {i}: the assistant turn has no body token")
+        if first <= previous_end:
+            raise ChatMaskError(f"message {i}: its body overlaps or precedes the previous assistant body")
+        begin, end = offsets[first][0], offsets[last][1]
+        for j, (s, e) in spans.items():
+            if messages[j]["role"] != "assistant" and s < end and e > begin and e > s:
+                raise ChatMaskError(f"message {i}: its body would cover the content of message {j} "
+                                    f"({messages[j]['role']}); the template's turns cannot be told apart")
+        previous_end = last
+
+
+def _check_generation_blocks(tokenizer, messages, ids, bodies) -> None:
+    """A template's own {% generation %} spans must each lie inside a derived body, one per body."""
+    if not _GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        return
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    if list(out["input_ids"]) != list(ids):
+        raise ChatMaskError("the template's {% generation %} rendering tokenizes differently from its plain rendering")
+    marked = [t for t, m in enumerate(out["assistant_masks"]) if m]
+    outside = [t for t in marked if not any(first <= t <= last for first, last in bodies)]
+    empty = [k for k, (first, last) in enumerate(bodies) if not any(first <= t <= last for t in marked)]
+    if outside or empty:
+        raise ChatMaskError(f"the template's {{% generation %}} mask disagrees with the assistant bodies "
+                            f"(tokens marked outside a body: {outside[:5]}; bodies with no marked token: {empty})")
+
+
+def assistant_body_mask(messages, tokenizer, stops: frozenset[int] | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of the full rendering and, per token, whether it is a trained target (module doc).
+
+    messages: a list of {role, content, ...} dicts (normalized here); tokenizer: a fast HF tokenizer
+    with a chat template; stops: the stop set (default `stop_token_ids(tokenizer)`).
+    Returns (ids [T] ints, trained [T] bools); position t-1 predicts token t, so a loss mask over
+    positions is trained[1:]. Raises ChatMaskError naming the message and the reason.
+    """
+    messages = normalize_messages(messages)
+    stops = stop_token_ids(tokenizer) if stops is None else stops
+    rendered = _render(tokenizer, messages)
+    encoded = tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=False)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    bodies = _bodies(tokenizer, messages, rendered, ids, offsets, stops)
+    _check_generation_blocks(tokenizer, messages, ids, bodies)
+    trained = [False] * len(ids)
+    for first, last in bodies:
+        trained[first:last + 1] = [True] * (last + 1 - first)
+    return ids, trained
