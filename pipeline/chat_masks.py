@@ -82,6 +82,21 @@ def normalize_messages(messages) -> list[dict]:
     return out
 
 
+def _normalize_tools(tools) -> list[dict] | None:
+    """Tool definitions for `tools=`: None-valued keys dropped; a JSON string (how many datasets
+    store them) parsed; an empty list is no tools."""
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ChatMaskError(f"tools: not valid JSON ({err})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ChatMaskError(f"tools: expected a list of tool definitions (mappings), got {str(tools)[:80]!r}")
+    return _drop_none(tools) or None
+
+
 @lru_cache(maxsize=16)
 def _generation_config_eos(model_dir: str) -> tuple[int, ...]:
     path = Path(model_dir) / "generation_config.json"
@@ -115,9 +130,9 @@ def stop_token_ids(tokenizer) -> frozenset[int]:
 
 
 # --- rendering -------------------------------------------------------------------------------------
-def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False, tools: list | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # jinja raises many types (TypeError, UndefinedError, TemplateError)
         raise ChatMaskError(f"the chat template failed: {type(err).__name__}: {err}") from err
 
@@ -176,13 +191,13 @@ def _common_prefix(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _body_start(tokenizer, marked: list[dict], i: int, spans: dict, rendered: str) -> int:
+def _body_start(tokenizer, marked: list[dict], i: int, spans: dict, rendered: str, tools: list | None) -> int:
     """Where assistant turn i's body starts in `rendered`: past the longest stretch after the
     previous message's content that agrees with the generation prompt (the marked messages before
     i rendered with `add_generation_prompt=True`; only its tail after that content is used)."""
     if i == 0:
         raise ChatMaskError("message 0: an assistant turn opens the conversation (no generation prompt precedes it)")
-    prompt = _render(tokenizer, marked[:i], generation_prompt=True)
+    prompt = _render(tokenizer, marked[:i], generation_prompt=True, tools=tools)
     before = [j for j in range(i) if j in spans]
     anchor, tail = 0, prompt
     if before:
@@ -201,15 +216,15 @@ def _token_index_at(offsets: list[tuple[int, int]], char: int) -> int:
     return next((t for t, (_, end) in enumerate(offsets) if end > char), len(offsets))
 
 
-def _bodies(tokenizer, messages, rendered, ids, offsets, stops) -> list[tuple[int, int]]:
+def _bodies(tokenizer, messages, rendered, ids, offsets, stops, tools) -> list[tuple[int, int]]:
     """Token ranges [first, last] (inclusive) of each assistant turn's body, in order."""
     marked = _marked(messages)
-    spans = _content_spans(rendered, _render(tokenizer, marked), messages)
+    spans = _content_spans(rendered, _render(tokenizer, marked, tools=tools), messages)
     bodies = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = _body_start(tokenizer, marked, i, spans, rendered)
+        start = _body_start(tokenizer, marked, i, spans, rendered, tools)
         if message["content"].strip() and i not in spans:
             raise ChatMaskError(f"message {i}: the chat template does not render this assistant turn's content")
         content_end = spans[i][1] if i in spans else start
@@ -245,11 +260,15 @@ def _check_bodies(bodies, spans, messages, offsets) -> None:
         previous_end = last
 
 
-def _check_generation_blocks(tokenizer, messages, ids, bodies) -> None:
+def _check_generation_blocks(tokenizer, messages, ids, bodies, tools) -> None:
     """A template's own {% generation %} spans must each lie inside a derived body, one per body."""
     if not _GENERATION_BLOCK.search(tokenizer.chat_template or ""):
         return
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    try:
+        out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except Exception as err:  # transformers raises for templates its generation-mask support cannot follow
+        raise ChatMaskError(f"the template's {{% generation %}} mask could not be computed: {type(err).__name__}: {err}") from err
     if list(out["input_ids"]) != list(ids):
         raise ChatMaskError("the template's {% generation %} rendering tokenizes differently from its plain rendering")
     marked = [t for t, m in enumerate(out["assistant_masks"]) if m]
@@ -260,21 +279,23 @@ def _check_generation_blocks(tokenizer, messages, ids, bodies) -> None:
                             f"(tokens marked outside a body: {outside[:5]}; bodies with no marked token: {empty})")
 
 
-def assistant_body_mask(messages, tokenizer, stops: frozenset[int] | None = None) -> tuple[list[int], list[bool]]:
+def assistant_body_mask(messages, tokenizer, stops: frozenset[int] | None = None,
+                        tools: list | str | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of the full rendering and, per token, whether it is a trained target (module doc).
 
     messages: a list of {role, content, ...} dicts (normalized here); tokenizer: a fast HF tokenizer
-    with a chat template; stops: the stop set (default `stop_token_ids(tokenizer)`).
+    with a chat template; stops: the stop set (default `stop_token_ids(tokenizer)`); tools: tool
+    definitions passed to the template as `tools=` (a list of JSON-schema dicts, or a JSON string).
     Returns (ids [T] ints, trained [T] bools); position t-1 predicts token t, so a loss mask over
     positions is trained[1:]. Raises ChatMaskError naming the message and the reason.
     """
-    messages = normalize_messages(messages)
+    messages, tools = normalize_messages(messages), _normalize_tools(tools)
     stops = stop_token_ids(tokenizer) if stops is None else stops
-    rendered = _render(tokenizer, messages)
+    rendered = _render(tokenizer, messages, tools=tools)
     encoded = tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    bodies = _bodies(tokenizer, messages, rendered, ids, offsets, stops)
-    _check_generation_blocks(tokenizer, messages, ids, bodies)
+    bodies = _bodies(tokenizer, messages, rendered, ids, offsets, stops, tools)
+    _check_generation_blocks(tokenizer, messages, ids, bodies, tools)
     trained = [False] * len(ids)
     for first, last in bodies:
         trained[first:last + 1] = [True] * (last + 1 - first)

@@ -39,6 +39,7 @@ class DataConfig:
     split: str = "train"                 # split to read
     text_field: str = "text"             # used when messages_field is empty
     messages_field: str = ""             # chat data: list of {role, content, ...}; only assistant bodies are trained
+    tools_field: str = "tools"           # chat data: a column of tool definitions passed to the template (`tools=`), when present
     max_length: int = 256                # longer sequences are truncated on the right (counted, reported)
     max_examples: int = 0                # 0 = all; else the first N (quick runs)
     on_bad_example: str = "refuse"       # refuse (stop, naming file + example) | skip (leave it out, id kept as a gap, counted)

@@ -140,10 +140,10 @@ def _text_example(text, tokenizer, where: str, report: InputReport) -> tuple[lis
     return ids, [True] * (len(ids) - 1)
 
 
-def _chat_example(messages, tokenizer, where: str, report: InputReport) -> tuple[list[int], list[bool]]:
+def _chat_example(messages, tokenizer, where: str, report: InputReport, tools=None) -> tuple[list[int], list[bool]]:
     """The conversation's one rendering; trained = the assistant bodies (pipeline/chat_masks.py)."""
     try:
-        ids, trained = assistant_body_mask(messages, tokenizer, _stops(tokenizer))
+        ids, trained = assistant_body_mask(messages, tokenizer, _stops(tokenizer), tools=tools)
     except ChatMaskError as err:
         raise ChatMaskError(f"{where}: {err}") from None
     return ids, trained[1:]
@@ -165,13 +165,16 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, first_id: int = 0, report: I
     `report.skipped`. Returns the examples in id order."""
     report = InputReport() if report is None else report
     field_name = cfg.messages_field or cfg.text_field
-    make = _chat_example if cfg.messages_field else _text_example
     examples = []
     for offset, row in enumerate(rows):
         example_id = first_id + offset
         where = f"{cfg.path}: example {example_id}, field {field_name!r}"
         try:
-            examples.append(_example(example_id, make(row[field_name], tokenizer, where, report), cfg, where))
+            if cfg.messages_field:
+                tokenized = _chat_example(row[field_name], tokenizer, where, report, tools=row.get(cfg.tools_field))
+            else:
+                tokenized = _text_example(row[field_name], tokenizer, where, report)
+            examples.append(_example(example_id, tokenized, cfg, where))
         except ValueError as err:
             if cfg.on_bad_example != "skip":
                 raise

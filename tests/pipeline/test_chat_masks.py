@@ -210,3 +210,20 @@ def test_jinja_failure_names_the_template(base_tokenizer_dir, tmp_path):
     tok = family_tokenizer(base_tokenizer_dir, tmp_path, "{{ messages[0]['content'] + 1 }}", None, "<|endoftext|>", [])
     with pytest.raises(ChatMaskError, match="the chat template failed: TypeError"):
         assistant_body_mask([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tok)
+
+
+def test_tool_definitions_reach_the_template_and_are_never_trained(base_tokenizer_dir, tmp_path):
+    """`tools=` (a list, or a JSON string as many datasets store it) is rendered into the system turn
+    by the template; it conditions the teacher but is no assistant body."""
+    template = ("{% if tools %}<|im_start|>system\n# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n"
+                "{% endif %}" + QWEN3)
+    tok = family_tokenizer(base_tokenizer_dir, tmp_path, template, None, "<|im_end|>", [])
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": None,
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = CASES["qwen3-tools"][4]
+    for given in (tools, json.dumps(tools)):
+        ids, trained = assistant_body_mask(messages, tok, tools=given)
+        assert '{"type": "function", "function": {"name": "get_weather", "parameters"' in tok.decode(ids)
+        assert trained_runs(ids, trained, tok) == CASES["qwen3-tools"][5]
+    with pytest.raises(ChatMaskError, match="tools: not valid JSON"):
+        assistant_body_mask(messages, tok, tools="{not json")

@@ -71,3 +71,20 @@ def test_untouched_adapter_has_no_drift(run_dir, tiny_model_dir):
 def test_a_directory_without_a_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         config_for_run(str(tmp_path), [])
+
+
+def test_eval_sets_are_read_as_stage_one_reads_data(tool_chat_jsonl, tiny_jsonl, tiny_model_dir, tmp_path):
+    """A set with the chat column is chat (assistant bodies scored), any other set text; the old
+    eval.text_field still works, with a deprecation warning."""
+    from stages.evaluate import eval_data_config
+
+    config = load_config(None, [f"model={tiny_model_dir}"])
+    assert eval_data_config(str(tool_chat_jsonl), config).messages_field == "messages"
+    assert eval_data_config(str(tiny_jsonl), config).messages_field == ""
+    renamed = tmp_path / "body.jsonl"
+    renamed.write_text("".join(json.dumps({"body": json.loads(line)["text"]}) + "\n" for line in tiny_jsonl.read_text().splitlines()))
+    with pytest.warns(FutureWarning, match="eval.text_field is deprecated"):
+        old_style = load_config(None, [f"model={tiny_model_dir}", "eval.text_field=body"])
+    assert eval_data_config(str(renamed), old_style).text_field == "body"
+    with pytest.raises(ValueError, match=r"neither a chat column 'messages' nor a text column 'text'"):
+        eval_data_config(str(renamed), config)
