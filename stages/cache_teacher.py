@@ -108,7 +108,8 @@ def plan_manifest(config: Config, num_examples: int, report: InputReport | None 
         dataset=DatasetFingerprint(
             source=str(Path(data.path).resolve()), split=data.split, field=data.messages_field or data.text_field,
             format="chat" if data.messages_field else "text", source_sha256=source_sha256(files), num_examples=num_examples,
-            input_rules=INPUT_RULES_VERSION, skipped_examples=[i for i, _ in report.skipped],
+            input_rules=INPUT_RULES_VERSION, tools_field=data.tools_field if data.messages_field else "",
+            skipped_examples=[i for i, _ in report.skipped],
             leading_bos_dropped=report.leading_bos_dropped,
         ),
         settings=CacheSettings(

@@ -53,6 +53,7 @@ class DatasetFingerprint:
     num_examples: int
     input_rules: int = 1       # pipeline.data.INPUT_RULES_VERSION: tokenization + trained-token mask rules
                                # (manifests written before it was recorded read as 1)
+    tools_field: str = ""      # chat: the column of tool definitions passed to the template ("" for text)
     skipped_examples: list[int] = field(default_factory=list)  # ids refused and skipped (data.on_bad_example: skip): gaps
     leading_bos_dropped: int = 0  # text rows that began with the BOS string, whose duplicated BOS was dropped
 
