@@ -7,8 +7,9 @@ The rule (README "Chat data", DESIGN §5): a token is trained when it belongs to
 **body** — everything the chat template renders for that turn after its header (what the model has
 to generate after the generation prompt: text, a rendered think block, a rendered tool call), up to
 and including the first token of the stop set that closes the turn (the tokenizer's and
-`generation_config`'s eos ids, and the template's turn-closing special token). Nothing after it
-(no separator), nothing of a system, user or tool turn, no header.
+`generation_config`'s eos ids, and the template's turn-closing special tokens), with any stop tokens
+that directly follow it. Nothing after it (no separator), nothing of a system, user or tool turn,
+no header. A turn with `weight: 0` (OpenAI fine-tuning format) is not trained.
 
 How bodies are located, from the ONE full rendering R of the conversation (templates may render a
 turn differently depending on what follows it, so renderings of prefixes are never used as
@@ -16,28 +17,31 @@ positions):
 1. Render the conversation again with each message's content replaced by a marker (a private-use
    character pair): the text between markers is the template's own structure. R must equal that
    structure with each marker replaced by the message's content as templates render it (verbatim,
-   stripped, or with a reasoning block split off); the one match gives every content's span in R.
+   stripped, JSON-escaped, or with a reasoning block split off); the one match gives every
+   content's span in R.
 2. The body of assistant turn i starts where R stops agreeing with the generation prompt: the text
    the template emits after the previous message's content when asked for a generation prompt
    (`add_generation_prompt=True` on the marked messages before i; only this structural tail is
    taken from it). A generation prompt that ends in `<think>\n` while the rendered turn does not
    simply agrees for a shorter stretch.
 3. The body ends at the first stop-set token after the turn's content (or after the body start for
-   a turn with only tool calls).
+   a turn with only tool calls), before the next message's content.
 4. Every mask is checked: each assistant turn has a trained token, bodies are in order and do not
    overlap, no other message's content lies inside a body, no stop token inside an assistant's own
-   content; a template with `{% generation %}` blocks must mark spans that lie inside the derived
-   bodies, each body holding one.
+   content; a template with `{% generation %}` blocks must mark runs that each overlap exactly one
+   derived body, every body overlapped by one (where a run starts or ends is the template's choice).
 Anything that does not fit raises `ChatMaskError` with the reason; callers add file and example.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["ChatMaskError", "normalize_messages", "assistant_body_mask", "stop_token_ids"]
+__all__ = ["ChatMaskError", "StopSet", "normalize_messages", "assistant_body_mask", "stop_token_ids"]
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # Unicode private use: never in real text (checked)
 _MARKER_RE = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
@@ -66,8 +70,15 @@ def normalize_messages(messages) -> list[dict]:
         raise ChatMaskError("expected a non-empty list of {role, content} messages")
     out = []
     for j, raw in enumerate(messages):
+        if isinstance(raw, dict) and "role" not in raw and {"from", "value"} <= set(raw):
+            raise ChatMaskError(f"message {j}: ShareGPT keys from/value; convert each message to "
+                                "{role: system|user|assistant|tool, content: ...}")
         if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
             raise ChatMaskError(f"message {j}: expected a mapping with a string 'role', got {str(raw)[:80]!r}")
+        if raw["role"] != "assistant" and difflib.get_close_matches(raw["role"].lower(), ["assistant"], cutoff=0.75):
+            raise ChatMaskError(f"message {j}: role {raw['role']!r} is not 'assistant' (only role 'assistant' is trained)")
+        if raw.get("weight") not in (None, 0, 1):
+            raise ChatMaskError(f"message {j}: weight must be 0 (not trained) or 1, got {raw['weight']!r}")
         message = _drop_none(raw)
         content = message.setdefault("content", "")
         if not isinstance(content, str):
@@ -77,8 +88,9 @@ def normalize_messages(messages) -> list[dict]:
         if message["role"] == "assistant" and not content.strip() and not message.get("tool_calls"):
             raise ChatMaskError(f"message {j}: an assistant turn with neither content nor tool calls")
         out.append(message)
-    if not any(m["role"] == "assistant" for m in out):
-        raise ChatMaskError("no assistant turn to train on")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        raise ChatMaskError(f"no assistant turn to train on (roles: {[m['role'] for m in out]}"
+                            + ("; every assistant turn has weight 0)" if any(m["role"] == "assistant" for m in out) else ")"))
     return out
 
 
@@ -111,22 +123,48 @@ def _special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
 
 
-def stop_token_ids(tokenizer) -> frozenset[int]:
-    """The stop set that closes an assistant turn: the tokenizer's eos, `generation_config.json`'s
-    eos ids (read from the tokenizer's own directory), and the template's turn-closing special
-    token (the first special token the template renders after a one-word assistant reply)."""
-    stops = set(_generation_config_eos(str(tokenizer.name_or_path)))
-    if tokenizer.eos_token_id is not None:
-        stops.add(tokenizer.eos_token_id)
-    try:
-        text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-    except ChatMaskError:
-        return frozenset(stops)
+@dataclass(frozen=True)
+class StopSet:
+    """What closes an assistant turn. `eos`: where generation stops (the tokenizer's eos and
+    `generation_config.json`'s eos ids); `closers`: the special tokens the template itself renders
+    right after an assistant reply (e.g. ChatML's <|im_end|> when eos is <|endoftext|>; a template
+    may close earlier turns differently from the last, as gpt-oss does with <|end|> / <|return|>)."""
+
+    eos: frozenset[int]
+    closers: frozenset[int]
+
+    @property
+    def all(self) -> frozenset[int]:
+        return self.eos | self.closers
+
+
+def _first_special_after(tokenizer, text: str, after: int) -> int | None:
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    after, special = text.rfind("Hello") + len("Hello"), _special_ids(tokenizer)
-    closer = next((t for t, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
-                   if begin >= after and t in special), None)
-    return frozenset(stops | ({closer} if closer is not None else set()))
+    special = _special_ids(tokenizer)
+    return next((t for t, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                 if begin >= after and t in special), None)
+
+
+def stop_token_ids(tokenizer) -> StopSet:
+    """The stop set of `tokenizer` (StopSet): eos ids from the tokenizer and from the
+    `generation_config.json` beside it, and the template's closers — the first special token it
+    renders after each assistant reply of a two-exchange sample conversation."""
+    eos = set(_generation_config_eos(str(tokenizer.name_or_path)))
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    closers = set()
+    sample = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    for messages in (sample, sample[:2]):  # templates that take one exchange only get the short one
+        try:
+            text = _render(tokenizer, messages)
+        except ChatMaskError:
+            continue
+        for word in ("Hello", "Goodbye")[:len(messages) // 2]:
+            found = _first_special_after(tokenizer, text, text.find(word) + len(word))
+            closers |= {found} if found is not None else set()
+        break
+    return StopSet(frozenset(eos), frozenset(closers))
 
 
 # --- rendering -------------------------------------------------------------------------------------
@@ -160,9 +198,12 @@ def _marked(messages: list[dict]) -> list[dict]:
 
 
 def _rendered_forms(content: str) -> list[str]:
-    """How templates render a content string: verbatim, stripped (`| trim`), answer part only."""
+    """How templates render a content string: verbatim, stripped (`| trim`), answer part only,
+    JSON-escaped (`| tojson`)."""
     _, answer = _split_reasoning(content)
     forms = {answer, answer.strip(), answer.lstrip(), answer.rstrip()}
+    # `| tojson` on a string: the marker keeps the quotes as structure, the content is escaped
+    forms |= {json.dumps(f, ensure_ascii=ascii_only)[1:-1] for f in list(forms) for ascii_only in (False, True)}
     return sorted(forms, key=len, reverse=True)
 
 
@@ -181,8 +222,12 @@ def _content_spans(rendered: str, marked: str, messages: list[dict]) -> dict[int
     pattern.append(re.escape(marked[last:]))
     match = re.fullmatch("".join(pattern), rendered, flags=re.DOTALL)
     if match is None:
-        raise ChatMaskError("the chat template's rendering depends on message content in a way the mask "
-                            "cannot follow (content is neither verbatim, trimmed nor a split-off reasoning block)")
+        # the first message whose content (with the structure after it) no longer lines up
+        culprit = next((j for n, j in enumerate(indices)
+                        if re.match("".join(pattern[:2 * n + 3]), rendered, flags=re.DOTALL) is None), None)
+        which = f"message {culprit} ({messages[culprit]['role']})" if culprit is not None else "the structure"
+        raise ChatMaskError(f"{which}: the chat template's rendering depends on message content in a way the mask "
+                            "cannot follow (content neither verbatim, trimmed, JSON-escaped nor a split-off reasoning block)")
     return {j: match.span(f"m{j}") for j in indices}
 
 
@@ -195,9 +240,10 @@ def _body_start(tokenizer, marked: list[dict], i: int, spans: dict, rendered: st
     """Where assistant turn i's body starts in `rendered`: past the longest stretch after the
     previous message's content that agrees with the generation prompt (the marked messages before
     i rendered with `add_generation_prompt=True`; only its tail after that content is used)."""
-    if i == 0:
-        raise ChatMaskError("message 0: an assistant turn opens the conversation (no generation prompt precedes it)")
-    prompt = _render(tokenizer, marked[:i], generation_prompt=True, tools=tools)
+    try:
+        prompt = _render(tokenizer, marked[:i], generation_prompt=True, tools=tools)
+    except ChatMaskError as err:
+        raise ChatMaskError(f"message {i}: no generation prompt precedes this assistant turn ({err})") from None
     before = [j for j in range(i) if j in spans]
     anchor, tail = 0, prompt
     if before:
@@ -216,31 +262,47 @@ def _token_index_at(offsets: list[tuple[int, int]], char: int) -> int:
     return next((t for t, (_, end) in enumerate(offsets) if end > char), len(offsets))
 
 
-def _bodies(tokenizer, messages, rendered, ids, offsets, stops, tools) -> list[tuple[int, int]]:
-    """Token ranges [first, last] (inclusive) of each assistant turn's body, in order."""
+def _turn_end(tokenizer, i, ids, offsets, first, content_end, region_end, stops: StopSet) -> int:
+    """Token index of the last token of assistant turn i's body: the first stop-set token after its
+    content, and the stop tokens that directly follow it (Command R7B closes with
+    <|END_RESPONSE|><|END_OF_TURN_TOKEN|>, its eos being the second); only within the turn (before
+    region_end, where the next message's content starts)."""
+    tokens = [t for t in range(first, len(ids)) if offsets[t][0] < region_end]
+    inside = [t for t in tokens if ids[t] in stops.all and offsets[t][0] < content_end]
+    if inside:
+        raise ChatMaskError(f"message {i}: the assistant's content holds the stop token "
+                            f"{tokenizer.convert_ids_to_tokens(ids[inside[0]])!r} before its end")
+    after = [t for t in tokens if offsets[t][0] >= content_end]
+    end = next((t for t in after if ids[t] in stops.all), None)
+    if end is None:
+        names = lambda group: sorted(tokenizer.convert_ids_to_tokens(sorted(group)))  # noqa: E731
+        raise ChatMaskError(f"message {i}: no stop token closes this assistant turn before the next message "
+                            f"(eos {names(stops.eos)}, template closers {names(stops.closers)}); if the template "
+                            "closes turns with another token, list it in generation_config.json's eos_token_id")
+    while end + 1 < len(ids) and ids[end + 1] in stops.all and offsets[end + 1][0] == offsets[end][1]:
+        end += 1
+    return end
+
+
+def _bodies(tokenizer, messages, rendered, ids, offsets, stops: StopSet, tools) -> list[tuple[int, int]]:
+    """Token ranges [first, last] (inclusive) of each trained assistant turn's body, in order."""
     marked = _marked(messages)
     spans = _content_spans(rendered, _render(tokenizer, marked, tools=tools), messages)
     bodies = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
         start = _body_start(tokenizer, marked, i, spans, rendered, tools)
         if message["content"].strip() and i not in spans:
             raise ChatMaskError(f"message {i}: the chat template does not render this assistant turn's content")
         content_end = spans[i][1] if i in spans else start
+        region_end = min([b for b, _ in spans.values() if b >= max(content_end, start + 1)] + [len(rendered)])
         first = _token_index_at(offsets, start)
-        closers = [t for t in range(first, len(ids)) if ids[t] in stops and offsets[t][0] >= content_end]
-        inside = [t for t in range(first, len(ids)) if ids[t] in stops and offsets[t][0] < content_end]
-        if inside:
-            raise ChatMaskError(f"message {i}: the assistant's content holds the stop token "
-                                f"{tokenizer.convert_ids_to_tokens(ids[inside[0]])!r} before its end")
-        if not closers:
-            raise ChatMaskError(f"message {i}: no stop token closes the assistant turn (stop set: "
-                                f"{sorted(tokenizer.convert_ids_to_tokens(sorted(stops)))})")
-        if i not in spans and offsets[closers[0]][0] <= start:
+        last = _turn_end(tokenizer, i, ids, offsets, first, content_end, region_end, stops)
+        if i not in spans and offsets[last][0] <= start:
             raise ChatMaskError(f"message {i}: the chat template renders nothing for this assistant turn but its "
                                 "closing token (are its tool calls rendered by the template?)")
-        bodies.append((i, first, closers[0]))
+        bodies.append((i, first, last))
     _check_bodies(bodies, spans, messages, offsets)
     return [(first, last) for _, first, last in bodies]
 
@@ -260,8 +322,20 @@ def _check_bodies(bodies, spans, messages, offsets) -> None:
         previous_end = last
 
 
+def _marked_runs(mask: list[int]) -> list[tuple[int, int]]:
+    runs, begin = [], None
+    for t, on in enumerate(list(mask) + [0]):
+        if on and begin is None:
+            begin = t
+        elif not on and begin is not None:
+            runs, begin = runs + [(begin, t - 1)], None
+    return runs
+
+
 def _check_generation_blocks(tokenizer, messages, ids, bodies, tools) -> None:
-    """A template's own {% generation %} spans must each lie inside a derived body, one per body."""
+    """A template's own {% generation %} mask must locate the same turns: each marked run overlaps
+    exactly one derived body and each body overlaps a run. Where the run starts or ends (with the
+    header, without the closer, with the separator) is the template's choice; the rule decides."""
     if not _GENERATION_BLOCK.search(tokenizer.chat_template or ""):
         return
     try:
@@ -271,20 +345,21 @@ def _check_generation_blocks(tokenizer, messages, ids, bodies, tools) -> None:
         raise ChatMaskError(f"the template's {{% generation %}} mask could not be computed: {type(err).__name__}: {err}") from err
     if list(out["input_ids"]) != list(ids):
         raise ChatMaskError("the template's {% generation %} rendering tokenizes differently from its plain rendering")
-    marked = [t for t, m in enumerate(out["assistant_masks"]) if m]
-    outside = [t for t in marked if not any(first <= t <= last for first, last in bodies)]
-    empty = [k for k, (first, last) in enumerate(bodies) if not any(first <= t <= last for t in marked)]
-    if outside or empty:
-        raise ChatMaskError(f"the template's {{% generation %}} mask disagrees with the assistant bodies "
-                            f"(tokens marked outside a body: {outside[:5]}; bodies with no marked token: {empty})")
+    runs = _marked_runs(out["assistant_masks"])
+    overlaps = lambda a, b: a[0] <= b[1] and b[0] <= a[1]  # noqa: E731
+    stray = [run for run in runs if sum(overlaps(run, body) for body in bodies) != 1]
+    unmarked = [k for k, body in enumerate(bodies) if not any(overlaps(run, body) for run in runs)]
+    if stray or unmarked:
+        raise ChatMaskError(f"the template's {{% generation %}} mask disagrees with the assistant turns (marked token "
+                            f"runs not inside exactly one assistant turn: {stray[:3]}; assistant turns it does not mark: {unmarked})")
 
 
-def assistant_body_mask(messages, tokenizer, stops: frozenset[int] | None = None,
+def assistant_body_mask(messages, tokenizer, stops: StopSet | None = None,
                         tools: list | str | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of the full rendering and, per token, whether it is a trained target (module doc).
 
     messages: a list of {role, content, ...} dicts (normalized here); tokenizer: a fast HF tokenizer
-    with a chat template; stops: the stop set (default `stop_token_ids(tokenizer)`); tools: tool
+    with a chat template; stops: the StopSet (default `stop_token_ids(tokenizer)`); tools: tool
     definitions passed to the template as `tools=` (a list of JSON-schema dicts, or a JSON string).
     Returns (ids [T] ints, trained [T] bools); position t-1 predicts token t, so a loss mask over
     positions is trained[1:]. Raises ChatMaskError naming the message and the reason.

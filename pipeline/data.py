@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.chat_masks import ChatMaskError, assistant_body_mask, stop_token_ids
+from pipeline.chat_masks import ChatMaskError, StopSet, assistant_body_mask, stop_token_ids
 from pipeline.config import DataConfig
 
 __all__ = ["Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files", "source_sha256"]
@@ -149,7 +149,7 @@ def _chat_example(messages, tokenizer, where: str, report: InputReport, tools=No
     return ids, trained[1:]
 
 
-def _stops(tokenizer) -> frozenset[int]:
+def _stops(tokenizer) -> StopSet:
     stops = getattr(tokenizer, "_mtcache_stop_ids", None)  # computed once per tokenizer object
     if stops is None:
         stops = stop_token_ids(tokenizer)

@@ -100,6 +100,9 @@ def _table(results: dict) -> str:
             drift = f"{r['source']['drift_kl']:9.4f}" if "drift_kl" in r["source"] else f"{'-':>9s}"
             lines.append(f"{name:10s} {r['target']['loss']:12.4f} {r['target']['ppl']:11.2f} {r['target']['accuracy']:11.4f} "
                          f"{r['source']['loss']:12.4f} {r['source']['ppl']:11.2f} {drift}")
+    base = results["base"]
+    lines.append(f"scored positions: target {base['target']['tokens']:,}, source {base['source']['tokens']:,} "
+                 "(a chat set: its assistant bodies; a text set: every token)")
     if "forgetting" in results:
         f = results["forgetting"]
         lines.append(f"forgetting: source loss +{f['source_loss_increase']:.4f} nats (ppl x{f['source_ppl_ratio']:.3f}); "

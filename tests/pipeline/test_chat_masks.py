@@ -15,7 +15,10 @@ from pipeline.chat_masks import ChatMaskError, assistant_body_mask
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|eot_id|>", "<|end_of_text|>", "[INST]", "[/INST]", "<｜begin▁of▁sentence｜>", "<｜User｜>",
            "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
-           "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"]
+           "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>", "<BOS_TOKEN>",
+           "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+           "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|start|>", "<|channel|>", "<|message|>", "<|return|>",
+           "<|eom_id|>"]
 PLAIN_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 CHATML_QWEN25 = (
@@ -76,6 +79,30 @@ GENERATION_BLOCK = (
 PHI3 = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
 
+# Command R7B: the reply wrapped in <|START_RESPONSE|>…<|END_RESPONSE|>, then the eos <|END_OF_TURN_TOKEN|>.
+COMMAND_R7B = (
+    "{{ bos_token }}{% for m in messages %}<|START_OF_TURN_TOKEN|>{% if m.role == 'user' %}<|USER_TOKEN|>{{ m.content }}"
+    "{% else %}<|CHATBOT_TOKEN|><|START_RESPONSE|>{{ m.content }}<|END_RESPONSE|>{% endif %}<|END_OF_TURN_TOKEN|>{% endfor %}"
+    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}")
+
+# gpt-oss (harmony): earlier assistant turns close with <|end|>, the last with <|return|> (the eos).
+HARMONY = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}"
+    "{% if loop.last %}<|return|>{% else %}<|end|>{% endif %}{% else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+# Llama 3.1 tools: tool calls as JSON, and tool results written with `| tojson` (escaped quotes).
+LLAMA31_TOOLS = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n"
+    "{{ m.content | tojson }}<|eot_id|>{% elif m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% for tc in m.tool_calls %}{{ {'name': tc.function.name, 'parameters': tc.function.arguments} | tojson }}{% endfor %}"
+    "<|eot_id|>{% else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}<|eot_id|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+# A {% generation %} block that also marks the separator after <|im_end|>: the template's choice of
+# edges is not the rule, its turns must agree.
+GENERATION_WITH_SEPARATOR = GENERATION_BLOCK.replace("<|im_end|>{% endgeneration %}\n", "<|im_end|>{{ '\\n' }}{% endgeneration %}")
+
 WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 
 # name: (template, bos, eos, generation_config eos ids as tokens, messages, expected trained runs)
@@ -120,6 +147,28 @@ CASES = {
         {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."},
         {"role": "user", "content": "Another."}, {"role": "assistant", "content": "Red."}],
         ["Blue.<|end|>", "Red.<|end|>"]),
+    "command-r7b": (COMMAND_R7B, "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", [], [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}],
+        ["<|START_RESPONSE|>Hello!<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+         "<|START_RESPONSE|>Goodbye!<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"]),
+    "gpt-oss-harmony": (HARMONY, None, "<|return|>", [], [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}],
+        ["<|channel|>final<|message|>Hello!<|end|>", "<|channel|>final<|message|>Goodbye!<|return|>"]),
+    "llama3.1-tools": (LLAMA31_TOOLS, "<|begin_of_text|>", "<|end_of_text|>", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], [
+        {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+        {"role": "tool", "content": '{"temp": "18C", "sky": "clear"}'}, {"role": "assistant", "content": "It is 18C."}],
+        ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 18C.<|eot_id|>"]),
+    "generation-block-with-separator": (GENERATION_WITH_SEPARATOR, None, "<|endoftext|>", [], [
+        {"role": "user", "content": "1 + 2"}, {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "2 + 5"}, {"role": "assistant", "content": "7"}],
+        ["3<|im_end|>", "7<|im_end|>"]),
+    "chatml-opened-by-assistant": (CHATML_QWEN25, None, "<|im_end|>", [], [
+        {"role": "system", "content": "Greet first."}, {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "Sum 1 and 2."}, {"role": "assistant", "content": "3", "weight": 1},
+        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye.", "weight": 0}],
+        ["Hello, how can I help?<|im_end|>", "3<|im_end|>"]),
 }
 
 
@@ -181,6 +230,12 @@ def test_no_separator_and_no_next_turn_is_trained(base_tokenizer_dir, tmp_path):
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a<|im_end|>b"}], "holds the stop token"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["not", "a string"]}], "content must be a string"),
     ("not a list", "non-empty list"),
+    ([{"role": "user", "content": "hi"}, {"role": "Assistant", "content": "hello"}], "role 'Assistant' is not 'assistant'"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistent", "content": "hello"}], "role 'assistent' is not 'assistant'"),
+    ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "ShareGPT keys from/value"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 0}], "every assistant turn has weight 0"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 0.5}], "weight must be 0"),
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}], r"no assistant turn to train on \(roles: \['user', 'bot'\]\)"),
 ])
 def test_bad_conversations_are_refused_with_the_reason(messages, reason, base_tokenizer_dir, tmp_path):
     template, bos, eos, gen, _, _ = CASES["chatml-qwen2.5"]
@@ -193,7 +248,7 @@ def test_template_that_rewrites_content_is_refused(base_tokenizer_dir, tmp_path)
     """A template that upper-cases content cannot be aligned with its structure: refused, not guessed."""
     tok = family_tokenizer(base_tokenizer_dir, tmp_path, CHATML_QWEN25.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"),
                            None, "<|endoftext|>", [])
-    with pytest.raises(ChatMaskError, match="depends on message content"):
+    with pytest.raises(ChatMaskError, match=r"message 0 \(user\): the chat template's rendering depends on message content"):
         assistant_body_mask([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tok)
 
 
