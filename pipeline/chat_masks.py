@@ -62,10 +62,19 @@ def _drop_none(value):
     return value
 
 
+def _text_of_parts(parts: list, j: int) -> str:
+    """Content given as parts ([{"type": "text", "text": ...}], the OpenAI format): text parts joined
+    with newlines, as vLLM's chat front end joins them; any other part is refused."""
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in parts})
+        raise ChatMaskError(f"message {j}: content parts must all be {{type: text, text: ...}}, got kinds {kinds}")
+    return "\n".join(p["text"] for p in parts)
+
+
 def normalize_messages(messages) -> list[dict]:
     """Messages as templates expect them: None-valued keys dropped at every depth (`datasets` fills
     every key missing from a row with None), `content` a string ("" when absent, e.g. on a turn that
-    only calls tools). Raises ChatMaskError for anything that is not a conversation to train on."""
+    only calls tools; text parts joined with newlines). Raises ChatMaskError for anything that is not a conversation to train on."""
     if not isinstance(messages, list) or not messages:
         raise ChatMaskError("expected a non-empty list of {role, content} messages")
     out = []
@@ -81,6 +90,8 @@ def normalize_messages(messages) -> list[dict]:
             raise ChatMaskError(f"message {j}: weight must be 0 (not trained) or 1, got {raw['weight']!r}")
         message = _drop_none(raw)
         content = message.setdefault("content", "")
+        if isinstance(content, list):
+            content = message["content"] = _text_of_parts(content, j)
         if not isinstance(content, str):
             raise ChatMaskError(f"message {j}: content must be a string (or null), got {type(content).__name__}")
         if _MARK_OPEN in content or _MARK_CLOSE in content:

@@ -164,6 +164,10 @@ CASES = {
         {"role": "user", "content": "1 + 2"}, {"role": "assistant", "content": "3"},
         {"role": "user", "content": "2 + 5"}, {"role": "assistant", "content": "7"}],
         ["3<|im_end|>", "7<|im_end|>"]),
+    "chatml-content-parts": (CHATML_QWEN25, None, "<|im_end|>", [], [
+        {"role": "user", "content": [{"type": "text", "text": "Two parts:"}, {"type": "text", "text": "add 1 and 2."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "3"}]}],
+        ["3<|im_end|>"]),
     "chatml-opened-by-assistant": (CHATML_QWEN25, None, "<|im_end|>", [], [
         {"role": "system", "content": "Greet first."}, {"role": "assistant", "content": "Hello, how can I help?"},
         {"role": "user", "content": "Sum 1 and 2."}, {"role": "assistant", "content": "3", "weight": 1},
@@ -209,8 +213,12 @@ def test_trained_text_per_template_family(name, base_tokenizer_dir, tmp_path):
     tok = family_tokenizer(base_tokenizer_dir, tmp_path, template, bos, eos, generation_eos)
     ids, trained = assistant_body_mask(messages, tok)
     assert trained_runs(ids, trained, tok) == expected
-    assert ids == tok(tok.apply_chat_template([{k: v for k, v in m.items() if v is not None} | {"content": m.get("content") or ""}
-                                               for m in messages], tokenize=False), add_special_tokens=False)["input_ids"]
+    plain = [{k: v for k, v in m.items() if v is not None} | {"content": text_of(m.get("content"))} for m in messages]
+    assert ids == tok(tok.apply_chat_template(plain, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def text_of(content) -> str:
+    return "\n".join(p["text"] for p in content) if isinstance(content, list) else content or ""
 
 
 def test_no_separator_and_no_next_turn_is_trained(base_tokenizer_dir, tmp_path):
@@ -228,7 +236,10 @@ def test_no_separator_and_no_next_turn_is_trained(base_tokenizer_dir, tmp_path):
     ([{"role": "user", "content": "hi"}], "no assistant turn"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}], "neither content nor tool calls"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a<|im_end|>b"}], "holds the stop token"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["not", "a string"]}], "content must be a string"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["not", "a string"]}], "content parts must all be"),
+    ([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, {"role": "assistant", "content": "a cat"}],
+     r"content parts must all be \{type: text, text: ...\}, got kinds \['image'\]"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 7}], "content must be a string"),
     ("not a list", "non-empty list"),
     ([{"role": "user", "content": "hi"}, {"role": "Assistant", "content": "hello"}], "role 'Assistant' is not 'assistant'"),
     ([{"role": "user", "content": "hi"}, {"role": "assistent", "content": "hello"}], "role 'assistent' is not 'assistant'"),
