@@ -11,6 +11,14 @@ from storage_schemas.cache_schema import (
     SCHEMA_VERSION,
     SUPPORTED_SCHEMA_VERSIONS,
     SHARD_COLUMNS,
+    SEQUENCE_COLUMNS,
+    TEACHER_COLUMNS,
+    EXAMPLE_ID_COLUMN,
+    INPUT_IDS_COLUMN,
+    LOSS_MASK_COLUMN,
+    TARGET_LOGPROB_COLUMN,
+    TOPK_IDS_COLUMN,
+    TOPK_LOGPROBS_COLUMN,
     MASS_COLUMN,
     Encoding,
     get_encoding,
@@ -33,7 +41,8 @@ from storage_schemas.manifest import (
 
 __all__ = [
     "DEFAULT_ENCODING", "ENCODINGS", "LEGACY_ENCODINGS", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "SHARD_COLUMNS", "MASS_COLUMN", "Encoding", "get_encoding", "shard_columns", "shard_file_name", "shard_schema",
-    "teacher_columns",
+    "teacher_columns", "SEQUENCE_COLUMNS", "TEACHER_COLUMNS", "EXAMPLE_ID_COLUMN", "INPUT_IDS_COLUMN", "LOSS_MASK_COLUMN",
+    "TARGET_LOGPROB_COLUMN", "TOPK_IDS_COLUMN", "TOPK_LOGPROBS_COLUMN",
     "MANIFEST_NAME", "CacheSettings", "DatasetFingerprint", "EngineInfo", "FingerprintMismatch",
     "Manifest", "ShardRecord", "TeacherFingerprint", "TokenizerFingerprint",
 ]

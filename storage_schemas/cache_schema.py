@@ -20,7 +20,9 @@ An `Encoding` says everything a reader needs to decode the three teacher columns
 and target codecs with their parameters) and how the Parquet file is laid out (byte-stream-split
 and dictionary columns, row-group size). Its full spec is written into every shard's Arrow metadata
 (`mtcache.encoding_spec`); readers look the name up here and refuse a shard whose spec differs.
-The codecs themselves live in `storage_schemas.codecs`; the study that chose the default is
+The codecs themselves are classes in `storage_schemas.codec_registry` (looked up by the names an
+`Encoding` gives, each documenting its format and error bound), applied to the columns by
+`storage_schemas.codecs`; the study that chose the default is
 `python -m pipeline encoding-study` (BENCHMARKS.md, "Cache encodings").
 
 Schema versions: 1 = the first format (encodings `topk_f32`/`topk_f16` only, no spec metadata);
@@ -35,9 +37,13 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
+from storage_schemas.codec_registry import MASS_CODECS, MASS_LOGIT_RANGE, TARGET_CODECS, VALUE_CODECS, codec_class
+
 __all__ = [
     "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "LEGACY_ENCODINGS", "DEFAULT_ENCODING", "Encoding", "ENCODINGS",
-    "SHARD_COLUMNS", "MASS_COLUMN", "ID_ORDERS", "VALUE_CODECS", "TARGET_CODECS", "MASS_CODECS", "MASS_LOGIT_RANGE",
+    "SHARD_COLUMNS", "SEQUENCE_COLUMNS", "TEACHER_COLUMNS", "EXAMPLE_ID_COLUMN", "INPUT_IDS_COLUMN", "LOSS_MASK_COLUMN",
+    "TARGET_LOGPROB_COLUMN", "TOPK_IDS_COLUMN", "TOPK_LOGPROBS_COLUMN", "MASS_COLUMN", "ID_ORDERS", "VALUE_CODECS",
+    "TARGET_CODECS", "MASS_CODECS", "MASS_LOGIT_RANGE",
     "get_encoding", "shard_schema", "shard_columns", "teacher_columns", "shard_file_name", "encoding_of_schema",
 ]
 
@@ -46,38 +52,29 @@ SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 LEGACY_ENCODINGS = ("topk_f32", "topk_f16")  # the only encodings a version-1 cache can hold
 
-SHARD_COLUMNS = ("example_id", "input_ids", "loss_mask", "target_logprob", "topk_ids", "topk_logprobs")
-TEACHER_COLUMNS = ("target_logprob", "topk_ids", "topk_logprobs")
+# The column names, spelled here only (the layout above); every reader and writer imports them.
+EXAMPLE_ID_COLUMN = "example_id"
+INPUT_IDS_COLUMN = "input_ids"
+LOSS_MASK_COLUMN = "loss_mask"
+TARGET_LOGPROB_COLUMN = "target_logprob"
+TOPK_IDS_COLUMN = "topk_ids"
+TOPK_LOGPROBS_COLUMN = "topk_logprobs"
 MASS_COLUMN = "topk_mass"  # the seventh column, present only in encodings with a mass codec
+SEQUENCE_COLUMNS = (EXAMPLE_ID_COLUMN, INPUT_IDS_COLUMN, LOSS_MASK_COLUMN)  # stored exactly, whatever the encoding
+TEACHER_COLUMNS = (TARGET_LOGPROB_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN)
+SHARD_COLUMNS = SEQUENCE_COLUMNS + TEACHER_COLUMNS
 
 # prob: ids as they come, descending teacher probability.
 # id_delta: each position's ids sorted ascending and stored as differences (first = the id itself);
 #   values follow their ids; the decoder restores descending-probability order (ties: any order).
 ID_ORDERS = ("prob", "id_delta")
-# f32 / f16: IEEE floats. bf16: the upper 16 bits of the float32 (round to nearest even), as uint16.
-# log_q: integer code round(-a / step), clamped to [0, max_code]  (|error| <= step/2 nats inside
-#   the range [-max_code*step, 0]; below it the value is clamped to the range's floor).
-# sqrtp_q: integer code round(sqrt(exp(a)) / step), clamped to max_code (|error in sqrt p| <=
-#   step/2; code 0 decodes to log-prob -inf, i.e. p < step^2/4 is dropped into the tail bucket).
-#   The error in log p is step/sqrt(p): fine where p is large, where D_k is sensitive to it.
-# relpow_q: each value relative to its position's top-1, r = p / p_1 in (0, 1], stored as the integer
-#   code round((1 - r^power) / step) in [0, 1/step]; |error in r^power| <= step/2, and the bottom
-#   code (r^power < step/2) decodes to r^power = step/4. Only relative values are stored: the scale
-#   comes from the `topk_mass` column, so the decoded values hold exactly the cached mass (to that
-#   column's precision) and the tail estimator's 1 - sum_S p~ is not rebuilt from rounded values.
-#   power 1 would spend bits in proportion to probability, power -> 0 is a log grid; 1/4 was the
-#   best of those tried (BENCHMARKS.md, "Cache encodings").
-# Quantized codes are delta-coded along each position's k entries when `value_delta` (prob order
-# makes them monotone, so the differences are small and compress well).
-VALUE_CODECS = ("f32", "f16", "bf16", "log_q", "sqrtp_q", "relpow_q")
-TARGET_CODECS = ("f32", "f16", "bf16")
-# none: no topk_mass column. logit_q: S = sum_S p / (1 - p_y), the share of the non-target mass the
-#   k cached tokens hold, stored as round((log(S / (1 - S)) + R) / mass_step) clamped to [0, 2R /
-#   mass_step] with R = MASS_LOGIT_RANGE: the logit keeps the relative error of both S and the
-#   tail 1 - S below mass_step / 2 whether the teacher is flat (S ~ 1e-3) or peaked (1 - S ~ 1e-9).
-MASS_CODECS = ("none", "logit_q")
-MASS_LOGIT_RANGE = 32.0  # S or 1 - S below e^-32 (1.3e-14) is clamped there
-_FLOAT_TYPES = {"f32": pa.float32(), "f16": pa.float16(), "bf16": pa.uint16()}
+# value_codec / target_codec / mass_codec name classes of `storage_schemas.codec_registry`
+# (VALUE_CODECS, TARGET_CODECS, MASS_CODECS), each documenting its format and error bound: f32, f16,
+# bf16 (floats); log_q, sqrtp_q, relpow_q (integer grids, delta-coded along each position's k entries
+# when `value_delta`); logit_q (the `topk_mass` column relpow_q's relative values take their scale
+# from, so rounding never moves mass between the cached tokens and the tail). relpow_q's power 1
+# would spend bits in proportion to probability, power -> 0 is a log grid; 1/4 was the best of
+# those tried (BENCHMARKS.md, "Cache encodings").
 
 
 @dataclass(frozen=True)
@@ -111,16 +108,15 @@ class Encoding:
         where = f"encoding {self.name!r}"
         if self.id_order not in ID_ORDERS:
             raise ValueError(f"{where}: id_order {self.id_order!r} not in {ID_ORDERS}")
-        if self.value_codec not in VALUE_CODECS:
-            raise ValueError(f"{where}: value_codec {self.value_codec!r} not in {VALUE_CODECS}")
-        if self.target_codec not in TARGET_CODECS:
-            raise ValueError(f"{where}: target_codec {self.target_codec!r} not in {TARGET_CODECS}")
+        for field in ("value_codec", "target_codec", "mass_codec"):  # refused naming the registered ones
+            try:
+                codec_class(field, getattr(self, field))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
         if self.quantized and not (self.value_step > 0 and self.value_max_code >= 1):
             raise ValueError(f"{where}: {self.value_codec} needs value_step > 0 and value_max_code >= 1")
         if self.value_delta and not self.quantized:
             raise ValueError(f"{where}: value_delta applies to quantized codecs only")
-        if self.mass_codec not in MASS_CODECS:
-            raise ValueError(f"{where}: mass_codec {self.mass_codec!r} not in {MASS_CODECS}")
         if self.value_codec == "relpow_q":
             if not 0 < self.value_power <= 1:
                 raise ValueError(f"{where}: relpow_q needs 0 < value_power <= 1, got {self.value_power}")
@@ -140,7 +136,12 @@ class Encoding:
 
     @property
     def quantized(self) -> bool:
-        return self.value_codec in ("log_q", "sqrtp_q", "relpow_q")
+        return VALUE_CODECS[self.value_codec].quantized
+
+    @property
+    def decodes_zero_probability(self) -> bool:
+        """Whether a sound cache of this encoding may decode a top-k value to -inf (p = 0) on purpose."""
+        return VALUE_CODECS[self.value_codec].decodes_zero_probability
 
     @property
     def has_mass(self) -> bool:
@@ -154,11 +155,11 @@ class Encoding:
     @property
     def value_type(self) -> pa.DataType:
         """Arrow type of `topk_logprobs`."""
-        return pa.int32() if self.quantized else _FLOAT_TYPES[self.value_codec]
+        return VALUE_CODECS[self.value_codec].arrow_type
 
     @property
     def target_type(self) -> pa.DataType:
-        return _FLOAT_TYPES[self.target_codec]
+        return TARGET_CODECS[self.target_codec].arrow_type
 
     def spec_json(self) -> str:
         """Everything that decides the bytes of a shard (the description is left out)."""
@@ -173,7 +174,7 @@ class Encoding:
         return cls(description=description, **spec)
 
 
-_BSS_ALL = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs")
+_BSS_ALL = (INPUT_IDS_COLUMN, TARGET_LOGPROB_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN)
 _BSS_MASS = (*_BSS_ALL, MASS_COLUMN)
 
 ENCODINGS: dict[str, Encoding] = {
@@ -247,12 +248,12 @@ def shard_schema(encoding: str | Encoding) -> pa.Schema:
     mass = [pa.field(MASS_COLUMN, pa.list_(pa.int32()), nullable=False)] if enc.has_mass else []
     return pa.schema(
         [
-            pa.field("example_id", pa.int64(), nullable=False),
-            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-            pa.field("target_logprob", pa.list_(enc.target_type), nullable=False),
-            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("topk_logprobs", pa.list_(enc.value_type), nullable=False),
+            pa.field(EXAMPLE_ID_COLUMN, pa.int64(), nullable=False),
+            pa.field(INPUT_IDS_COLUMN, pa.list_(pa.int32()), nullable=False),
+            pa.field(LOSS_MASK_COLUMN, pa.list_(pa.bool_()), nullable=False),
+            pa.field(TARGET_LOGPROB_COLUMN, pa.list_(enc.target_type), nullable=False),
+            pa.field(TOPK_IDS_COLUMN, pa.list_(pa.int32()), nullable=False),
+            pa.field(TOPK_LOGPROBS_COLUMN, pa.list_(enc.value_type), nullable=False),
             *mass,
         ],
         metadata={

@@ -5,7 +5,7 @@
     store.write_text("manifest.json", manifest.to_json())      # the publish step, written last
     mirror_cache("s3://bucket/caches/sft", "/scratch/sft")      # a local, sha256-checked copy
 
-Atomicity is the local contract (DESIGN.md §3) carried over: every object is first written as
+Atomicity is the local contract (docs/design.md §9) carried over: every object is first written as
 `NAME.tmp-<random>` and moved to NAME only when complete (a rename on a local disk; a server-side
 copy on S3, where an object appears whole or not at all), and the manifest, the only index, is
 written after the shards it lists. A reader that lists nothing but the manifest never sees a
@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from storage_schemas.manifest import MANIFEST_NAME, Manifest
+from storage_schemas.shard_io import file_sha256
 
 __all__ = ["CacheStore", "is_remote", "mirror_cache", "local_cache_copy", "default_local_dir"]
 
@@ -149,9 +152,6 @@ def mirror_cache(uri: str, local_dir: str | os.PathLike) -> Path:
     """Download a remote cache's manifest and the shards it lists into `local_dir`; a local shard
     whose sha256 already matches the manifest is kept. Returns `local_dir` (verify it as usual)."""
     from tqdm.auto import tqdm
-
-    from storage_schemas.manifest import MANIFEST_NAME, Manifest
-    from storage_schemas.shard_io import file_sha256
 
     store, local_dir = CacheStore.open(uri), Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)

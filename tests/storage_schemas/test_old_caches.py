@@ -2,8 +2,9 @@
 
 `data/v1-topk_f32` and `data/v1-topk_f16` were written by the version-1 `storage_schemas` (commit
 7e316e3), with `expected.json` holding the float32 arrays they were given. `data/v2-topk_idd_logq7`
-is the same cache transcoded (`pipeline.encoding_study.transcode_cache`) by the commit after 1927c1f,
-when `topk_idd_logq7` was the default: caches written then must keep reading after the default moved.
+is the same cache transcoded (`transcode_cache`, then in pipeline/encoding_study.py, now
+storage_schemas/transcode.py) by the commit after 1927c1f, when `topk_idd_logq7` was the default:
+caches written then must keep reading after the default moved.
 """
 import json
 import shutil

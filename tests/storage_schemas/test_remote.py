@@ -17,7 +17,8 @@ import pytest
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
-from stages.scale_out.workers import WorkerSpec, run_worker
+from stages.scale_out.parts import WorkerSpec
+from stages.scale_out.workers import run_worker
 from storage_schemas import Manifest
 from storage_schemas.remote import CacheStore, is_remote
 from storage_schemas.shard_io import file_sha256

@@ -3,12 +3,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.encoding_study import candidates, transcode_cache
+from pipeline.studies.encoding.candidates import candidates
 from storage_schemas import DEFAULT_ENCODING, Encoding, Manifest, get_encoding
 from storage_schemas.codecs import value_error_bound
 from storage_schemas.shard_io import decode_table, read_shard, verify_cache
+from storage_schemas.transcode import transcode_cache
 
-V1_CACHE = Path(__file__).parents[1] / "storage_schemas" / "data" / "v1-topk_f32"
+V1_CACHE = Path(__file__).parents[2] / "storage_schemas" / "data" / "v1-topk_f32"
 
 
 def test_candidates_cover_the_issue_list_with_unique_names():
@@ -46,7 +47,7 @@ def test_transcoding_a_version_1_cache_keeps_rows_and_values_within_the_bound(tm
 
 def test_floors_order_the_bounds_sensibly():
     """The per-id (order-0) bound on the id set is below the uniform one, and both are positive."""
-    from pipeline.encoding_study import _floors
+    from pipeline.studies.encoding.measure import floors as _floors
     from storage_schemas.shard_io import ShardRow
 
     rng = np.random.default_rng(0)
@@ -65,7 +66,8 @@ def test_floors_order_the_bounds_sensibly():
 
 
 def test_training_curves_are_plotted_and_compared(tmp_path):
-    from pipeline.encoding_study import _max_step_difference, plot_training
+    from pipeline.studies.encoding.report import plot_training
+    from pipeline.studies.encoding.training import max_step_difference as _max_step_difference
 
     header = "step,epoch,loss,ce,kl,learning_rate,grad_norm,tokens_per_s,elapsed_s"
     def log(shift):

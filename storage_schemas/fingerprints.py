@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from storage_schemas import TeacherFingerprint, TokenizerFingerprint
+from storage_schemas.manifest import TeacherFingerprint, TokenizerFingerprint
 
 __all__ = ["teacher_fingerprint", "tokenizer_fingerprint", "files_sha256", "model_vocab_size", "check_model_dir"]
 
