@@ -3,6 +3,6 @@ from pipeline.config import CacheConfig, Config, LoraSettings, TrainConfig
 
 
 def make_config(model_dir, cache_dir, out, **train) -> Config:
-    settings = dict(output_dir=str(out), estimator="tail", max_steps=6, batch_size=4, save_steps=3,
+    settings = dict(output_dir=str(out), method="tail", max_steps=6, batch_size=4, save_steps=3,
                     logging_steps=1, learning_rate=3e-3, warmup_ratio=0.0, lora=LoraSettings(rank=4))
     return Config(model=str(model_dir), cache=CacheConfig(dir=str(cache_dir)), train=TrainConfig(**{**settings, **train}))

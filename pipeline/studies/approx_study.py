@@ -7,9 +7,10 @@
 2. Held-out data: the first `approx.examples` sequences of `eval.target_path` (at `eval.max_length`),
    cached by stage one with the hf engine at k = |V|-1 into `approx.output_dir/cache-full` (built
    once, reused). A smaller k reads the first k columns of that cache, as `train.k` does.
-3. Per labelled position and k in `approx.ks` + [cache.k, |V|-1]: `tail`, `topk` and `full_kl` from the cache
-   (stages.student.loss.cached_kl) and the student's logits; the exact masked D (`live_masked_kl`,
-   teacher = the same PeftModel with its adapter disabled) and the exact unmasked KL(p||q).
+3. Per labelled position and k in `approx.ks` + [cache.k, |V|-1]: every registered method that reads the
+   cache and estimates D or the unmasked KL (`Method.estimates`; tail, topk, full_kl), its regularizer
+   from the cache and the student's logits; the exact masked D (`live_masked_kl`, teacher = the same
+   PeftModel with its adapter disabled) and the exact unmasked KL(p||q).
 4. From the sweep's results.json: `tail` vs `live` at each shared lambda, and every method's points
    against the `tail` frontier at the same target loss (does `tail` reach `live`'s frontier?).
 
@@ -28,18 +29,26 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.config import CacheConfig, Config, DataConfig
+from pipeline.studies.sweep import plan_runs, record_weight, run_config
+from stages.cache_teacher import run_cache_teacher
+from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.loss import CachedTeacher, live_masked_kl
+from stages.student.methods import Method, get_method, methods
+from stages.student.reader import load_cache_dataset, open_cache
+from stages.train import run_train
+from storage_schemas import Manifest
+from storage_schemas.fingerprints import model_vocab_size
+from storage_schemas.shard_io import file_sha256
 
-__all__ = ["run_approx_study", "gap_table", "estimator_sums", "tail_vs_live", "frontier_gaps", "render_markdown"]
+__all__ = ["run_approx_study", "gap_table", "estimator_sums", "tail_vs_live", "frontier_gaps", "render_markdown",
+           "studied_methods"]
 
-ESTIMATORS = ("tail", "topk", "full_kl")
 BOUND_TOL = 1e-5  # float32 slack of the lower-bound check, relative to (1 + D)
 
 
 # --- inputs -----------------------------------------------------------------------------------
 def full_cache_config(config: Config) -> Config:
     """Stage one over the held-out target data with every non-target token kept (k = |V|-1)."""
-    from pipeline.fingerprints import model_vocab_size
-
     study = copy.deepcopy(config)
     study.data = DataConfig(path=config.eval.target_path, text_field=config.eval.text_field or config.data.text_field,
                             max_length=config.eval.max_length, max_examples=config.approx.examples)
@@ -51,9 +60,6 @@ def full_cache_config(config: Config) -> Config:
 
 def student_dirs(config: Config) -> dict[str, Path]:
     """{name: run dir} of the fixed students; trains a missing sweep run (and only that)."""
-    from stages.sweep import _run_config, plan_runs
-    from stages.train import run_train
-
     out, planned = Path(config.sweep.output_dir), {spec.name: spec for spec in plan_runs(config)}
     dirs = {}
     for name in config.approx.runs:
@@ -62,12 +68,18 @@ def student_dirs(config: Config) -> dict[str, Path]:
             if name not in planned:
                 raise FileNotFoundError(f"approx.runs: {name!r} is neither a trained run dir nor a run of this sweep "
                                         f"({config.sweep.output_dir}); train it or change approx.runs")
-            run_train(_run_config(config, planned[name], out), resume=True)
+            run_train(run_config(config, planned[name], out), resume=True)
         dirs[name] = path
     return dirs
 
 
 # --- the measurement --------------------------------------------------------------------------
+def studied_methods() -> list[Method]:
+    """The registered methods the study measures: those computed from the cache whose regularizer equals
+    D or the unmasked KL at k = |V|-1 (the two exact references it computes)."""
+    return [m for m in methods() if m.reads_cache and m.estimates in ("masked_kl", "full_kl")]
+
+
 def estimator_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                    cached, ks: list[int]) -> dict:
     """Sums over the N positions of one batch: the exact D and full KL, and per k and estimator
@@ -75,8 +87,6 @@ def estimator_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
 
     student_logits, teacher_logits [N, V]; targets [N]; cached: a CachedTeacher with k = |V|-1.
     """
-    from stages.student.loss import CachedTeacher, cached_kl, live_masked_kl
-
     exact = live_masked_kl(student_logits, teacher_logits, targets).double()
     lp, lq = F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)
     full = (lp.exp() * (lp - lq)).sum(-1).double()
@@ -84,9 +94,10 @@ def estimator_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     for k in ks:
         part = CachedTeacher(cached.topk_ids[:, :k], cached.topk_logprobs[:, :k], cached.target_logprob)
         row = {}
-        for estimator in ESTIMATORS:
-            d_k = cached_kl(student_logits, targets, part, estimator).double()
-            reference = full if estimator == "full_kl" else exact
+        for method in studied_methods():
+            estimator = method.name
+            d_k = method.regularizer(student_logits, targets, part).double()
+            reference = full if method.estimates == "full_kl" else exact
             row[estimator] = {"sum": d_k.sum().item(), "abs_gap_sum": (d_k - exact).abs().sum().item(),
                               "own_abs_gap_sum": (d_k - reference).abs().sum().item()}
             if estimator == "tail":
@@ -116,10 +127,6 @@ def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stages.student.collator import CacheCollator, pad_token_id
-    from stages.student.loss import CachedTeacher
-    from stages.student.reader import load_cache_dataset, open_cache
-
     manifest = open_cache(cache_dir, config.model)
     dataset = load_cache_dataset(cache_dir, manifest)
     collate = CacheCollator(pad_token_id(config.model), manifest.settings.k, encoding=manifest.settings.encoding)
@@ -142,11 +149,9 @@ def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list
 def _measured(config: Config, cache_dir: Path, adapter_dir: Path, ks: list[int], out: Path) -> dict:
     """`measure_student`, reused from out/measured-<run>.json when adapter, cache and ks are unchanged
     (re-running the study after more sweep runs only redoes the cheap frontier part)."""
-    from storage_schemas import Manifest
-    from storage_schemas.shard_io import file_sha256
-
     key = {"adapter_sha256": file_sha256(adapter_dir / "adapter_model.safetensors"),
-           "cache_token_ids_sha256": Manifest.load(cache_dir).token_ids_sha256, "ks": ks}
+           "cache_token_ids_sha256": Manifest.load(cache_dir).token_ids_sha256, "ks": ks,
+           "methods": [m.name for m in studied_methods()]}
     path = out / f"measured-{adapter_dir.parent.name}.json"
     if path.exists() and (saved := json.loads(path.read_text())).get("key") == key:
         return {**saved["total"], "k": {int(k): v for k, v in saved["total"]["k"].items()}}
@@ -169,8 +174,8 @@ def gap_table(total: dict) -> list[dict]:
     rows = []
     for k, row in sorted(total["k"].items()):
         for estimator, v in row.items():
-            reference = full if estimator == "full_kl" else exact
-            rows.append({"k": k, "estimator": estimator, "mean_d_k": v["sum"] / n,
+            reference = full if get_method(estimator).estimates == "full_kl" else exact
+            rows.append({"k": k, "estimator": estimator, "limit": get_method(estimator).estimates, "mean_d_k": v["sum"] / n,
                          "rel_gap_vs_masked_d": v["sum"] / exact - 1, "mean_abs_gap_vs_masked_d": v["abs_gap_sum"] / exact,
                          "rel_gap_vs_own_limit": v["sum"] / reference - 1, "mean_abs_gap_vs_own_limit": v["own_abs_gap_sum"] / reference,
                          **({"bound_violations": v["violations"], "max_excess": v["max_excess"]} if estimator == "tail" else {})})
@@ -189,13 +194,13 @@ def tail_vs_live(records: list[dict]) -> list[dict]:
     (sqrt(s_tail^2/n_tail + s_live^2/n_live)); `paired` = the mean ± std of the per-seed differences
     (same seed: same init and batch order, so only the regularizer differs)."""
     def runs(method):
-        return {(r["kl_weight"], r["seed"]): r for r in records if r["method"] == method and not r.get("k") and not r.get("variant")}
+        return {(record_weight(r), r["seed"]): r for r in records if r["method"] == method and not r.get("k") and not r.get("variant")}
 
     tail, live = runs("tail"), runs("live")
     out = []
     for weight in sorted({w for w, _ in tail} & {w for w, _ in live}):
         seeds = sorted({s for w, s in tail if w == weight} & {s for w, s in live if w == weight})
-        row = {"kl_weight": weight, "seeds": len(seeds)}
+        row = {"reg_weight": weight, "seeds": len(seeds)}
         for key in ("target_loss", "source_loss_increase"):
             (mt, st), (ml, sl) = _stats([tail[weight, s][key] for s in seeds]), _stats([live[weight, s][key] for s in seeds])
             se = math.sqrt((st ** 2 + sl ** 2) / max(len(seeds), 1))
@@ -211,7 +216,7 @@ def _curve(records: list[dict], method: str) -> list[tuple[float, dict]]:
     by_weight: dict[float, list[dict]] = {}
     for r in records:
         if r["method"] == method and not r.get("k") and not r.get("variant"):
-            by_weight.setdefault(r["kl_weight"], []).append(r)
+            by_weight.setdefault(record_weight(r), []).append(r)
     return [(w, {key: (*_stats([r[key] for r in runs]), len(runs)) for key in ("target_loss", "source_loss_increase")})
             for w, runs in sorted(by_weight.items())]
 
@@ -250,7 +255,7 @@ def frontier_gaps(records: list[dict], reference: str = "tail") -> list[dict]:
         for weight, c in _curve(records, method):
             (x, _, n), (y, sy, _) = c["target_loss"], c["source_loss_increase"]
             at = _interpolate(ref, x)
-            row = {"method": method, "kl_weight": weight, "seeds": n, "target_loss": x, "forgetting": y, "gap": None, "two_se": None}
+            row = {"method": method, "reg_weight": weight, "seeds": n, "target_loss": x, "forgetting": y, "gap": None, "two_se": None}
             if at is not None:
                 row.update(gap=y - at[0], two_se=2 * math.sqrt(sy ** 2 / n + at[1] ** 2 / n_ref))
             out.append(row)
@@ -268,7 +273,7 @@ def render_markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in student["table"]:
             bound = f"{r['bound_violations']} (max excess {r['max_excess']:.1e})" if "bound_violations" in r else ""
-            own = f"{r['rel_gap_vs_own_limit']:+.4f}" if r["estimator"] == "full_kl" else ""
+            own = f"{r['rel_gap_vs_own_limit']:+.4f}" if r.get("limit") == "full_kl" else ""
             k = f"{r['k']} (= abs(V)-1)" if r["k"] == result["vocab_size"] - 1 else r["k"]
             lines.append(f"| {k} | {r['estimator']} | {r['mean_d_k']:.4f} | {r['rel_gap_vs_masked_d']:+.4f} | "
                          f"{r['mean_abs_gap_vs_masked_d']:.4f} | {own} | {bound} |")
@@ -278,7 +283,7 @@ def render_markdown(result: dict) -> str:
               "|---|---|---|---|---|"]
     for r in result["tail_vs_live"]:
         t, f = r["target_loss"], r["source_loss_increase"]
-        lines.append(f"| {r['kl_weight']:g} | {r['seeds']} | {t['tail']:.4f} / {t['live']:.4f} ({t['diff']:+.4f}, {t['two_se']:.4f}) | "
+        lines.append(f"| {r['reg_weight']:g} | {r['seeds']} | {t['tail']:.4f} / {t['live']:.4f} ({t['diff']:+.4f}, {t['two_se']:.4f}) | "
                      f"{f['tail']:.4f} / {f['live']:.4f} ({f['diff']:+.4f}, {f['two_se']:.4f}) | "
                      f"{'yes' if t['within_noise'] and f['within_noise'] else 'no'} |")
     if not result["tail_vs_live"]:
@@ -291,13 +296,12 @@ def render_markdown(result: dict) -> str:
         else:
             gap = f"{r['gap']:+.4f} ({r['two_se']:.4f})"
             reading = "same" if abs(r["gap"]) <= r["two_se"] else ("better" if r["gap"] < 0 else "worse")
-        lines.append(f"| {r['method']} | {r['kl_weight']:g} | {r['seeds']} | {r['target_loss']:.4f} | {r['forgetting']:.4f} | {gap} | {reading} |")
+        lines.append(f"| {r['method']} | {r['reg_weight']:g} | {r['seeds']} | {r['target_loss']:.4f} | "
+                     f"{r['forgetting']:.4f} | {gap} | {reading} |")
     return "\n".join(lines) + "\n"
 
 
 def run_approx_study(config: Config) -> dict:
-    from stages.cache_teacher import run_cache_teacher
-
     out = Path(config.approx.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     study = full_cache_config(config)

@@ -10,11 +10,14 @@ eval.json exists is skipped, so a killed sweep continues where it stopped. At th
 frontier.png (x: held-out target loss, y: increase of the retention loss over the base model; one
 curve per method (and k, variant) across lambda, error bars over seeds).
 
-Grid (config `sweep`): lambdas are `kl_weights`, or `method_kl_weights[method]` where given (the
-weight penalties l2/lalora live on another scale than the KL). `ks` (optional) multiplies the cached
-estimators (tail/topk/full_kl) by `train.k`: such a run reads the first k columns of the same cache
-(the teacher's top k), so a k study never re-runs stage one; methods that read no teacher arrays get
-one run per seed whatever `ks` says. `lora_variants` (optional) multiplies every method.
+Grid (config `sweep`): lambdas (`train.reg_weight`) are `reg_weights`, or `method_reg_weights[method]`
+where given (the weight penalties l2/lalora live on another scale than the KL); a method whose weight
+scales nothing (`none`) runs once per seed. `ks` (optional) multiplies the methods that read the cache
+(tail/topk/full_kl) by `train.k`: such a run reads the first k columns of the same cache (the
+teacher's top k), so a k study never re-runs stage one; methods that read no teacher arrays get one
+run per seed whatever `ks` says. `lora_variants` (optional) multiplies every method; a variant a
+method refuses (`live` with pissa/olora) is an error before any run. What a method reads, scales and
+allows comes from its entry in stages/student/methods.py.
 """
 from __future__ import annotations
 
@@ -27,18 +30,18 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline.config import Config
+from stages.cache_teacher import run_cache_teacher
+from stages.evaluate import run_eval
+from stages.student.methods import get_method, method_names
+from stages.train import run_train
 
-__all__ = ["RunSpec", "plan_runs", "run_sweep", "summarize", "plot_frontier", "curve_label"]
-
-WEIGHTLESS = ("none",)  # methods where lambda means nothing: one run per seed
-K_READERS = ("tail", "topk", "full_kl")  # methods that read the cached top-k (the `ks` axis applies)
-BASE_ONLY_VARIANTS = ("pissa", "olora")  # `live` refuses these (adapters.check_live_teacher)
+__all__ = ["RunSpec", "plan_runs", "run_config", "run_sweep", "summarize", "plot_frontier", "curve_label", "record_weight"]
 
 
 @dataclass(frozen=True)
 class RunSpec:
     method: str
-    kl_weight: float
+    reg_weight: float
     seed: int
     k: int = 0          # train.k; 0 = all the cache's columns (name unchanged)
     variant: str = ""   # train.lora.variant; "" = as configured (name unchanged)
@@ -46,13 +49,13 @@ class RunSpec:
     @property
     def name(self) -> str:
         suffix = (f"-k{self.k}" if self.k else "") + (f"-{self.variant}" if self.variant else "")
-        return f"{self.method}-l{self.kl_weight:g}-s{self.seed}{suffix}"
+        return f"{self.method}-l{self.reg_weight:g}-s{self.seed}{suffix}"
 
 
 def _weights(config: Config, method: str) -> list[float]:
-    if method in WEIGHTLESS:
+    if get_method(method, "sweep.methods").weight_scales == "nothing":  # lambda means nothing: one run per seed
         return [0.0]
-    return config.sweep.method_kl_weights.get(method, config.sweep.kl_weights)
+    return config.sweep.method_reg_weights.get(method, config.sweep.reg_weights)
 
 
 def _check_axes(config: Config) -> None:
@@ -61,10 +64,11 @@ def _check_axes(config: Config) -> None:
     if too_big:
         raise ValueError(f"sweep.ks: {too_big} > cache.k={config.cache.k}: a run reads only the first k of the "
                          f"cache's {config.cache.k} columns; raise cache.k (one new stage one) or drop them")
-    clash = [v for v in sweep.lora_variants if v in BASE_ONLY_VARIANTS] if "live" in sweep.methods else []
-    if clash:
-        raise ValueError(f"sweep: method 'live' cannot run with sweep.lora_variants {clash} (disable_adapter() is not "
-                         "the base model for them); sweep them in a separate config without 'live'")
+    for method in map(get_method, sweep.methods):
+        clash = [v for v in sweep.lora_variants if not method.allows(v)]
+        if clash:
+            raise ValueError(f"sweep: method {method.name!r} cannot run with sweep.lora_variants {clash} "
+                             f"({method.refusal}); sweep them in a separate config without {method.name!r}")
 
 
 def plan_runs(config: Config) -> list[RunSpec]:
@@ -73,13 +77,14 @@ def plan_runs(config: Config) -> list[RunSpec]:
     sweep = config.sweep
     return [RunSpec(m, w, s, k, v)
             for m in sweep.methods for v in (sweep.lora_variants or [""])
-            for k in (sweep.ks if m in K_READERS and sweep.ks else [0])
+            for k in (sweep.ks if get_method(m).reads_cache and sweep.ks else [0])
             for w in _weights(config, m) for s in sweep.seeds]
 
 
-def _run_config(config: Config, spec: RunSpec, out: Path) -> Config:
+def run_config(config: Config, spec: RunSpec, out: Path) -> Config:
+    """The config of one run of the grid: `config` with the spec's method, lambda, seed, k and variant."""
     run = copy.deepcopy(config)
-    run.train.estimator, run.train.kl_weight, run.train.seed = spec.method, spec.kl_weight, spec.seed
+    run.train.method, run.train.reg_weight, run.train.seed = spec.method, spec.reg_weight, spec.seed
     run.train.k = spec.k or config.train.k
     if spec.variant:
         run.train.lora.variant = spec.variant
@@ -89,7 +94,7 @@ def _run_config(config: Config, spec: RunSpec, out: Path) -> Config:
 
 def _record(spec: RunSpec, result: dict) -> dict:
     adapted, forgetting = result["adapted"], result["forgetting"]
-    return {"name": spec.name, "method": spec.method, "kl_weight": spec.kl_weight, "seed": spec.seed,
+    return {"name": spec.name, "method": spec.method, "reg_weight": spec.reg_weight, "seed": spec.seed,
             "k": spec.k, "variant": spec.variant,
             "target_loss": adapted["target"]["loss"], "target_accuracy": adapted["target"]["accuracy"],
             "source_loss": adapted["source"]["loss"], "source_loss_increase": forgetting["source_loss_increase"],
@@ -97,10 +102,6 @@ def _record(spec: RunSpec, result: dict) -> dict:
 
 
 def run_sweep(config: Config) -> list[dict]:
-    from stages.cache_teacher import run_cache_teacher
-    from stages.evaluate import run_eval
-    from stages.train import run_train
-
     out = Path(config.sweep.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(run_cache_teacher(config).render())
@@ -112,9 +113,9 @@ def run_sweep(config: Config) -> list[dict]:
     for spec in tqdm(plan_runs(config), desc="sweep", unit="run"):
         run_dir = out / spec.name
         if not (run_dir / "eval.json").exists():  # finished runs are skipped
-            run_config = _run_config(config, spec, out)
-            run_train(run_config, resume=True)
-            run_eval(run_config, str(run_dir), base_results=base)
+            one = run_config(config, spec, out)
+            run_train(one, resume=True)
+            run_eval(one, str(run_dir), base_results=base)
         records.append(_record(spec, json.loads((run_dir / "eval.json").read_text())))
     (out / "results.json").write_text(json.dumps({"base": base, "runs": records}, indent=2))
     (out / "results.md").write_text(summarize(records, base))
@@ -124,6 +125,11 @@ def run_sweep(config: Config) -> list[dict]:
 
 
 # --- reporting ----------------------------------------------------------------------------------
+def record_weight(record: dict) -> float:
+    """A result record's lambda: `reg_weight`, or `kl_weight` in a results.json written before the rename."""
+    return record["reg_weight"] if "reg_weight" in record else record["kl_weight"]
+
+
 def curve_label(record: dict) -> str:
     """One curve / table block per method, k and LoRA variant: e.g. `tail`, `tail k=4`, `tail dora`."""
     k, variant = record.get("k", 0), record.get("variant", "")
@@ -133,7 +139,7 @@ def curve_label(record: dict) -> str:
 def _groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in records:
-        groups.setdefault((curve_label(r), r["kl_weight"]), []).append(r)
+        groups.setdefault((curve_label(r), record_weight(r)), []).append(r)
     return groups
 
 
@@ -149,6 +155,11 @@ def summarize(records: list[dict], base: dict) -> str:
         cells = [_mean_std([r[key] for r in runs]) for key in ("target_loss", "source_loss_increase", "drift_kl")]
         lines.append(f"| {method} | {weight:g} | {len(runs)} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _weighted(method: str) -> bool:
+    """Whether lambda means anything for `method` (one no longer registered, from an old results.json: yes)."""
+    return method not in method_names() or get_method(method).weight_scales != "nothing"
 
 
 def plot_frontier(records: list[dict], path: Path) -> None:
@@ -168,7 +179,7 @@ def plot_frontier(records: list[dict], path: Path) -> None:
         bars = ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
                            yerr=[p[2][1] for p in points], marker="o", capsize=3, label=method)
         for weight, x, y in points:
-            if method.split()[0] not in WEIGHTLESS:
+            if _weighted(method.split()[0]):
                 ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=offsets[i % len(offsets)],
                             fontsize=7, color=bars[0].get_color())
     ax.set_xlabel("held-out target loss, nats/token (lower = learned more)")

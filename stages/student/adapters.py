@@ -13,12 +13,13 @@ Variants (`LoraSettings.variant`):
             directions of W and the frozen base becomes the residual W - BA
     olora   OLoRA (`init_lora_weights="olora"`): A, B from a QR decomposition of W; base = W - BA
 
-PiSSA and OLoRA MUTATE THE BASE WEIGHTS at init (`MUTATES_BASE`). What that means here:
+PiSSA and OLoRA MUTATE THE BASE WEIGHTS at init (`MUTATES_BASE`, stages/student/variants.py). What that means here:
 - "Base weights unchanged" holds from init on: the frozen residual never changes during training,
   but it is not the checkpoint's W, so `disable_adapter()` runs W - BA, NOT the teacher.
-- The `live` estimator needs the teacher from `disable_adapter()`; with these variants it is
-  refused (`check_live_teacher`) rather than silently regularizing towards the residual. Keeping a
-  second copy of the base would double weight memory and distort the live-vs-cache benchmark.
+- The `live` method needs the teacher from `disable_adapter()`; with these variants it is refused
+  (its registry entry, stages/student/methods.py `check_variant`) rather than silently regularizing
+  towards the residual. Keeping a second copy of the base would double weight memory and distort
+  the live-vs-cache benchmark.
   Cached estimators are unaffected: the cache holds the true base model's log-probs.
 - The adapter as trained only works on top of the residual. `save_adapter` converts it (given the
   initial adapter saved by `save_initial_adapter`) into an ordinary rank-2r LoRA on the ORIGINAL
@@ -33,14 +34,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import LoraSettings
+from stages.student.settings import LoraSettings
+from stages.student.variants import MUTATES_BASE
 
 __all__ = [
-    "MUTATES_BASE", "lora_config", "make_student", "check_live_teacher",
+    "MUTATES_BASE", "lora_config", "make_student",
     "save_initial_adapter", "save_adapter", "adapter_state", "base_state", "adapted_modules", "render_adapted",
 ]
-
-MUTATES_BASE = frozenset({"pissa", "olora"})
 
 # peft's init_lora_weights per variant; "pissa_niter_4" is peft's fast randomized-SVD PiSSA
 # (exact "pissa" runs a full SVD of every targeted matrix: minutes on a 7B model).
@@ -73,17 +73,6 @@ def make_student(model_dir: str | os.PathLike, settings: LoraSettings, dtype: to
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     base.config.use_cache = False  # training never decodes; the KV cache would only cost memory
     return get_peft_model(base, lora_config(settings))
-
-
-def check_live_teacher(estimator: str, variant: str) -> None:
-    """Refuse `live` with a variant whose `disable_adapter()` is not the base model (see module doc)."""
-    if estimator == "live" and variant in MUTATES_BASE:
-        raise ValueError(
-            f"estimator 'live' cannot be used with lora variant {variant!r}: {variant} moves the principal "
-            "part of every adapted weight into the adapter, so disable_adapter() runs the residual W - BA, "
-            "not the base model. Use a cached estimator (tail, topk, full_kl): the cache holds the true "
-            "base model's log-probs."
-        )
 
 
 # --- saving ---------------------------------------------------------------------------------

@@ -20,7 +20,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from storage_schemas import MASS_COLUMN, Encoding, get_encoding
+from storage_schemas import (
+    EXAMPLE_ID_COLUMN,
+    INPUT_IDS_COLUMN,
+    LOSS_MASK_COLUMN,
+    MASS_COLUMN,
+    TARGET_LOGPROB_COLUMN,
+    TOPK_IDS_COLUMN,
+    TOPK_LOGPROBS_COLUMN,
+    Encoding,
+    get_encoding,
+)
 from storage_schemas.codecs import decode_teacher
 
 __all__ = ["CacheCollator", "pad_token_id", "IGNORE_INDEX"]
@@ -65,21 +75,21 @@ def _concat(rows: Sequence[dict], name: str, dtype: Any) -> np.ndarray:
 
 def _check_finite(rows: Sequence[dict], logprobs: np.ndarray, target: np.ndarray, enc: Encoding) -> None:
     """ValueError naming the examples (and their first bad position) whose decoded teacher values are
-    NaN or inf: the loss would train on them. A top-k value of -inf is p = 0, which the sqrtp_q codec
-    decodes below its grid on purpose; every other encoding decodes only finite values from a sound cache."""
+    NaN or inf: the loss would train on them. A top-k value of -inf is p = 0, which some codecs (sqrtp_q)
+    decode below their grid on purpose; every other encoding decodes only finite values from a sound cache."""
     bad = ~np.isfinite(target)
-    wrong = np.isnan(logprobs) | np.isposinf(logprobs) if enc.value_codec == "sqrtp_q" else ~np.isfinite(logprobs)
+    wrong = np.isnan(logprobs) | np.isposinf(logprobs) if enc.decodes_zero_probability else ~np.isfinite(logprobs)
     bad |= wrong.any(axis=1)
     if not bad.any():
         return
     # Only on failure: the batch row and the sequence position of every labelled position.
-    masks = [np.asarray(r["loss_mask"], bool) for r in rows]
+    masks = [np.asarray(r[LOSS_MASK_COLUMN], bool) for r in rows]
     row_of = np.repeat(np.arange(len(rows)), [int(m.sum()) for m in masks])
     position_of = np.concatenate([np.flatnonzero(m) for m in masks])
     named = []
     for r in dict.fromkeys(row_of[bad].tolist()):
         first = int(position_of[bad & (row_of == r)][0])
-        named.append(f"example {int(np.asarray(rows[r].get('example_id', -1)))} (first at position {first})")
+        named.append(f"example {int(np.asarray(rows[r].get(EXAMPLE_ID_COLUMN, -1)))} (first at position {first})")
     raise ValueError(f"the cache holds non-finite teacher values (encoding {enc.name!r}) for {int(bad.sum())} trained "
                      f"position(s): {', '.join(named)}. Stage two would train on them; the cache was made before "
                      "stage one refused such values: re-create it with `cache-teacher --overwrite` "
@@ -117,12 +127,12 @@ class CacheCollator:
         self.encoding = get_encoding(encoding) if isinstance(encoding, str) else encoding
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        ids_parts = [np.asarray(r["input_ids"]) for r in rows]
+        ids_parts = [np.asarray(r[INPUT_IDS_COLUMN]) for r in rows]
         width = max(len(p) for p in ids_parts)
         input_ids = _pad_rows(ids_parts, width, self.pad_id, np.int64)
         lengths = np.array([len(p) for p in ids_parts])
         attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        trained = _pad_rows([np.asarray(r["loss_mask"], bool) for r in rows], width - 1, False, bool)
+        trained = _pad_rows([np.asarray(r[LOSS_MASK_COLUMN], bool) for r in rows], width - 1, False, bool)
         labels = np.full_like(input_ids, IGNORE_INDEX)
         labels[:, 1:] = np.where(trained, input_ids[:, 1:], IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
@@ -132,13 +142,13 @@ class CacheCollator:
 
     def _teacher_arrays(self, rows: Sequence[dict], n: int) -> dict[str, np.ndarray]:
         """The rows' cached arrays concatenated in row order, checked against the N labels."""
-        target = _concat(rows, "target_logprob", None)
-        topk_ids = _concat(rows, "topk_ids", np.int64)
-        topk_logprobs = _concat(rows, "topk_logprobs", None)  # floats or integer codes: decode says
+        target = _concat(rows, TARGET_LOGPROB_COLUMN, None)
+        topk_ids = _concat(rows, TOPK_IDS_COLUMN, np.int64)
+        topk_logprobs = _concat(rows, TOPK_LOGPROBS_COLUMN, None)  # floats or integer codes: decode says
         mass = _concat(rows, MASS_COLUMN, None) if self.encoding.has_mass else None
         if target.shape[0] != n or topk_ids.shape[0] != n * self.k or topk_logprobs.shape[0] != n * self.k \
                 or (mass is not None and mass.shape[0] != n):
-            examples = [int(np.asarray(r.get("example_id", -1))) for r in rows]
+            examples = [int(np.asarray(r.get(EXAMPLE_ID_COLUMN, -1))) for r in rows]
             masses = "" if mass is None else f", {mass.shape[0]} {MASS_COLUMN} entries"
             raise ValueError(
                 f"cached arrays do not match the loss mask of examples {examples}: {n} trained positions, "

@@ -1,6 +1,6 @@
 """The Mask-the-Target regularizer and its cached estimators: pure functions of tensors.
 
-Notation (DESIGN.md §1-2), at each trained position: `y` the target, `a` teacher log-probs,
+Notation (docs/design.md §1-5), at each trained position: `y` the target, `a` teacher log-probs,
 `b` student log-probs, tilde = renormalized over the non-target vocabulary v != y,
 `S` the k cached non-target ids (teacher's largest), `R_T`/`R_S` the teacher/student mass of the
 non-target tokens outside S.

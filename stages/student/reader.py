@@ -25,7 +25,7 @@ from typing import Sequence
 
 from storage_schemas import FingerprintMismatch, Manifest, get_encoding, shard_columns
 from storage_schemas.shard_io import verify_cache
-from pipeline.fingerprints import teacher_fingerprint, tokenizer_fingerprint
+from storage_schemas.fingerprints import teacher_fingerprint, tokenizer_fingerprint
 
 __all__ = ["open_cache", "load_cache_dataset", "check_tokenizer", "check_teacher", "SUPPORTED_SELECTIONS"]
 

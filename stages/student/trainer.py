@@ -2,15 +2,17 @@
 
     python -m pipeline train --config configs/demo.yaml      (wired by stages/train.py)
 
-Estimators (`train.estimator`, DESIGN.md §2):
+Methods (`train.method`, registered in stages/student/methods.py; docs/design.md §4):
     none                 CE only (plain LoRA)
     tail | topk | full_kl  KL from the cached teacher arrays (`cached_kl`)
     live                 exact masked KL against the same peft model with its adapter disabled,
                          computed in the step (reference and speed baseline; ignores the cache
                          arrays, uses only the labels)
-    l2 | lalora          weight-space baselines, no KL: CE + kl_weight * penalty on the LoRA weights
+    l2 | lalora          weight-space baselines, no KL: CE + reg_weight * penalty on the LoRA weights
                          (stages/student/weight_penalties.py; `CacheTrainer.penalty`, added once per
-                         optimizer step; the logged `kl` is then the unweighted penalty)
+                         optimizer step; logged as `penalty`, unweighted)
+A method's regularizer gets the teacher its registry entry names: the collated cache arrays, the
+logits of the same model with its adapter disabled (live), or nothing.
 
 Gradient accumulation (transformers 5.19, read from trainer.py): before each optimizer step the
 Trainer counts `num_items_in_batch` = labels[..., 1:] != -100 over ALL the step's micro-batches
@@ -21,15 +23,15 @@ not divide by the accumulation steps again: the summed micro-batch gradients equ
 gradient exactly. Under DDP the loss is multiplied by the process count (as the stock
 `compute_loss` does) because DDP averages gradients while the count is global.
 
-Fused loss (`train.fused_loss=true`; every estimator but `live`): the model runs with logits for no
+Fused loss (`train.fused_loss=true`; methods with `supports_fused`, all but `live`): the model runs with logits for no
 position (stages/student/lm_head.py), and CE + KL come from the last hidden state at the labelled
 positions and the lm_head weight in row chunks (stages/student/fused_loss.py): the same loss and
 gradients without the [B, T, V] logits and their float32 copies.
 
 Logs (progress bar, trainer_state.json, log.csv): per logging window the Trainer's `loss` (mean of
-the step losses) plus `ce` and `kl` (per labelled token over the window, summed over processes) and
-`tokens_per_s` (non-padding input tokens). The model is always called without labels, so it never
-computes a loss of its own.
+the step losses) plus `ce` and the method's regularizer (`Method.log_key`: `kl` per labelled token,
+or `penalty` per step, over the window, summed over processes) and `tokens_per_s` (non-padding
+input tokens). The model is always called without labels, so it never computes a loss of its own.
 
 Run directory: checkpoints/checkpoint-N (every save_steps; the 2 newest kept), log.csv,
 and at the end adapter/, config.yaml, cache_fingerprint.json, metrics.json.
@@ -50,14 +52,16 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from pipeline.config import Config, TrainConfig, save_config
-from stages.student.adapters import adapted_modules, check_live_teacher, save_adapter
+from stages.settings import StageConfig, save_config
+from stages.student.settings import TrainConfig
+from stages.student.adapters import adapted_modules, save_adapter
 from stages.student.collator import IGNORE_INDEX
 from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
 from stages.student.lm_head import final_hidden_state, output_head
-from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, cached_kl, live_masked_kl, regularized_loss
-from stages.student.weight_penalties import WEIGHT_PENALTIES, WeightPenalty
-from storage_schemas import Manifest, teacher_columns
+from stages.student.loss import CachedTeacher, LossParts, regularized_loss
+from stages.student.methods import Method, check_variant, get_method
+from stages.student.weight_penalties import WeightPenalty
+from storage_schemas import SEQUENCE_COLUMNS, Manifest, teacher_columns
 
 __all__ = [
     "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "batch_loss", "fused_batch_loss", "dataset_columns", "use_bf16",
@@ -66,13 +70,12 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoints"
-_BASE_COLUMNS = ["example_id", "input_ids", "loss_mask"]
 
 
-def dataset_columns(estimator: str, encoding: str) -> list[str]:
-    """Cache columns an estimator reads from a cache of `encoding`: `none` and `live` never decode
-    the teacher arrays."""
-    return _BASE_COLUMNS + (list(teacher_columns(encoding)) if estimator in CACHED_ESTIMATORS else [])
+def dataset_columns(method: str, encoding: str) -> list[str]:
+    """Cache columns a method reads from a cache of `encoding`: the teacher arrays only for a method
+    that `reads_cache` (`none`, `live`, `l2`, `lalora` never decode them)."""
+    return list(SEQUENCE_COLUMNS) + (list(teacher_columns(encoding)) if get_method(method).reads_cache else [])
 
 
 def use_bf16(setting: str) -> bool:
@@ -97,19 +100,20 @@ def _cached_teacher(inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> C
     return teacher
 
 
-def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], estimator: str, kl_weight: float,
+def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str, kl_weight: float,
                num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
                fused: bool = False, chunk_size: int = 0) -> LossParts:
-    """CE + kl_weight * KL for one collated micro-batch (keys as `CacheCollator` returns them).
+    """CE + kl_weight * the method's per-token regularizer (mean; none: CE only) for one collated
+    micro-batch (keys as `CacheCollator` returns them). A weight penalty is added by `CacheTrainer`.
 
     The model is called WITHOUT labels so it does not compute (and allocate for) its own loss.
     `peft_model` is the unwrapped PeftModel used for the `live` teacher (defaults to `model`).
     `fused`: the same loss via `fused_batch_loss` (no [B, T, V] logits); `chunk_size` its rows per chunk.
     """
     if fused:
-        return fused_batch_loss(model, inputs, estimator, kl_weight, num_items, peft_model, chunk_size)
-    labels = inputs["labels"]
-    if estimator == "live":  # teacher first, so its full [B, T, V] logits are freed before backward
+        return fused_batch_loss(model, inputs, method, kl_weight, num_items, peft_model, chunk_size)
+    labels, spec = inputs["labels"], get_method(method)
+    if spec.needs_live_teacher:  # teacher first, so its full [B, T, V] logits are freed before backward
         teacher_model = peft_model if peft_model is not None else model
         with teacher_model.disable_adapter(), torch.no_grad():
             teacher_full = teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -117,31 +121,35 @@ def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], estimato
         del teacher_full
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     student_logits, targets = _labelled(logits, labels)
-    if estimator == "none" or estimator in WEIGHT_PENALTIES:  # l2/lalora: CacheTrainer adds the penalty
-        kl = None
-    elif estimator == "live":
-        kl = live_masked_kl(student_logits, teacher_logits, targets)
-    else:
-        kl = cached_kl(student_logits, targets, _cached_teacher(inputs, targets), estimator)
+    kl = None  # none, l2, lalora: no per-token term (CacheTrainer adds a penalty)
+    if spec.regularizer is not None:
+        teacher = teacher_logits if spec.needs_live_teacher else _teacher(spec, inputs, targets)
+        kl = spec.regularizer(student_logits, targets, teacher)
     return regularized_loss(student_logits, targets, kl, kl_weight, num_items=num_items)
 
 
-def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], estimator: str, kl_weight: float,
+def _teacher(method: Method, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> CachedTeacher | None:
+    """The cached teacher arrays for a method that reads them, else None."""
+    return _cached_teacher(inputs, targets) if method.reads_cache else None
+
+
+def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str, kl_weight: float,
                      num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
                      chunk_size: int = 0) -> LossParts:
     """`batch_loss` from the last hidden state at the labelled positions and the lm_head weight, through
     `chunked_regularized_loss` (fused_loss.py): the [B, T, V] logits are never built. `chunk_size` 0 = auto."""
-    if estimator == "live":
-        raise ValueError("train.fused_loss: not supported with estimator 'live' (its teacher needs full logits)")
+    spec = get_method(method)
+    if not spec.supports_fused:
+        raise ValueError(f"train.fused_loss: not supported with method {method!r} (its regularizer needs full logits)")
     peft_model = peft_model if peft_model is not None else model
     hidden, autocast = final_hidden_state(model, peft_model, inputs["input_ids"], inputs["attention_mask"])
     hidden, targets = _labelled(hidden, inputs["labels"])
     weight, bias = output_head(peft_model)
-    teacher = _cached_teacher(inputs, targets) if estimator in CACHED_ESTIMATORS else None  # none, l2, lalora: CE
+    teacher = _teacher(spec, inputs, targets) if spec.regularizer is not None else None  # none, l2, lalora: CE
     # The lm_head's dtype inside the forward (accelerate's autocast may cover only the forward).
     context = torch.autocast(hidden.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with context:
-        return chunked_regularized_loss(hidden, weight, targets, teacher, kl_weight, estimator, num_items,
+        return chunked_regularized_loss(hidden, weight, targets, teacher, kl_weight, spec.fused_estimator, num_items,
                                         chunk_size or auto_chunk_size(weight.shape[0]), bias)
 
 
@@ -151,12 +159,12 @@ class CacheTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss normalizes by the whole step's labelled-token count
 
-    def __init__(self, *args: Any, estimator: str, kl_weight: float, variant: str = "lora",
+    def __init__(self, *args: Any, method: str, reg_weight: float, variant: str = "lora",
                  penalty: WeightPenalty | None = None, fused_loss: bool = False, fused_chunk_size: int = 0,
                  **kwargs: Any) -> None:
-        check_live_teacher(estimator, variant)
+        check_variant(method, variant)
         super().__init__(*args, **kwargs)
-        self.estimator, self.kl_weight = estimator, kl_weight
+        self.method, self.reg_weight = get_method(method), reg_weight
         self.fused_loss, self.fused_chunk_size = fused_loss, fused_chunk_size  # see fused_batch_loss
         # l2/lalora: R(theta), set (anchored at init) by stages.train before training; see weight_penalties
         self.penalty = penalty
@@ -174,7 +182,7 @@ class CacheTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's share of the step loss, already scaled for accumulation (see module doc)."""
-        parts = batch_loss(model, inputs, self.estimator, self.kl_weight, num_items_in_batch,
+        parts = batch_loss(model, inputs, self.method.name, self.reg_weight, num_items_in_batch,
                            peft_model=self.accelerator.unwrap_model(model),
                            fused=self.fused_loss, chunk_size=self.fused_chunk_size)
         loss = parts.loss
@@ -182,20 +190,21 @@ class CacheTrainer(Trainer):
             loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
         elif num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
-        if self.estimator in WEIGHT_PENALTIES:
+        if self.method.penalty is not None:
             if self.penalty is None:
-                raise RuntimeError(f"estimator {self.estimator!r}: CacheTrainer.penalty was never set (build_penalty)")
+                raise RuntimeError(f"method {self.method.name!r}: CacheTrainer.penalty was never set (build_penalty)")
             # One penalty per optimizer step: each of the step's micro-batches adds its share. Added after
             # the DDP rescaling: every process adds the same penalty and DDP averages it back to one.
             value = self.penalty()
             share = self.current_gradient_accumulation_steps if model.training else 1
-            loss = loss + self.kl_weight * value / share
+            loss = loss + self.reg_weight * value / share
+            # LossParts.kl carries the method's regularizer: here the penalty, logged as `penalty`
             parts = LossParts(loss=loss, ce=parts.ce, kl=value.detach(), n_tokens=parts.n_tokens)
         if model.training:  # stays on device: no host sync per micro-batch
             n = parts.ce.new_tensor(parts.n_tokens, dtype=torch.float64)
             update = torch.stack([parts.ce.double() * n, parts.kl.double() * n, n, inputs["attention_mask"].sum().double()])
             self._window = update if self._window is None else self._window + update
-        return (loss, {"ce": parts.ce, "kl": parts.kl}) if return_outputs else loss
+        return (loss, {"ce": parts.ce, self.method.log_key: parts.kl}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-window log (the end-of-train summary says "train_loss")
@@ -203,7 +212,8 @@ class CacheTrainer(Trainer):
         super().log(logs, start_time)
 
     def _drain_window(self) -> dict[str, float]:
-        """Per-token CE and KL, and input tokens/s, since the last log; summed over processes."""
+        """Per-token CE, the regularizer (under `Method.log_key`) and input tokens/s since the last log;
+        summed over processes."""
         window = self._window if self._window is not None else torch.zeros(4, dtype=torch.float64, device=self.args.device)
         if self.accelerator.num_processes > 1:
             window = self.accelerator.reduce(window, reduction="sum")
@@ -212,7 +222,7 @@ class CacheTrainer(Trainer):
         elapsed, self._window_start = now - self._window_start, now
         self._window = None
         self.session_tokens += int(tokens)
-        return {"ce": ce_sum / max(n, 1.0), "kl": kl_sum / max(n, 1.0), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        return {"ce": ce_sum / max(n, 1.0), self.method.log_key: kl_sum / max(n, 1.0), "tokens_per_s": tokens / max(elapsed, 1e-9)}
 
 
 # --- callbacks ---------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ class CsvLogCallback(TrainerCallback):
     """Appends every training-window log to `log.csv`; on resume drops rows past the checkpoint
     (the killed run logged them; this run logs them again)."""
 
-    FIELDS = ("step", "epoch", "loss", "ce", "kl", "learning_rate", "grad_norm", "tokens_per_s", "elapsed_s")
+    FIELDS = ("step", "epoch", "loss", "ce", "kl", "penalty", "learning_rate", "grad_norm", "tokens_per_s", "elapsed_s")
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path, self.start = Path(path), time.time()
@@ -321,8 +331,9 @@ def run_metrics(trainer: CacheTrainer, wall_s: float, resumed_from: Path | None)
     windows = [h for h in trainer.state.log_history if "ce" in h]
     first, last = (windows[0], windows[-1]) if windows else ({}, {})
     return {
-        "estimator": trainer.estimator, "kl_weight": trainer.kl_weight,
-        "final_ce": last.get("ce"), "final_kl": last.get("kl"), "final_loss": last.get("loss"),
+        "method": trainer.method.name, "reg_weight": trainer.reg_weight,
+        "final_ce": last.get("ce"), "final_kl": last.get("kl"), "final_penalty": last.get("penalty"),
+        "final_loss": last.get("loss"),
         "ce_start": first.get("ce"), "ce_end": last.get("ce"),
         "steps": trainer.state.global_step, "tokens": int(trainer.state.num_input_tokens_seen),
         "session_tokens": trainer.session_tokens, "wall_time_s": wall_s,
@@ -338,7 +349,7 @@ def cache_fingerprint(manifest: Manifest) -> dict[str, Any]:
     return {**parts, "token_ids_sha256": manifest.token_ids_sha256}
 
 
-def write_run_files(trainer: CacheTrainer, config: Config, manifest: Manifest, metrics: dict[str, Any],
+def write_run_files(trainer: CacheTrainer, config: StageConfig, manifest: Manifest, metrics: dict[str, Any],
                     initial_adapter: Path | None) -> None:
     """adapter/, config.yaml, cache_fingerprint.json and metrics.json (main process only)."""
     run_dir = Path(config.train.output_dir)
@@ -350,7 +361,7 @@ def write_run_files(trainer: CacheTrainer, config: Config, manifest: Manifest, m
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def train_and_save(trainer: CacheTrainer, config: Config, manifest: Manifest, resume_from: Path | None,
+def train_and_save(trainer: CacheTrainer, config: StageConfig, manifest: Manifest, resume_from: Path | None,
                    initial_adapter: Path | None) -> dict[str, Any]:
     """Run `trainer.train` (from `resume_from` if given), then write the run files; the metrics."""
     start = time.time()
@@ -362,7 +373,7 @@ def train_and_save(trainer: CacheTrainer, config: Config, manifest: Manifest, re
     return metrics
 
 
-def build_trainer(model, dataset, collator, config: Config, num_rows: int,
+def build_trainer(model, dataset, collator, config: StageConfig, num_rows: int,
                   callbacks: Sequence[TrainerCallback] = ()) -> CacheTrainer:
     """The `CacheTrainer` for this config, with the CSV log and last-step logging callbacks."""
     train, run_dir = config.train, Path(config.train.output_dir)
@@ -371,6 +382,6 @@ def build_trainer(model, dataset, collator, config: Config, num_rows: int,
         model=model, args=training_arguments(train, run_dir, num_rows, streaming=train.streaming),
         train_dataset=dataset, data_collator=collator,
         callbacks=[CsvLogCallback(run_dir / "log.csv"), LogLastStepCallback(), *callbacks],
-        estimator=train.estimator, kl_weight=train.kl_weight, variant=train.lora.variant,
+        method=train.method, reg_weight=train.reg_weight, variant=train.lora.variant,
         fused_loss=train.fused_loss, fused_chunk_size=train.fused_chunk_size,
     )

@@ -1,7 +1,9 @@
 """Weight-space forgetting baselines: penalties on the LoRA parameters, no teacher, no KL.
 
-    train.estimator = l2       loss = CE + kl_weight * 1/2 * sum_i (theta_i - theta0_i)^2
-    train.estimator = lalora   loss = CE + kl_weight * 1/2 * sum_i F_i (theta_i - theta0_i)^2
+    train.method = l2       loss = CE + reg_weight * 1/2 * sum_i (theta_i - theta0_i)^2
+    train.method = lalora   loss = CE + reg_weight * 1/2 * sum_i F_i (theta_i - theta0_i)^2
+
+(registered in stages/student/methods.py with `l2_penalty` / `lalora_penalty` as their builders)
 
 `theta` runs over every trainable parameter of the student (the LoRA A and B matrices, and DoRA's
 magnitude vectors), `theta0` is their value at initialization (snapshot when the penalty is built,
@@ -9,7 +11,7 @@ before any optimizer step; on resume the seeded init is rebuilt identically, so 
 
 `l2` penalizes the distance of the adapter parameters from their init, not the norm of the update
 delta W = B A (the other common choice). For standard LoRA B0 = 0 but A0 is random, so "distance
-from init" is the form that is zero at init; its gradient is kl_weight * (theta - theta0).
+from init" is the form that is zero at init; its gradient is reg_weight * (theta - theta0).
 
 `lalora` follows "Mitigating Forgetting in Low Rank Adaptation" (LaLoRA, arXiv 2512.17720): a
 Laplace approximation of the posterior after the source task, i.e. a diagonal-Fisher-weighted
@@ -26,23 +28,23 @@ and faithful to the Laplace approximation for B) and add a FLOOR:
 so A is anchored by an isotropic L2 term whose scale follows the measured curvature
 (`train.fisher_floor`, default 0.1; 0 disables the floor and leaves A unpenalized). Variants whose B
 is not zero at init (pissa, olora) get a non-zero F_A anyway; the floor applies to them too.
-The raw Fisher is tiny (squared per-example gradients), so useful `kl_weight` values for lalora are
-much larger than for the KL estimators (sweep, e.g. 1e2 .. 1e5).
+The raw Fisher is tiny (squared per-example gradients), so useful `reg_weight` values for lalora are
+much larger than for the KL methods (sweep, e.g. 1e2 .. 1e5).
 
 Logging and accumulation (stages/student/trainer.py, `CacheTrainer.compute_loss`): the penalty is
-per optimizer step. Each micro-batch adds kl_weight * R / (micro-batches in this step), so the
+per optimizer step. Each micro-batch adds reg_weight * R / (micro-batches in this step), so the
 accumulated gradient is exactly one penalty per step, added after the DDP rescaling (DDP averages
-identical penalty gradients, leaving one). The logged `kl` column (and metrics' `final_kl`) carries
-the unweighted penalty R (the 1/2-sum above), not a per-token KL.
+identical penalty gradients, leaving one). The logged `penalty` column (and metrics' `final_penalty`)
+carries the unweighted penalty R (the 1/2-sum above); runs before the method registry logged it as `kl`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["WEIGHT_PENALTIES", "WeightPenalty", "empirical_fisher", "fisher_examples", "build_penalty"]
+from stages.inputs import DataConfig, load_rows, tokenize_rows
 
-WEIGHT_PENALTIES = ("l2", "lalora")
+__all__ = ["WeightPenalty", "empirical_fisher", "fisher_examples", "l2_penalty", "lalora_penalty"]
 
 
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -74,24 +76,21 @@ class WeightPenalty:
 
 
 def fisher_examples(path: str, model_dir: str, examples: int, max_length: int):
-    """The first `examples` texts of `path`, tokenized with the student's tokenizer (pipeline.data)."""
+    """The first `examples` texts of `path`, tokenized with the student's tokenizer (stages.inputs)."""
     from transformers import AutoTokenizer
-
-    from pipeline.config import DataConfig
-    from pipeline.data import load_rows, tokenize_rows
 
     cfg = DataConfig(path=path, max_length=max_length, max_examples=examples)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     try:
         return tokenize_rows(load_rows(cfg), tokenizer, cfg)
-    except (OSError, ValueError) as err:  # pipeline.data names "data.path": say which key it was
+    except (OSError, ValueError) as err:  # stages.inputs names "data.path": say which key it was
         raise ValueError(f"train.fisher_data: {err}") from err
 
 
 def empirical_fisher(model: torch.nn.Module, examples, floor: float = 0.1) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of the mean-token CE w.r.t. the trainable parameters, floored.
 
-    `examples`: `pipeline.data.Example`s (input_ids [T], loss_mask [T-1]). One forward/backward per
+    `examples`: `stages.inputs.Example`s (input_ids [T], loss_mask [T-1]). One forward/backward per
     example at the current parameters, eval mode; the model's .grad fields are left as they were.
     Returns {name: F_i + floor * mean(F)} in float32 (see the module doc for why the floor).
     """
@@ -128,14 +127,14 @@ def empirical_fisher(model: torch.nn.Module, examples, floor: float = 0.1) -> di
     return {n: f + level for n, f in fisher.items()}
 
 
-def build_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty | None:
-    """The penalty for `train.estimator` (a TrainConfig), anchored at the model's current weights;
-    None for the other estimators. Build it before any optimizer step."""
-    if train.estimator == "l2":
-        return WeightPenalty(model)
-    if train.estimator == "lalora":
-        if not train.fisher_data:
-            raise ValueError("train.fisher_data: required by estimator 'lalora'")
-        examples = fisher_examples(train.fisher_data, model_dir, train.fisher_examples, train.fisher_max_length)
-        return WeightPenalty(model, empirical_fisher(model, examples, train.fisher_floor))
-    return None
+def l2_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
+    """`l2`: the distance of the trainable weights from their current values (build before any step)."""
+    return WeightPenalty(model)
+
+
+def lalora_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
+    """`lalora`: the floored diagonal Fisher of `train.fisher_data` (a TrainConfig) at the current weights."""
+    if not train.fisher_data:
+        raise ValueError("train.fisher_data: required by method 'lalora'")
+    examples = fisher_examples(train.fisher_data, model_dir, train.fisher_examples, train.fisher_max_length)
+    return WeightPenalty(model, empirical_fisher(model, examples, train.fisher_floor))

@@ -8,10 +8,10 @@ from pipeline.config import Config, load_config, save_config
 
 
 def test_demo_config_loads_and_overrides_apply():
-    config = load_config("configs/demo.yaml", ["cache.k=64", "train.kl_weight=0.25", "train.lora.rank=4"])
+    config = load_config("configs/demo.yaml", ["cache.k=64", "train.reg_weight=0.25", "train.lora.rank=4"])
     assert isinstance(config, Config)
-    assert (config.cache.k, config.train.kl_weight, config.train.lora.rank) == (64, 0.25, 4)
-    assert isinstance(config.train.kl_weight, float)
+    assert (config.cache.k, config.train.reg_weight, config.train.lora.rank) == (64, 0.25, 4)
+    assert isinstance(config.train.reg_weight, float)
 
 
 def test_defaults_without_a_file():
@@ -23,7 +23,7 @@ def test_defaults_without_a_file():
     ("cachee.k=3", "cachee"),
     ("cache.k=abc", "cache.k"),
     ("cache.engine=tensorrt", "cache.engine"),
-    ("train.estimator=kl", "train.estimator"),
+    ("train.method=kl", "train.method"),
     ("cache.encoding=int3", "int3"),
 ])
 def test_bad_keys_and_values_are_named(override, named):
@@ -54,3 +54,27 @@ def test_cli_reports_a_bad_override_without_a_traceback():
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage" in result.stdout
+
+
+@pytest.mark.parametrize("old, new", [
+    ("train.estimator=topk", "train.method"), ("train.kl_weight=0.25", "train.reg_weight"),
+    ("sweep.kl_weights=[0.5]", "sweep.reg_weights"), ("sweep.method_kl_weights={l2: [0.1]}", "sweep.method_reg_weights"),
+])
+def test_old_keys_warn_naming_the_new_key_and_map_to_it(old, new):
+    with pytest.warns(FutureWarning, match=f"use '{new}'"):
+        config = load_config(None, [old])
+    assert config == load_config(None, [f"{new}={old.split('=', 1)[1]}"])
+
+
+def test_an_old_yaml_loads_under_the_new_names(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  estimator: live\n  kl_weight: 3\nsweep:\n  kl_weights: [1]\n  method_kl_weights: {l2: [0.1]}\n")
+    with pytest.warns(FutureWarning) as caught:
+        config = load_config(path, ["train.kl_weight=0.5"])  # an old-name override wins over the file
+    assert {str(w.message).split("'")[1] for w in caught} == {"train.estimator", "train.kl_weight", "sweep.kl_weights",
+                                                               "sweep.method_kl_weights"}
+    assert (config.train.method, config.train.reg_weight) == ("live", 0.5)
+    assert (config.sweep.reg_weights, config.sweep.method_reg_weights) == ([1.0], {"l2": [0.1]})
+    path.write_text("train:\n  estimator: live\n  method: tail\n")
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"'train.method' given twice, also as 'train.estimator'"):
+        load_config(path)

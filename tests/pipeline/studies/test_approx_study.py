@@ -6,12 +6,12 @@ import math
 import pytest
 
 from pipeline.config import load_config
-from stages.approx_study import frontier_gaps, run_approx_study, tail_vs_live
-from stages.sweep import run_sweep
+from pipeline.studies.approx_study import frontier_gaps, run_approx_study, tail_vs_live
+from pipeline.studies.sweep import run_sweep
 
 
 def _record(method, weight, seed, target, forgetting):
-    return {"method": method, "kl_weight": weight, "seed": seed, "k": 0, "variant": "",
+    return {"method": method, "reg_weight": weight, "seed": seed, "k": 0, "variant": "",
             "target_loss": target, "source_loss_increase": forgetting}
 
 
@@ -20,7 +20,7 @@ def test_tail_vs_live_compares_seed_means_against_two_standard_errors():
                _record("live", 1.0, 0, 5.1, 0.20), _record("live", 1.0, 1, 5.3, 0.22),
                _record("tail", 3.0, 0, 5.5, 0.05), _record("none", 0.0, 0, 4.8, 0.5)]
     (row,) = tail_vs_live(records)  # lambda 3 has no live run: not compared
-    assert row["kl_weight"] == 1.0 and row["seeds"] == 2
+    assert row["reg_weight"] == 1.0 and row["seeds"] == 2
     t = row["target_loss"]  # both std = 0.1414: 2 SE = 2 * sqrt((0.02 + 0.02) / 2) = 0.2828
     assert t["diff"] == pytest.approx(-0.1) and t["two_se"] == pytest.approx(2 * math.sqrt(0.02)) and t["within_noise"]
     f = row["source_loss_increase"]  # stds 0.02828, 0.01414: 2 SE = 2 * sqrt((0.0008 + 0.0002) / 2) = 0.04472
@@ -48,7 +48,7 @@ def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny
         "cache.engine=hf", "cache.k=8", "train.max_steps=4", "train.save_steps=4", "train.batch_size=4",
         "train.learning_rate=0.02", "train.warmup_ratio=0",
         f"eval.source_path={tiny_jsonl}", f"eval.target_path={tiny_jsonl}", "eval.max_examples=4", "eval.max_length=32",
-        f"sweep.output_dir={tmp_path / 'sweep'}", "sweep.methods=[none, tail, live]", "sweep.kl_weights=[1]", "sweep.seeds=[0, 1]",
+        f"sweep.output_dir={tmp_path / 'sweep'}", "sweep.methods=[none, tail, live]", "sweep.reg_weights=[1]", "sweep.seeds=[0, 1]",
         f"approx.output_dir={tmp_path / 'approx'}", "approx.runs=[none-l0-s0, tail-l1-s0]", "approx.examples=6",
         "approx.ks=[1, 4, 16]",
     ])
@@ -75,5 +75,5 @@ def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny
     assert len(stamps) == 2 and run_approx_study(config) == result  # measurements reused, not redone
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "approx").glob("measured-*.json")}
     (row,) = result["tail_vs_live"]
-    assert row["kl_weight"] == 1.0 and row["seeds"] == 2
+    assert row["reg_weight"] == 1.0 and row["seeds"] == 2
     assert "### Cached `tail` vs `live`" in (tmp_path / "approx" / "approx_study.md").read_text()

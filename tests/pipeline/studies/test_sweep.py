@@ -2,7 +2,7 @@
 import json
 
 from pipeline.config import load_config
-from stages.sweep import plan_runs, run_sweep
+from pipeline.studies.sweep import plan_runs, run_sweep
 
 
 def sweep_config(model_dir, data, tmp_path):
@@ -10,12 +10,12 @@ def sweep_config(model_dir, data, tmp_path):
         f"model={model_dir}", f"data.path={data}", "data.max_length=48", f"cache.dir={tmp_path / 'cache'}",
         "cache.engine=hf", "cache.k=8", "train.max_steps=2", "train.save_steps=2", "train.batch_size=4",
         f"eval.source_path={data}", f"eval.target_path={data}", "eval.max_examples=8", "eval.max_length=32",
-        f"sweep.output_dir={tmp_path / 'sweep'}", "sweep.methods=[none, tail]", "sweep.kl_weights=[1]", "sweep.seeds=[0, 1]",
+        f"sweep.output_dir={tmp_path / 'sweep'}", "sweep.methods=[none, tail]", "sweep.reg_weights=[1]", "sweep.seeds=[0, 1]",
     ])
 
 
 def test_plan_gives_one_none_run_per_seed():
-    config = load_config(None, ["sweep.methods=[none, tail]", "sweep.kl_weights=[0.5, 2]", "sweep.seeds=[0, 1, 2]"])
+    config = load_config(None, ["sweep.methods=[none, tail]", "sweep.reg_weights=[0.5, 2]", "sweep.seeds=[0, 1, 2]"])
     names = [r.name for r in plan_runs(config)]
     assert len(names) == 3 + 6 and len(set(names)) == 9 and "none-l0-s2" in names and "tail-l2-s1" in names
 

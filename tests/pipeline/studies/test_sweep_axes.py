@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
+from pipeline.studies.sweep import plan_runs, run_sweep
 from stages.cache_teacher import run_cache_teacher
-from stages.sweep import plan_runs, run_sweep
 from stages.train import run_train
 
 
@@ -16,18 +16,18 @@ def _grid(*overrides):
 
 
 def test_plan_multiplies_lambdas_per_method_k_and_variant():
-    config = _grid("sweep.methods=[none, tail, live, l2]", "sweep.kl_weights=[1]", "sweep.method_kl_weights={l2: [0.01, 0.1]}",
+    config = _grid("sweep.methods=[none, tail, live, l2]", "sweep.reg_weights=[1]", "sweep.method_reg_weights={l2: [0.01, 0.1]}",
                    "cache.k=32", "sweep.ks=[4, 32]", "sweep.lora_variants=[lora, dora]")
     names = [r.name for r in plan_runs(config)]
     assert len(names) == len(set(names)) == 2 * 3 * (1 + 2 + 1 + 2)  # variants x seeds x (none, tail k, live, l2 lambdas)
     assert {"none-l0-s0-lora", "tail-l1-s2-k4-dora", "tail-l1-s0-k32-lora", "live-l1-s1-dora", "l2-l0.01-s0-lora"} <= set(names)
     assert not any("-k" in n for n in names if not n.startswith("tail"))  # k only multiplies cache readers
-    assert {r.kl_weight for r in plan_runs(config) if r.method == "l2"} == {0.01, 0.1}
+    assert {r.reg_weight for r in plan_runs(config) if r.method == "l2"} == {0.01, 0.1}
 
 
 def test_default_axes_keep_the_old_run_names():
     """Without ks / lora_variants a run is named as before, so finished sweeps are still skipped."""
-    names = [r.name for r in plan_runs(_grid("sweep.methods=[none, tail]", "sweep.kl_weights=[0.3]"))]
+    names = [r.name for r in plan_runs(_grid("sweep.methods=[none, tail]", "sweep.reg_weights=[0.3]"))]
     assert names == ["none-l0-s0", "none-l0-s1", "none-l0-s2", "tail-l0.3-s0", "tail-l0.3-s1", "tail-l0.3-s2"]
 
 
@@ -41,8 +41,8 @@ def test_impossible_axes_are_refused(overrides, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sweep.method_kl_weights={l3: [1]}", r"\['l3'\] not in"),
-    ("sweep.method_kl_weights={l2: []}", r"sweep.method_kl_weights.l2: expected a non-empty list"),
+    ("sweep.method_reg_weights={l3: [1]}", r"\['l3'\] not in"),
+    ("sweep.method_reg_weights={l2: []}", r"sweep.method_reg_weights.l2: expected a non-empty list"),
     ("sweep.ks=[0]", r"sweep.ks: every k must be >= 1"),
     ("sweep.lora_variants=[qlora]", r"sweep.lora_variants: \['qlora'\]"),
 ])
@@ -64,7 +64,7 @@ def test_k_axis_reads_the_same_cache_and_equals_a_cache_built_with_that_k(tiny_m
               "train.max_steps=4", "train.save_steps=4", "train.batch_size=4", "train.learning_rate=0.01", "train.warmup_ratio=0",
               f"eval.source_path={tiny_jsonl}", f"eval.target_path={tiny_jsonl}", "eval.max_examples=4", "eval.max_length=32"]
     config = load_config(None, [*common, f"cache.dir={tmp_path / 'cache8'}", "cache.k=8", f"sweep.output_dir={tmp_path / 'sweep'}",
-                                "sweep.methods=[none, tail]", "sweep.kl_weights=[1]", "sweep.seeds=[0]", "sweep.ks=[2, 8]"])
+                                "sweep.methods=[none, tail]", "sweep.reg_weights=[1]", "sweep.seeds=[0]", "sweep.ks=[2, 8]"])
     run_cache_teacher(config)
     cache_before = _cache_state(tmp_path / "cache8")
     manifest_before = (tmp_path / "cache8" / "manifest.json").read_text()
@@ -76,7 +76,7 @@ def test_k_axis_reads_the_same_cache_and_equals_a_cache_built_with_that_k(tiny_m
     assert load_config(tmp_path / "sweep" / "tail-l1-s0-k2" / "config.yaml").train.k == 2
 
     reference = load_config(None, [*common, f"cache.dir={tmp_path / 'cache2'}", "cache.k=2",
-                                   f"train.output_dir={tmp_path / 'ref'}", "train.estimator=tail", "train.kl_weight=1"])
+                                   f"train.output_dir={tmp_path / 'ref'}", "train.method=tail", "train.reg_weight=1"])
     run_cache_teacher(reference)
     run_train(reference)
     sliced = load_file(tmp_path / "sweep" / "tail-l1-s0-k2" / "adapter" / "adapter_model.safetensors")

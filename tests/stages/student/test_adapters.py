@@ -1,4 +1,4 @@
-"""DESIGN.md §2 tests 1-3 through the real peft model, and every LoRA variant end to end."""
+"""docs/design.md §5 tests 1-3 through the real peft model, and every LoRA variant end to end."""
 import pytest
 import torch
 from peft import PeftModel
@@ -6,10 +6,11 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import LoraSettings
 from stages.student.adapters import (
-    adapter_state, base_state, check_live_teacher, lora_config, make_student, save_adapter, save_initial_adapter,
+    adapter_state, base_state, lora_config, make_student, save_adapter, save_initial_adapter,
 )
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CachedTeacher, cached_kl, live_masked_kl
+from stages.student.methods import check_variant
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import batch_loss
 
@@ -54,7 +55,7 @@ def lora_grads(model: PeftModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-# --- DESIGN.md §2 tests 1-3 ----------------------------------------------------------------------
+# --- docs/design.md §5 tests 1-3 ----------------------------------------------------------------------
 def test_tail_with_full_vocabulary_equals_live_loss_and_lora_gradients(full_vocab_cache, tiny_model_dir):
     batch = cache_batch(full_vocab_cache, tiny_model_dir)
     model = student(tiny_model_dir)
@@ -109,8 +110,8 @@ def test_variant_configs():
 @pytest.mark.parametrize("variant", ["pissa", "olora"])
 def test_live_is_refused_where_disable_adapter_is_not_the_base(variant):
     with pytest.raises(ValueError, match=f"'live' cannot be used with lora variant '{variant}'"):
-        check_live_teacher("live", variant)
-    check_live_teacher("tail", variant)
+        check_variant("live", variant)
+    check_variant("tail", variant)
 
 
 @pytest.mark.filterwarnings("ignore:OLoRA changes the base weights")  # we convert it, see save_adapter

@@ -43,7 +43,7 @@ def log_rows(run_dir: Path) -> list[dict]:
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tiny_model_dir, tiny_cache, tmp_path):
     # Global batch 8 both ways: 1 process x 4 rows x 2 accumulation steps, or 2 processes x 4 rows.
     # accelerate's seeded sampler gives both the same permutation: micro-batch r of a step is rank r's batch.
-    common = dict(max_steps=3, save_steps=100, batch_size=4, kl_weight=1.0, seed=0)
+    common = dict(max_steps=3, save_steps=100, batch_size=4, reg_weight=1.0, seed=0)
     single = make_config(tiny_model_dir, tiny_cache, tmp_path / "single", grad_accum=2, **common)
     ddp = make_config(tiny_model_dir, tiny_cache, tmp_path / "ddp", grad_accum=1, **common)
     save_config(ddp, tmp_path / "ddp.yaml")
@@ -72,7 +72,7 @@ def test_each_rank_reads_a_disjoint_part_of_the_cache(tiny_model_dir, tiny_cache
     config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", batch_size=3, epochs=1.0, max_steps=0,
                          streaming=streaming)
     save_config(config, tmp_path / "c.yaml")
-    torchrun("stages.scale_out.rank_rows", tmp_path / "c.yaml")
+    torchrun("pipeline.bench.rank_rows", tmp_path / "c.yaml")
     ranks = [json.loads((tmp_path / "run" / "rank_rows" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == list(range(30))

@@ -251,11 +251,11 @@ def test_heads_that_change_the_logits_are_refused(tiny_model_dir, lora_student):
 def test_config_refuses_fused_live_and_a_negative_chunk():
     from pipeline.config import TrainConfig
 
-    with pytest.raises(ValueError, match="train.fused_loss: not supported with estimator 'live'"):
-        TrainConfig(estimator="live", fused_loss=True)
+    with pytest.raises(ValueError, match="train.fused_loss: not supported with method 'live'"):
+        TrainConfig(method="live", fused_loss=True)
     with pytest.raises(ValueError, match="train.fused_chunk_size"):
         TrainConfig(fused_loss=True, fused_chunk_size=-1)
-    assert TrainConfig(estimator="lalora", fisher_data="x.jsonl", fused_loss=True).fused_loss
+    assert TrainConfig(method="lalora", fisher_data="x.jsonl", fused_loss=True).fused_loss
 
 
 def test_autocast_inside_the_forward_only_is_followed(lora_student):

@@ -1,4 +1,4 @@
-"""The loss maths against the exact full-vocabulary reference (DESIGN.md §2), on seeded logits."""
+"""The loss maths against the exact full-vocabulary reference (docs/design.md §1-5), on seeded logits."""
 import math
 
 import pytest
@@ -18,7 +18,7 @@ def cache_from_logits(teacher_logits: torch.Tensor, targets: torch.Tensor, k: in
 
 
 def exact_masked_kl_float64(t_logits, s_logits, targets):
-    """Independent reference written straight from DESIGN.md §1, in float64 with explicit loops."""
+    """Independent reference written straight from docs/design.md §1, in float64 with explicit loops."""
     out = []
     for t, s, y in zip(t_logits.double(), s_logits.double(), targets.tolist()):
         keep = [v for v in range(t.numel()) if v != y]

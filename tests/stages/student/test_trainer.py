@@ -94,7 +94,7 @@ def test_training_learns_keeps_base_and_writes_a_reloadable_adapter(tiny_model_d
 
 @pytest.mark.parametrize("estimator", ["none", "topk", "full_kl", "live"])
 def test_every_estimator_runs_through_the_trainer(estimator, tiny_model_dir, tiny_cache, tmp_path):
-    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / estimator, estimator=estimator,
+    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / estimator, method=estimator,
                                     max_steps=2, save_steps=2))
     assert metrics["steps"] == 2 and all(map(lambda v: v == v, (metrics["final_ce"], metrics["final_kl"])))
     assert (metrics["final_kl"] == 0) == (estimator == "none")
@@ -114,8 +114,8 @@ def test_existing_run_is_not_overwritten_and_changed_config_is_not_resumed(tiny_
     run_train(config)
     with pytest.raises(ValueError, match="already holds a run"):
         run_train(config)
-    config.train.kl_weight = 0.25
-    with pytest.raises(ValueError, match=r"train.kl_weight: 1.0 -> 0.25"):
+    config.train.reg_weight = 0.25
+    with pytest.raises(ValueError, match=r"train.reg_weight: 1.0 -> 0.25"):
         run_train(config, resume=True)
 
 
@@ -129,7 +129,7 @@ def test_resuming_a_finished_run_trains_nothing(tiny_model_dir, tiny_cache, tmp_
 
 
 def test_live_with_pissa_is_refused_before_any_work(tiny_model_dir, tiny_cache, tmp_path):
-    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", estimator="live", lora=LoraSettings(variant="pissa"))
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", method="live", lora=LoraSettings(variant="pissa"))
     with pytest.raises(ValueError, match="disable_adapter"):
         run_train(config)
     assert not (tmp_path / "run").exists()
@@ -228,8 +228,8 @@ run_train(load_config(sys.argv[1]))
 
 def test_two_runs_share_one_cache_without_touching_it(tiny_model_dir, cache_copy, tmp_path, snapshot):
     before = snapshot(cache_copy)
-    settings = {"a": dict(kl_weight=0.5, lora=LoraSettings(rank=4), seed=0),
-                "b": dict(kl_weight=2.0, lora=LoraSettings(rank=8), seed=1)}
+    settings = {"a": dict(reg_weight=0.5, lora=LoraSettings(rank=4), seed=0),
+                "b": dict(reg_weight=2.0, lora=LoraSettings(rank=8), seed=1)}
     procs = {name: start_run(make_config(tiny_model_dir, cache_copy, tmp_path / name, max_steps=4, **s),
                              tmp_path, name, PLAIN_RUN, threads=1) for name, s in settings.items()}
     for name, proc in procs.items():
@@ -257,7 +257,7 @@ def test_fused_loss_trains_like_the_unfused_loss(estimator, tiny_model_dir, tiny
     runs = {}
     for fused in (False, True):
         capture = Capture()
-        run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / str(fused), estimator=estimator, batch_size=2,
+        run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / str(fused), method=estimator, batch_size=2,
                               grad_accum=2, max_steps=3, save_steps=3, fused_loss=fused, fused_chunk_size=16),
                   callbacks=[capture])
         runs[fused] = (csv_rows(tmp_path / str(fused) / "log.csv"), capture.grads)

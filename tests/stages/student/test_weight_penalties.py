@@ -8,7 +8,8 @@ from transformers import TrainerCallback
 
 from pipeline.config import LoraSettings, TrainConfig
 from stages.student.adapters import make_student
-from stages.student.weight_penalties import WeightPenalty, build_penalty, empirical_fisher, fisher_examples
+from stages.student.methods import build_penalty
+from stages.student.weight_penalties import WeightPenalty, empirical_fisher, fisher_examples
 from stages.train import run_train
 from run_configs import make_config
 
@@ -74,11 +75,11 @@ def test_lalora_fisher_is_nonnegative_floored_on_A_and_zero_penalty_at_init(stud
 
 def test_lalora_needs_fisher_data():
     with pytest.raises(ValueError, match=r"train\.fisher_data"):
-        TrainConfig(estimator="lalora")
+        TrainConfig(method="lalora")
 
 
 def test_lalora_with_missing_fisher_data_names_the_key(student, tiny_model_dir, tmp_path):
-    train = TrainConfig(estimator="lalora", fisher_data=str(tmp_path / "missing.jsonl"))
+    train = TrainConfig(method="lalora", fisher_data=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match=r"train\.fisher_data"):
         build_penalty(train, student, str(tiny_model_dir))
 
@@ -86,11 +87,11 @@ def test_lalora_with_missing_fisher_data_names_the_key(student, tiny_model_dir, 
 @pytest.mark.parametrize("estimator", ["l2", "lalora"])
 def test_weight_penalties_train_through_run_train(estimator, tiny_model_dir, tiny_cache, tiny_jsonl, tmp_path):
     extra = dict(fisher_data=str(tiny_jsonl), fisher_examples=4, fisher_max_length=32) if estimator == "lalora" else {}
-    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / estimator, estimator=estimator,
-                                    kl_weight=10.0, max_steps=2, save_steps=2, **extra))
+    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / estimator, method=estimator,
+                                    reg_weight=10.0, max_steps=2, save_steps=2, **extra))
     assert metrics["steps"] == 2
-    assert all(math.isfinite(metrics[k]) for k in ("final_ce", "final_kl", "final_loss"))
-    assert metrics["final_kl"] > 0  # the penalty after the first step
+    assert all(math.isfinite(metrics[k]) for k in ("final_ce", "final_penalty", "final_loss"))
+    assert metrics["final_penalty"] > 0  # the penalty after the first step
 
 
 def test_penalty_is_added_once_per_optimizer_step(tiny_model_dir, tiny_cache, tmp_path):
@@ -98,7 +99,7 @@ def test_penalty_is_added_once_per_optimizer_step(tiny_model_dir, tiny_cache, tm
     grads = {}
     for name, batch, accum in (("full", 4, 1), ("accum", 2, 2)):
         capture = Capture()
-        run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / name, estimator="l2", kl_weight=50.0,
+        run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / name, method="l2", reg_weight=50.0,
                               batch_size=batch, grad_accum=accum, max_steps=2, save_steps=2), callbacks=[capture])
         grads[name] = capture.grads
     # Step 1 is at the anchor (penalty 0); at step 2 the penalty's gradient 50 * (theta - theta0) is

@@ -1,0 +1,16 @@
+"""The LoRA variants (`train.lora.variant`) and the one fact about them the training methods need.
+
+    lora | rslora | dora | pissa | olora      (built with peft by stages/student/adapters.py)
+
+Kept apart from adapters.py (peft, transformers) so that the settings and the method registry
+(stages/student/methods.py) can name them without importing a model library.
+"""
+from __future__ import annotations
+
+__all__ = ["LORA_VARIANTS", "MUTATES_BASE"]
+
+LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
+
+# PiSSA and OLoRA move the principal part of every adapted weight into the adapter at init: the frozen
+# base becomes the residual W - BA, so `disable_adapter()` no longer runs the base model (adapters.py).
+MUTATES_BASE = frozenset({"pissa", "olora"})
