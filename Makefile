@@ -54,7 +54,8 @@ encoding-study: base-model  ## cache encodings: bytes/token vs D_k error -> runs
 bench: base-model  ## speed/memory side by side (~10 min on 2 cores) -> runs/bench/<UTC time>.json + .md
 	$(PY) -m pipeline bench $(ARGS)
 
-test: setup  ## run the test suite (real vLLM, Parquet, peft; CPU)
+test: setup  ## lint (ruff: pyproject.toml) + the test suite (real vLLM, Parquet, peft; CPU)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:  ## remove runs/ and build/ (keeps .venv)

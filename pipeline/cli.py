@@ -12,6 +12,11 @@
     demo            build-default -> cache-teacher -> train on the embedded default
     encoding-study  bytes/token vs D_k error of every cache encoding (BENCHMARKS.md "Cache encodings")
     bench           speed and memory, side by side: stage one, stage two, reader (runs/bench/)
+    bench-step      one stage-two step per method: time and peak memory vs a CE-only step
+    bench-teacher   stage-one engines' throughput vs plain prefill on random models
+    bench-scaling   stage one with 1, 2, ... workers: tokens/s per worker count
+    rank-rows       (under torchrun) which cache rows each DDP rank of stage two reads
+    gpu-bench       on CUDA: stage one (Triton kernel) and stage two (fused) vs plain passes
 
 Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
 """
@@ -24,13 +29,21 @@ import sys
 __all__ = ["main"]
 
 DEFAULT_CONFIG = "configs/demo.yaml"
+# Measurement tools with their own argparse `main(argv)`: `python -m pipeline NAME --help` is theirs.
+TOOLS = {
+    "bench-step": ("pipeline.bench.step", "one stage-two step per method: time and peak memory vs a CE-only step"),
+    "bench-teacher": ("pipeline.bench.throughput", "stage-one engines' throughput vs plain prefill on random models"),
+    "bench-scaling": ("pipeline.bench.scaling", "stage one with 1, 2, ... workers: tokens/s per worker count"),
+    "rank-rows": ("pipeline.bench.rank_rows", "(under torchrun) which cache rows each DDP rank of stage two reads"),
+    "gpu-bench": ("pipeline.bench.gpu", "on CUDA: stage one (Triton kernel) and stage two (fused) vs plain passes"),
+}
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override config values, e.g. cache.k=64 train.kl_weight=0.5")
+                        help="override config values, e.g. cache.k=64 train.reg_weight=0.5")
 
 
 def _config(args):
@@ -65,7 +78,7 @@ def cmd_cache_teacher(args) -> int:
 
 def _scaled_out(cache_dir: str) -> bool:
     """A remote cache, or a Slurm array / torchrun worker: stage one runs as one of N workers."""
-    from stages.scale_out.workers import resolve_worker
+    from stages.scale_out.parts import resolve_worker
     from storage_schemas.remote import is_remote
 
     return is_remote(cache_dir) or resolve_worker().size > 1
@@ -114,7 +127,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from stages.evaluate import config_for_run, run_eval
+    from pipeline.config import config_for_run
+    from stages.evaluate import run_eval
 
     config = config_for_run(args.run, args.overrides) if args.run else _config(args)
     run_eval(config, args.run)
@@ -123,7 +137,7 @@ def cmd_eval(args) -> int:
 
 def cmd_sweep(args) -> int:
     config = _config(args)
-    from stages.sweep import run_sweep
+    from pipeline.studies.sweep import run_sweep
 
     run_sweep(config)
     return 0
@@ -131,7 +145,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_approx_study(args) -> int:
     config = _config(args)
-    from stages.approx_study import run_approx_study
+    from pipeline.studies.approx_study import run_approx_study
 
     run_approx_study(config)
     return 0
@@ -153,7 +167,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_encoding_study(args) -> int:
-    from pipeline.encoding_study import main as study_main
+    from pipeline.studies.encoding import main as study_main
 
     return study_main(args.study_args)
 def cmd_bench(args) -> int:
@@ -238,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("study_args", nargs=argparse.REMAINDER, help="see `python -m pipeline encoding-study --help`")
     p.set_defaults(func=cmd_encoding_study)
+    for name, (_, summary) in TOOLS.items():  # listed here; main() hands their arguments to them
+        sub.add_parser(name, help=summary, add_help=False)
     p = sub.add_parser("bench", help="speed and memory side by side: stage one vs prefill, stage two steps, reader",
                        description="Writes <out>/<UTC time>.json and .md and prints the tables. Full run: "
                                    "~10 min on 2 CPU cores; --quick: tiny shapes, every section, seconds-minutes.")
@@ -247,9 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_tool(name: str, argv: list[str]) -> int:
+    """A measurement tool's own `main(argv)`, its program name shown as `python -m pipeline NAME`."""
+    import importlib
+
+    module = importlib.import_module(TOOLS[name][0])
+    sys.argv[0] = f"python -m pipeline {name}"
+    result = module.main(argv)
+    return result if isinstance(result, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bar and summary say what matters
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv[0], argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # only encoding-study passes options through
     if extra and args.command != "encoding-study":

@@ -9,7 +9,15 @@ import math
 
 import numpy as np
 
-from storage_schemas import Manifest
+from storage_schemas import (
+    EXAMPLE_ID_COLUMN,
+    INPUT_IDS_COLUMN,
+    LOSS_MASK_COLUMN,
+    TARGET_LOGPROB_COLUMN,
+    TOPK_IDS_COLUMN,
+    TOPK_LOGPROBS_COLUMN,
+    Manifest,
+)
 from storage_schemas.shard_io import decode_table, read_shard
 
 __all__ = ["describe_position"]
@@ -24,13 +32,13 @@ def _find_row(cache_dir: str, manifest: Manifest, example: int) -> dict:
     if starts:
         record = max(starts, key=lambda r: r.first_example)
         table = read_shard(f"{cache_dir}/{record.file}", manifest.settings.encoding)
-        where = np.flatnonzero(table.column("example_id").to_numpy() == example)
+        where = np.flatnonzero(table.column(EXAMPLE_ID_COLUMN).to_numpy() == example)
         if where.size:
             row = table.slice(int(where[0]), 1)
             ids, logprobs, target = decode_table(row, manifest.settings.encoding, manifest.settings.k)
-            plain = row.select(["input_ids", "loss_mask"]).to_pylist()[0]
-            return {**plain, "topk_ids": ids.reshape(-1).tolist(), "topk_logprobs": logprobs.reshape(-1),
-                    "target_logprob": target}
+            plain = row.select([INPUT_IDS_COLUMN, LOSS_MASK_COLUMN]).to_pylist()[0]
+            return {**plain, TOPK_IDS_COLUMN: ids.reshape(-1).tolist(), TOPK_LOGPROBS_COLUMN: logprobs.reshape(-1),
+                    TARGET_LOGPROB_COLUMN: target}
     raise ValueError(f"example {example} is not in {cache_dir} ({manifest.num_rows} examples cached)")
 
 
@@ -39,18 +47,18 @@ def describe_position(cache_dir: str, example: int, position: int, model_dir: st
 
     manifest = Manifest.load(cache_dir)
     row = _find_row(cache_dir, manifest, example)
-    mask = np.asarray(row["loss_mask"], bool)
+    mask = np.asarray(row[LOSS_MASK_COLUMN], bool)
     if not 0 <= position < len(mask):
         raise ValueError(f"example {example}: position must be in 0..{len(mask) - 1} (position i predicts token i+1)")
     if not mask[position]:
         return f"example {example}, position {position}: not a trained position (prompt token); nothing cached"
     k, slot = manifest.settings.k, int(mask[:position].sum())
-    ids = row["topk_ids"][slot * k:(slot + 1) * k]
-    logprobs = np.asarray(row["topk_logprobs"][slot * k:(slot + 1) * k], np.float64)
-    a_y = float(row["target_logprob"][slot])
+    ids = row[TOPK_IDS_COLUMN][slot * k:(slot + 1) * k]
+    logprobs = np.asarray(row[TOPK_LOGPROBS_COLUMN][slot * k:(slot + 1) * k], np.float64)
+    a_y = float(row[TARGET_LOGPROB_COLUMN][slot])
     tok = AutoTokenizer.from_pretrained(model_dir or manifest.teacher.model_path)
-    context = tok.decode(row["input_ids"][max(0, position - 12): position + 1])
-    target = row["input_ids"][position + 1]
+    context = tok.decode(row[INPUT_IDS_COLUMN][max(0, position - 12): position + 1])
+    target = row[INPUT_IDS_COLUMN][position + 1]
     nontarget = -math.expm1(a_y)
     tail = max(0.0, nontarget - float(np.exp(logprobs).sum()))
     lines = [

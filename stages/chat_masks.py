@@ -1,9 +1,9 @@
 """Which tokens of a chat conversation are trained: the assistant turns' bodies, from one rendering.
 
-    from pipeline.chat_masks import assistant_body_mask
+    from stages.chat_masks import assistant_body_mask
     ids, trained = assistant_body_mask(messages, tokenizer)   # trained[t]: token t is a target
 
-The rule (README "Chat data", DESIGN §5): a token is trained when it belongs to an assistant turn's
+The rule (README "Chat data", docs/design.md §6): a token is trained when it belongs to an assistant turn's
 **body** — everything the chat template renders for that turn after its header (what the model has
 to generate after the generation prompt: text, a rendered think block, a rendered tool call), up to
 and including the first token of the stop set that closes the turn (the tokenizer's and

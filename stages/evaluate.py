@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, DataConfig, load_config
-from pipeline.data import load_rows, tokenize_rows
+from stages.inputs import DataConfig
+from stages.settings import StageConfig
+from stages.inputs import load_rows, tokenize_rows
 
-__all__ = ["run_eval", "score_texts", "config_for_run"]
+__all__ = ["run_eval", "score_texts", "eval_data_config"]
 
 
-def eval_data_config(path: str, config: Config) -> DataConfig:
+def eval_data_config(path: str, config: StageConfig) -> DataConfig:
     """How an eval set is read: chat (assistant bodies scored) when its rows hold the chat field
     (data.messages_field, else "messages"), otherwise text (every token scored) from data.text_field
     (or the deprecated eval.text_field). The same tokenization and masks as stage one."""
@@ -44,7 +45,7 @@ def eval_data_config(path: str, config: Config) -> DataConfig:
     return text
 
 
-def _batches(path: str, tokenizer, config: Config) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _batches(path: str, tokenizer, config: StageConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(input_ids [B, T], attention_mask [B, T], scored [B, T-1] bool) batches of the eval set,
     right-padded; `scored` marks the positions stage one would train (all of a text row)."""
     data = eval_data_config(path, config)
@@ -85,7 +86,7 @@ def score_texts(model, batches, with_drift: bool = False) -> dict[str, float]:
     return metrics
 
 
-def _load(config: Config, adapter_dir: Path | None):
+def _load(config: StageConfig, adapter_dir: Path | None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -110,7 +111,7 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval(config: Config, run_dir: str | None = None, base_results: dict | None = None) -> dict:
+def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict | None = None) -> dict:
     """Evaluate the base model (unless `base_results` already holds it, e.g. across a sweep) and,
     with `run_dir`, its adapter; writes run_dir/eval.json."""
     from transformers import AutoTokenizer
@@ -135,13 +136,3 @@ def run_eval(config: Config, run_dir: str | None = None, base_results: dict | No
         (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
     print(_table(results))
     return results
-
-
-def config_for_run(run_dir: str, overrides: list[str]) -> Config:
-    """The run's own resolved config (so model and eval sets match what it trained with)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; is it a train.output_dir?")
-    if not (Path(run_dir) / "adapter").is_dir():
-        raise FileNotFoundError(f"{run_dir}: no adapter/ (training not finished?)")
-    return load_config(path, overrides)

@@ -3,7 +3,7 @@
 Accepted sources (`data.path`): a .jsonl/.json/.parquet/.csv/.arrow file, a glob or directory of
 them, or a dataset saved with `save_to_disk`. Each row has either a text field (every position is
 trained) or a chat `messages` field (list of {role, content, ...}, rendered with the tokenizer's chat
-template; only the assistant turns' bodies are trained: pipeline/chat_masks.py). Errors name the
+template; only the assistant turns' bodies are trained: stages/chat_masks.py). Errors name the
 file, the field and the example.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.chat_masks import ChatMaskError, StopSet, assistant_body_mask, stop_token_ids
-from pipeline.config import DataConfig
+from stages.checks import require
+from stages.chat_masks import ChatMaskError, StopSet, assistant_body_mask, stop_token_ids
 
-__all__ = ["Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files", "source_sha256"]
+__all__ = ["DataConfig", "Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files", "source_sha256"]
 
 INPUT_RULES_VERSION = 2  # bump when tokenization or the trained-token mask changes (cache identity)
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -30,6 +30,25 @@ class Example:
     input_ids: np.ndarray   # [T] int32
     loss_mask: np.ndarray   # [T-1] bool: position i (predicting token i+1) is trained
     truncated: bool
+
+
+@dataclass
+class DataConfig:
+    path: str = "build/default/data/target_train.jsonl"  # file, glob, directory or saved dataset
+    split: str = "train"                 # split to read
+    text_field: str = "text"             # used when messages_field is empty
+    messages_field: str = ""             # chat data: list of {role, content, ...}; only assistant bodies are trained
+    tools_field: str = "tools"           # chat data: a column of tool definitions passed to the template (`tools=`), when present
+    max_length: int = 256                # longer sequences are truncated on the right (counted, reported)
+    max_examples: int = 0                # 0 = all; else the first N (quick runs)
+    on_bad_example: str = "refuse"       # refuse (stop, naming file + example) | skip (leave it out, id kept as a gap, counted)
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "data.path: empty")
+        require(self.on_bad_example in ("refuse", "skip"), f"data.on_bad_example: {self.on_bad_example!r} not in refuse|skip")
+        require(self.max_length >= 2, f"data.max_length: must be >= 2, got {self.max_length}")
+        require(self.max_examples >= 0, f"data.max_examples: must be >= 0, got {self.max_examples}")
+
 
 
 # --- finding and loading the source -------------------------------------------------------
@@ -141,7 +160,7 @@ def _text_example(text, tokenizer, where: str, report: InputReport) -> tuple[lis
 
 
 def _chat_example(messages, tokenizer, where: str, report: InputReport, tools=None) -> tuple[list[int], list[bool]]:
-    """The conversation's one rendering; trained = the assistant bodies (pipeline/chat_masks.py)."""
+    """The conversation's one rendering; trained = the assistant bodies (stages/chat_masks.py)."""
     try:
         ids, trained = assistant_body_mask(messages, tokenizer, _stops(tokenizer), tools=tools)
     except ChatMaskError as err:

@@ -17,12 +17,14 @@ from typing import Any, Sequence
 import torch
 from transformers import TrainerCallback, set_seed
 
-from pipeline.config import Config, load_config, save_config, to_dict
-from stages.student.adapters import MUTATES_BASE, check_live_teacher, make_student, render_adapted, save_initial_adapter
+import yaml
+
+from stages.settings import StageConfig, save_config, to_dict
+from stages.student.adapters import MUTATES_BASE, make_student, render_adapted, save_initial_adapter
 from stages.student.collator import CacheCollator, pad_token_id
-from stages.student.loss import CACHED_ESTIMATORS
+from stages.student.methods import build_penalty, check_variant, get_method
 from stages.student.reader import load_cache_dataset, open_cache
-from stages.student.weight_penalties import build_penalty
+from stages.student.settings import TrainConfig
 from storage_schemas.remote import local_cache_copy
 from stages.student.trainer import (
     CHECKPOINT_DIR, build_trainer, dataset_columns, last_checkpoint, train_and_save, use_bf16,
@@ -33,6 +35,7 @@ __all__ = ["run_train", "resume_point"]
 # Config keys that may change between a run and its resumption (they do not change what is learned
 # up to the checkpoint); any other difference is refused.
 _RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps"}
+_STAGE_SECTIONS = ("model", "data", "cache", "train")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -43,19 +46,29 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_same_config(config: Config, saved: Path) -> None:
+def _saved_config(saved: Path) -> dict[str, Any]:
+    """A run's saved config.yaml, flattened, over the defaults (a key the run predates had its
+    default). Only the stages' sections are compared, so no YAML schema beyond them is needed."""
+    raw = yaml.safe_load(saved.read_text()) or {}
+    if isinstance(raw.get("train"), dict):  # saved before the method registry: estimator, kl_weight
+        raw["train"] = {TrainConfig.RENAMED_KEYS.get(k, k): v for k, v in raw["train"].items()}
+    return {**_flat(to_dict(StageConfig())), **_flat({k: v for k, v in raw.items() if k in _STAGE_SECTIONS})}
+
+
+def _check_same_config(config: StageConfig, saved: Path) -> None:
     """Refuse to resume a run whose saved config differs in anything but _RESUMABLE_CHANGES."""
     if not saved.exists():
         return
-    before, now = _flat(to_dict(load_config(saved))), _flat(to_dict(config))
+    before = _saved_config(saved)
+    now = {k: v for k, v in _flat(to_dict(config)).items() if k.split('.')[0] in _STAGE_SECTIONS}
     changed = sorted(k for k in before.keys() | now.keys()
-                     if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith(("eval.", "sweep.", "approx.")))
+                     if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("eval."))
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume {saved.parent}: the config changed since the checkpoint ({details})")
 
 
-def resume_point(config: Config, resume: bool) -> Path | None:
+def resume_point(config: StageConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from, None to start fresh; refuses to overwrite an existing run."""
     run_dir = Path(config.train.output_dir)
     checkpoint = last_checkpoint(run_dir)
@@ -88,22 +101,29 @@ def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _summary(metrics: dict[str, Any], config: Config) -> str:
+def _regularizer(metrics: dict[str, Any], method: str) -> str:
+    """`KL 0.01234` or `penalty 0.01234`; a finished run from before the registry logged both as final_kl."""
+    key = get_method(method).log_key
+    value = metrics.get(f"final_{key}", metrics.get("final_kl"))
+    return f"{'KL' if key == 'kl' else key} {_num(value, '.5f')}"
+
+
+def _summary(metrics: dict[str, Any], config: StageConfig) -> str:
     train = config.train
     return "\n".join([
-        f"stage two done: estimator={train.estimator} kl_weight={train.kl_weight} "
+        f"stage two done: method={train.method} reg_weight={train.reg_weight} "
         f"lora={train.lora.variant} r={train.lora.rank}",
         f"  steps {metrics['steps']}, tokens {metrics['tokens']:,} "
         f"({metrics['tokens_per_s']:,.0f} tok/s over {metrics['wall_time_s']:.1f} s this session)",
         f"  CE {_num(metrics['ce_start'], '.4f')} (step 1) -> {_num(metrics['final_ce'], '.4f')} (last window), "
-        f"KL {_num(metrics['final_kl'], '.5f')} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
+        f"{_regularizer(metrics, train.method)} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
         f"  adapter: {metrics['adapter_dir']}  (PeftModel.from_pretrained(base_model, that_dir))",
         f"  adapted modules: {render_adapted(metrics['adapted_modules']) if 'adapted_modules' in metrics else 'n/a'}",
         f"  metrics: {Path(train.output_dir) / 'metrics.json'}",
     ])
 
 
-def finished_run_metrics(config: Config) -> dict | None:
+def finished_run_metrics(config: StageConfig) -> dict | None:
     """metrics.json of a run in train.output_dir that already reached its step budget, else None.
 
     Resuming such a run would otherwise let the Trainer take one step past the budget."""
@@ -116,10 +136,10 @@ def finished_run_metrics(config: Config) -> dict | None:
     return metrics if budget <= 0 or metrics.get("steps", 0) >= budget else None
 
 
-def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train one adapter on the cache in `config.cache.dir`; returns the metrics written to metrics.json."""
     train, run_dir = config.train, Path(config.train.output_dir)
-    check_live_teacher(train.estimator, train.lora.variant)  # before any expensive step
+    check_variant(train.method, train.lora.variant)  # before any expensive step
     if resume and (done := finished_run_metrics(config)) is not None:
         _check_same_config(config, run_dir / "config.yaml")
         print(f"{run_dir} already finished; nothing to train.\n" + _summary(done, config))
@@ -128,11 +148,11 @@ def run_train(config: Config, resume: bool = False, callbacks: Sequence[TrainerC
     cache_dir = local_cache_copy(config.cache.dir, config.cache.local_dir)  # s3://...: a local, verified mirror
     manifest = open_cache(cache_dir, config.model, allow_model_mismatch=train.allow_model_mismatch)
     dataset = load_cache_dataset(cache_dir, manifest, streaming=train.streaming,
-                                 columns=dataset_columns(train.estimator, manifest.settings.encoding))
+                                 columns=dataset_columns(train.method, manifest.settings.encoding))
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
     collator = CacheCollator(pad_token_id(config.model), manifest.settings.k,
-                             with_teacher=train.estimator in CACHED_ESTIMATORS, encoding=manifest.settings.encoding,
+                             with_teacher=get_method(train.method).reads_cache, encoding=manifest.settings.encoding,
                              use_k=train.k)
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
     model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32)

@@ -38,22 +38,11 @@ def build_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB):
 
 
 def build_tiny_llama(out_dir: Path, vocab_size: int, seed: int = 0, layers: int = 2) -> Path:
-    """Random-weight LlamaForCausalLM, float32, saved with safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Random-weight LlamaForCausalLM (hidden 128, 2 heads of 64), float32, saved with safetensors."""
+    from pipeline.bench.models import build_random_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3, torch_dtype="float32",
-    )
-    model = LlamaForCausalLM(config)
-    # Random init gives near-uniform outputs; widen the logits so top-k sets and tails are non-trivial.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return build_random_llama(out_dir, vocab_size=vocab_size, num_hidden_layers=layers, seed=seed,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=3, torch_dtype="float32")
 
 
 # A Qwen2.5-shaped chat tokenizer: ChatML turns, tool calls and tool results. Content is joined with

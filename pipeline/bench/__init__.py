@@ -22,7 +22,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.bench.fixtures import build_large_vocab_model, write_long_texts
+from pipeline.bench.reader import measure_reader
+from pipeline.bench.report import render_markdown
 from pipeline.bench.settings import FULL, QUICK, BenchSettings
+from pipeline.bench.stage_one import measure_stage_one
+from pipeline.bench.stage_two import measure_steps, tail_ratio_rows
+from stages.teacher.engine import read_model_config
 
 __all__ = ["run_bench", "BenchSettings", "FULL", "QUICK"]
 
@@ -59,12 +65,6 @@ def _scaling(demo: dict, large: dict, steps: dict, tails: dict, s: BenchSettings
 
 
 def _measure(s: BenchSettings, tmp: Path) -> dict:
-    from pipeline.bench.fixtures import build_large_vocab_model, write_long_texts
-    from pipeline.bench.reader import measure_reader
-    from pipeline.bench.stage_one import measure_stage_one
-    from pipeline.bench.stage_two import measure_steps, tail_ratio_rows
-    from stages.teacher.engine import read_model_config
-
     data = write_long_texts(s.data, tmp / "long.jsonl", count=s.sequences * s.length // min(s.lengths),
                             min_chars=8 * max(s.lengths))
     large_model = str(build_large_vocab_model(tmp / "large-model", s.model, s.large))
@@ -83,8 +83,6 @@ def _measure(s: BenchSettings, tmp: Path) -> dict:
 def run_bench(quick: bool = False, out_dir: str | Path = "runs/bench", settings: BenchSettings | None = None,
               command: str = "python -m pipeline bench") -> tuple[dict, Path]:
     """Run every section; write `<out_dir>/<UTC time>.json` and `.md`; return (result, json path)."""
-    from pipeline.bench.report import render_markdown
-
     s = settings or (QUICK if quick else FULL)
     stamp, load_before, start = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), _load(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mtcache-bench-") as tmp:

@@ -1,13 +1,15 @@
 """The bench's inputs, built on the fly: a random larger-vocabulary model and fixed-length text.
 
 The random model borrows the demo model's tokenizer (its output layer is wider than the tokenizer:
-allowed, DESIGN.md §3), so it runs through the real stage one (tokenize -> engine -> shards).
+allowed, docs/design.md §8), so it runs through the real stage one (tokenize -> engine -> shards).
 """
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+
+from pipeline.bench.models import build_random_llama
 
 __all__ = ["build_large_vocab_model", "write_long_texts"]
 
@@ -16,8 +18,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def build_large_vocab_model(out_dir: Path, tokenizer_from: str, shape) -> Path:
     """A random float32 Llama of `shape` (settings.LargeVocabShape) with `tokenizer_from`'s tokenizer."""
-    from stages.teacher.measure_throughput import build_random_llama
-
     hidden = shape.hidden_size
     build_random_llama(out_dir, vocab_size=shape.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads)

@@ -1,6 +1,6 @@
 """GPU benchmark of both stages against a plain forward / a CE-only LoRA step (issue 7, GPU part).
 
-    python -m pipeline.gpu_bench --out runs/bench/gpu            # on a CUDA machine
+    python -m pipeline gpu-bench --out runs/bench/gpu            # on a CUDA machine
     python ../shared/anchors/gpu_anchor.py                       # the reference figures, same call
 
 Models are random-weight, bf16, sdpa, with the two shapes the anchor script uses (a Qwen2.5-0.5B and a
@@ -31,6 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from stages.student.trainer import batch_loss
+from stages.teacher.hf_engine import HFEngine
+from stages.teacher.select import select_nontarget_topk_torch
+from stages.teacher.topk_kernel import LAUNCH_CONFIGS, topk_logsumexp, topk_logsumexp_reference, tuned_launch
 
 B, T, K = 8, 1024, 32
 SHAPES = {
@@ -80,9 +85,6 @@ def build_model(name: str, out_dir: Path):
 
 # --- stage one -----------------------------------------------------------------------------------
 def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
-    from stages.teacher.hf_engine import HFEngine
-    from stages.teacher.topk_kernel import LAUNCH_CONFIGS, topk_logsumexp, topk_logsumexp_reference, tuned_launch
-
     engine = HFEngine(str(model_dir), K, "bfloat16", max_length=T, batch_tokens=B * T, vocab_size=vocab, device="cuda")
     torch_engine = HFEngine(str(model_dir), K, "bfloat16", max_length=T, batch_tokens=B * T, vocab_size=vocab,
                             device="cuda", topk_kernel=False)
@@ -120,7 +122,7 @@ def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
         targets = ids[:, 1:].reshape(-1)
         row["head_ms"] = cuda_time_ms(lambda: model.get_output_embeddings()(hidden))
         row["head_topk_select_copy_ms"] = cuda_time_ms(lambda: engine._top_logprobs(hidden, targets))
-    del hidden
+    hidden = None  # freed before the kernel measurements (the lambdas above have run)
     # The kernel alone, on the model's own logits for 4096 positions.
     with torch.no_grad():
         logits = model(input_ids=ids[:4]).logits.reshape(-1, vocab).contiguous()
@@ -137,17 +139,12 @@ def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
     row["one_read_ms"] = cuda_time_ms(lambda: logits.amax(-1))
     row["logits_gib"] = logits.numel() * logits.element_size() / 2**30
     engine.close()
-    del engine, torch_engine, model, logits
-    torch.cuda.empty_cache()
-    return row
+    return row  # the models and logits are freed with this frame; main() empties the CUDA cache
 
 
 # --- stage two -----------------------------------------------------------------------------------
 def _cached_teacher(model, ids: torch.Tensor, vocab: int):
     """Stage one in-process: the k non-target ids and log-probs per position, and the target's."""
-    from stages.teacher.select import select_nontarget_topk_torch
-    from stages.teacher.topk_kernel import topk_logsumexp
-
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1].reshape(-1, vocab)
         targets = ids[:, 1:].reshape(-1)
@@ -160,8 +157,6 @@ def _cached_teacher(model, ids: torch.Tensor, vocab: int):
 def bench_stage_two(name: str, model_dir: Path, vocab: int, fused_available: bool) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from stages.student.trainer import batch_loss
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
     gen = torch.Generator().manual_seed(1)
@@ -204,15 +199,12 @@ def bench_stage_two(name: str, model_dir: Path, vocab: int, fused_available: boo
     for key in variants:
         row[f"{key}_over_ce"] = row[f"{key}_ms"] / row["ce_ms"]
         row[f"{key}_mem_over_ce"] = row[f"{key}_peak_gib"] / row["ce_peak_gib"]
-    del student, base, opt
-    torch.cuda.empty_cache()
-    return row
+    return row  # freed with this frame; main() empties the CUDA cache
 
 
 def fused_loss_available() -> bool:
     import inspect
 
-    from stages.student.trainer import batch_loss
     return "fused" in inspect.signature(batch_loss).parameters
 
 
@@ -251,9 +243,11 @@ def main(argv: list[str] | None = None) -> None:
             cfg = build_model(name, model_dir)
             if "one" in args.stages:
                 results["stage_one"].append(bench_stage_one(name, model_dir, cfg.vocab_size))
+                torch.cuda.empty_cache()
                 print(json.dumps(results["stage_one"][-1]), flush=True)
             if "two" in args.stages:
                 results["stage_two"].append(bench_stage_two(name, model_dir, cfg.vocab_size, fused))
+                torch.cuda.empty_cache()
                 print(json.dumps(results["stage_two"][-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=1))

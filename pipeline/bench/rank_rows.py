@@ -1,6 +1,6 @@
 """Which cache rows each DDP rank of stage two reads: a check of the data split, run like training.
 
-    torchrun --nproc_per_node 2 -m stages.scale_out.rank_rows --config C [section.key=value ...]
+    torchrun --nproc_per_node 2 -m pipeline rank-rows --config C [section.key=value ...]
 
 Stage two needs no code of its own for DDP: under torchrun/accelerate the HF Trainer's dataloader
 (accelerate's `prepare`) gives each rank a disjoint part of the cache. Map-style (default): one
@@ -24,30 +24,31 @@ from pipeline.config import Config, load_config
 from stages.student.adapters import make_student
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import build_trainer
+from storage_schemas import EXAMPLE_ID_COLUMN
 from storage_schemas.remote import local_cache_copy
 
 __all__ = ["rank_example_ids", "main"]
 
 
 def _ids_only(rows) -> dict[str, torch.Tensor]:
-    return {"example_id": torch.tensor([int(np.asarray(r["example_id"])) for r in rows])}
+    return {EXAMPLE_ID_COLUMN: torch.tensor([int(np.asarray(r[EXAMPLE_ID_COLUMN])) for r in rows])}
 
 
 def rank_example_ids(config: Config) -> tuple[int, list[int]]:
     """(this process's rank, the example ids its training dataloader yields in one epoch)."""
     cache_dir = local_cache_copy(config.cache.dir, config.cache.local_dir)
     manifest = open_cache(cache_dir, config.model, allow_model_mismatch=config.train.allow_model_mismatch)
-    dataset = load_cache_dataset(cache_dir, manifest, streaming=config.train.streaming, columns=["example_id"])
+    dataset = load_cache_dataset(cache_dir, manifest, streaming=config.train.streaming, columns=[EXAMPLE_ID_COLUMN])
     if config.train.streaming:
         dataset = dataset.shuffle(seed=config.train.seed, buffer_size=1024)  # as stages/train.py does
     model = make_student(config.model, config.train.lora, torch.float32)
     trainer = build_trainer(model, dataset, _ids_only, config, manifest.num_rows)
-    ids = [int(i) for batch in trainer.get_train_dataloader() for i in batch["example_id"]]
+    ids = [int(i) for batch in trainer.get_train_dataloader() for i in batch[EXAMPLE_ID_COLUMN]]
     return trainer.args.process_index, ids
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.scale_out.rank_rows", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Stage-one throughput with 1, 2, ... data-parallel workers on this machine (BENCHMARKS.md).
 
-    python -m stages.scale_out.measure_scaling --config configs/demo.yaml --workers 1 2 [section.key=value ...]
+    python -m pipeline bench-scaling --config configs/demo.yaml --workers 1 2 [section.key=value ...]
 
 For each N: a fresh cache, N `cache-teacher --num-workers N --worker-rank r` processes started at
 once (the real CLI path), each reporting its own teacher-pass tok/s (engine start excluded).
@@ -47,7 +47,7 @@ def measure(config: str, overrides: list[str], workers: int, root: Path) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.scale_out.measure_scaling", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("overrides", nargs="*")

@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.bench.settings import BenchSettings
 from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
+from stages.inputs import load_rows, tokenize_rows
 from stages.teacher.engine import open_engine
 
 __all__ = ["measure_stage_one"]
@@ -36,8 +37,6 @@ def _config(model: str, data: Path, cache_dir: Path, engine: str, k: int, length
 def _sequences(config) -> list:
     """The token ids stage one scores for `config` (the same tokenization as run_cache_teacher)."""
     from transformers import AutoTokenizer
-
-    from pipeline.data import load_rows, tokenize_rows
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     return [e.input_ids for e in tokenize_rows(load_rows(config.data), tokenizer, config.data)]

@@ -1,4 +1,4 @@
-"""Bench section (b) and the stage-two columns of (d), on `stages.student.measure_step`.
+"""Bench section (b) and the stage-two columns of (d), on `pipeline.bench.step`.
 
 (b): CE-only LoRA step (`none`) vs cached `tail` vs `live`, same synthetic batch: median step time
 (estimators interleaved in one process) and peak RSS (each estimator in a fresh process).
@@ -8,7 +8,7 @@ process per model, estimators interleaved).
 from __future__ import annotations
 
 from pipeline.bench.settings import BenchSettings
-from stages.student.measure_step import compare, measure_time
+from pipeline.bench.step import compare, measure_time
 
 __all__ = ["measure_steps", "tail_ratio_rows"]
 

@@ -1,9 +1,9 @@
 """Stage-two step cost: CE-only (`none`) vs cached `tail` vs `live` teacher, on the same batch.
 
-    python -m stages.student.measure_step                        # tiny random Llama, CPU
-    python -m stages.student.measure_step --vocab 32000 --batch 8 --seq 256
-    python -m stages.student.measure_step --model DIR --batch 8 --seq 1024 --k 32 --dtype bfloat16
-    python -m stages.student.measure_step --fused                # + rows none+fused, tail+fused
+    python -m pipeline bench-step                        # tiny random Llama, CPU
+    python -m pipeline bench-step --vocab 32000 --batch 8 --seq 256
+    python -m pipeline bench-step --model DIR --batch 8 --seq 1024 --k 32 --dtype bfloat16
+    python -m pipeline bench-step --fused                # + rows none+fused, tail+fused
 
 One optimizer step = forward (+ teacher forward for `live`) + loss + backward + AdamW on the LoRA
 weights. Times: the estimators interleaved step by step in one process, `--steps` rounds after
@@ -32,9 +32,10 @@ from typing import Sequence
 
 import torch
 
-from pipeline.config import LoraSettings
+from pipeline.bench.models import build_random_llama
 from stages.student.adapters import make_student
 from stages.student.loss import CachedTeacher
+from stages.student.settings import LoraSettings
 from stages.student.trainer import batch_loss
 
 __all__ = ["tiny_llama", "synthetic_batch", "measure_time", "measure_memory", "compare", "main"]
@@ -45,17 +46,8 @@ FUSED_ROWS = ("none+fused", "tail+fused")
 
 def tiny_llama(out_dir: Path, vocab: int, layers: int = 2, hidden: int = 128) -> Path:
     """A random-weight Llama (head_dim 64, float32) saved to `out_dir`, like the test fixture."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # non-trivial top-k sets and tails, as in the tests
-    model.save_pretrained(out_dir)
-    return out_dir
+    return build_random_llama(out_dir, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                              max_position_embeddings=4096)
 
 
 @torch.no_grad()

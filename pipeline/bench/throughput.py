@@ -1,12 +1,12 @@
 """Stage-one throughput: vLLM plain prefill vs the vLLM engine's score() (pooler and stock
 prompt_logprobs outputs) vs the hf engine's score().
 
-    python -m stages.teacher.measure_throughput                      # two random Llamas, built in a temp dir
-    python -m stages.teacher.measure_throughput --model-dir PATH --json out.json
+    python -m pipeline bench-teacher                      # two random Llamas, built in a temp dir
+    python -m pipeline bench-teacher --model-dir PATH --json out.json
 
 Scores `--sequences` random sequences of `--length` tokens with k non-target entries per position and
 reports tokens per second (best of `--repeats`, after one warm-up) and score / plain-prefill, the
-stage-one cost figure of DESIGN.md §4. Plain prefill runs on the same vLLM engine (max_tokens=1, no
+stage-one cost figure of BENCHMARKS.md. Plain prefill runs on the same vLLM engine (max_tokens=1, no
 prompt log-probs). The vLLM engine is closed before the hf engine runs so they never share cores.
 """
 from __future__ import annotations
@@ -19,30 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench.models import build_random_llama
 from stages.teacher.engine import open_engine
 
-__all__ = ["MODEL_SHAPES", "build_random_llama", "random_sequences", "measure", "main"]
+__all__ = ["MODEL_SHAPES", "random_sequences", "measure", "main"]
 
 # name -> LlamaConfig overrides; "tiny" is the test fixture's shape (its tokenizer has 392 tokens).
 MODEL_SHAPES = {
     "tiny": dict(vocab_size=392, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
     "mid": dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
 }
-
-
-def build_random_llama(out_dir: Path, seed: int = 0, **shape) -> Path:
-    """A random-weight float32 Llama (head_dim 64: vLLM's CPU attention rejects smaller) without a tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(head_dim=64, num_key_value_heads=shape["num_attention_heads"], max_position_embeddings=2048,
-                         tie_word_embeddings=False, **shape)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # as the test fixture: non-uniform outputs
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
 
 
 def random_sequences(n: int, length: int, vocab_size: int, seed: int = 0) -> list[np.ndarray]:
@@ -112,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="mtcache-measure-") as tmp:
         models = {args.model_dir: args.model_dir} if args.model_dir else {
-            name: str(build_random_llama(Path(tmp) / name, **shape)) for name, shape in MODEL_SHAPES.items()}
+            name: str(build_random_llama(Path(tmp) / name, max_position_embeddings=2048, **shape))
+            for name, shape in MODEL_SHAPES.items()}
         for name, model_dir in models.items():
             results[name] = measure(model_dir, args.sequences, args.length, args.k, args.repeats)
     print(f"{args.sequences} x {args.length} tokens, k={args.k}, best of {args.repeats} (tok/s)")

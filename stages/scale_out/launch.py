@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import shutil
 
-from pipeline.config import Config
-from stages.scale_out.workers import local_working_dir, resolve_worker, run_worker
+from stages.settings import StageConfig
+from stages.scale_out.parts import local_working_dir, resolve_worker
+from stages.scale_out.ray_launcher import run_with_ray
+from stages.scale_out.workers import run_worker
 from storage_schemas.remote import CacheStore
 
 __all__ = ["run_scaled_stage_one", "clear_cache"]
 
 
-def clear_cache(config: Config) -> None:
+def clear_cache(config: StageConfig) -> None:
     """--overwrite: empty the cache (and a remote cache's local working copy)."""
     store = CacheStore.open(config.cache.dir)
     store.fs.delete_dir_contents(store.root, missing_dir_ok=True)
@@ -22,12 +24,10 @@ def clear_cache(config: Config) -> None:
         shutil.rmtree(local_working_dir(config), ignore_errors=True)
 
 
-def run_scaled_stage_one(config: Config, launcher: str, num_workers: int | None, worker_rank: int | None,
+def run_scaled_stage_one(config: StageConfig, launcher: str, num_workers: int | None, worker_rank: int | None,
                          ray_address: str | None, overwrite: bool = False) -> str:
     """Run stage one as configured; returns the summary text."""
     if launcher == "ray":
-        from stages.scale_out.ray_launcher import run_with_ray
-
         if worker_rank is not None:
             raise ValueError("--worker-rank: the Ray launcher runs every worker itself; drop it")
         if overwrite:

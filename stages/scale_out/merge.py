@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 
-from stages.cache_teacher import _combined_token_hash
-from stages.scale_out.workers import ManifestPart, assigned_shards, parse_part_name, read_parts, WorkerSpec
+from stages.scale_out.parts import ManifestPart, WorkerSpec, assigned_shards, parse_part_name, read_parts
+from stages.teacher.stage_one import combined_token_hash
 from storage_schemas import MANIFEST_NAME, FingerprintMismatch, Manifest, ShardRecord
 from storage_schemas.remote import CacheStore
 
@@ -102,7 +102,7 @@ def merge_parts(cache: str) -> Manifest:
                         # deterministic, so two workers merging at once write the same bytes
                         created_at=min(p.created_at for p in parts.values()))
     manifest.complete = manifest.num_rows == manifest.dataset.num_examples
-    manifest.token_ids_sha256 = _combined_token_hash(manifest)
+    manifest.token_ids_sha256 = combined_token_hash(manifest)
     store.write_text(MANIFEST_NAME, manifest.to_json())
     return manifest
 

@@ -17,7 +17,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config
+from stages.scale_out.merge import merge_parts
+from stages.scale_out.parts import WorkerSpec
+from stages.scale_out.workers import run_worker
+from stages.settings import StageConfig
 from storage_schemas.remote import is_remote
 
 __all__ = ["run_with_ray", "RaySummary"]
@@ -41,7 +44,7 @@ class RaySummary:
         return "\n".join(lines)
 
 
-def _absolute(config: Config) -> Config:
+def _absolute(config: StageConfig) -> StageConfig:
     """Local paths made absolute: Ray workers do not start in the driver's directory."""
     def resolve(path: str) -> str:
         return path if not path or is_remote(path) else str(Path(path).resolve())
@@ -52,10 +55,8 @@ def _absolute(config: Config) -> Config:
     return dataclasses.replace(config, model=model, data=data, cache=cache)
 
 
-def _ray_worker(config: Config, rank: int, size: int):
+def _ray_worker(config: StageConfig, rank: int, size: int):
     """One worker, inside a Ray task; the driver merges once all have returned."""
-    from stages.scale_out.workers import WorkerSpec, run_worker
-
     return run_worker(config, WorkerSpec(rank, size, "ray"), merge=False)
 
 
@@ -73,11 +74,9 @@ def _connect(address: str | None):
     return ray
 
 
-def run_with_ray(config: Config, num_workers: int | None, address: str | None = None,
+def run_with_ray(config: StageConfig, num_workers: int | None, address: str | None = None,
                  max_retries: int = 3) -> RaySummary:
     """Run `num_workers` workers as Ray tasks (default: one per GPU in the cluster), then merge."""
-    from stages.scale_out.merge import merge_parts
-
     ray = _connect(address)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))

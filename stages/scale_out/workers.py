@@ -21,134 +21,36 @@ WORLD_SIZE). A remote cache (cache.dir = s3://...) is written through a local wo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, save_config
-from pipeline.data import Example, InputReport
-from stages.cache_teacher import _open_engine, _write_shards, load_examples, plan_manifest
+from stages.scale_out.merge import try_merge
+from stages.scale_out.parts import (
+    ManifestPart, WorkerSpec, assigned_shards, local_working_dir, part_name, read_parts,
+)
+from stages.settings import StageConfig, save_config
+from stages.teacher.stage_one import combined_token_hash, load_examples, open_teacher_engine, plan_manifest, write_shards
 from storage_schemas import MANIFEST_NAME, FingerprintMismatch, Manifest, shard_file_name
-from storage_schemas.remote import CacheStore, default_local_dir
+from storage_schemas.remote import CacheStore
 
-__all__ = ["WorkerSpec", "ManifestPart", "resolve_worker", "assigned_shards", "part_name", "parse_part_name",
-           "local_working_dir", "run_worker", "WorkerSummary", "PARTS_DIR"]
+__all__ = ["run_worker", "WorkerSummary"]
 
-PARTS_DIR = "parts"
-_PART_RE = re.compile(rf"^{PARTS_DIR}/worker-(\d{{5}})-of-(\d{{5}})\.json$")
 # torchrun's rendezvous variables: vLLM sets up its own torch.distributed group inside each worker
 # and must not see the launcher's.
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                   "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
-# --- who am I ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WorkerSpec:
-    rank: int
-    size: int
-    source: str = "flags"      # flags | slurm | torchrun | single
-
-    def __post_init__(self) -> None:
-        if self.size < 1 or not 0 <= self.rank < self.size:
-            raise ValueError(f"worker rank {self.rank} of {self.size} ({self.source}): need 0 <= rank < num_workers")
-
-
-def _from_env(env) -> tuple[int, int, str] | None:
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))  # --array=1-4 numbers tasks from 1
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]), "slurm"
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun"
-    return None
-
-
-def resolve_worker(num_workers: int | None = None, worker_rank: int | None = None, env=None) -> WorkerSpec:
-    """This process's worker rank and the worker count: flags first, then the launcher's variables."""
-    env = os.environ if env is None else env
-    found = _from_env(env)
-    if num_workers is None and worker_rank is None:
-        return WorkerSpec(*found) if found else WorkerSpec(0, 1, "single")
-    size = num_workers if num_workers is not None else (found[1] if found else None)
-    rank = worker_rank if worker_rank is not None else (found[0] if found and found[1] == size else None)
-    if size is None:
-        raise ValueError("--worker-rank needs --num-workers (or SLURM_ARRAY_TASK_COUNT / WORLD_SIZE)")
-    if rank is None:
-        raise ValueError(f"--num-workers {size}: which worker is this? pass --worker-rank, or run under a "
-                         "Slurm array or torchrun")
-    return WorkerSpec(rank, size, "flags")
-
-
-def assigned_shards(num_shards: int, worker: WorkerSpec) -> list[int]:
-    """Shard i belongs to worker i mod N: balanced, and independent of anything but i and N."""
-    return list(range(worker.rank, num_shards, worker.size))
-
-
-def part_name(rank: int, size: int) -> str:
-    return f"{PARTS_DIR}/worker-{rank:05d}-of-{size:05d}.json"
-
-
-def parse_part_name(name: str) -> tuple[int, int] | None:
-    """(rank, size) of a part object name, None for anything else (e.g. a temp object)."""
-    match = _PART_RE.match(name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def local_working_dir(config: Config) -> Path:
-    """Where shard files are written: the cache itself, or for a remote cache its local copy."""
-    store = CacheStore.open(config.cache.dir)
-    if not store.remote:
-        return Path(store.root)
-    return Path(config.cache.local_dir) if config.cache.local_dir else default_local_dir(config.cache.dir)
-
-
-# --- the manifest part ---------------------------------------------------------------------------
-@dataclass
-class ManifestPart(Manifest):
-    """One worker's manifest: the shards it wrote. `complete` = all of its assigned shards are in."""
-
-    worker_rank: int = 0
-    num_workers: int = 1
-    writer: str = ""           # host:pid of the process that last wrote this part (who to look for)
-
-    def attach(self, store: CacheStore, published: set[str]) -> "ManifestPart":
-        self._store, self._published = store, set(published)  # not dataclass fields: never serialized
-        return self
-
-    def save(self, cache_dir: str | os.PathLike) -> None:
-        """Publish new shards (remote caches), then the part: called by stage one after each shard."""
-        if self._store.remote:
-            for record in self.shards:
-                if record.file not in self._published:
-                    self._store.put_file(Path(cache_dir) / record.file, record.file)
-                    self._published.add(record.file)
-        self._store.write_text(part_name(self.worker_rank, self.num_workers), self.to_json())
-
-    @classmethod
-    def read(cls, store: CacheStore, name: str) -> "ManifestPart":
-        import json
-
-        try:
-            raw = json.loads(store.read_text(name))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{store.where(name)}: not valid JSON ({err})") from err
-        return cls.from_dict(raw, where=store.where(name))
-
-
-def read_parts(store: CacheStore) -> dict[str, ManifestPart]:
-    """Every manifest part in the cache, by object name."""
-    return {name: ManifestPart.read(store, name) for name in store.list(PARTS_DIR) if parse_part_name(name)}
-
-
 # --- opening a cache as worker r -----------------------------------------------------------------
 def _merged(store: CacheStore, planned: Manifest) -> Manifest | None:
-    """The complete manifest of this same cache if it already exists (nothing left to do), else None."""
+    """Several workers: the complete manifest of this same cache if it already exists (nothing left
+    to do), else None."""
     if not store.exists(MANIFEST_NAME):
         return None
-    import json
-
     existing = Manifest.from_dict(json.loads(store.read_text(MANIFEST_NAME)), where=store.where(MANIFEST_NAME))
     _same_origin(existing, planned, store.where(MANIFEST_NAME))
     if not existing.complete:
@@ -165,10 +67,20 @@ def _same_origin(existing: Manifest, planned: Manifest, where: str) -> None:
                                   "Use another cache.dir, or --overwrite to replace it.") from None
 
 
+def _existing_parts(store: CacheStore, worker: WorkerSpec) -> dict[str, ManifestPart]:
+    """Every part already in the cache (for one worker: its manifest.json, if any), by name."""
+    parts = read_parts(store)
+    if worker.size == 1 and store.exists(MANIFEST_NAME):
+        parts[MANIFEST_NAME] = ManifestPart.read(store, MANIFEST_NAME)
+    elif worker.size == 1 and not parts and any(n.rsplit("/", 1)[-1].startswith("shard-") for n in store.list("")):
+        raise FileExistsError(f"{store.uri}: holds shards but no manifest; use --overwrite to start over")
+    return parts
+
+
 def _open_part(store: CacheStore, planned: Manifest, worker: WorkerSpec) -> ManifestPart:
     """This worker's part (resumed if it exists), after checking every other part is compatible."""
     mine = part_name(worker.rank, worker.size)
-    for name, part in read_parts(store).items():
+    for name, part in _existing_parts(store, worker).items():
         if part.num_workers != worker.size:
             raise ValueError(f"{store.where(name)} was written by a run with {part.num_workers} workers, this run "
                              f"has {worker.size}: use --num-workers {part.num_workers}, or an empty cache.dir")
@@ -181,18 +93,20 @@ def _open_part(store: CacheStore, planned: Manifest, worker: WorkerSpec) -> Mani
 
 
 def _writer() -> str:
-    import socket
-
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _tokenized(config: Config) -> tuple[list[Example], InputReport]:
-    """The whole dataset, tokenized and checked (as run_cache_teacher does): shard boundaries and
-    the dataset fingerprint depend on every example, so each worker sees them all."""
-    return load_examples(config)
+def _clear_leftovers(local: Path, worker: WorkerSpec, shards: list[int]) -> None:
+    """A killed attempt's half-written files: this worker's shards' temp files, never another's;
+    one worker owns the whole directory, so every temp file there is its own."""
+    for index in shards:
+        (local / f"{shard_file_name(index)}.tmp").unlink(missing_ok=True)  # write_shard's temp name
+    if worker.size == 1:
+        for leftover in [*local.glob("*.tmp"), *local.glob("*.tmp-*")]:
+            leftover.unlink()
 
 
-def _pin_device(worker: WorkerSpec, config: Config) -> None:
+def _pin_device(worker: WorkerSpec, config: StageConfig) -> None:
     """Under torchrun: GPUs [LOCAL_RANK * g, (LOCAL_RANK + 1) * g) for a worker using g = tp * pp GPUs
     (unless CUDA_VISIBLE_DEVICES is set), and hide torchrun's variables from vLLM."""
     if worker.source != "torchrun":
@@ -232,41 +146,55 @@ class WorkerSummary:
         return "\n".join(lines)
 
 
-def run_worker(config: Config, worker: WorkerSpec, merge: bool = True) -> WorkerSummary:
-    """Score and write this worker's shards (resuming its part), then merge if every part is complete."""
-    from stages.scale_out.merge import try_merge
+def run_worker(config: StageConfig, worker: WorkerSpec, merge: bool = True, engine=None) -> WorkerSummary:
+    """Score and write this worker's shards (resuming its part), then merge if every part is complete.
 
+    One worker (a single-process run, `stages/cache_teacher.py`) is the same path with N = 1: its part
+    is manifest.json, and finishing it completes the cache. `engine`: an already open engine to use
+    (the caller closes it) instead of opening one from `config.cache`."""
     _pin_device(worker, config)
-    examples, report = _tokenized(config)
+    examples, report = load_examples(config)  # every worker sees all: shard bounds and fingerprints need them
     store, local = CacheStore.open(config.cache.dir), local_working_dir(config)
     planned = plan_manifest(config, len(examples), report)
-    num_shards = math.ceil(len(examples) / config.cache.rows_per_shard)
-    mine = assigned_shards(num_shards, worker)
-    if (done := _merged(store, planned)) is not None:
+    mine = assigned_shards(math.ceil(len(examples) / config.cache.rows_per_shard), worker)
+    if worker.size > 1 and (done := _merged(store, planned)) is not None:
         return WorkerSummary(worker.rank, worker.size, len(mine), 0, 0, 0.0, done, worker.source)
     part = _open_part(store, planned, worker)
     local.mkdir(parents=True, exist_ok=True)
-    for index in mine:  # this worker's half-written shards from a killed attempt; never another's
-        (local / f"{shard_file_name(index)}.tmp").unlink(missing_ok=True)  # write_shard's temp name
+    _clear_leftovers(local, worker, mine)
     if worker.rank == 0:
         _save_config(config, store, local)
     todo = [i for i in mine if part.shard(i) is None]
-    tokens, seconds = 0, 0.0
-    if todo:
-        local_config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, dir=str(local)))
-        engine = _open_engine(local_config)
-        try:
-            tokens, seconds = _write_shards(engine, local_config, examples, todo, part)
-        finally:
-            engine.close()
+    tokens, seconds = _score_todo(config, local, examples, todo, part, engine) if todo else (0, 0.0)
     part.complete = all(part.shard(i) is not None for i in mine)
     part.save(local)  # before looking at the others: of two workers finishing together, one sees both complete
-    merged = try_merge(store) if merge else None
+    merged = _finish_single(part, store) if worker.size == 1 else try_merge(store) if merge else None
     return WorkerSummary(worker.rank, worker.size, len(mine), len(todo), tokens, tokens / seconds if tokens else 0.0,
                          merged, worker.source)
 
 
-def _save_config(config: Config, store: CacheStore, local: Path) -> None:
+def _score_todo(config: StageConfig, local: Path, examples, todo: list[int], part: ManifestPart, engine) -> tuple[int, float]:
+    """write_shards into the local working directory, on `engine` or on one opened (and closed) here."""
+    local_config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, dir=str(local)))
+    if engine is not None:
+        return write_shards(engine, local_config, examples, todo, part)
+    engine = open_teacher_engine(local_config)
+    try:
+        return write_shards(engine, local_config, examples, todo, part)
+    finally:
+        engine.close()
+
+
+def _finish_single(part: ManifestPart, store: CacheStore) -> Manifest:
+    """One worker: its part becomes the cache's manifest, marked complete when every shard is in."""
+    manifest = Manifest(**{f.name: getattr(part, f.name) for f in dataclasses.fields(Manifest)})
+    manifest.complete = manifest.num_rows == manifest.dataset.num_examples
+    manifest.token_ids_sha256 = combined_token_hash(manifest)
+    store.write_text(MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def _save_config(config: StageConfig, store: CacheStore, local: Path) -> None:
     """config.yaml beside the shards, as a single-process run writes it (worker 0 only)."""
     save_config(config, local / "config.yaml")
     if store.remote:

@@ -8,19 +8,18 @@
         engine.close()
 
 Position i of a sequence of length T predicts token i+1, so each sequence yields T-1 positions
-(DESIGN.md §3). Per position an engine returns the k non-target tokens with the largest teacher
-probability, their full-vocabulary log-probs, and the target's own log-prob (DESIGN.md §2).
+(docs/design.md §7). Per position an engine returns the k non-target tokens with the largest teacher
+probability, their full-vocabulary log-probs, and the target's own log-prob (docs/design.md §3).
 Engines are imported lazily so that the hf engine works on machines without vLLM.
 """
 from __future__ import annotations
 
 import importlib
-import json
-import os
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from stages.teacher.scores import PositionScores, check_sequences, read_model_config
 
 __all__ = ["PositionScores", "TeacherEngine", "ENGINES", "DTYPES", "open_engine", "read_model_config",
            "check_sequences"]
@@ -32,15 +31,6 @@ ENGINES = {
     "hf": "stages.teacher.hf_engine:HFEngine",
 }
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass
-class PositionScores:
-    """Teacher scores for one sequence of length T (T-1 positions)."""
-
-    topk_ids: np.ndarray        # [T-1, k] int32, non-target ids, descending teacher probability
-    topk_logprobs: np.ndarray   # [T-1, k] float32, full-vocabulary log-softmax (not renormalized)
-    target_logprob: np.ndarray  # [T-1] float32, log p(token i+1) at position i
 
 
 class TeacherEngine(Protocol):
@@ -89,37 +79,3 @@ def open_engine(
     module_name, class_name = ENGINES[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(str(model_dir), k, dtype, max_length, batch_tokens, vocab_size=vocab_size, **engine_kwargs)
-
-
-def read_model_config(model_dir: str) -> dict:
-    """The text-model part of `model_dir/config.json`, with clear errors naming the path."""
-    path = os.path.join(str(model_dir), "config.json")
-    if not os.path.isdir(str(model_dir)):
-        raise FileNotFoundError(f"teacher model directory not found: {model_dir}")
-    try:
-        with open(path) as fh:
-            config = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the teacher model config {path}: {err}") from err
-    # Multimodal checkpoints nest the language model's config.
-    config = config.get("text_config", config)
-    if "vocab_size" not in config:
-        raise ValueError(f"teacher model config {path} has no vocab_size")
-    return config
-
-
-def check_sequences(sequences: list[np.ndarray], max_length: int, vocab_size: int) -> list[np.ndarray]:
-    """The sequences as 1-D int64 arrays; ValueError naming the first bad one."""
-    out = []
-    for i, seq in enumerate(sequences):
-        seq = np.asarray(seq)
-        if seq.ndim != 1 or seq.size == 0 or not np.issubdtype(seq.dtype, np.integer):
-            raise ValueError(f"sequence {i}: expected a non-empty 1-D integer array, got shape "
-                             f"{seq.shape} dtype {seq.dtype}")
-        if seq.size > max_length:
-            raise ValueError(f"sequence {i}: length {seq.size} exceeds max_length={max_length}")
-        if seq.min() < 0 or seq.max() >= vocab_size:
-            raise ValueError(f"sequence {i}: token ids must lie in [0, {vocab_size}), got "
-                             f"[{seq.min()}, {seq.max()}]")
-        out.append(seq.astype(np.int64, copy=False))
-    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.teacher.engine import PositionScores, check_sequences
+from stages.teacher.scores import PositionScores, check_sequences
 from stages.teacher.select import select_nontarget_topk_torch
 from stages.teacher.topk_kernel import kernel_available, topk_logsumexp
 

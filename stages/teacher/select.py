@@ -1,4 +1,4 @@
-"""Turn a teacher's top k+1 per position into the k largest NON-target entries (DESIGN.md §2).
+"""Turn a teacher's top k+1 per position into the k largest NON-target entries (docs/design.md §3).
 
     from stages.teacher.select import select_nontarget_topk
     ids, logprobs = select_nontarget_topk(top_ids, top_logprobs, targets, k)

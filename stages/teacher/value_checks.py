@@ -12,7 +12,7 @@ is reported, at its first failing position):
 1. every value finite (the target's and the k top-k log-probs);
 2. every log-prob <= LOGPROB_TOLERANCE (1e-6): a log-softmax is <= 0, and the engines compute it in
    float32 as x - max - log(sum) with sum >= 1, so only a foreign rounding could exceed 0 at all;
-3. no top-k id equal to the target token (the top-k holds non-target tokens only, DESIGN.md §2);
+3. no top-k id equal to the target token (the top-k holds non-target tokens only, docs/design.md §3);
 4. no id twice within a position;
 5. the k log-probs non-increasing (descending teacher probability; ties allowed);
 6. p(target) + sum of the k top-k probabilities <= 1 + MASS_TOLERANCE (1e-4): probabilities of

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from stages.teacher.engine import PositionScores, check_sequences, read_model_config
+from stages.teacher.scores import PositionScores, check_sequences, read_model_config
 from stages.teacher.select import select_nontarget_topk
 
 __all__ = ["VLLMEngine", "OUTPUTS", "llm_kwargs", "topk_from_prompt_logprobs", "topk_from_pooler"]

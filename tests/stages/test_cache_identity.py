@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import stages.cache_teacher as cache_teacher
+import stages.teacher.stage_one as stage_one
 from pipeline.config import load_config
-from pipeline.data import INPUT_RULES_VERSION
+from stages.inputs import INPUT_RULES_VERSION
 from stages.cache_teacher import run_cache_teacher
 from storage_schemas import FingerprintMismatch, Manifest
 
@@ -63,7 +63,7 @@ def test_resume_with_another_engine_is_refused_before_it_opens(half_cache, tiny_
     def refuse(*args, **kwargs):
         raise AssertionError("engine opened")
 
-    monkeypatch.setattr(cache_teacher, "_open_engine", refuse)  # no vLLM start: the refusal comes first
+    monkeypatch.setattr(stage_one, "open_engine", refuse)  # no vLLM start: the refusal comes first
     message = _refused(make_config(tiny_model_dir, tiny_jsonl, half_cache, "cache.engine=vllm"), half_cache, "engine.name")
     assert "engine.name differs: cache has 'hf', this run has 'vllm'" in message
 
@@ -97,7 +97,8 @@ def test_a_cache_from_before_the_input_rules_reads_as_version_1_and_is_not_resum
 
 def test_scale_out_workers_and_merge_refuse_mixed_dtypes(tiny_model_dir, tiny_jsonl, tmp_path):
     from stages.scale_out.merge import MergeError, merge_parts
-    from stages.scale_out.workers import WorkerSpec, run_worker
+    from stages.scale_out.parts import WorkerSpec
+    from stages.scale_out.workers import run_worker
 
     cache_dir = tmp_path / "cache"
     assert run_worker(make_config(tiny_model_dir, tiny_jsonl, cache_dir), WorkerSpec(0, 2)).shards_written_now == 2

@@ -10,7 +10,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.chat_masks import ChatMaskError, assistant_body_mask
+from stages.chat_masks import ChatMaskError, assistant_body_mask
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|eot_id|>", "<|end_of_text|>", "[INST]", "[/INST]", "<｜begin▁of▁sentence｜>", "<｜User｜>",

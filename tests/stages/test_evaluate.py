@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import load_config, save_config
-from stages.evaluate import config_for_run, run_eval
+from pipeline.config import config_for_run, load_config, save_config
+from stages.evaluate import run_eval
 
 
 def hand_metrics(model, tokenizer, texts, base=None):

@@ -6,12 +6,12 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-import stages.cache_teacher as cache_teacher
-import stages.scale_out.workers as workers
+import stages.teacher.stage_one as stage_one
 from pipeline.config import load_config
-from pipeline.fingerprints import model_vocab_size
+from storage_schemas.fingerprints import model_vocab_size
 from stages.cache_teacher import run_cache_teacher
-from stages.scale_out.workers import WorkerSpec, run_worker
+from stages.scale_out.parts import WorkerSpec
+from stages.scale_out.workers import run_worker
 
 ADDED = "<|tool_call|>"
 BAD_ROW = 30  # of 40; with 4 rows per shard, shards 0-6 would be written before it is reached
@@ -42,8 +42,7 @@ def no_engine(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("engine opened")
 
-    for module, name in [(cache_teacher, "open_engine"), (cache_teacher, "_open_engine"), (workers, "_open_engine")]:
-        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(stage_one, "open_engine", refuse)  # every path opens its engine through this name
 
 
 def _config(model, data, cache_dir):

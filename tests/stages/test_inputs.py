@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.config import DataConfig
-from pipeline.data import load_rows, tokenize_rows
+from stages.inputs import load_rows, tokenize_rows
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ def test_parallel_sizes_are_validated(key):
 @pytest.mark.vllm
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tensor_parallel_engine_scores_like_one_gpu(tiny_model_dir):
-    from stages.cache_teacher import _open_engine
+    from stages.teacher.stage_one import open_teacher_engine
 
     sequence = [np.arange(1, 40)]
     results = {}
     for tp in (1, 2):
         config = load_config(None, [f"model={tiny_model_dir}", f"cache.tensor_parallel_size={tp}", "cache.k=8", "data.max_length=48"])
-        engine = _open_engine(config)
+        engine = open_teacher_engine(config)
         try:
             assert engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == tp
             results[tp] = engine.score(sequence)[0]

@@ -16,7 +16,8 @@ from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
 from stages.scale_out.merge import MergeError, merge_parts
-from stages.scale_out.workers import WorkerSpec, assigned_shards, resolve_worker, run_worker
+from stages.scale_out.parts import WorkerSpec, assigned_shards, resolve_worker
+from stages.scale_out.workers import run_worker
 from storage_schemas import Manifest
 from storage_schemas.shard_io import file_sha256, verify_cache
 

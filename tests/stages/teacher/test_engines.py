@@ -1,4 +1,4 @@
-"""Teacher engines on the tiny real Llama: vLLM against a transformers forward (DESIGN.md §2, test 4).
+"""Teacher engines on the tiny real Llama: vLLM against a transformers forward (docs/design.md §5, test 4).
 
 vLLM starts its engine core and workers with `spawn`; under pytest that needs no setting (pytest's
 entry point is `__main__`-guarded, and the children unpickle only vLLM objects). One vLLM engine is
