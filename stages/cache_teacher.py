@@ -45,8 +45,10 @@ class CacheSummary:
             f"  examples {self.examples:,}   tokens {self.tokens:,}   trained positions {self.positions:,}   truncated {self.truncated:,}",
             *([f"  skipped examples {self.skipped:,} (data.on_bad_example=skip; ids in manifest.json dataset.skipped_examples)"
                f"   duplicated leading BOS dropped {self.leading_bos_dropped:,}"] if self.skipped or self.leading_bos_dropped else []),
-            f"  shards {self.shards} ({self.shards_written_now} written now)   {self.bytes / 2**20:.2f} MiB   {self.bytes_per_token:.1f} bytes/token",
-            f"  wall {self.wall_seconds:.1f} s (incl. engine start)   teacher pass {self.tokens_per_second:,.0f} tok/s (incl. top-k and writing)"
+            f"  shards {self.shards} ({self.shards_written_now} written now)   {self.bytes / 2**20:.2f} MiB   "
+            f"{self.bytes_per_token:.1f} bytes/token",
+            f"  wall {self.wall_seconds:.1f} s (incl. engine start)   teacher pass {self.tokens_per_second:,.0f} tok/s "
+            "(incl. top-k and writing)"
             if self.shards_written_now else "  already complete: nothing to compute",
         ])
 

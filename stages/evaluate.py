@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stages.inputs import DataConfig
+from stages.inputs import DataConfig, load_rows, tokenize_rows
 from stages.settings import StageConfig
-from stages.inputs import load_rows, tokenize_rows
 
 __all__ = ["run_eval", "score_texts", "eval_data_config"]
 
@@ -95,7 +94,8 @@ def _load(config: StageConfig, adapter_dir: Path | None):
 
 
 def _table(results: dict) -> str:
-    lines = [f"{'':10s} {'target loss':>12s} {'target ppl':>11s} {'target acc':>11s} {'source loss':>12s} {'source ppl':>11s} {'drift KL':>9s}"]
+    lines = [f"{'':10s} {'target loss':>12s} {'target ppl':>11s} {'target acc':>11s} "
+             f"{'source loss':>12s} {'source ppl':>11s} {'drift KL':>9s}"]
     for name, r in results.items():
         if name in ("base", "adapted"):
             drift = f"{r['source']['drift_kl']:9.4f}" if "drift_kl" in r["source"] else f"{'-':>9s}"

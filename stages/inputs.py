@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.checks import require
 from stages.chat_masks import ChatMaskError, StopSet, assistant_body_mask, stop_token_ids
+from stages.checks import require
 
 __all__ = ["DataConfig", "Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files", "source_sha256"]
 

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import TrainerCallback, set_seed
-
 import yaml
+from transformers import TrainerCallback, set_seed
 
 from stages.settings import StageConfig, save_config, to_dict
 from stages.student.adapters import MUTATES_BASE, make_student, render_adapted, save_initial_adapter
@@ -25,10 +24,15 @@ from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.methods import build_penalty, check_variant, get_method
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.settings import TrainConfig
-from storage_schemas.remote import local_cache_copy
 from stages.student.trainer import (
-    CHECKPOINT_DIR, build_trainer, dataset_columns, last_checkpoint, train_and_save, use_bf16,
+    CHECKPOINT_DIR,
+    build_trainer,
+    dataset_columns,
+    last_checkpoint,
+    train_and_save,
+    use_bf16,
 )
+from storage_schemas.remote import local_cache_copy
 
 __all__ = ["run_train", "resume_point"]
 

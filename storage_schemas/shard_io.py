@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage_schemas.cache_schema import (MASS_COLUMN, Encoding, encoding_of_schema, get_encoding, shard_file_name,
-                                          shard_schema)
+from storage_schemas.cache_schema import MASS_COLUMN, Encoding, encoding_of_schema, get_encoding, shard_file_name, shard_schema
 from storage_schemas.codecs import decode_teacher, encode_teacher
 from storage_schemas.manifest import Manifest, ShardRecord
 
-__all__ = ["ShardRow", "rows_to_table", "decode_table", "parquet_options", "write_shard", "read_shard", "file_sha256", "token_ids_sha256", "verify_cache"]
+__all__ = ["ShardRow", "rows_to_table", "decode_table", "parquet_options", "write_shard", "read_shard", "file_sha256",
+           "token_ids_sha256", "verify_cache"]
 
 
 @dataclass

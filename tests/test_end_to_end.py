@@ -62,9 +62,8 @@ def test_vllm_chat_with_tool_calls_stage_one_train_eval(tool_chat_model_dir, too
     """Chat data with a multi-turn tool-calling template on the default engine: stage one -> train ->
     eval. Stage one stores, and eval scores, exactly the assistant bodies' tokens, counted here by
     tokenizing each body as written from the rule (tests/tiny_models.py tool_chat_bodies)."""
-    from transformers import AutoTokenizer
-
     from tiny_models import tool_chat_bodies, tool_conversations
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tool_chat_model_dir)
     assistant_positions = sum(len(tok(body, add_special_tokens=False)["input_ids"])

@@ -37,7 +37,7 @@ def measure(config: str, overrides: list[str], workers: int, root: Path) -> dict
     outputs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - start
     if any(p.returncode for p in procs):
-        raise RuntimeError(f"a worker failed:\n" + "\n".join(outputs))
+        raise RuntimeError("a worker failed:\n" + "\n".join(outputs))
     found = [m for out in outputs for m in _LINE.finditer(out)]
     tokens = [_number(m.group(3)) for m in found]
     rates = [_number(m.group(4)) for m in found]

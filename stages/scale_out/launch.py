@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import shutil
 
-from stages.settings import StageConfig
 from stages.scale_out.parts import local_working_dir, resolve_worker
 from stages.scale_out.ray_launcher import run_with_ray
 from stages.scale_out.workers import run_worker
+from stages.settings import StageConfig
 from storage_schemas.remote import CacheStore
 
 __all__ = ["run_scaled_stage_one", "clear_cache"]

@@ -30,7 +30,12 @@ from pathlib import Path
 
 from stages.scale_out.merge import try_merge
 from stages.scale_out.parts import (
-    ManifestPart, WorkerSpec, assigned_shards, local_working_dir, part_name, read_parts,
+    ManifestPart,
+    WorkerSpec,
+    assigned_shards,
+    local_working_dir,
+    part_name,
+    read_parts,
 )
 from stages.settings import StageConfig, save_config
 from stages.teacher.stage_one import combined_token_hash, load_examples, open_teacher_engine, plan_manifest, write_shards

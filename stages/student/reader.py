@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Sequence
 
 from storage_schemas import FingerprintMismatch, Manifest, get_encoding, shard_columns
-from storage_schemas.shard_io import verify_cache
 from storage_schemas.fingerprints import teacher_fingerprint, tokenizer_fingerprint
+from storage_schemas.shard_io import verify_cache
 
 __all__ = ["open_cache", "load_cache_dataset", "check_tokenizer", "check_teacher", "SUPPORTED_SELECTIONS"]
 

@@ -53,13 +53,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from stages.settings import StageConfig, save_config
-from stages.student.settings import TrainConfig
 from stages.student.adapters import adapted_modules, save_adapter
 from stages.student.collator import IGNORE_INDEX
 from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
 from stages.student.lm_head import final_hidden_state, output_head
 from stages.student.loss import CachedTeacher, LossParts, regularized_loss
 from stages.student.methods import Method, check_variant, get_method
+from stages.student.settings import TrainConfig
 from stages.student.weight_penalties import WeightPenalty
 from storage_schemas import SEQUENCE_COLUMNS, Manifest, teacher_columns
 

@@ -43,8 +43,9 @@ OUTPUTS = ("pooler", "prompt_logprobs")
 class VLLMEngine:
     """One `vllm.LLM`, scoring many sequences per `generate` call. See `open_engine` for arguments.
 
-    Extra keyword arguments: `output` ("pooler" or "prompt_logprobs", see the module docstring), `kv_cache_gib` (CPU only, KV-cache size, default 1 GiB, overridden by an
-    already-set VLLM_CPU_KVCACHE_SPACE), `gpu_memory_utilization` (CUDA only), and anything else is
+    Extra keyword arguments: `output` ("pooler" or "prompt_logprobs", see the module docstring),
+    `kv_cache_gib` (CPU only, KV-cache size, default 1 GiB, overridden by an already-set
+    VLLM_CPU_KVCACHE_SPACE), `gpu_memory_utilization` (CUDA only), and anything else is
     passed to `vllm.LLM` as is.
     """
 

@@ -50,7 +50,8 @@ def test_cli_reports_a_bad_override_without_a_traceback():
     assert "cache.kk" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["build-default", "cache-teacher", "merge-manifest", "verify", "inspect", "train", "eval", "sweep", "approx-study", "demo"])
+@pytest.mark.parametrize("command", ["build-default", "cache-teacher", "merge-manifest", "verify", "inspect", "train", "eval",
+                                     "sweep", "approx-study", "demo"])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage" in result.stdout

@@ -9,8 +9,8 @@ import pytest
 
 import stages.teacher.stage_one as stage_one
 from pipeline.config import load_config
-from stages.inputs import INPUT_RULES_VERSION
 from stages.cache_teacher import run_cache_teacher
+from stages.inputs import INPUT_RULES_VERSION
 from storage_schemas import FingerprintMismatch, Manifest
 
 OLD_CACHE = Path(__file__).parents[1] / "storage_schemas" / "data" / "v1-topk_f32"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tiny_models import build_tiny_llama
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
@@ -19,7 +20,6 @@ from stages.cache_teacher import run_cache_teacher
 from stages.teacher.engine import open_engine
 from storage_schemas import FingerprintMismatch, Manifest
 from storage_schemas.shard_io import verify_cache
-from tiny_models import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,9 @@ def test_verify_names_a_damaged_shard(hf_cache, tmp_path, damage, capsys):
     shutil.copytree(hf_cache[0], cache_dir)
     shard = cache_dir / "shard-00002.parquet"
     if damage == "flip":
-        data = bytearray(shard.read_bytes()); data[len(data) // 2] ^= 0xFF; shard.write_bytes(bytes(data))
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
     elif damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-100])
     else:

@@ -6,13 +6,13 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+from tiny_models import tool_chat_bodies, tool_conversations
 from tokenizers import processors
 from transformers import AutoTokenizer
 
 from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
 from storage_schemas import Manifest
-from tiny_models import tool_chat_bodies, tool_conversations
 
 
 def stage_one(model_dir, data_path, cache_dir, *extra):

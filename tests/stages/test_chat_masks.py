@@ -246,7 +246,8 @@ def test_no_separator_and_no_next_turn_is_trained(base_tokenizer_dir, tmp_path):
     ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "ShareGPT keys from/value"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 0}], "every assistant turn has weight 0"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 0.5}], "weight must be 0"),
-    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}], r"no assistant turn to train on \(roles: \['user', 'bot'\]\)"),
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}],
+     r"no assistant turn to train on \(roles: \['user', 'bot'\]\)"),
 ])
 def test_bad_conversations_are_refused_with_the_reason(messages, reason, base_tokenizer_dir, tmp_path):
     template, bos, eos, gen, _, _ = CASES["chatml-qwen2.5"]
@@ -266,7 +267,8 @@ def test_template_that_rewrites_content_is_refused(base_tokenizer_dir, tmp_path)
 def test_generation_mask_that_disagrees_is_refused(base_tokenizer_dir, tmp_path):
     """A {% generation %} block around the user turn instead: the template's mask is checked, not trusted."""
     template = GENERATION_BLOCK.replace("{% generation %}", "").replace("{% endgeneration %}", "").replace(
-        "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}", "{% else %}<|im_start|>{{ m.role }}\n{% generation %}{{ m.content }}{% endgeneration %}")
+        "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}",
+        "{% else %}<|im_start|>{{ m.role }}\n{% generation %}{{ m.content }}{% endgeneration %}")
     tok = family_tokenizer(base_tokenizer_dir, tmp_path, template, None, "<|endoftext|>", [])
     with pytest.raises(ChatMaskError, match="generation"):
         assistant_body_mask([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tok)

@@ -8,10 +8,10 @@ from transformers import AutoTokenizer
 
 import stages.teacher.stage_one as stage_one
 from pipeline.config import load_config
-from storage_schemas.fingerprints import model_vocab_size
 from stages.cache_teacher import run_cache_teacher
 from stages.scale_out.parts import WorkerSpec
 from stages.scale_out.workers import run_worker
+from storage_schemas.fingerprints import model_vocab_size
 
 ADDED = "<|tool_call|>"
 BAD_ROW = 30  # of 40; with 4 rows per shard, shards 0-6 would be written before it is reached

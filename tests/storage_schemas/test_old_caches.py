@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stages.student.collator import CacheCollator
 from storage_schemas import Manifest
 from storage_schemas.shard_io import decode_table, read_shard, verify_cache
-from stages.student.collator import CacheCollator
 
 DATA = Path(__file__).parent / "data"
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_workers import assert_same_cache, config_args
 
 from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
-from test_workers import assert_same_cache, config_args
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from storage_schemas.fingerprints import teacher_fingerprint, tokenizer_fingerprint
 from storage_schemas import CacheSettings, DatasetFingerprint, EngineInfo, Manifest
+from storage_schemas.fingerprints import teacher_fingerprint, tokenizer_fingerprint
 from storage_schemas.shard_io import ShardRow, rows_to_table, write_shard
 
 MAX_TOKENS = 40

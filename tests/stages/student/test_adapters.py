@@ -6,7 +6,12 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import LoraSettings
 from stages.student.adapters import (
-    adapter_state, base_state, lora_config, make_student, save_adapter, save_initial_adapter,
+    adapter_state,
+    base_state,
+    lora_config,
+    make_student,
+    save_adapter,
+    save_initial_adapter,
 )
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CachedTeacher, cached_kl, live_masked_kl
@@ -20,7 +25,8 @@ VARIANTS = ["lora", "rslora", "dora", "pissa", "olora"]
 def cache_batch(cache_dir, model_dir, rows: int = 8) -> dict:
     manifest = open_cache(cache_dir, model_dir, verify=False)
     dataset = load_cache_dataset(cache_dir, manifest)
-    return CacheCollator(pad_token_id(model_dir), manifest.settings.k, encoding=manifest.settings.encoding)([dataset[i] for i in range(rows)])
+    return CacheCollator(pad_token_id(model_dir), manifest.settings.k,
+                         encoding=manifest.settings.encoding)([dataset[i] for i in range(rows)])
 
 
 def student(model_dir, variant: str = "lora", seed: int = 0) -> PeftModel:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_configs import make_config
 from safetensors.torch import load_file
 
 from pipeline.config import save_config
-from run_configs import make_config
 from stages.train import run_train
 
 REPO = Path(__file__).resolve().parents[3]

@@ -56,7 +56,8 @@ def test_tail_with_full_vocabulary_equals_live_value_and_gradient(logits):
     s2 = student.clone().requires_grad_(True)
     cached, live = cached_kl(s1, targets, cache, "tail"), live_masked_kl(s2, teacher, targets)
     torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)
-    cached.sum().backward(); live.sum().backward()
+    cached.sum().backward()
+    live.sum().backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-6)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage_schemas import FingerprintMismatch, Manifest, shard_file_name
 from stages.student.reader import load_cache_dataset, open_cache
+from storage_schemas import FingerprintMismatch, Manifest, shard_file_name
 
 
 @pytest.fixture

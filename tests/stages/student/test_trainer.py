@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from run_configs import make_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -20,7 +21,6 @@ from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import batch_loss, last_checkpoint
 from stages.train import run_train
-from run_configs import make_config
 from storage_schemas import Manifest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -46,7 +46,8 @@ class Capture(TrainerCallback):
 def mean_ce(model, cache_dir, model_dir, rows: int = 16) -> float:
     manifest = open_cache(cache_dir, model_dir, verify=False)
     dataset = load_cache_dataset(cache_dir, manifest)
-    batch = CacheCollator(pad_token_id(model_dir), manifest.settings.k, encoding=manifest.settings.encoding)([dataset[i] for i in range(rows)])
+    batch = CacheCollator(pad_token_id(model_dir), manifest.settings.k,
+                         encoding=manifest.settings.encoding)([dataset[i] for i in range(rows)])
     return batch_loss(model.eval(), batch, "none", 0.0).ce.item()
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-
+from run_configs import make_config
 from transformers import TrainerCallback
 
 from pipeline.config import LoraSettings, TrainConfig
@@ -11,7 +11,6 @@ from stages.student.adapters import make_student
 from stages.student.methods import build_penalty
 from stages.student.weight_penalties import WeightPenalty, empirical_fisher, fisher_examples
 from stages.train import run_train
-from run_configs import make_config
 
 
 class Capture(TrainerCallback):

@@ -6,7 +6,12 @@ import pytest
 
 from stages.teacher.shard_writer import ShardWriter
 from storage_schemas import (
-    CacheSettings, DatasetFingerprint, EngineInfo, Manifest, TeacherFingerprint, TokenizerFingerprint,
+    CacheSettings,
+    DatasetFingerprint,
+    EngineInfo,
+    Manifest,
+    TeacherFingerprint,
+    TokenizerFingerprint,
 )
 from storage_schemas.shard_io import ShardRow, rows_to_table, verify_cache
 
