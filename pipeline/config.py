@@ -178,11 +178,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: top level must be a mapping")
         raw = _renamed_tree(Config, raw, "", str(path))
+    given: dict[str, str] = {}  # renamed key -> the key as written, so old + new names cannot both be set
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected section.key=value")
         key, text_value = item.split("=", 1)
         dotted, section = _renamed_dotted(key.strip(), f"override {item!r}")
+        if given.setdefault(dotted, key.strip()) != key.strip():
+            raise ValueError(f"overrides {given[dotted]!r} and {key.strip()!r} set the same key {dotted!r}: give it once")
         _set_dotted(raw, dotted, _renamed_tree(section, yaml.safe_load(text_value), dotted + ".", f"override {item!r}"))
     return _build(Config, raw, "")
 

@@ -106,7 +106,7 @@ def _table(results: dict) -> str:
                  "(a chat set: its assistant bodies; a text set: every token)")
     if "forgetting" in results:
         f = results["forgetting"]
-        lines.append(f"forgetting: source loss +{f['source_loss_increase']:.4f} nats (ppl x{f['source_ppl_ratio']:.3f}); "
+        lines.append(f"forgetting: source loss {f['source_loss_increase']:+.4f} nats (ppl x{f['source_ppl_ratio']:.3f}); "
                      f"learning: target loss {f['target_loss_change']:+.4f} nats")
     return "\n".join(lines)
 

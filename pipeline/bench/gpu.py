@@ -14,7 +14,7 @@ stage one   plain      `model(ids).logits` (the floor: what any stage one must a
             naive      the anchor's fp32 log_softmax + topk(k+1) + copy over the whole batch
             kernel     `topk_logsumexp` alone on [4096, V] bf16 logits, per launch configuration,
                        vs torch.topk(k+1) + logsumexp and vs one read of the logits (amax)
-stage two   ce         one optimizer step with `batch_loss(estimator="none")` (CE only)
+stage two   ce         one optimizer step with `batch_loss(method="none")` (CE only)
             tail       the same with the cached masked KL (`tail`), teacher arrays on the device
             fused_*    the same with the fused, chunked head + loss (train.fused_loss), if present
             live       the exact masked KL with the teacher computed in the step

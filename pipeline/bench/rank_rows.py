@@ -49,8 +49,8 @@ def rank_example_ids(config: Config) -> tuple[int, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. cache.k=64")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     rank, ids = rank_example_ids(config)

@@ -48,9 +48,9 @@ def measure(config: str, overrides: list[str], workers: int, root: Path) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. cache.k=64")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mtcache-scaling-") as tmp:

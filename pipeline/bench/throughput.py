@@ -87,7 +87,7 @@ def measure(model_dir: str, num_sequences: int = 64, length: int = 256, k: int =
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", help="measure this model instead of building the random ones")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--length", type=int, default=256)

@@ -79,3 +79,8 @@ def test_an_old_yaml_loads_under_the_new_names(tmp_path):
     path.write_text("train:\n  estimator: live\n  method: tail\n")
     with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"'train.method' given twice, also as 'train.estimator'"):
         load_config(path)
+
+
+def test_an_old_and_a_new_key_together_on_the_command_line_are_refused():
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"'train.method' and 'train.estimator' set the same key"):
+        load_config(None, ["train.method=topk", "train.estimator=tail"])
