@@ -38,7 +38,8 @@ __all__ = ["run_train", "resume_point"]
 
 # Config keys that may change between a run and its resumption (they do not change what is learned
 # up to the checkpoint); any other difference is refused.
-_RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps"}
+_RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps",
+                      "train.fused_loss", "train.fused_chunk_size"}  # the same loss and gradients, fused or not
 _STAGE_SECTIONS = ("model", "data", "cache", "train")
 
 
@@ -112,6 +113,12 @@ def _regularizer(metrics: dict[str, Any], method: str) -> str:
     return f"{'KL' if key == 'kl' else key} {_num(value, '.5f')}"
 
 
+def _fused(metrics: dict[str, Any]) -> str:
+    if "fused_loss" not in metrics:  # a run finished before the fused loss was recorded
+        return "n/a"
+    return "on (no [B, T, V] logits)" if metrics["fused_loss"] else f"off ({metrics.get('fused_loss_reason') or 'not asked'})"
+
+
 def _summary(metrics: dict[str, Any], config: StageConfig) -> str:
     train = config.train
     return "\n".join([
@@ -123,6 +130,7 @@ def _summary(metrics: dict[str, Any], config: StageConfig) -> str:
         f"{_regularizer(metrics, train.method)} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
         f"  adapter: {metrics['adapter_dir']}  (PeftModel.from_pretrained(base_model, that_dir))",
         f"  adapted modules: {render_adapted(metrics['adapted_modules']) if 'adapted_modules' in metrics else 'n/a'}",
+        f"  fused loss: {_fused(metrics)}",
         f"  metrics: {Path(train.output_dir) / 'metrics.json'}",
     ])
 

@@ -49,7 +49,9 @@ class TrainConfig:
     logging_steps: int = 5
     bf16: str = "auto"                   # auto (bf16 on CUDA) | true | false
     streaming: bool = False              # stream shards instead of memory-mapping (huge/remote caches)
-    fused_loss: bool = False             # chunked lm_head + loss from the last hidden state: no [B, T, V] logits (not live)
+    # auto: chunked lm_head + loss from the last hidden state (no [B, T, V] logits) wherever it applies,
+    # else unfused, the reason in the run summary; true: fused or an error; false: never fused
+    fused_loss: str | bool = "auto"
     fused_chunk_size: int = 0            # fused_loss rows per chunk; 0 = auto (one fp32 [rows, V] buffer <= 1 GiB)
     allow_model_mismatch: bool = False   # train on a cache made by other weights (never other tokenizer)
     # lalora only (stages/student/weight_penalties.py): diagonal Fisher from SOURCE (retention) text
@@ -78,7 +80,10 @@ class TrainConfig:
         require(self.save_steps >= 1 and self.logging_steps >= 1, "train.save_steps and train.logging_steps must be >= 1")
         require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         require(self.bf16 in ("auto", "true", "false"), f"train.bf16: {self.bf16!r} not in auto|true|false")
-        require(not self.fused_loss or method.supports_fused,
+        if isinstance(self.fused_loss, bool):  # YAML true/false, and configs saved before `auto`
+            self.fused_loss = "true" if self.fused_loss else "false"
+        require(self.fused_loss in ("auto", "true", "false"), f"train.fused_loss: {self.fused_loss!r} not in auto|true|false")
+        require(self.fused_loss != "true" or method.supports_fused,
                 f"train.fused_loss: not supported with method {self.method!r} (the chunked loss computes CE and a "
                 "cached estimator from the last hidden state; this method's regularizer needs the full logits)")
         require(self.fused_chunk_size >= 0, f"train.fused_chunk_size: must be >= 0, got {self.fused_chunk_size}")

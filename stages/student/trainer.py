@@ -23,7 +23,8 @@ not divide by the accumulation steps again: the summed micro-batch gradients equ
 gradient exactly. Under DDP the loss is multiplied by the process count (as the stock
 `compute_loss` does) because DDP averages gradients while the count is global.
 
-Fused loss (`train.fused_loss=true`; methods with `supports_fused`, all but `live`): the model runs with logits for no
+Fused loss (`train.fused_loss=auto`, the default: wherever it applies, `resolve_fused_loss`; methods
+with `supports_fused`, all but `live`, and plain linear output heads): the model runs with logits for no
 position (stages/student/lm_head.py), and CE + KL come from the last hidden state at the labelled
 positions and the lm_head weight in row chunks (stages/student/fused_loss.py): the same loss and
 gradients without the [B, T, V] logits and their float32 copies.
@@ -369,8 +370,30 @@ def train_and_save(trainer: CacheTrainer, config: StageConfig, manifest: Manifes
     metrics = run_metrics(trainer, time.time() - start, resume_from)
     metrics["adapter_dir"] = str(Path(config.train.output_dir) / "adapter")
     metrics["adapted_modules"] = adapted_modules(trainer.model)  # leaf name -> count: what train.lora.target_modules matched
+    metrics["fused_loss"] = trainer.fused_loss
+    metrics["fused_loss_reason"] = getattr(trainer, "fused_loss_reason", "")
     write_run_files(trainer, config, manifest, metrics, initial_adapter)
     return metrics
+
+
+def resolve_fused_loss(setting: str, method: str, peft_model: torch.nn.Module) -> tuple[bool, str]:
+    """(run the fused loss?, why not) for `train.fused_loss` = auto | true | false. `auto` runs it
+    wherever it applies; where it cannot (a method that needs the full logits, e.g. `live`; an output
+    head with a softcap or scale, or not a plain Linear) it falls back, and the reason is returned.
+    `true` raises ValueError there instead."""
+    if setting == "false":
+        return False, "train.fused_loss=false"
+    if not get_method(method).supports_fused:
+        if setting == "true":
+            raise ValueError(f"train.fused_loss: not supported with method {method!r} (its regularizer needs full logits)")
+        return False, f"method {method!r} needs the full [B, T, V] logits"
+    try:
+        output_head(peft_model)
+    except ValueError as err:
+        if setting == "true":
+            raise
+        return False, str(err).removeprefix("train.fused_loss: ").split("; set train.fused_loss")[0]
+    return True, ""
 
 
 def build_trainer(model, dataset, collator, config: StageConfig, num_rows: int,
@@ -378,10 +401,13 @@ def build_trainer(model, dataset, collator, config: StageConfig, num_rows: int,
     """The `CacheTrainer` for this config, with the CSV log and last-step logging callbacks."""
     train, run_dir = config.train, Path(config.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return CacheTrainer(
+    fused, why_not = resolve_fused_loss(train.fused_loss, train.method, model)
+    trainer = CacheTrainer(
         model=model, args=training_arguments(train, run_dir, num_rows, streaming=train.streaming),
         train_dataset=dataset, data_collator=collator,
         callbacks=[CsvLogCallback(run_dir / "log.csv"), LogLastStepCallback(), *callbacks],
         method=train.method, reg_weight=train.reg_weight, variant=train.lora.variant,
-        fused_loss=train.fused_loss, fused_chunk_size=train.fused_chunk_size,
+        fused_loss=fused, fused_chunk_size=train.fused_chunk_size,
     )
+    trainer.fused_loss_reason = why_not  # "" when fused; the run summary and metrics.json say why not
+    return trainer
