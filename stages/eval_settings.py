@@ -18,6 +18,10 @@ class EvalConfig:
     max_length: int = 256                # sequences are truncated to this many tokens
     max_examples: int = 300              # per set; 0 = all
     batch_size: int = 8
+    # true: log-probs, accuracy and drift from the last hidden state, the head applied in row chunks
+    # within 256 MiB (stages/evaluate.py), so memory does not grow with batch x length x vocabulary;
+    # false: from full [B, T, V] logits (the reference path, kept to measure against).
+    chunked: bool = True
 
     def __post_init__(self) -> None:
         if self.text_field:

@@ -9,12 +9,21 @@ positions stage one would train), a text set on every token.
 Forgetting = the same on retention data (`eval.source_path`) relative to the base model, plus
 output drift = mean KL(base || adapted) over the full vocabulary at every retention position.
 Writes `eval.json` into the run directory and prints a table.
+
+Memory (`eval.chunked: true`, the default): the model is called with no logits projected
+(`stages.student.lm_head.final_hidden_state`, the fused loss's machinery) and the output head is
+applied to the scored rows in chunks, so no [B, T, V] tensor exists: all [rows, V] float32 buffers
+alive at once (adapted log-probs, base logits, base log-probs) stay within EVAL_CHUNK_BYTES
+(256 MiB), whatever B x T. A head with a transform after hidden @ W.T (softcap, logit scale) or a
+LoRA-wrapped lm_head cannot be split that way: eval then scores from full logits, saying so once.
+`eval.chunked: false` forces the full-logits path (kept to measure against, `make bench`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -23,8 +32,13 @@ from tqdm.auto import tqdm
 
 from stages.inputs import DataConfig, load_rows, tokenize_rows
 from stages.settings import StageConfig
+from stages.student.lm_head import final_hidden_state, output_head
 
-__all__ = ["run_eval", "score_texts", "eval_data_config"]
+__all__ = ["run_eval", "score_texts", "eval_data_config", "eval_chunk_rows", "EVAL_CHUNK_BYTES"]
+
+EVAL_CHUNK_BYTES = 256 * 2**20  # all [rows, V] float32 buffers of one chunk together
+_CHUNK_BUFFERS = 3              # alive at once at the peak: adapted log-probs, base logits, base log-probs
+_said: set[str] = set()
 
 
 def eval_data_config(path: str, config: StageConfig) -> DataConfig:
@@ -61,23 +75,95 @@ def _batches(path: str, tokenizer, config: StageConfig) -> list[tuple[torch.Tens
     return out
 
 
-@torch.no_grad()
-def score_texts(model, batches, with_drift: bool = False) -> dict[str, float]:
-    """Mean NLL, perplexity and accuracy over the scored positions (`tokens` counts them); with a
-    PeftModel and `with_drift`, also the mean KL(base || adapted) per scored position (base = the
-    same model with its adapter disabled)."""
-    nll = correct = count = drift = 0.0
-    for ids, mask, scored in tqdm(batches, desc="eval", leave=False, unit="batch"):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        keep = scored.bool()
-        logp, targets = F.log_softmax(logits[keep], -1), ids[:, 1:][keep]
-        nll -= logp.gather(-1, targets[:, None]).sum().item()
-        correct += (logp.argmax(-1) == targets).sum().item()
-        count += targets.numel()
+def eval_chunk_rows(vocab_size: int, budget_bytes: int = EVAL_CHUNK_BYTES) -> int:
+    """Scored rows per chunk: the chunk's float32 [rows, V] buffers alive at once (three, with drift)
+    fit in `budget_bytes` (256 MiB: 147 rows at V = 151,936, 10,922 at V = 2,048; at least 1)."""
+    return max(1, budget_bytes // (_CHUNK_BUFFERS * 4 * max(vocab_size, 1)))
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(message, flush=True)
+
+
+def _unchunked_reason(err: ValueError) -> str:
+    return re.sub(r"^train\.fused_loss: |; set train\.fused_loss=false$", "", str(err))
+
+
+def _head(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The plain linear output head (weight, bias) eval can apply to row chunks, or None (said once)."""
+    try:
+        return output_head(model)
+    except ValueError as err:
+        _say_once(f"eval: scoring from full [B, T, V] logits (unchunked): {_unchunked_reason(err)}")
+        return None
+
+
+def _full_sums(model, ids, mask, keep, targets, with_drift: bool) -> tuple[float, float, float]:
+    """(summed NLL, correct argmaxes, summed KL(base || adapted)) from the full logits: the reference path."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logp = F.log_softmax(logits[keep], -1)
+    nll = -logp.gather(-1, targets[:, None]).sum().item()
+    correct = (logp.argmax(-1) == targets).sum().item()
+    drift = 0.0
+    if with_drift:
+        with model.disable_adapter():
+            base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()[keep], -1)
+        drift = (base.exp() * (base - logp)).sum().item()
+    return nll, correct, drift
+
+
+def _chunked_sums(model, head, ids, mask, keep, targets, with_drift: bool, rows: int) -> tuple[float, float, float] | None:
+    """The same sums from the last hidden state, the head applied to `rows` scored rows at a time (in
+    the head's dtype, as the lm_head would, then float32); None when the model ignored logits_to_keep."""
+    weight, bias = head
+    try:
+        hidden = final_hidden_state(model, model, ids, mask)[0][:, :-1][keep]
+        base = None
         if with_drift:
             with model.disable_adapter():
-                base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()[keep], -1)
-            drift += (base.exp() * (base - logp)).sum().item()
+                base = final_hidden_state(model, model, ids, mask)[0][:, :-1][keep]
+    except ValueError as err:
+        _say_once(f"eval: scoring from full [B, T, V] logits (unchunked): {_unchunked_reason(err)}")
+        return None
+    nll = correct = drift = 0.0
+    for start in range(0, len(targets), rows):
+        part, y = slice(start, start + rows), targets[start:start + rows]
+        logp = F.log_softmax(F.linear(hidden[part], weight, bias).float(), -1)
+        nll -= logp.gather(-1, y[:, None]).sum().item()
+        correct += (logp.argmax(-1) == y).sum().item()
+        if base is not None:
+            base_logp = F.log_softmax(F.linear(base[part], weight, bias).float(), -1)
+            diff = logp.neg_().add_(base_logp)  # base - adapted, in place of the adapted log-probs
+            drift += base_logp.exp_().mul_(diff).sum().item()
+            del base_logp, diff
+        del logp  # before the next chunk's buffers: at most _CHUNK_BUFFERS alive at once
+    return nll, correct, drift
+
+
+@torch.no_grad()
+def score_texts(model, batches, with_drift: bool = False, chunked: bool = True,
+                chunk_bytes: int = EVAL_CHUNK_BYTES) -> dict[str, float]:
+    """Mean NLL, perplexity and accuracy over the scored positions (`tokens` counts them); with a
+    PeftModel and `with_drift`, also the mean KL(base || adapted) per scored position (base = the
+    same model with its adapter disabled). `chunked` (eval.chunked): from the last hidden state in
+    row chunks of `chunk_bytes` (module docstring), else (or where the head cannot be split) from
+    full [B, T, V] logits; the same numbers within float32 rounding."""
+    nll = correct = count = drift = 0.0
+    head = _head(model) if chunked else None
+    rows = eval_chunk_rows(head[0].shape[0], chunk_bytes) if head is not None else 0
+    for ids, mask, scored in tqdm(batches, desc="eval", leave=False, unit="batch"):
+        keep = scored.bool()
+        targets = ids[:, 1:][keep]
+        sums = _chunked_sums(model, head, ids, mask, keep, targets, with_drift, rows) if head is not None else None
+        if sums is None:
+            head = None
+            sums = _full_sums(model, ids, mask, keep, targets, with_drift)
+        nll += sums[0]
+        correct += sums[1]
+        drift += sums[2]
+        count += targets.numel()
     loss = nll / max(count, 1)
     metrics = {"loss": loss, "ppl": math.exp(loss), "accuracy": correct / max(count, 1), "tokens": int(count)}
     if with_drift:
@@ -121,12 +207,12 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
             for name, path in (("target", config.eval.target_path), ("source", config.eval.source_path))}
     if base_results is None:
         base = _load(config, None)
-        base_results = {name: score_texts(base, b) for name, b in sets.items()}
+        base_results = {name: score_texts(base, b, chunked=config.eval.chunked) for name, b in sets.items()}
     results = {"base": base_results}
     if run_dir:
         adapted = _load(config, Path(run_dir) / "adapter")
-        results["adapted"] = {"target": score_texts(adapted, sets["target"]),
-                              "source": score_texts(adapted, sets["source"], with_drift=True)}
+        results["adapted"] = {"target": score_texts(adapted, sets["target"], chunked=config.eval.chunked),
+                              "source": score_texts(adapted, sets["source"], with_drift=True, chunked=config.eval.chunked)}
         b, a = results["base"], results["adapted"]
         results["forgetting"] = {
             "source_loss_increase": a["source"]["loss"] - b["source"]["loss"],
