@@ -19,12 +19,16 @@
     gpu-bench       on CUDA: stage one (Triton kernel) and stage two (fused) vs plain passes
 
 Commands that take a config accept `--config FILE` and trailing `section.key=value` overrides.
+Third-party logs (vLLM, transformers, datasets, torch) are held back unless `--verbose` is given,
+before or after the command; errors always show.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from pipeline.quiet import quiet_third_party
 
 __all__ = ["main"]
 
@@ -37,6 +41,7 @@ TOOLS = {
     "rank-rows": ("pipeline.bench.rank_rows", "(under torchrun) which cache rows each DDP rank of stage two reads"),
     "gpu-bench": ("pipeline.bench.gpu", "on CUDA: stage one (Triton kernel) and stage two (fused) vs plain passes"),
 }
+VERBOSE = "--verbose"  # shows third-party logs (vLLM, transformers, datasets, torch); quiet without it
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
@@ -186,6 +191,8 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument(VERBOSE, action="store_true",
+                        help="show third-party logs and warnings (vLLM, transformers, datasets, torch); also after the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     p = sub.add_parser("build-default", help="build the embedded tiny base model and corpora")
@@ -275,8 +282,11 @@ def run_tool(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bar and summary say what matters
     argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = VERBOSE in argv  # global, before or after the command: taken out before anything parses
+    argv = [a for a in argv if a != VERBOSE]
+    if not verbose:  # before vLLM, transformers, datasets and torch are imported (pipeline/quiet.py)
+        quiet_third_party()
     if argv and argv[0] in TOOLS:
         return run_tool(argv[0], argv[1:])
     parser = build_parser()

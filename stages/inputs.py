@@ -100,6 +100,7 @@ def load_rows(cfg: DataConfig, check_field: bool = True):
 
     files = source_files(cfg.path)
     _check_utf8(files)
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()  # off for a quiet run (pipeline/quiet.py)
     datasets.disable_progress_bars()
     try:
         if _is_saved_dataset(Path(cfg.path)):
@@ -111,7 +112,8 @@ def load_rows(cfg: DataConfig, check_field: bool = True):
     except Exception as err:  # datasets/pyarrow raise many types; re-raise one that names the file
         raise ValueError(_explain_load_error(files, err)) from err
     finally:
-        datasets.enable_progress_bars()
+        if bars_were_on:
+            datasets.enable_progress_bars()
     field = cfg.messages_field or cfg.text_field
     if check_field and field not in rows.column_names:
         kind = "data.messages_field" if cfg.messages_field else "data.text_field"
