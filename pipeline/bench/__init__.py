@@ -10,7 +10,10 @@ inputs as what it is compared with. Sections:
  (b) stage two: CE-only LoRA step vs cached `tail` vs `live`, time and peak memory, same batch;
  (c) cache reader: shards decoded to training tensors vs the training step's consumption;
  (d) how stage one (ratio to prefill, bytes/token) and stage two (tail / CE-only) grow with k,
-     sequence length and vocabulary size.
+     sequence length and vocabulary size;
+ (e) the demo, 32k and real-vocabulary (151,936-row) models: stage two's CE-only and `tail` steps,
+     fused (the default) and unfused, tok/s and peak RSS; eval's peak RSS chunked vs unchunked
+     (each memory figure from a fresh process); stage one at 151,936 rows is a row of (a).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from pipeline.bench.fixtures import build_large_vocab_model, write_long_texts
 from pipeline.bench.reader import measure_reader
+from pipeline.bench.real_vocab import measure_real_vocab
 from pipeline.bench.report import render_markdown
 from pipeline.bench.settings import FULL, QUICK, BenchSettings
 from pipeline.bench.stage_one import measure_stage_one
@@ -68,16 +72,21 @@ def _measure(s: BenchSettings, tmp: Path) -> dict:
     data = write_long_texts(s.data, tmp / "long.jsonl", count=s.sequences * s.length // min(s.lengths),
                             min_chars=8 * max(s.lengths))
     large_model = str(build_large_vocab_model(tmp / "large-model", s.model, s.large))
+    real_model = str(build_large_vocab_model(tmp / "real-model", s.model, s.real))
     demo = {"vocab_size": int(read_model_config(s.model)["vocab_size"]),
             **measure_stage_one(s.model, data, tmp / "demo", s, scaling=True)}
     large = {"vocab_size": s.large.vocab_size, **measure_stage_one(large_model, data, tmp / "large", s, scaling=False)}
+    real = {"vocab_size": s.real.vocab_size, **measure_stage_one(real_model, data, tmp / "real", s, scaling=False)}
     steps = measure_steps(s.model, s)
     points = [(k, s.length) for k in s.ks if k != s.k] + [(s.k, n) for n in s.lengths if n != s.length]
     tails = {(r["k"], r["length"]): r["tail_over_none"] for r in tail_ratio_rows(s.model, s, points)}
     tails["large"] = tail_ratio_rows(large_model, s, [(s.k, s.length)])[0]["tail_over_none"]
     reader = measure_reader(tmp / "demo" / "hf", s.model, s, train_tok_s=s.batch * s.length / steps["tail"]["step_s"])
-    return {"stage_one": {"demo": demo, "large": large}, "stage_two": steps, "reader": reader,
-            "scaling": _scaling(demo, large, steps, tails, s)}
+    models = {"demo": s.model, "large": large_model, "real": real_model}
+    sizes = {"demo": demo["vocab_size"], "large": s.large.vocab_size, "real": s.real.vocab_size}
+    vocab = measure_real_vocab({name: models[name] for name in s.by_vocab}, sizes, s)
+    return {"stage_one": {"demo": demo, "large": large, "real": real}, "stage_two": steps, "reader": reader,
+            "scaling": _scaling(demo, large, steps, tails, s), "real_vocab": vocab}
 
 
 def run_bench(quick: bool = False, out_dir: str | Path = "runs/bench", settings: BenchSettings | None = None,

@@ -48,6 +48,22 @@ def _reader(result: dict) -> list[str]:
                             f"{r['arrow_conversion_s']:.2f}"]])
 
 
+def _real_vocab(result: dict) -> list[str]:
+    rows = []
+    for name, m in result.get("real_vocab", {}).items():
+        st, ev = m["steps"], m["eval"]
+        rows.append([f"{name} (V={m['vocab_size']:,})",
+                     *[f"{_tok(st[r]['tok_s'])} / {st[r]['peak_mib']:,.0f}" for r in ("none+fused", "tail+fused", "tail")],
+                     f"{ev['chunked_peak_mib']:,.0f} / {ev['unchunked_peak_mib']:,.0f}"])
+    if not rows:
+        return []
+    s = result["settings"]
+    lines = [f"### (e) By vocabulary: stage two tok/s / peak RSS MiB (batch {s['batch']} x {s['length']}, k = {s['k']}), "
+             "eval peak RSS MiB", ""]
+    return lines + _table(["model", "CE-only (fused)", "tail fused (default)", "tail unfused",
+                           "eval peak chunked / unchunked"], rows)
+
+
 def _scaling(result: dict) -> list[str]:
     lines = []
     for key, label in (("k", "k"), ("length", "sequence length"), ("vocab", "vocabulary")):
@@ -63,4 +79,5 @@ def render_markdown(result: dict) -> str:
     head = [f"## Bench {meta['timestamp']}{' (quick: tiny shapes, numbers meaningless)' if meta['quick'] else ''}", "",
             f"`{meta['command']}` on {meta['machine']}; load average before {meta['load_before']}, after "
             f"{meta['load_after']}; {meta['wall_s']:.0f} s wall.", ""]
-    return "\n".join(head + _stage_one(result) + _stage_two(result) + _reader(result) + _scaling(result))
+    return "\n".join(head + _stage_one(result) + _stage_two(result) + _reader(result) + _scaling(result)
+                     + _real_vocab(result))

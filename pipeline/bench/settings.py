@@ -21,6 +21,9 @@ class BenchSettings:
     model: str = "build/default/base-model"   # the demo model (has the tokenizer the bench data uses)
     data: str = "build/default/data/target_train.jsonl"
     large: LargeVocabShape = field(default_factory=LargeVocabShape)
+    # section (e): a real vocabulary (Qwen2.5's 151,936 rows) on a thin model, so the output layer dominates
+    real: LargeVocabShape = field(default_factory=lambda: LargeVocabShape(151936, 64, 2, 1))
+    by_vocab: tuple[str, ...] = ("demo", "large", "real")  # section (e)'s models
     k: int = 32                        # cached non-target tokens (sections a-c)
     sequences: int = 64                # stage one: sequences per measurement ...
     length: int = 256                  # ... of exactly this many tokens (texts joined, then truncated)
@@ -46,5 +49,7 @@ class BenchSettings:
 FULL = BenchSettings()
 # End to end on small shapes: every section and table, finite numbers, no timing meaning.
 QUICK = BenchSettings(large=LargeVocabShape(vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=2),
+                      real=LargeVocabShape(vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=1),
+                      by_vocab=("real",),
                       sequences=8, length=64, rows_per_shard=4, repeats=1, batch=2, steps=1, warmup=1,
                       reader_passes=1, ks=(8, 32), lengths=(32, 64))

@@ -30,12 +30,16 @@ def test_quick_bench_writes_every_section(tiny_model_dir, tiny_jsonl, tmp_path):
     result, path = run_bench(quick=True, out_dir=tmp_path / "out", settings=settings)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [path.name, path.with_suffix(".md").name]
     saved = json.loads(path.read_text())
-    assert set(saved) == {"stage_one", "stage_two", "reader", "scaling", "settings", "meta"}
-    for model in ("demo", "large"):
+    assert set(saved) == {"stage_one", "stage_two", "reader", "scaling", "real_vocab", "settings", "meta"}
+    for model in ("demo", "large", "real"):
         main = saved["stage_one"][model]["main"]
         for variant in ("plain", "vllm_e2e", "vllm_score", "stock_e2e", "hf_e2e"):
             assert main[f"{variant}_tok_s"] > 0
     assert saved["stage_one"]["large"]["vocab_size"] == QUICK.large.vocab_size
+    assert saved["stage_one"]["real"]["vocab_size"] == QUICK.real.vocab_size
+    real = saved["real_vocab"]["real"]
+    assert set(real["steps"]) == {"none+fused", "tail+fused", "tail"} and all(r["tok_s"] > 0 for r in real["steps"].values())
+    assert real["eval"]["chunked_peak_mib"] > 0 and real["eval"]["unchunked_peak_mib"] > 0
     assert set(saved["stage_two"]) == {"none", "tail", "live"}
     assert saved["reader"]["decode_tok_s"] > 0 and saved["reader"]["decode_over_train"] > 0
     assert [r["k"] for r in saved["scaling"]["k"]] == list(QUICK.ks)
@@ -46,7 +50,7 @@ def test_quick_bench_writes_every_section(tiny_model_dir, tiny_jsonl, tmp_path):
     assert not bad, bad
     markdown = path.with_suffix(".md").read_text()
     for title in ("(a) Stage one", "(b) Stage two", "(c) Cache reader", "(d) Cost vs k", "(d) Cost vs sequence length",
-                  "(d) Cost vs vocabulary"):
+                  "(d) Cost vs vocabulary", "(e) By vocabulary"):
         assert title in markdown
 
 
