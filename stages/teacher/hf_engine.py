@@ -7,15 +7,17 @@ and the engine for machines without vLLM.
 
 Sequences are packed (longest first) into batches of at most `batch_tokens` padded tokens, padded on
 the right. The model body runs once per batch; the output layer and the top-(k+1) run on chunks of positions
-so a [positions, vocab] tensor is never built for the whole batch. On a GPU the top-(k+1) and the
-log-sum-exp come from one Triton pass over the model-dtype logits (stages/teacher/topk_kernel.py);
-elsewhere from float32 log_softmax + topk.
+sized by bytes (stages/teacher/chunking.py: `chunk_bytes`, default 64 MiB of [rows, vocab] buffers on
+CPU, 1 GiB on a GPU), so a [positions, vocab] tensor is never built for the whole batch. On a GPU
+the top-(k+1) and the log-sum-exp come from one Triton pass over the model-dtype logits
+(stages/teacher/topk_kernel.py); elsewhere from float32 log_softmax + topk.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from stages.teacher.chunking import chunk_rows, element_bytes
 from stages.teacher.scores import PositionScores, check_sequences
 from stages.teacher.select import select_nontarget_topk_torch
 from stages.teacher.topk_kernel import kernel_available, topk_logsumexp
@@ -32,7 +34,7 @@ class HFEngine:
 
     def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
                  batch_tokens: int = 32768, *, vocab_size: int, device: str | None = None,
-                 chunk_elements: int | None = None, topk_kernel: bool | None = None):
+                 chunk_bytes: int | None = None, topk_kernel: bool | None = None):
         from transformers import AutoModelForCausalLM
 
         self.k, self.max_length, self.batch_tokens = k, max_length, batch_tokens
@@ -49,12 +51,11 @@ class HFEngine:
         if self.use_kernel and not kernel_available(self.device):
             raise ValueError(f"hf engine: the Triton top-k kernel does not run on {self.device} "
                              "(it needs CUDA, or TRITON_INTERPRET=1 for tests)")
-        # Positions per output-layer chunk: bounds the float32 [chunk, vocab] log-softmax to 64 MiB on
-        # CPU, 256 MiB on a GPU; the kernel reads model-dtype logits instead, and ~4k-row chunks
-        # (1 GiB of bf16 at vocab 128k) keep every multiprocessor busy (one kernel program per row).
-        on_gpu = self.device.type == "cuda"
-        chunk_elements = chunk_elements or (2**29 if self.use_kernel and on_gpu else 2**26 if on_gpu else 2**24)
-        self.chunk_positions = max(1, chunk_elements // self.vocab_size)
+        # Positions per output-layer chunk: `chunk_bytes` (default: the device's budget) over the bytes
+        # per position of the [chunk, vocab] buffers: the logits, plus off the kernel a float32 copy
+        # and the float32 log-softmax; the kernel reads the model-dtype logits alone.
+        self.chunk_positions = chunk_rows(self.vocab_size, self.device, chunk_bytes,
+                                          element_bytes(_TORCH_DTYPES[dtype], log_softmax=not self.use_kernel))
         self._check_split_forward(dtype)
 
     def close(self) -> None:

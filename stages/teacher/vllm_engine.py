@@ -45,15 +45,16 @@ class VLLMEngine:
 
     Extra keyword arguments: `output` ("pooler" or "prompt_logprobs", see the module docstring),
     `kv_cache_gib` (CPU only, KV-cache size, default 1 GiB, overridden by an already-set
-    VLLM_CPU_KVCACHE_SPACE), `gpu_memory_utilization` (CUDA only), and anything else is
-    passed to `vllm.LLM` as is.
+    VLLM_CPU_KVCACHE_SPACE), `gpu_memory_utilization` (CUDA only), `chunk_bytes` (pooler only: the
+    output layer's chunk budget in bytes, stages.teacher.chunking; None: the device's default), and
+    anything else is passed to `vllm.LLM` as is.
     """
 
     name = "vllm"
 
     def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
                  batch_tokens: int = 32768, *, vocab_size: int, output: str = "pooler", kv_cache_gib: float = 1.0,
-                 gpu_memory_utilization: float = 0.85, **extra_llm_kwargs):
+                 gpu_memory_utilization: float = 0.85, chunk_bytes: int | None = None, **extra_llm_kwargs):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:
@@ -61,6 +62,7 @@ class VLLMEngine:
                               f"'gpu') or use the 'hf' engine") from err
 
         self.k, self.max_length, self.batch_tokens, self.output = k, max_length, batch_tokens, output
+        self.chunk_bytes = chunk_bytes
         kwargs = {**llm_kwargs(model_dir, output, k, dtype, max_length, kv_cache_gib, gpu_memory_utilization),
                   **extra_llm_kwargs}
         # vLLM refuses a prompt as long as max_model_len (it must leave room for the one token it
@@ -69,7 +71,8 @@ class VLLMEngine:
         # allowing it past the model's max_position_embeddings is safe.
         limit = read_model_config(model_dir).get("max_position_embeddings")
         allow_long = limit is not None and kwargs["max_model_len"] > int(limit)
-        with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1" if allow_long else None):
+        with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1" if allow_long else None,
+                  VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind(kwargs)):
             self.llm = LLM(**kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         if self.vocab_size != vocab_size:
@@ -90,7 +93,7 @@ class VLLMEngine:
             if self.output == "pooler":
                 from stages.teacher.vllm_topk_model import POOLING_TASK, pooling_params
 
-                outputs = self.llm.encode(prompts, pooling_params(self.k + 1), pooling_task=POOLING_TASK, use_tqdm=False)
+                outputs = self.llm.encode(prompts, pooling_params(self.k + 1, self.chunk_bytes), pooling_task=POOLING_TASK, use_tqdm=False)
                 tops = [topk_from_pooler(out.outputs.data, seq, self.k + 1) for seq, out in zip(group, outputs)]
             else:
                 outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
@@ -190,6 +193,31 @@ def llm_kwargs(model_dir: str, output: str, k: int, dtype: str = "float32", max_
 
         kwargs.update(pooling_llm_kwargs(_architecture(model_dir)))
     return kwargs
+
+
+SMALL_CPU = 4  # at most this many usable CPUs: vLLM's worker gets them all (cpu_threads_bind)
+
+
+def cpu_threads_bind(kwargs: dict) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for an engine with these `vllm.LLM` arguments, or None (vLLM's own).
+
+    On x86 vLLM's automatic binding keeps one core per worker for its scheduler process, which on a
+    2-core machine leaves the model (and the top-k pooler) one thread: half the machine idles while
+    the worker computes (stage one at a 151,936-token vocabulary ran at ~1,250 tok/s bound that way,
+    ~1,930 with both cores; the demo model ~13k and ~22k, 32 x 256 tokens, k=32).
+    So on a CPU with at most SMALL_CPU usable CPUs and one worker (no tensor or pipeline split) the
+    worker's threads are bound to every usable CPU. A user's own VLLM_CPU_OMP_THREADS_BIND or
+    VLLM_CPU_NUM_OF_RESERVED_CPU is left alone."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        return None
+    if kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1) != 1:
+        return None
+    from vllm.platforms import current_platform
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not current_platform.is_cpu() or not 1 < len(cpus) <= SMALL_CPU:
+        return None
+    return ",".join(map(str, cpus))
 
 
 def _architecture(model_dir: str) -> str:

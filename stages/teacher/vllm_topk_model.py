@@ -30,11 +30,12 @@ import torch
 from vllm import ModelRegistry
 from vllm.model_executor.layers.pooler.abstract import Pooler
 
+from stages.teacher.chunking import chunk_rows, element_bytes, pooled_topk_rows
+
 __all__ = ["PREFIX", "POOLING_TASK", "TopKWorkerExtension", "pooling_llm_kwargs", "pooling_params", "unpack"]
 
 PREFIX = "MtcacheTopK"
 POOLING_TASK = "token_classify"
-ROWS_PER_CHUNK = 2048               # positions per lm_head chunk: bounds the [rows, V] logits
 
 
 def pooling_llm_kwargs(architecture: str) -> dict:
@@ -52,11 +53,15 @@ def pooling_llm_kwargs(architecture: str) -> dict:
     )
 
 
-def pooling_params(num_top: int):
-    """Per-request parameters asking the twin's pooler for the top `num_top` entries."""
+def pooling_params(num_top: int, chunk_bytes: int | None = None):
+    """Per-request parameters asking the twin's pooler for the top `num_top` entries; `chunk_bytes`:
+    the output layer's chunk budget (stages.teacher.chunking.chunk_rows; None: the device's default)."""
     from vllm import PoolingParams
 
-    return PoolingParams(task=POOLING_TASK, extra_kwargs={"num_top": int(num_top)})
+    extra = {"num_top": int(num_top)}
+    if chunk_bytes is not None:
+        extra["chunk_bytes"] = int(chunk_bytes)
+    return PoolingParams(task=POOLING_TASK, extra_kwargs=extra)
 
 
 def unpack(packed: torch.Tensor, num_top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,20 +99,25 @@ def _make_topk_class(architecture: str) -> type:
 
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-            self.pooler = TopKPooler(self)
+            self.pooler = TopKPooler(self, vllm_config.model_config.get_vocab_size())
 
     TopKModel.__name__ = TopKModel.__qualname__ = PREFIX + architecture
     return TopKModel
 
 
 class TopKPooler(Pooler):
-    """Per finished request: [T-1, 2*num_top+1] float32 rows (see the module docstring)."""
+    """Per finished request: [T-1, 2*num_top+1] float32 rows (see the module docstring).
 
-    def __init__(self, model):
+    The positions of all finished requests of a step go through the output layer together, in chunks
+    sized by bytes (stages.teacher.chunking: 64 MiB of [rows, V] buffers on CPU, 1 GiB on a GPU, or
+    the requests' `chunk_bytes`), so a short request does not make a small chunk of its own."""
+
+    def __init__(self, model, vocab_size: int):
         from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
 
         super().__init__()
         self.compute_logits = model.compute_logits  # a bound method: not registered as a submodule
+        self.vocab_size = vocab_size
         self.pooling = AllPool()  # every position's hidden state, chunked prefill reassembled
 
     def get_supported_tasks(self):
@@ -122,21 +132,22 @@ class TopKPooler(Pooler):
         states = self.pooling(hidden_states, pooling_metadata)
         # vLLM's runner fills only the CPU copy of the prompt ids (requires_token_ids above).
         token_ids = pooling_metadata.get_prompt_token_ids_cpu()
-        return [None if h is None else self._score(h, ids[: h.shape[0]].to(h.device), _num_top(params))
-                for h, ids, params in zip(states, token_ids, pooling_metadata.pooling_params)]
-
-    def _score(self, hidden: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> torch.Tensor:
-        """hidden [T, H], token_ids [T] -> [T-1, 2*num_top+1] float32."""
-        rows = []
-        for start in range(0, hidden.shape[0] - 1, ROWS_PER_CHUNK):
-            stop = min(start + ROWS_PER_CHUNK, hidden.shape[0] - 1)
-            logprobs = self.compute_logits(hidden[start:stop]).log_softmax(-1, dtype=torch.float32)
-            values, ids = logprobs.topk(num_top, dim=-1)
-            target = logprobs.gather(-1, token_ids[start + 1:stop + 1, None].long())
-            rows.append(torch.cat([ids.to(torch.int32).view(torch.float32), values, target], dim=1))
-        if not rows:
-            return hidden.new_zeros((0, 2 * num_top + 1), dtype=torch.float32)
-        return torch.cat(rows).cpu()
+        out: list[torch.Tensor | None] = [None] * len(states)
+        groups: dict[int, list[int]] = {}  # num_top -> finished requests asking for it
+        for i, (h, params) in enumerate(zip(states, pooling_metadata.pooling_params)):
+            if h is not None:
+                groups.setdefault(_num_top(params), []).append(i)
+        for num_top, members in groups.items():
+            budgets = [(pooling_metadata.pooling_params[i].extra_kwargs or {}).get("chunk_bytes") for i in members]
+            budget = min((b for b in budgets if b is not None), default=None)
+            # Position t of a request predicts its token t+1: each contributes its first T-1 positions.
+            hidden = torch.cat([states[i][:-1] for i in members])
+            targets = torch.cat([token_ids[i][1:states[i].shape[0]] for i in members]).to(hidden.device)
+            rows = chunk_rows(self.vocab_size, hidden.device, budget, element_bytes(hidden.dtype))
+            packed = pooled_topk_rows(hidden, targets, self.compute_logits, num_top, rows).cpu()
+            for i, part in zip(members, packed.split([states[i].shape[0] - 1 for i in members])):
+                out[i] = part.clone()  # its own storage: a view would carry the whole batch along
+        return out
 
 
 def _num_top(params) -> int:

@@ -43,7 +43,7 @@ def reference(tiny_model_dir, sequences):
 def hf_scores(tiny_model_dir, sequences):
     # Small batches and output-layer chunks so packing and chunking are both exercised.
     engine = open_engine("hf", str(tiny_model_dir), k=K, max_length=MAX_LENGTH, batch_tokens=1024,
-                         device="cpu", chunk_elements=392 * 50)
+                         device="cpu", chunk_bytes=392 * 50 * 8)  # 50 positions a chunk
     try:
         return engine.score(sequences)
     finally:
@@ -99,7 +99,7 @@ def test_hf_matches_full_forward(hf_scores, sequences, reference):
 def test_hf_triton_kernel_path_matches_full_forward(tiny_model_dir, sequences, reference, hf_scores):
     """The GPU path (one-pass Triton top-k + log-sum-exp), run by Triton's interpreter on CPU."""
     engine = open_engine("hf", str(tiny_model_dir), k=K, max_length=MAX_LENGTH, batch_tokens=1024,
-                         device="cpu", chunk_elements=392 * 50, topk_kernel=True)
+                         device="cpu", chunk_bytes=392 * 50 * 4, topk_kernel=True)
     try:
         scores = engine.score(sequences[:6])
     finally:

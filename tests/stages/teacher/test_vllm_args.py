@@ -18,3 +18,23 @@ def test_prefix_caching_is_off_for_every_output(output, tiny_model_dir):
 def test_unknown_output_is_refused_by_name(tiny_model_dir):
     with pytest.raises(ValueError, match="unknown vLLM engine output 'logits'; known: pooler, prompt_logprobs"):
         llm_kwargs(str(tiny_model_dir), "logits", k=8)
+
+
+def test_small_cpu_machines_give_the_worker_every_cpu(monkeypatch):
+    """vLLM's auto binding keeps a core for its scheduler: on <= SMALL_CPU CPUs the worker gets all."""
+    from vllm.platforms import current_platform
+
+    from stages.teacher.vllm_engine import SMALL_CPU, cpu_threads_bind
+
+    if not current_platform.is_cpu():
+        pytest.skip("CPU build of vLLM only")
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3, 1})
+    assert cpu_threads_bind({}) == "1,3"
+    assert cpu_threads_bind({"tensor_parallel_size": 2}) is None
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(SMALL_CPU + 1)))
+    assert cpu_threads_bind({}) is None                   # many cores: vLLM's own binding
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    assert cpu_threads_bind({}) is None                   # the user's choice stands
