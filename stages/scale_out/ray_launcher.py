@@ -66,7 +66,8 @@ def _connect(address: str | None):
     # Local instance: workers import this package from the repository checkout.
     path = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
-    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_LOGGING_LEVEL", "HF_HOME", "HF_DATASETS_CACHE", "MTCACHE_HOME"):
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_LOGGING_LEVEL", "HF_HOME", "HF_DATASETS_CACHE", "MTCACHE_HOME",
+                 "MTCACHE_FAILPOINT"):  # the last: tests kill a task at a chosen shard (stages/failpoints.py)
         if name in os.environ:
             env[name] = os.environ[name]
     ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,

@@ -170,6 +170,11 @@ def run_worker(config: StageConfig, worker: WorkerSpec, merge: bool = True, engi
     if worker.rank == 0:
         _save_config(config, store, local)
     todo = [i for i in mine if part.shard(i) is None]
+    if todo and not part.shards:
+        # Saved before the first shard: a kill between that shard's rename and the first manifest save
+        # then leaves a manifest listing nothing, and the rerun resumes (an unlisted shard file is
+        # rewritten) instead of finding shards with no manifest.
+        part.save(local)
     tokens, seconds = _score_todo(config, local, examples, todo, part, engine) if todo else (0, 0.0)
     part.complete = all(part.shard(i) is not None for i in mine)
     part.save(local)  # before looking at the others: of two workers finishing together, one sees both complete

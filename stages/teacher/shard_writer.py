@@ -19,6 +19,7 @@ import queue
 import threading
 from pathlib import Path
 
+from stages import failpoints
 from storage_schemas import Manifest
 from storage_schemas.shard_io import ShardRow, rows_to_table, write_shard
 
@@ -87,6 +88,8 @@ class ShardWriter:
     def _write(self, index: int, first_example: int, rows: list[ShardRow], truncated: int) -> None:
         table = rows_to_table(rows, self.encoding, self.k)
         record = write_shard(self.cache_dir, index, first_example, table, self.zstd_level, truncated=truncated)
+        failpoints.hit("after_shard_renamed", index)  # tests: the file is in place, the manifest does not list it
         self.manifest.shards = sorted([*self.manifest.shards, record], key=lambda r: r.index)
         self.manifest.save(self.cache_dir)
         self.tokens_written += record.tokens
+        failpoints.hit("after_shard_published", index)  # tests: a hard kill here (stages/failpoints.py)

@@ -6,17 +6,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from file_states import files_state
 from tiny_models import build_tiny_llama
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
+from stages.failpoints import ENV_VAR as FAILPOINT_ENV
 from stages.teacher.engine import open_engine
 from storage_schemas import FingerprintMismatch, Manifest
 from storage_schemas.shard_io import verify_cache
@@ -91,10 +93,29 @@ def test_verify_names_a_damaged_shard(hf_cache, tmp_path, damage, capsys):
 
 def test_rerun_of_a_complete_cache_writes_nothing(hf_cache, tiny_model_dir, tiny_jsonl):
     cache_dir, _ = hf_cache
-    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("shard-*")}
+    before = files_state(cache_dir.glob("shard-*"))  # inode, size, mtime, sha256: a rewrite keeping the mtime shows too
+    texts = {name: (cache_dir / name).read_bytes() for name in ("manifest.json", "config.yaml")}
     summary = run_cache_teacher(make_config(tiny_model_dir, tiny_jsonl, cache_dir))
-    assert summary.shards_written_now == 0
-    assert before == {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("shard-*")}
+    assert summary.shards_written_now == 0 and len(before) == 4
+    assert files_state(cache_dir.glob("shard-*")) == before
+    # the manifest and config.yaml are saved again (atomically) on every run: the same bytes
+    assert {name: (cache_dir / name).read_bytes() for name in texts} == texts
+
+
+def test_truncated_count_is_the_number_of_inputs_longer_than_max_length(tiny_model_dir, tiny_jsonl, tmp_path):
+    """Expected counts from the tokenizer alone (one row per text, no EOS appended), not from stage one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = [len(tok(json.loads(line)["text"])["input_ids"]) for line in tiny_jsonl.read_text().splitlines()]
+    max_length = 22  # the tiny texts are 14..29 tokens: some truncated, most not
+    longer = [n > max_length for n in lengths]
+    assert 0 < sum(longer) < len(lengths)  # the count can tell "none", "all" and off-by-one apart
+    summary = run_cache_teacher(make_config(tiny_model_dir, tiny_jsonl, tmp_path / "c", f"data.max_length={max_length}"))
+    manifest = Manifest.load(tmp_path / "c")
+    assert summary.truncated == sum(longer)
+    assert [s.truncated for s in manifest.shards] == [sum(longer[i:i + 8]) for i in range(0, len(lengths), 8)]
+    assert [len(r["input_ids"]) for r in read_cache(tmp_path / "c")] == [min(n, max_length) for n in lengths]
 
 
 def test_cache_of_other_settings_or_model_is_refused(hf_cache, tiny_model_dir, tiny_jsonl, tmp_path):
@@ -134,35 +155,65 @@ def test_inspect_decodes_a_position(hf_cache, capsys):
     assert "target" in out and out.count("\n") >= 8 and "R_T" in out
 
 
-# --- kill and resume ------------------------------------------------------------------------
-def _cli(config_args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "cache-teacher", "--config", "", *config_args],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+# --- kill and resume: a hard kill right after a chosen shard is published (stages/failpoints.py) --
+def _cli(config_args, failpoint: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, FAILPOINT_ENV: failpoint} if failpoint else {k: v for k, v in os.environ.items() if k != FAILPOINT_ENV}
+    return subprocess.run([sys.executable, "-m", "pipeline", "cache-teacher", "--config", "", *config_args],
+                          cwd=REPO, capture_output=True, text=True, env=env)
 
 
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_cache(tiny_model_dir, tmp_path):
-    data = tmp_path / "many.jsonl"
-    data.write_text("".join(json.dumps({"text": f"line {i}: " + "def f(x): return x * %d " % i * 6}) + "\n" for i in range(400)))
+@pytest.fixture(scope="module")
+def kill_run(tiny_model_dir, tmp_path_factory):
+    """(config args without cache.dir, uninterrupted reference cache): 60 examples, 6 shards of 10."""
+    root = tmp_path_factory.mktemp("kill")
+    data = root / "many.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i}: " + "def f(x): return x * %d " % i * 6}) + "\n" for i in range(60)))
     args = [f"model={tiny_model_dir}", f"data.path={data}", "cache.engine=hf", "cache.k=8",
-            "cache.rows_per_shard=20", "cache.batch_tokens=512", "data.max_length=128"]
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert _cli([*args, f"cache.dir={reference}"]).wait() == 0
-    proc = _cli([*args, f"cache.dir={killed}"])
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "manifest.json").exists() and len(Manifest.load(killed).shards) >= 2:
-            os.kill(proc.pid, signal.SIGKILL)  # mid-shard: the third shard is being scored
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    partial = Manifest.load(killed)
-    assert not partial.complete and 2 <= len(partial.shards) < 20
-    assert _cli([*args, f"cache.dir={killed}"]).wait() == 0
-    done, ref = Manifest.load(killed), Manifest.load(reference)
-    assert done.complete and done.token_ids_sha256 == ref.token_ids_sha256
-    assert [r["example_id"] for r in read_cache(killed)] == list(range(400))
-    assert read_cache(killed) == read_cache(reference)
-    assert verify_cache(killed) == []
+            "cache.rows_per_shard=10", "cache.batch_tokens=512", "data.max_length=128"]
+    run_cache_teacher(load_config(None, [*args, f"cache.dir={root / 'reference'}"]))
+    return args, root / "reference"
+
+
+@pytest.mark.parametrize("last_published", [2, 5])  # mid-run; the last shard, before the manifest says complete
+def test_kill_after_a_published_shard_then_resume_gives_the_uninterrupted_cache(kill_run, tmp_path, last_published):
+    args, reference = kill_run
+    cache = tmp_path / "killed"
+    killed = _cli([*args, f"cache.dir={cache}"], failpoint=f"after_shard_published:{last_published}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # the state a kill leaves: shards 0..last published, listed, nothing half-written, not complete
+    published = [f"shard-{i:05d}.parquet" for i in range(last_published + 1)]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["config.yaml", "manifest.json", *published])
+    partial = Manifest.load(cache)
+    assert not partial.complete and [s.file for s in partial.shards] == published
+    kept = files_state(cache.glob("shard-*"))
+    resumed = _cli([*args, f"cache.dir={cache}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"shards 6 ({5 - last_published} written now)" in resumed.stdout
+    assert files_state(cache / name for name in published) == kept  # the published shards were not redone
+    # no gap, no duplicate, the values and records of the uninterrupted run
+    assert [r["example_id"] for r in read_cache(cache)] == list(range(60))
+    assert read_cache(cache) == read_cache(reference)
+    done, ref = Manifest.load(cache), Manifest.load(reference)
+    assert done.complete and [asdict(r) for r in done.shards] == [asdict(r) for r in ref.shards]
+    assert done.token_ids_sha256 == ref.token_ids_sha256 and verify_cache(cache) == []
+
+
+@pytest.mark.parametrize("shard", [0, 3])  # the first shard (no manifest listed anything yet); a later one
+def test_kill_between_a_shards_rename_and_its_manifest_save_resumes(kill_run, tmp_path, shard):
+    """The shard file is in place but no manifest lists it: the rerun resumes (rewriting that one file),
+    it does not refuse with 'shards but no manifest'."""
+    args, reference = kill_run
+    cache = tmp_path / "killed"
+    killed = _cli([*args, f"cache.dir={cache}"], failpoint=f"after_shard_renamed:{shard}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    on_disk = [f"shard-{i:05d}.parquet" for i in range(shard + 1)]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["config.yaml", "manifest.json", *on_disk])
+    assert [s.file for s in Manifest.load(cache).shards] == on_disk[:-1]  # the last file is not listed
+    resumed = _cli([*args, f"cache.dir={cache}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"shards 6 ({6 - shard} written now)" in resumed.stdout
+    assert [r["example_id"] for r in read_cache(cache)] == list(range(60))
+    assert read_cache(cache) == read_cache(reference) and verify_cache(cache) == []
 
 
 # --- vLLM: the top-k pooler and the stock prompt log-probs write the same cache ---------------

@@ -4,6 +4,7 @@ verifies, trains, and a damaged object is named. No client is mocked: pyarrow's 
 HTTP to the server."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,20 +32,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(server: subprocess.Popen, port: int, seconds: float = 300) -> None:
+    """Return once `server` accepts connections on `port`; fail with its stderr if it exits first,
+    or with a message naming the port if it is still not listening after `seconds` (a hang guard,
+    far above moto's start-up: 1.9 s measured with the load average at 10 on 2 cores)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            pass
+        if server.poll() is not None:
+            pytest.fail(f"moto server exited with {server.returncode} before listening on port {port}:\n"
+                        + server.stderr.read().decode()[-2000:])
+        if time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"moto server (pid {server.pid}) still not listening on 127.0.0.1:{port} after {seconds:.0f} s")
+        time.sleep(0.2)
+
+
+def test_waiting_for_a_server_fails_by_name_instead_of_falling_through():
+    port = free_port()  # nothing listens there
+    exits = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('cannot bind')"], stderr=subprocess.PIPE)
+    with pytest.raises(pytest.fail.Exception, match=rf"exited with 1 before listening on port {port}:\n.*cannot bind"):
+        wait_for_port(exits, port)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stderr=subprocess.PIPE)
+    with pytest.raises(pytest.fail.Exception, match=rf"\(pid {silent.pid}\) still not listening on 127.0.0.1:{port} after 1 s"):
+        wait_for_port(silent, port, seconds=1)
+    assert silent.wait(timeout=60) == -signal.SIGKILL  # not left running
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on a free port with bucket `caches`; the AWS variables point clients at it."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            time.sleep(0.2)
+    wait_for_port(server, port)
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)
     endpoint = f"http://127.0.0.1:{port}"

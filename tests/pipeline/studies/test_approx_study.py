@@ -4,10 +4,13 @@ import json
 import math
 
 import pytest
+from file_states import files_state
+from transformers import AutoTokenizer
 
 from pipeline.config import load_config
 from pipeline.studies.approx_study import frontier_gaps, run_approx_study, tail_vs_live
 from pipeline.studies.sweep import run_sweep
+from storage_schemas import Manifest
 
 
 def _record(method, weight, seed, target, forgetting):
@@ -59,7 +62,13 @@ def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny
     assert (tmp_path / "sweep" / "none-l0-s0" / "adapter").is_dir()
     assert json.loads((tmp_path / "approx" / "approx_study.json").read_text()) == json.loads(json.dumps(result))
     vocab = result["vocab_size"]
-    assert result["ks"] == [1, 4, 8, 16, vocab - 1]  # cache.k = 8 is always measured and result["examples"] == 6
+    assert result["ks"] == [1, 4, 8, 16, vocab - 1]  # cache.k = 8 is always measured
+    # the first approx.examples = 6 texts at eval.max_length = 32, every position but the last trained:
+    # counted from the tokenizer alone, not from the study's cache
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = [min(len(tok(json.loads(line)["text"])["input_ids"]), 32) for line in tiny_jsonl.read_text().splitlines()[:6]]
+    assert result["examples"] == 6 and Manifest.load(tmp_path / "approx" / "cache-full").num_rows == 6
+    assert result["positions"] == sum(n - 1 for n in lengths)
     for student in result["students"].values():
         assert student["mean_exact_d"] > 1e-4  # the students moved: the gaps below are not 0/0
         rows = {(r["k"], r["estimator"]): r for r in student["table"]}
@@ -71,9 +80,10 @@ def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny
         gaps = [r["rel_gap_vs_masked_d"] for r in tails]
         assert all(g <= 1e-6 for g in gaps) and gaps == sorted(gaps)  # below D, closing as k grows
         assert gaps[0] < -1e-3
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "approx").glob("measured-*.json")}
-    assert len(stamps) == 2 and run_approx_study(config) == result  # measurements reused, not redone
-    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "approx").glob("measured-*.json")}
+    reused = [*(tmp_path / "approx").glob("measured-*.json"), *(tmp_path / "approx" / "cache-full").glob("shard-*")]
+    stamps = files_state(reused)  # inode, size, mtime, sha256: a rewrite keeping the mtime shows too
+    assert len([p for p in stamps if "measured-" in p]) == 2 and run_approx_study(config) == result  # reused, not redone
+    assert stamps == files_state(reused)
     (row,) = result["tail_vs_live"]
     assert row["reg_weight"] == 1.0 and row["seeds"] == 2
     assert "### Cached `tail` vs `live`" in (tmp_path / "approx" / "approx_study.md").read_text()

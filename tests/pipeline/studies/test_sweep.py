@@ -1,6 +1,8 @@
 """The sweep: one cache, a grid of runs, finished runs skipped, table and plot written."""
 import json
 
+from file_states import files_state
+
 from pipeline.config import load_config
 from pipeline.studies.sweep import plan_runs, run_sweep
 
@@ -28,7 +30,9 @@ def test_sweep_runs_the_grid_once_and_skips_finished_runs(tiny_model_dir, tiny_j
     assert {"results.json", "results.md", "frontier.png", "base_eval.json"} <= {p.name for p in out.iterdir()}
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| tail | 1 | 2 |" in (out / "results.md").read_text()
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")}
+    finished = [*out.glob("*/eval.json"), *out.glob("*/adapter/*"), *out.glob("*/metrics.json"), out / "base_eval.json"]
+    stamps = files_state(finished)  # inode, size, mtime, sha256: a rewrite keeping the mtime shows too
+    assert len(stamps) == 4 * 5 + 1
     again = run_sweep(config)
-    assert again == records and stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")}
+    assert again == records and stamps == files_state(finished)
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 4

@@ -6,15 +6,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from file_states import files_state
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from stages.cache_teacher import run_cache_teacher
+from stages.failpoints import ENV_VAR as FAILPOINT_ENV
 from stages.scale_out.merge import MergeError, merge_parts
 from stages.scale_out.parts import WorkerSpec, assigned_shards, resolve_worker
 from stages.scale_out.workers import run_worker
@@ -167,37 +168,32 @@ def test_a_worker_refuses_a_cache_split_another_way(parts_copy, tiny_model_dir, 
         run_worker(config, WorkerSpec(0, 3))
 
 
-# --- kill and resume one worker ------------------------------------------------------------------
+# --- kill and resume one worker (a hard kill right after its second shard: stages/failpoints.py) --
 def test_killed_worker_redoes_only_its_own_missing_shards(tiny_model_dir, tmp_path):
     data = tmp_path / "many.jsonl"
-    data.write_text("".join(json.dumps({"text": f"line {i}: " + "def f(x): return x * %d " % i * 4}) + "\n" for i in range(240)))
-    args = config_args(tiny_model_dir, data, tmp_path / "two", "cache.rows_per_shard=12", "cache.batch_tokens=256",
-                       "data.max_length=96")
-    reference = tmp_path / "one"
-    run_cache_teacher(load_config(None, [*args, f"cache.dir={reference}"]))
-    worker = ["cache-teacher", "--config", "", *args, "--num-workers", "2"]
-    assert cli(*worker, "--worker-rank", "0").wait() == 0
-    done_by_0 = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("shard-*.parquet")}
-    proc, part = cli(*worker, "--worker-rank", "1"), tmp_path / "two" / "parts" / "worker-00001-of-00002.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if part.exists() and len(json.loads(part.read_text())["shards"]) >= 2:
-            os.kill(proc.pid, signal.SIGKILL)  # mid-shard: its third shard is being scored
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "worker 1 finished before it could be killed"
-    written_before_kill = {r["file"] for r in json.loads(part.read_text())["shards"]}
-    assert 2 <= len(written_before_kill) < 10
-    with pytest.raises(MergeError, match=r"worker 1 .* has not finished"):
-        merge_parts(str(tmp_path / "two"))
-    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("shard-*.parquet") if p.name in written_before_kill}
-    resumed = cli(*worker, "--worker-rank", "1")
+    data.write_text("".join(json.dumps({"text": f"line {i}: " + "def f(x): return x * %d " % i * 4}) + "\n" for i in range(96)))
+    args = config_args(tiny_model_dir, data, tmp_path / "two", "cache.batch_tokens=256", "data.max_length=96")
+    reference, cache = tmp_path / "one", tmp_path / "two"
+    run_cache_teacher(load_config(None, [*args, f"cache.dir={reference}"]))  # 12 shards of 8
+    assert run_worker(load_config(None, args), WorkerSpec(0, 2)).shards_written_now == 6  # shards 0, 2, ..., 10
+    worker = ["cache-teacher", "--config", "", *args, "--num-workers", "2", "--worker-rank", "1"]
+    killed = cli(*worker, env={**os.environ, FAILPOINT_ENV: "after_shard_published:3"})  # worker 1's second shard
+    _, err = killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, err[-3000:]
+    part = json.loads((cache / "parts" / "worker-00001-of-00002.json").read_text())
+    assert [r["index"] for r in part["shards"]] == [1, 3] and not part["complete"]
+    mine = [f"shard-{i:05d}.parquet" for i in (1, 3)]
+    assert sorted(p.name for p in cache.glob("shard-*")) == sorted([f"shard-{i:05d}.parquet" for i in range(0, 12, 2)] + mine)
+    assert not (cache / "manifest.json").exists() and not list(cache.glob("*.tmp"))  # no merge, nothing half-written
+    with pytest.raises(MergeError, match=r"worker 1 .* has not finished: shard\(s\) \[5, 7, 9, 11\] missing"):
+        merge_parts(str(cache))
+    before = files_state(cache.glob("shard-*"))  # worker 0's six and worker 1's two
+    resumed = cli(*worker, env={k: v for k, v in os.environ.items() if k != FAILPOINT_ENV})
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err[-3000:]
-    assert f"10 shards assigned, {10 - len(written_before_kill)} written now" in out and "merged manifest: 20 shards" in out
-    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("shard-*.parquet")}
-    assert all(after[p] == t for p, t in {**done_by_0, **kept}.items())  # nobody else's shard was rewritten
-    assert_same_cache(tmp_path / "two", reference)
+    assert "6 shards assigned, 4 written now" in out and "merged manifest: 12 shards, 96 examples" in out
+    assert files_state(Path(p) for p in before) == before  # nobody else's shard, nor its own two, was rewritten
+    assert_same_cache(cache, reference)
 
 
 # --- torchrun: rank and size from RANK / WORLD_SIZE ----------------------------------------------
