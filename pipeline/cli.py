@@ -40,6 +40,8 @@ TOOLS = {
     "bench-scaling": ("pipeline.bench.scaling", "stage one with 1, 2, ... workers: tokens/s per worker count"),
     "rank-rows": ("pipeline.bench.rank_rows", "(under torchrun) which cache rows each DDP rank of stage two reads"),
     "gpu-bench": ("pipeline.bench.gpu", "on CUDA: stage one (Triton kernel) and stage two (fused) vs plain passes"),
+    "bench-logging": ("pipeline.bench.logging_cost", "stage-two time per step with train.report_to tensorboard vs none"),
+    "plot-run": ("pipeline.plot_run", "a run's CE and regularizer curves (PNG) drawn from its TensorBoard event file"),
 }
 VERBOSE = "--verbose"  # shows third-party logs (vLLM, transformers, datasets, torch); quiet without it
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
@@ -276,7 +278,11 @@ def run_tool(name: str, argv: list[str]) -> int:
 
     module = importlib.import_module(TOOLS[name][0])
     sys.argv[0] = f"python -m pipeline {name}"
-    result = module.main(argv)
+    try:
+        result = module.main(argv)
+    except USER_ERRORS as err:  # as for the commands: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from stages.checks import require as _require
 from stages.eval_settings import EvalConfig
+from stages.hub import resolve_hub_ids
 from stages.inputs import DataConfig
 from stages.settings import StageConfig, save_config, to_dict
 from stages.student.methods import method_names
@@ -170,7 +171,8 @@ def _renamed_dotted(dotted: str, source: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from a YAML file (or defaults) with `section.key=value` overrides applied on top."""
+    """Config from a YAML file (or defaults) with `section.key=value` overrides applied on top; Hub ids
+    (`model: org/name`, `data.path: org/name`, ...) resolved to local paths, offline first (stages/hub.py)."""
     raw: dict = {}
     if path:
         text = Path(path).read_text()
@@ -187,7 +189,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if given.setdefault(dotted, key.strip()) != key.strip():
             raise ValueError(f"overrides {given[dotted]!r} and {key.strip()!r} set the same key {dotted!r}: give it once")
         _set_dotted(raw, dotted, _renamed_tree(section, yaml.safe_load(text_value), dotted + ".", f"override {item!r}"))
-    return _build(Config, raw, "")
+    config = _build(Config, raw, "")
+    resolve_hub_ids(config)  # once, here: every stage receives local paths (stages/hub.py)
+    return config
 
 
 

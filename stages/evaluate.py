@@ -8,7 +8,8 @@ Each set is read as stage one reads data: a chat set is scored on the assistant 
 positions stage one would train), a text set on every token.
 Forgetting = the same on retention data (`eval.source_path`) relative to the base model, plus
 output drift = mean KL(base || adapted) over the full vocabulary at every retention position.
-Writes `eval.json` into the run directory and prints a table.
+Writes `eval.json` into the run directory and prints a table; with `train.report_to: tensorboard` (the
+run's config) the same figures go to <run>/tensorboard as eval/<base|adapted|forgetting>/... scalars.
 
 Memory (`eval.chunked: true`, the default): the model is called with no logits projected
 (`stages.student.lm_head.final_hidden_state`, the fused loss's machinery) and the output head is
@@ -33,8 +34,9 @@ from tqdm.auto import tqdm
 from stages.inputs import DataConfig, load_rows, tokenize_rows
 from stages.settings import StageConfig
 from stages.student.lm_head import final_hidden_state, output_head
+from stages.tensorboard_log import log_scalars, reports_to_tensorboard, tensorboard_dir
 
-__all__ = ["run_eval", "score_texts", "eval_data_config", "eval_chunk_rows", "EVAL_CHUNK_BYTES"]
+__all__ = ["run_eval", "score_texts", "eval_scalars", "log_eval_scalars", "eval_data_config", "eval_chunk_rows", "EVAL_CHUNK_BYTES"]
 
 EVAL_CHUNK_BYTES = 256 * 2**20  # all [rows, V] float32 buffers of one chunk together
 _CHUNK_BUFFERS = 3              # alive at once at the peak: adapted log-probs, base logits, base log-probs
@@ -197,9 +199,25 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_scalars(results: dict) -> dict[str, float]:
+    """eval.json's figures as TensorBoard tags: eval/<model>/<set>_<figure> and eval/forgetting/<figure>."""
+    out = {f"eval/{name}/{part}_{key}": value for name in ("base", "adapted") if name in results
+           for part, figures in results[name].items() for key, value in figures.items()}
+    out.update({f"eval/forgetting/{key}": value for key, value in results.get("forgetting", {}).items()})
+    return out
+
+
+def log_eval_scalars(results: dict, run_dir: str | Path) -> None:
+    """Write `eval_scalars(results)` into <run_dir>/tensorboard at the run's last training step (metrics.json)."""
+    metrics = Path(run_dir) / "metrics.json"
+    step = json.loads(metrics.read_text()).get("steps", 0) if metrics.exists() else 0
+    log_scalars(tensorboard_dir(run_dir), eval_scalars(results), step)
+
+
 def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict | None = None) -> dict:
     """Evaluate the base model (unless `base_results` already holds it, e.g. across a sweep) and,
-    with `run_dir`, its adapter; writes run_dir/eval.json."""
+    with `run_dir`, its adapter; writes run_dir/eval.json, and its figures into run_dir/tensorboard
+    under eval/ when the run's train.report_to includes tensorboard."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -220,5 +238,7 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
             "target_loss_change": a["target"]["loss"] - b["target"]["loss"],
         }
         (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
+        if reports_to_tensorboard(config.train.report_to):
+            log_eval_scalars(results, run_dir)
     print(_table(results))
     return results

@@ -1,10 +1,11 @@
 """Training inputs: a `datasets` source -> tokenized examples with a per-position loss mask.
 
 Accepted sources (`data.path`): a .jsonl/.json/.parquet/.csv/.arrow file, a glob or directory of
-them, or a dataset saved with `save_to_disk`. Each row has either a text field (every position is
-trained) or a chat `messages` field (list of {role, content, ...}, rendered with the tokenizer's chat
-template; only the assistant turns' bodies are trained: stages/chat_masks.py). Errors name the
-file, the field and the example.
+them, or a dataset saved with `save_to_disk`; a Hub dataset id (`org/name`, `hf://datasets/org/name/...`)
+arrives here already resolved to such local files (stages/hub.py, when the config is loaded).
+Each row has either a text field (every position is trained) or a chat `messages` field (list of
+{role, content, ...}, rendered with the tokenizer's chat template; only the assistant turns' bodies
+are trained: stages/chat_masks.py). Errors name the file, the field and the example.
 """
 from __future__ import annotations
 

@@ -24,11 +24,17 @@ __all__ = ["StageConfig", "to_dict", "save_config"]
 
 @dataclass
 class StageConfig:
-    model: str = "build/default/base-model"  # local HF model directory: the teacher and the student base
+    # the teacher and the student base: a local HF model directory, or a Hub id org/name (stages/hub.py:
+    # resolved to its local snapshot directory when the config is loaded; an existing local path wins)
+    model: str = "build/default/base-model"
+    model_revision: str = ""             # Hub id only: branch, tag or commit ("" = main); unused for a local path
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # recorded, not read, not identity: which Hub ids the paths above were resolved from
+    # ({model | data.path | eval.source_path | ...: {id, revision, commit, path}}; stages/hub.py)
+    hub_sources: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model: empty")

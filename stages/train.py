@@ -5,8 +5,8 @@
 
     open_cache -> load_cache_dataset -> CacheCollator -> make_student -> CacheTrainer -> save
 
-Writes into `train.output_dir`: checkpoints/, log.csv, adapter/ (stock peft LoRA format),
-config.yaml, cache_fingerprint.json, metrics.json.
+Writes into `train.output_dir`: checkpoints/, log.csv, tensorboard/ (train.report_to: tensorboard),
+adapter/ (stock peft LoRA format), config.yaml, cache_fingerprint.json, metrics.json.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from stages.student.trainer import (
     train_and_save,
     use_bf16,
 )
+from stages.tensorboard_log import reports_to_tensorboard, tensorboard_dir
 from storage_schemas.remote import local_cache_copy
 
 __all__ = ["run_train", "resume_point"]
@@ -39,7 +40,14 @@ __all__ = ["run_train", "resume_point"]
 # Config keys that may change between a run and its resumption (they do not change what is learned
 # up to the checkpoint); any other difference is refused.
 _RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps",
-                      "train.fused_loss", "train.fused_chunk_size"}  # the same loss and gradients, fused or not
+                      "train.fused_loss", "train.fused_chunk_size",  # the same loss and gradients, fused or not
+                      "train.report_to"}  # where the logs go
+# train.trainer_args keys that may change on resume: memory/speed and bookkeeping switches that leave the
+# loss, the gradients and the optimizer as they were (gradient checkpointing recomputes the same forward).
+# Any other trainer_args change (optim, max_grad_norm, adam_*, ...) is refused like any other key.
+_RESUMABLE_TRAINER_ARGS = ("gradient_checkpointing", "gradient_checkpointing_kwargs", "save_total_limit",
+                           "dataloader_num_workers", "dataloader_pin_memory", "dataloader_prefetch_factor",
+                           "dataloader_persistent_workers", "disable_tqdm", "torch_empty_cache_steps", "ddp_timeout")
 _STAGE_SECTIONS = ("model", "data", "cache", "train")
 
 
@@ -60,14 +68,25 @@ def _saved_config(saved: Path) -> dict[str, Any]:
     return {**_flat(to_dict(StageConfig())), **_flat({k: v for k, v in raw.items() if k in _STAGE_SECTIONS})}
 
 
+def _resumable(key: str) -> bool:
+    """Whether a flattened config key (train.trainer_args.gradient_checkpointing_kwargs.use_reentrant, ...)
+    may differ between a run and its resumption."""
+    return key in _RESUMABLE_CHANGES or key.startswith("eval.") or any(
+        key == f"train.trainer_args.{name}" or key.startswith(f"train.trainer_args.{name}.") for name in _RESUMABLE_TRAINER_ARGS)
+
+
+def _stage_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """The flattened keys of the stages' sections (top-level records such as a Hub id's revision are not compared)."""
+    return {k: v for k, v in flat.items() if k.split(".")[0] in _STAGE_SECTIONS}
+
+
 def _check_same_config(config: StageConfig, saved: Path) -> None:
     """Refuse to resume a run whose saved config differs in anything but _RESUMABLE_CHANGES."""
     if not saved.exists():
         return
-    before = _saved_config(saved)
-    now = {k: v for k, v in _flat(to_dict(config)).items() if k.split('.')[0] in _STAGE_SECTIONS}
+    before, now = _stage_keys(_saved_config(saved)), _stage_keys(_flat(to_dict(config)))
     changed = sorted(k for k in before.keys() | now.keys()
-                     if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("eval."))
+                     if before.get(k) != now.get(k) and not _resumable(k))
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume {saved.parent}: the config changed since the checkpoint ({details})")
@@ -123,7 +142,8 @@ def _summary(metrics: dict[str, Any], config: StageConfig) -> str:
     train = config.train
     return "\n".join([
         f"stage two done: method={train.method} reg_weight={train.reg_weight} "
-        f"lora={train.lora.variant} r={train.lora.rank}",
+        f"lora={train.lora.variant} r={train.lora.rank}"
+        + (f" base={train.quantization} (QLoRA)" if train.quantization != "none" else ""),
         f"  steps {metrics['steps']}, tokens {metrics['tokens']:,} "
         f"({metrics['tokens_per_s']:,.0f} tok/s over {metrics['wall_time_s']:.1f} s this session)",
         f"  CE {_num(metrics['ce_start'], '.4f')} (step 1) -> {_num(metrics['final_ce'], '.4f')} (last window), "
@@ -132,6 +152,8 @@ def _summary(metrics: dict[str, Any], config: StageConfig) -> str:
         f"  adapted modules: {render_adapted(metrics['adapted_modules']) if 'adapted_modules' in metrics else 'n/a'}",
         f"  fused loss: {_fused(metrics)}",
         f"  metrics: {Path(train.output_dir) / 'metrics.json'}",
+        f"  logs: {Path(train.output_dir) / 'log.csv'}" + (
+            f", tensorboard --logdir {tensorboard_dir(train.output_dir)}" if reports_to_tensorboard(train.report_to) else ""),
     ])
 
 
@@ -167,7 +189,7 @@ def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[Tra
                              with_teacher=get_method(train.method).reads_cache, encoding=manifest.settings.encoding,
                              use_k=train.k)
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
-    model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32)
+    model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32, train.quantization)
     trainer = build_trainer(model, dataset, collator, config, manifest.num_rows, callbacks)
     # l2/lalora: anchor (and lalora's Fisher) at the init, on the device the Trainer placed the model;
     # a resume rebuilds the same seeded init, so the anchor matches before the checkpoint is loaded

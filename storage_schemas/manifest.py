@@ -32,9 +32,11 @@ class FingerprintMismatch(ValueError):
 @dataclass(frozen=True)
 class TeacherFingerprint:
     model_path: str
-    revision: str | None
+    revision: str | None       # the Hub commit the model was resolved from (None: a local directory was given)
     weights_sha256: str        # over all weight files, sorted by name
     config_sha256: str         # over config.json
+    hub_id: str = ""           # the Hub id (org/name) it was resolved from; "" for a local directory
+                               # (manifests written before Hub ids were read have no such key)
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,8 @@ class ShardRecord:
 
 _IDENTITY_FIELDS = ("teacher", "tokenizer", "dataset", "settings", "engine")
 # Where things were found is recorded but is not identity: a moved model or data file with the same
-# bytes still matches its cache.
-_LOCATION_FIELDS = {"teacher.model_path", "dataset.source"}
+# bytes still matches its cache, and so does the local directory of a Hub snapshot given by id.
+_LOCATION_FIELDS = {"teacher.model_path", "teacher.revision", "teacher.hub_id", "dataset.source"}
 # Package versions are recorded but are not identity: a patch release of torch must not orphan a
 # half-written cache. The engine's name and dtype are (their values differ in the last bits).
 _RECORDED_ONLY = _LOCATION_FIELDS | {"engine.versions"}

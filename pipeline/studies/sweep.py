@@ -8,7 +8,10 @@ Stage one runs once (or is skipped: a complete cache is reused). Each run trains
 eval.json exists is skipped, so a killed sweep continues where it stopped. At the end: results.json
 (one record per run), results.md (mean ± std over seeds per method, k, variant and lambda) and
 frontier.png (x: held-out target loss, y: increase of the retention loss over the base model; one
-curve per method (and k, variant) across lambda, error bars over seeds).
+curve per method (and k, variant) across lambda, error bars over seeds). With `train.report_to:
+tensorboard`, `tensorboard --logdir <sweep.output_dir>` shows every run's training curves (<run>/tensorboard)
+and eval figures, and <sweep.output_dir>/tensorboard holds the HPARAMS table (one run per grid point) and the
+frontier figure.
 
 Grid (config `sweep`): lambdas (`train.reg_weight`) are `reg_weights`, or `method_reg_weights[method]`
 where given (the weight penalties l2/lalora live on another scale than the KL); a method whose weight
@@ -33,9 +36,11 @@ from pipeline.config import Config
 from stages.cache_teacher import run_cache_teacher
 from stages.evaluate import run_eval
 from stages.student.methods import get_method, method_names
+from stages.tensorboard_log import reports_to_tensorboard, tensorboard_dir
 from stages.train import run_train
 
-__all__ = ["RunSpec", "plan_runs", "run_config", "run_sweep", "summarize", "plot_frontier", "curve_label", "record_weight"]
+__all__ = ["RunSpec", "plan_runs", "run_config", "run_sweep", "summarize", "plot_frontier", "log_sweep", "curve_label",
+           "record_weight"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ def run_sweep(config: Config) -> list[dict]:
     (out / "results.json").write_text(json.dumps({"base": base, "runs": records}, indent=2))
     (out / "results.md").write_text(summarize(records, base))
     plot_frontier(records, out / "frontier.png")
+    if reports_to_tensorboard(config.train.report_to):
+        log_sweep(records, tensorboard_dir(out))
     print(summarize(records, base))
     return records
 
@@ -162,7 +169,34 @@ def _weighted(method: str) -> bool:
     return method not in method_names() or get_method(method).weight_scales != "nothing"
 
 
+HPARAMS = ("method", "reg_weight", "seed", "k", "variant")
+SWEEP_METRICS = ("target_loss", "target_accuracy", "source_loss", "source_loss_increase", "drift_kl")
+
+
+def log_sweep(records: list[dict], log_dir: Path) -> None:
+    """TensorBoard's HPARAMS view of the sweep: one run per record in <log_dir>/<run name> (hparams =
+    HPARAMS, metrics = SWEEP_METRICS under sweep/), written once per run (a resumed sweep adds only the new
+    ones); and the frontier figure in <log_dir> at step = the number of runs so far."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for r in records:
+            if not (log_dir / r["name"]).exists():
+                writer.add_hparams({key: r.get(key, "") for key in HPARAMS},
+                                   {f"sweep/{key}": r[key] for key in SWEEP_METRICS}, run_name=r["name"])
+        writer.add_figure("sweep/frontier", _frontier_figure(records), global_step=len(records))
+
+
 def plot_frontier(records: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _frontier_figure(records)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _frontier_figure(records: list[dict]):
+    """The learning/forgetting frontier as a matplotlib Figure (the caller saves or logs and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,5 +222,4 @@ def plot_frontier(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -34,11 +34,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from stages.student.settings import LoraSettings
+from stages.student.settings import QUANTIZATIONS, LoraSettings
 from stages.student.variants import MUTATES_BASE
 
 __all__ = [
-    "MUTATES_BASE", "lora_config", "make_student",
+    "MUTATES_BASE", "QUANTIZATIONS", "lora_config", "make_student",
     "save_initial_adapter", "save_adapter", "adapter_state", "base_state", "adapted_modules", "render_adapted",
 ]
 
@@ -63,16 +63,42 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
     )
 
 
-def make_student(model_dir: str | os.PathLike, settings: LoraSettings, dtype: torch.dtype = torch.float32) -> PeftModel:
+def make_student(model_dir: str | os.PathLike, settings: LoraSettings, dtype: torch.dtype = torch.float32,
+                 quantization: str = "none") -> PeftModel:
     """Load the base model from a local HF directory in `dtype` and wrap it with a fresh adapter.
 
     Only the adapter is trainable; peft keeps adapter weights in float32 even when the base is
     bfloat16. PiSSA's randomized SVD draws from torch's global RNG: seed before calling for a
-    reproducible (and resumable) init.
+    reproducible (and resumable) init. `quantization="4bit"`: QLoRA (`_load_4bit`).
     """
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if quantization == "4bit":
+        base = _load_4bit(model_dir, dtype)
+    elif quantization == "none":
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    else:
+        raise ValueError(f"quantization {quantization!r} not in {QUANTIZATIONS}")
     base.config.use_cache = False  # training never decodes; the KV cache would only cost memory
     return get_peft_model(base, lora_config(settings))
+
+
+def _load_4bit(model_dir: str | os.PathLike, dtype: torch.dtype):
+    """QLoRA's base: every linear layer but the output head stored as NF4 (double-quantized), matmuls in
+    `dtype`, on this process's device (bitsandbytes >= 0.50 runs 4-bit on CPU too); norms and
+    embeddings upcast to float32 and input gradients enabled by peft's `prepare_model_for_kbit_training`.
+    Gradient checkpointing stays train.trainer_args' switch. ImportError without bitsandbytes."""
+    try:
+        import bitsandbytes  # noqa: F401  (transformers' own message for a missing package names no fix)
+    except ImportError as err:
+        raise ImportError("train.quantization=4bit needs bitsandbytes: pip install -e '.[quant]'") from err
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    # 4-bit weights cannot be moved after loading: load them where this process (its DDP rank) trains
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, quantization_config=quant, device_map={"": device})
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
 
 # --- saving ---------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def check_teacher(manifest: Manifest, student_model_dir: str | os.PathLike, allo
         return
     message = "the cache was made by other teacher weights than the student base model:\n  " + "\n  ".join(problems)
     if not allow_model_mismatch:
-        raise FingerprintMismatch(message + "\n(set train.allow_model_mismatch=true to train on it anyway)")
+        raise FingerprintMismatch(message + "\n(set train.allow_model_mismatch=true, or load_cache(..., allow_model_mismatch=True), "
+                                  "to train on it anyway)")
     warnings.warn(message + "\n(allowed by train.allow_model_mismatch)", stacklevel=3)
 
 

@@ -3,13 +3,16 @@ pipeline/config.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from stages.checks import require
 from stages.student.methods import get_method
-from stages.student.variants import LORA_VARIANTS
+from stages.student.trainer_args import check_trainer_args, normalize_report_to
+from stages.student.variants import LORA_VARIANTS, MUTATES_BASE
 
-__all__ = ["LoraSettings", "TrainConfig", "LORA_VARIANTS"]
+__all__ = ["LoraSettings", "TrainConfig", "LORA_VARIANTS", "QUANTIZATIONS"]
+
+QUANTIZATIONS = ("none", "4bit")  # train.quantization: the base as stored | NF4 through bitsandbytes (QLoRA)
 
 
 @dataclass
@@ -60,6 +63,14 @@ class TrainConfig:
     fisher_max_length: int = 256         # tokens per Fisher text (truncated on the right)
     fisher_floor: float = 0.1            # F_i += fisher_floor * mean(F): anchors A, whose Fisher is 0 at B = 0
     k: int = 0                           # cached estimators: use the first k cached tokens (the teacher's top k); 0 = all
+    # none | 4bit: QLoRA, the base's linear layers in NF4 through bitsandbytes (extra `quant`; CPU and CUDA), matmuls
+    # in the bf16/fp32 compute dtype; not with pissa/olora (stages/student/adapters.py make_student)
+    quantization: str = "none"
+    # tensorboard (scalars in <output_dir>/tensorboard) | wandb | mlflow (each when installed) | none, or a list
+    report_to: str | list[str] = "tensorboard"
+    # more TrainingArguments fields, e.g. {gradient_checkpointing: true, optim: adamw_torch_fused}; keys the
+    # project sets are refused with a pointer (stages/student/trainer_args.py)
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
     # Old names still read (pipeline/config.py load_config: a FutureWarning naming the new key; a
     # run directory's saved config.yaml written before the method registry resumes under the new names).
@@ -87,3 +98,9 @@ class TrainConfig:
                 f"train.fused_loss: not supported with method {self.method!r} (the chunked loss computes CE and a "
                 "cached estimator from the last hidden state; this method's regularizer needs the full logits)")
         require(self.fused_chunk_size >= 0, f"train.fused_chunk_size: must be >= 0, got {self.fused_chunk_size}")
+        require(self.quantization in QUANTIZATIONS, f"train.quantization: {self.quantization!r} not in {'|'.join(QUANTIZATIONS)}")
+        require(self.quantization == "none" or self.lora.variant not in MUTATES_BASE,
+                f"train.quantization={self.quantization}: not with train.lora.variant={self.lora.variant} (its init writes the "
+                "residual W - BA into the base weights, which NF4 would round, so the saved stock LoRA would no longer add up)")
+        self.report_to = normalize_report_to(self.report_to)
+        check_trainer_args(self.trainer_args)

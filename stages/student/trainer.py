@@ -33,13 +33,14 @@ Logs (progress bar, trainer_state.json, log.csv): per logging window the Trainer
 the step losses) plus `ce` and the method's regularizer (`Method.log_key`: `kl` per labelled token,
 or `penalty` per step, over the window, summed over processes) and `tokens_per_s` (non-padding
 input tokens). The model is always called without labels, so it never computes a loss of its own.
+With `train.report_to: tensorboard` (the default) the same logs go to <run>/tensorboard as `train/<key>`
+scalars (`RunTensorBoardCallback`, transformers' own pointed there); wandb/mlflow when asked.
 
-Run directory: checkpoints/checkpoint-N (every save_steps; the 2 newest kept), log.csv,
+Run directory: checkpoints/checkpoint-N (every save_steps; the 2 newest kept), log.csv, tensorboard/,
 and at the end adapter/, config.yaml, cache_fingerprint.json, metrics.json.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -52,22 +53,22 @@ from typing import Any, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from stages.settings import StageConfig, save_config
 from stages.student.adapters import adapted_modules, save_adapter
-from stages.student.collator import IGNORE_INDEX
-from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
-from stages.student.lm_head import final_hidden_state, output_head
-from stages.student.loss import CachedTeacher, LossParts, regularized_loss
-from stages.student.methods import Method, check_variant, get_method
+from stages.student.lm_head import output_head
+from stages.student.loss_mixin import CacheLossMixin, batch_loss, fused_batch_loss
+from stages.student.methods import get_method
 from stages.student.settings import TrainConfig
-from stages.student.weight_penalties import WeightPenalty
+from stages.student.trainer_args import check_reporters_installed
+from stages.tensorboard_log import tensorboard_dir
 from storage_schemas import SEQUENCE_COLUMNS, Manifest, teacher_columns
 
 __all__ = [
-    "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "batch_loss", "fused_batch_loss", "dataset_columns", "use_bf16",
-    "training_arguments", "build_trainer", "train_and_save", "last_checkpoint", "run_metrics", "cache_fingerprint",
-    "write_run_files", "CHECKPOINT_DIR",
+    "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "RunTensorBoardCallback", "batch_loss", "fused_batch_loss",
+    "dataset_columns", "use_bf16", "training_arguments", "build_trainer", "train_and_save", "last_checkpoint", "run_metrics",
+    "cache_fingerprint", "write_run_files", "CHECKPOINT_DIR",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -86,144 +87,12 @@ def use_bf16(setting: str) -> bool:
     return setting == "true"
 
 
-# --- the loss of one micro-batch ---------------------------------------------------------------
-def _labelled(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], labels [B, T] -> (logits [N, V], targets [N]) at the labelled positions,
-    row-major: the order of the collator's teacher arrays."""
-    mask = labels[:, 1:] != IGNORE_INDEX
-    return logits[:, :-1][mask], labels[:, 1:][mask]
-
-
-def _cached_teacher(inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> CachedTeacher:
-    teacher = CachedTeacher(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"], inputs["teacher_target_logprob"])
-    if teacher.target_logprob.shape[0] != targets.shape[0]:
-        raise ValueError(f"{targets.shape[0]} labelled positions but {teacher.target_logprob.shape[0]} cached ones")
-    return teacher
-
-
-def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str, kl_weight: float,
-               num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
-               fused: bool = False, chunk_size: int = 0) -> LossParts:
-    """CE + kl_weight * the method's per-token regularizer (mean; none: CE only) for one collated
-    micro-batch (keys as `CacheCollator` returns them). A weight penalty is added by `CacheTrainer`.
-
-    The model is called WITHOUT labels so it does not compute (and allocate for) its own loss.
-    `peft_model` is the unwrapped PeftModel used for the `live` teacher (defaults to `model`).
-    `fused`: the same loss via `fused_batch_loss` (no [B, T, V] logits); `chunk_size` its rows per chunk.
-    """
-    if fused:
-        return fused_batch_loss(model, inputs, method, kl_weight, num_items, peft_model, chunk_size)
-    labels, spec = inputs["labels"], get_method(method)
-    if spec.needs_live_teacher:  # teacher first, so its full [B, T, V] logits are freed before backward
-        teacher_model = peft_model if peft_model is not None else model
-        with teacher_model.disable_adapter(), torch.no_grad():
-            teacher_full = teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        teacher_logits, _ = _labelled(teacher_full, labels)
-        del teacher_full
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    student_logits, targets = _labelled(logits, labels)
-    kl = None  # none, l2, lalora: no per-token term (CacheTrainer adds a penalty)
-    if spec.regularizer is not None:
-        teacher = teacher_logits if spec.needs_live_teacher else _teacher(spec, inputs, targets)
-        kl = spec.regularizer(student_logits, targets, teacher)
-    return regularized_loss(student_logits, targets, kl, kl_weight, num_items=num_items)
-
-
-def _teacher(method: Method, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> CachedTeacher | None:
-    """The cached teacher arrays for a method that reads them, else None."""
-    return _cached_teacher(inputs, targets) if method.reads_cache else None
-
-
-def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str, kl_weight: float,
-                     num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
-                     chunk_size: int = 0) -> LossParts:
-    """`batch_loss` from the last hidden state at the labelled positions and the lm_head weight, through
-    `chunked_regularized_loss` (fused_loss.py): the [B, T, V] logits are never built. `chunk_size` 0 = auto."""
-    spec = get_method(method)
-    if not spec.supports_fused:
-        raise ValueError(f"train.fused_loss: not supported with method {method!r} (its regularizer needs full logits)")
-    peft_model = peft_model if peft_model is not None else model
-    hidden, autocast = final_hidden_state(model, peft_model, inputs["input_ids"], inputs["attention_mask"])
-    hidden, targets = _labelled(hidden, inputs["labels"])
-    weight, bias = output_head(peft_model)
-    teacher = _teacher(spec, inputs, targets) if spec.regularizer is not None else None  # none, l2, lalora: CE
-    # The lm_head's dtype inside the forward (accelerate's autocast may cover only the forward).
-    context = torch.autocast(hidden.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    with context:
-        return chunked_regularized_loss(hidden, weight, targets, teacher, kl_weight, spec.fused_estimator, num_items,
-                                        chunk_size or auto_chunk_size(weight.shape[0]), bias)
-
-
 # --- the Trainer -------------------------------------------------------------------------------
-class CacheTrainer(Trainer):
-    """`Trainer` whose loss is `batch_loss`; logs per-token CE, KL and tokens/s per logging window."""
+class CacheTrainer(CacheLossMixin, Trainer):
+    """`Trainer` whose loss is `batch_loss`; logs per-token CE, KL and tokens/s per logging window.
 
-    loss_is_scaled_for_ga = True  # compute_loss normalizes by the whole step's labelled-token count
-
-    def __init__(self, *args: Any, method: str, reg_weight: float, variant: str = "lora",
-                 penalty: WeightPenalty | None = None, fused_loss: bool = False, fused_chunk_size: int = 0,
-                 **kwargs: Any) -> None:
-        check_variant(method, variant)
-        super().__init__(*args, **kwargs)
-        self.method, self.reg_weight = get_method(method), reg_weight
-        self.fused_loss, self.fused_chunk_size = fused_loss, fused_chunk_size  # see fused_batch_loss
-        # l2/lalora: R(theta), set (anchored at init) by stages.train before training; see weight_penalties
-        self.penalty = penalty
-        # Make the Trainer count labels[:, 1:] != -100 over the accumulated micro-batches whatever
-        # the model class says: our labels always follow the causal-shift convention.
-        self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = True
-        self._window: torch.Tensor | None = None  # on device: CE sum, KL sum, labelled, input tokens
-        self._window_start = time.time()
-        self.session_tokens = 0
-
-    def train(self, *args: Any, **kwargs: Any):
-        self._window_start = time.time()  # tokens/s of the first window excludes setup time
-        return super().train(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The micro-batch's share of the step loss, already scaled for accumulation (see module doc)."""
-        parts = batch_loss(model, inputs, self.method.name, self.reg_weight, num_items_in_batch,
-                           peft_model=self.accelerator.unwrap_model(model),
-                           fused=self.fused_loss, chunk_size=self.fused_chunk_size)
-        loss = parts.loss
-        if num_items_in_batch is None and model.training:
-            loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
-        elif num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
-        if self.method.penalty is not None:
-            if self.penalty is None:
-                raise RuntimeError(f"method {self.method.name!r}: CacheTrainer.penalty was never set (build_penalty)")
-            # One penalty per optimizer step: each of the step's micro-batches adds its share. Added after
-            # the DDP rescaling: every process adds the same penalty and DDP averages it back to one.
-            value = self.penalty()
-            share = self.current_gradient_accumulation_steps if model.training else 1
-            loss = loss + self.reg_weight * value / share
-            # LossParts.kl carries the method's regularizer: here the penalty, logged as `penalty`
-            parts = LossParts(loss=loss, ce=parts.ce, kl=value.detach(), n_tokens=parts.n_tokens)
-        if model.training:  # stays on device: no host sync per micro-batch
-            n = parts.ce.new_tensor(parts.n_tokens, dtype=torch.float64)
-            update = torch.stack([parts.ce.double() * n, parts.kl.double() * n, n, inputs["attention_mask"].sum().double()])
-            self._window = update if self._window is None else self._window + update
-        return (loss, {"ce": parts.ce, self.method.log_key: parts.kl}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training-window log (the end-of-train summary says "train_loss")
-            logs.update(self._drain_window())
-        super().log(logs, start_time)
-
-    def _drain_window(self) -> dict[str, float]:
-        """Per-token CE, the regularizer (under `Method.log_key`) and input tokens/s since the last log;
-        summed over processes."""
-        window = self._window if self._window is not None else torch.zeros(4, dtype=torch.float64, device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            window = self.accelerator.reduce(window, reduction="sum")
-        ce_sum, kl_sum, n, tokens = window.tolist()
-        now = time.time()
-        elapsed, self._window_start = now - self._window_start, now
-        self._window = None
-        self.session_tokens += int(tokens)
-        return {"ce": ce_sum / max(n, 1.0), self.method.log_key: kl_sum / max(n, 1.0), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+    All of it is `CacheLossMixin` (stages/student/loss_mixin.py): the same code a user's own Trainer
+    subclass or TRL's `CacheSFTTrainer` mixes in."""
 
 
 # --- callbacks ---------------------------------------------------------------------------------
@@ -258,6 +127,27 @@ class CsvLogCallback(TrainerCallback):
             csv.DictWriter(fh, fieldnames=self.FIELDS).writerow(row)
 
 
+class RunTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoardCallback writing into <run>/tensorboard; a resumed session first purges
+    the steps after its checkpoint, which the killed session may have logged.
+
+    transformers 5 has no TrainingArguments.logging_dir: the stock callback writes to $TENSORBOARD_LOGGING_DIR,
+    else to <args.output_dir>/runs/<date>_<host> (here inside checkpoints/); the environment variable
+    would leak to every later run of the process. On resume the writer's `purge_step` records a restart
+    at the first re-logged step, so TensorBoard drops the old points from there (one point per step)."""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self.logging_dir = str(log_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.tb_writer is None and state.global_step > 0:  # resumed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(log_dir=self.logging_dir, purge_step=state.global_step + 1)
+        return super().on_train_begin(args, state, control, **kwargs)
+
+
 class LogLastStepCallback(TrainerCallback):
     """Log at the final step too, so the last window's CE/KL reach the logs and metrics."""
 
@@ -268,16 +158,10 @@ class LogLastStepCallback(TrainerCallback):
 
 
 # --- setup -------------------------------------------------------------------------------------
-def training_arguments(train: TrainConfig, run_dir: Path, num_rows: int, streaming: bool = False) -> TrainingArguments:
-    """`TrainingArguments` from the stage config. A streamed dataset has no length, so its step
-    count is derived from the manifest's row count."""
-    if not 0.0 <= train.warmup_ratio < 1.0:  # transformers reads a value >= 1 as a step count
-        raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
-    max_steps = train.max_steps if train.max_steps > 0 else -1
-    if streaming and max_steps < 0:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        max_steps = math.ceil(train.epochs * math.ceil(num_rows / (train.batch_size * train.grad_accum * world)))
-    return TrainingArguments(
+def _project_arguments(train: TrainConfig, run_dir: Path, max_steps: int) -> dict[str, Any]:
+    """The TrainingArguments the project sets (stages/student/trainer_args.py names the ones a config
+    cannot override, and why)."""
+    return dict(
         output_dir=str(run_dir / CHECKPOINT_DIR),
         per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
         num_train_epochs=train.epochs, max_steps=max_steps,
@@ -292,11 +176,32 @@ def training_arguments(train: TrainConfig, run_dir: Path, num_rows: int, streami
         # slice a collated batch along dim 0 (it does by default for iterable datasets).
         accelerator_config={"dispatch_batches": False, "split_batches": False},
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
-        report_to="none", dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=check_reporters_installed(train.report_to) or "none",
+        dataloader_pin_memory=torch.cuda.is_available(),
         # Without CUDA, accelerate sets up DDP (gloo) under torchrun only when told it runs on CPU;
         # otherwise every process would silently train on its own.
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
+
+
+def training_arguments(train: TrainConfig, run_dir: Path, num_rows: int, streaming: bool = False) -> TrainingArguments:
+    """`TrainingArguments` from the stage config, `train.trainer_args` applied on top (validated by
+    TrainConfig, which refuses the keys the project sets). A streamed dataset has no length, so its
+    step count is derived from the manifest's row count. ValueError when a `train.report_to`
+    integration is not installed."""
+    if not 0.0 <= train.warmup_ratio < 1.0:  # transformers reads a value >= 1 as a step count
+        raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
+    max_steps = train.max_steps if train.max_steps > 0 else -1
+    if streaming and max_steps < 0:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        max_steps = math.ceil(train.epochs * math.ceil(num_rows / (train.batch_size * train.grad_accum * world)))
+    args = _project_arguments(train, run_dir, max_steps)
+    extra = dict(train.trainer_args)
+    if extra.get("gradient_checkpointing"):  # non-reentrant: the safe choice with peft (also transformers 5's default)
+        extra.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    # a given accelerator_config keeps the project's dispatch/split settings (trainer_args refuses those keys)
+    extra["accelerator_config"] = {**extra.get("accelerator_config", {}), **args["accelerator_config"]}
+    return TrainingArguments(**{**args, **extra})
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -372,6 +277,7 @@ def train_and_save(trainer: CacheTrainer, config: StageConfig, manifest: Manifes
     metrics["adapted_modules"] = adapted_modules(trainer.model)  # leaf name -> count: what train.lora.target_modules matched
     metrics["fused_loss"] = trainer.fused_loss
     metrics["fused_loss_reason"] = getattr(trainer, "fused_loss_reason", "")
+    metrics["quantization"] = config.train.quantization  # none | 4bit (QLoRA): the base the adapter trained on
     write_run_files(trainer, config, manifest, metrics, initial_adapter)
     return metrics
 
@@ -410,4 +316,18 @@ def build_trainer(model, dataset, collator, config: StageConfig, num_rows: int,
         fused_loss=fused, fused_chunk_size=train.fused_chunk_size,
     )
     trainer.fused_loss_reason = why_not  # "" when fused; the run summary and metrics.json say why not
+    _point_tensorboard(trainer, tensorboard_dir(run_dir))
+    if trainer.args.gradient_checkpointing:
+        # peft: the frozen embeddings' output must require grad or a reentrant checkpoint cuts the graph
+        # (transformers 5.19 also does this in gradient_checkpointing_enable; done here whatever the version)
+        model.enable_input_require_grads()
     return trainer
+
+
+def _point_tensorboard(trainer: Trainer, log_dir: Path) -> None:
+    """Replace the TensorBoardCallback that report_to: tensorboard added by a `RunTensorBoardCallback`
+    writing into `log_dir`, in the same place among the callbacks."""
+    callbacks = trainer.callback_handler.callbacks
+    for i, callback in enumerate(callbacks):
+        if type(callback) is TensorBoardCallback:
+            callbacks[i] = RunTensorBoardCallback(log_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from stages.hub import teacher_with_hub
 from stages.inputs import INPUT_RULES_VERSION, Example, InputReport, load_rows, source_files, source_sha256, tokenize_rows
 from stages.settings import StageConfig
 from stages.teacher.engine import PositionScores, open_engine
@@ -99,7 +100,7 @@ def plan_manifest(config: StageConfig, num_examples: int, report: InputReport | 
     files = source_files(config.data.path)
     data = config.data
     return Manifest(
-        teacher=teacher_fingerprint(config.model),
+        teacher=teacher_with_hub(teacher_fingerprint(config.model), config),  # + the Hub id/commit, recorded
         tokenizer=tokenizer_fingerprint(config.model),
         dataset=DatasetFingerprint(
             source=str(Path(data.path).resolve()), split=data.split, field=data.messages_field or data.text_field,

@@ -1,0 +1,72 @@
+"""The cache from your own training code: the cached examples, their collator and the loss, without the CLI.
+
+    from transformers import Trainer, TrainingArguments
+    from stages.student.library import CacheLossMixin, load_cache
+
+    data = load_cache("runs/demo/cache", "build/default/base-model", method="tail")
+    class MyTrainer(CacheLossMixin, Trainer): ...
+    trainer = MyTrainer(model=peft_model, args=TrainingArguments("out", remove_unused_columns=False),
+                        train_dataset=data.dataset, data_collator=data.collator, method="tail", reg_weight=1.0)
+
+`load_cache` does what `stages.train.run_train` does before it builds the model: the fingerprint checks
+(`open_cache`: the student's tokenizer, its base weights, a complete and verified cache), the dataset of
+cached rows (`load_cache_dataset`, only the columns the method reads) and the `CacheCollator`. The loss is
+`CacheLossMixin` (stages/student/loss_mixin.py), the CLI's `CacheTrainer` is that mixin on
+transformers' `Trainer`, and TRL's `SFTTrainer` gets it in stages/student/trl_trainer.py.
+
+Scope: the cached estimators (methods `tail`, `topk`, `full_kl`) and `none` (CE only), fused
+(`fused_loss=True`: the mixin calls the model for its last hidden state, no [B, T, V] logits) or unfused.
+The weight penalties (`l2`, `lalora`) are a per-step term the mixin adds from `trainer.penalty`, which the
+caller builds after creating the trainer, as stages/train.py does:
+`trainer.penalty = build_penalty(train_config, trainer.model, model_dir)` (stages.student.methods).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.loss_mixin import CacheLossMixin, batch_loss
+from stages.student.methods import build_penalty, get_method
+from stages.student.reader import load_cache_dataset, open_cache
+from stages.student.trainer import CacheTrainer, dataset_columns
+from storage_schemas import Manifest
+from storage_schemas.remote import local_cache_copy
+
+__all__ = ["CachedExamples", "load_cache", "CacheLossMixin", "CacheTrainer", "batch_loss", "build_penalty"]
+
+
+@dataclass
+class CachedExamples:
+    """What a Trainer needs from a cache: its checked `manifest`, the `dataset` of cached rows (a
+    `datasets.Dataset` in numpy format, or an IterableDataset when streamed) and the `collator` that
+    turns rows into the batch `CacheLossMixin.compute_loss` reads (CacheCollator's docstring: shapes);
+    `cache_dir` the local directory read, `method` the one the columns were chosen for."""
+
+    manifest: Manifest
+    dataset: Any
+    collator: CacheCollator
+    cache_dir: str
+    method: str
+    allow_model_mismatch: bool = False
+
+
+def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, method: str = "tail", *, k: int = 0,
+               streaming: bool = False, allow_model_mismatch: bool = False, local_dir: str = "") -> CachedExamples:
+    """The cached examples of `cache_dir` for training the base model in `model_dir` with `method`.
+
+    `k`: use only the cache's top-k teacher tokens per position (0 = all, as train.k). `streaming`: an
+    IterableDataset reading the shards directly. `cache_dir` may be an s3:// URI (mirrored to `local_dir`,
+    as cache.local_dir). Raises FingerprintMismatch for another tokenizer or other teacher weights than
+    the base's (`allow_model_mismatch` relaxes the latter only), ValueError for an incomplete or
+    corrupt cache or an unknown method.
+    """
+    spec = get_method(method)
+    local = local_cache_copy(str(cache_dir), local_dir)
+    manifest = open_cache(local, model_dir, allow_model_mismatch=allow_model_mismatch)
+    dataset = load_cache_dataset(local, manifest, streaming=streaming,
+                                 columns=dataset_columns(method, manifest.settings.encoding))
+    collator = CacheCollator(pad_token_id(model_dir), manifest.settings.k, with_teacher=spec.reads_cache,
+                             encoding=manifest.settings.encoding, use_k=k)
+    return CachedExamples(manifest, dataset, collator, local, method, allow_model_mismatch)

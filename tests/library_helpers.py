@@ -1,0 +1,38 @@
+"""Helpers shared by the library-API and TRL tests: README snippets run as printed, and a non-zero adapter."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_snippet(name: str) -> str:
+    """The python block right after `<!-- snippet: name -->` in README.md."""
+    found = re.search(rf"<!-- snippet: {name} -->\s*```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert found, f"README.md has no snippet {name!r}"
+    return found.group(1)
+
+
+def run_snippet(code: str, model_dir: Path, cache_dir: Path, out: Path) -> dict:
+    """exec the README's code with the tiny model, cache and a temp output dir in place of its paths;
+    returns its namespace. Each path must appear in the code (a snippet that stopped naming one fails)."""
+    for old, new in (("build/default/base-model", model_dir), ("runs/demo/cache", cache_dir), ("runs/my-trainer", out)):
+        assert old in code, old
+        code = code.replace(old, str(new))
+    namespace: dict = {"__name__": "readme_snippet"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+def perturb_adapter(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Give every lora_B a seeded non-zero value (at init B = 0 and the adapter changes nothing, so a
+    comparison would not see it); returns a copy of the trainable (adapter) parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
