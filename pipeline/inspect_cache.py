@@ -42,6 +42,13 @@ def _find_row(cache_dir: str, manifest: Manifest, example: int) -> dict:
     raise ValueError(f"example {example} is not in {cache_dir} ({manifest.num_rows} examples cached)")
 
 
+def _spans(positions: np.ndarray) -> str:
+    """`3-7, 12-15`: runs of consecutive positions."""
+    breaks = np.flatnonzero(np.diff(positions) > 1)
+    starts, ends = np.r_[positions[0], positions[breaks + 1]], np.r_[positions[breaks], positions[-1]]
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts.tolist(), ends.tolist()))
+
+
 def describe_position(cache_dir: str, example: int, position: int, model_dir: str | None = None, top: int = 10) -> str:
     from transformers import AutoTokenizer
 
@@ -51,7 +58,10 @@ def describe_position(cache_dir: str, example: int, position: int, model_dir: st
     if not 0 <= position < len(mask):
         raise ValueError(f"example {example}: position must be in 0..{len(mask) - 1} (position i predicts token i+1)")
     if not mask[position]:
-        return f"example {example}, position {position}: not a trained position (prompt token); nothing cached"
+        trained = np.flatnonzero(mask)
+        spans = _spans(trained) if trained.size else "none"
+        return (f"example {example}, position {position}: not a trained position (loss_mask 0: its next token is not "
+                f"trained, e.g. a prompt, a template token or padding); nothing cached. Trained positions: {spans}")
     k, slot = manifest.settings.k, int(mask[:position].sum())
     ids = row[TOPK_IDS_COLUMN][slot * k:(slot + 1) * k]
     logprobs = np.asarray(row[TOPK_LOGPROBS_COLUMN][slot * k:(slot + 1) * k], np.float64)

@@ -124,7 +124,7 @@ def resolve_data(path: str, key: str = "data.path") -> tuple[str, dict[str, str]
     if Path(path).expanduser().exists() or not (url or is_repo_id(path)):
         return path, None
     repo_id, revision, inner = (url["id"], url["rev"] or "", url["sub"]) if url else (path, "", None)
-    snapshot = _snapshot(repo_id, revision, "dataset", key)
+    snapshot = _snapshot(repo_id, revision, "dataset", f"{key} {path!r}:" if url else key)
     if inner is None:
         local = _data_in_repo(snapshot, repo_id, key)
     else:

@@ -10,6 +10,7 @@ adapter/ (stock peft LoRA format), config.yaml, cache_fingerprint.json, metrics.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,6 +81,19 @@ def _stage_keys(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k.split(".")[0] in _STAGE_SECTIONS}
 
 
+def _shown(key: str, flat: dict[str, Any]) -> str:
+    """A config value for a message; a trainer_args key left unset shows transformers' default."""
+    if key in flat:
+        return repr(flat[key])
+    if key.startswith("train.trainer_args."):
+        from transformers import TrainingArguments
+
+        field = TrainingArguments.__dataclass_fields__.get(key.removeprefix("train.trainer_args.").split(".")[0])
+        if field is not None and field.default is not dataclasses.MISSING:
+            return f"unset (transformers default {field.default!r})"
+    return "unset"
+
+
 def _check_same_config(config: StageConfig, saved: Path) -> None:
     """Refuse to resume a run whose saved config differs in anything but _RESUMABLE_CHANGES."""
     if not saved.exists():
@@ -88,7 +102,7 @@ def _check_same_config(config: StageConfig, saved: Path) -> None:
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k) != now.get(k) and not _resumable(k))
     if changed:
-        details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        details = "; ".join(f"{k}: {_shown(k, before)} -> {_shown(k, now)}" for k in changed)
         raise ValueError(f"cannot resume {saved.parent}: the config changed since the checkpoint ({details})")
 
 

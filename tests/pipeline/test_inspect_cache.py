@@ -75,3 +75,10 @@ def test_inspect_refuses_an_example_not_in_the_cache(default_cache, capsys):
     rows = Manifest.load(default_cache).num_rows
     assert cli_main(["inspect", str(default_cache), "--example", str(rows)]) == 2
     assert f"example {rows} is not in" in capsys.readouterr().err
+
+
+def test_trained_positions_are_listed_as_spans():
+    from pipeline.inspect_cache import _spans
+
+    assert _spans(np.array([3, 4, 5, 6, 7, 12, 13, 14, 15, 20])) == "3-7, 12-15, 20"
+    assert _spans(np.array([0])) == "0"

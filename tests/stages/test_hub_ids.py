@@ -94,6 +94,9 @@ def test_a_missing_id_offline_is_a_clear_error(hub, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.path 'tiny-org/no-data' \(revision main\): not a local path.*"
                                                 r"--repo-type dataset"):
         load_config(None, [f"model={MODEL_ID}", "data.path=tiny-org/no-data"])
+    with pytest.raises(FileNotFoundError, match=r"^data.path 'hf://datasets/tiny-org/no-data/train.jsonl': 'tiny-org/no-data' "
+                                                r"\(revision main\): not a local path"):  # the spelling the user wrote
+        load_config(None, [f"model={MODEL_ID}", "data.path=hf://datasets/tiny-org/no-data/train.jsonl"])
 
 
 def test_a_revision_not_in_the_cache_is_not_main(hub, tmp_path):
