@@ -3,7 +3,7 @@
     python -m pipeline train --config configs/demo.yaml
     python -m pipeline train --config configs/demo.yaml --resume     (continue from the last checkpoint)
 
-    open_cache -> load_cache_dataset -> CacheCollator -> make_student -> CacheTrainer -> save
+    load_cache (open_cache -> load_cache_dataset -> CacheCollator) -> make_student -> CacheTrainer -> save
 
 Writes into `train.output_dir`: checkpoints/, log.csv, tensorboard/ (train.report_to: tensorboard),
 adapter/ (stock peft LoRA format), config.yaml, cache_fingerprint.json, metrics.json.
@@ -21,20 +21,17 @@ from transformers import TrainerCallback, set_seed
 
 from stages.settings import StageConfig, save_config, to_dict
 from stages.student.adapters import MUTATES_BASE, make_student, render_adapted, save_initial_adapter
-from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.library import load_cache
 from stages.student.methods import build_penalty, check_variant, get_method
-from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.settings import TrainConfig
 from stages.student.trainer import (
     CHECKPOINT_DIR,
     build_trainer,
-    dataset_columns,
     last_checkpoint,
     train_and_save,
     use_bf16,
 )
 from stages.tensorboard_log import reports_to_tensorboard, tensorboard_dir
-from storage_schemas.remote import local_cache_copy
 
 __all__ = ["run_train", "resume_point"]
 
@@ -193,15 +190,12 @@ def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[Tra
         print(f"{run_dir} already finished; nothing to train.\n" + _summary(done, config))
         return done
     resume_from = resume_point(config, resume)
-    cache_dir = local_cache_copy(config.cache.dir, config.cache.local_dir)  # s3://...: a local, verified mirror
-    manifest = open_cache(cache_dir, config.model, allow_model_mismatch=train.allow_model_mismatch)
-    dataset = load_cache_dataset(cache_dir, manifest, streaming=train.streaming,
-                                 columns=dataset_columns(train.method, manifest.settings.encoding))
+    # s3://... is mirrored to cache.local_dir; fingerprint checks, the method's columns, the collator
+    cached = load_cache(config.cache.dir, config.model, train.method, k=train.k, streaming=train.streaming,
+                        allow_model_mismatch=train.allow_model_mismatch, local_dir=config.cache.local_dir)
+    manifest, dataset, collator = cached.manifest, cached.dataset, cached.collator
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
-    collator = CacheCollator(pad_token_id(config.model), manifest.settings.k,
-                             with_teacher=get_method(train.method).reads_cache, encoding=manifest.settings.encoding,
-                             use_k=train.k)
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
     model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32, train.quantization)
     trainer = build_trainer(model, dataset, collator, config, manifest.num_rows, callbacks)

@@ -36,3 +36,19 @@ def perturb_adapter(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Te
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step_loss(trainer, ref, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`trainer.compute_loss` and `ref.compute_loss` on one batch give the same loss, CE and KL (float32,
+    atol 1e-6), with a KL (> 1e-3) that moves the loss. Eval mode: no logging window is touched, and
+    dropout is 0, so the values are the training step's. Returns `trainer`'s (loss, {"ce", "kl"})."""
+    n_items = (batch["labels"][:, 1:] != -100).sum()
+    trainer.model.eval()
+    ref.model.eval()
+    with torch.no_grad():
+        loss, parts = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True, num_items_in_batch=n_items)
+        ref_loss, ref_parts = ref.compute_loss(ref.model, dict(batch), return_outputs=True, num_items_in_batch=n_items)
+    assert ref_parts["kl"].item() > 1e-3
+    for got, want in ((loss, ref_loss), (parts["ce"], ref_parts["ce"]), (parts["kl"], ref_parts["kl"])):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    return loss, parts

@@ -3,7 +3,7 @@ user's own HF Trainer subclass give the CLI's CacheTrainer's first-step loss, CE
 "Use it from your own Trainer" snippet runs as printed."""
 import pytest
 import torch
-from library_helpers import perturb_adapter, readme_snippet, run_snippet
+from library_helpers import assert_same_step_loss, perturb_adapter, readme_snippet, run_snippet
 from transformers import Trainer, TrainingArguments, set_seed
 
 from stages.student.adapters import make_student
@@ -52,16 +52,7 @@ def test_users_trainer_with_the_mixin_matches_the_cache_trainer(tiny_model_dir, 
     assert len(data.dataset) == data.manifest.num_rows == 30
     mine, state = make_trainer(UsersTrainer, tiny_model_dir, data, tmp_path / "mine", fused)
     ref, _ = make_trainer(CacheTrainer, tiny_model_dir, data, tmp_path / "ref", fused, state)
-    batch = next(iter(mine.get_train_dataloader()))
-    n_items = (batch["labels"][:, 1:] != -100).sum()
-    mine.model.eval()
-    ref.model.eval()
-    with torch.no_grad():
-        loss, parts = mine.compute_loss(mine.model, dict(batch), return_outputs=True, num_items_in_batch=n_items)
-        ref_loss, ref_parts = ref.compute_loss(ref.model, dict(batch), return_outputs=True, num_items_in_batch=n_items)
-    assert ref_parts["kl"].item() > 1e-3
-    for got, want in ((loss, ref_loss), (parts["ce"], ref_parts["ce"]), (parts["kl"], ref_parts["kl"])):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    loss, parts = assert_same_step_loss(mine, ref, next(iter(mine.get_train_dataloader())))
     torch.testing.assert_close(loss, parts["ce"] + REG_WEIGHT * parts["kl"], rtol=0, atol=1e-6)
 
     mine.train()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import trl
-from library_helpers import perturb_adapter, readme_snippet, run_snippet
+from library_helpers import assert_same_step_loss, perturb_adapter, readme_snippet, run_snippet
 from transformers import TrainingArguments, set_seed
 
 from stages.student.adapters import lora_config, make_student
@@ -78,16 +78,7 @@ def test_sft_trainer_matches_the_cache_trainer_logs_trl_metrics_and_trains(tiny_
     assert set(batch) == set(ref_batch) == {"input_ids", "attention_mask", "labels", "teacher_topk_ids",
                                             "teacher_topk_logprobs", "teacher_target_logprob"}
     assert all(torch.equal(batch[k], ref_batch[k]) for k in batch)
-    n_items = (batch["labels"][:, 1:] != -100).sum()
-    # eval mode: no logging window is touched (and dropout is 0, so the values are the training step's)
-    trainer.model.eval()
-    ref.model.eval()
-    with torch.no_grad():
-        loss, parts = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True, num_items_in_batch=n_items)
-        ref_loss, ref_parts = ref.compute_loss(ref.model, dict(batch), return_outputs=True, num_items_in_batch=n_items)
-    assert ref_parts["kl"].item() > 1e-3  # lambda > 0 and a KL that moves the loss
-    for got, want in ((loss, ref_loss), (parts["ce"], ref_parts["ce"]), (parts["kl"], ref_parts["kl"])):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    loss, parts = assert_same_step_loss(trainer, ref, batch)  # lambda > 0 and a KL that moves the loss
     torch.testing.assert_close(loss, parts["ce"] + REG_WEIGHT * parts["kl"], rtol=0, atol=1e-6)
     entropy, accuracy = trl_fused_head_metrics(trainer.model, batch)
 
