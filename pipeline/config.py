@@ -8,49 +8,45 @@ stages/settings.py StageConfig); the studies' sections are declared here. Every 
 where it is declared and validated in `__post_init__`; an unknown key
 (in the YAML or on the command line) is an error that names it and lists the valid ones. The
 resolved config is written next to every output (`config.yaml` in the cache and run directories).
-A section's renamed keys (its `RENAMED_KEYS`: train.estimator -> train.method, train.kl_weight ->
-train.reg_weight, sweep.kl_weights -> sweep.reg_weights, sweep.method_kl_weights ->
-sweep.method_reg_weights) are still read, in YAML and overrides, with a FutureWarning naming the new key.
+A key's old name (stages/saved_config.py `RENAMED_KEYS`) is refused here, naming the new one; only the
+artifact reader, for config.yaml files the project saved itself, translates old names.
 """
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
 from stages.checks import require as _require
-from stages.eval_settings import EvalConfig
 from stages.hub import resolve_hub_ids
-from stages.inputs import DataConfig
-from stages.settings import StageConfig, save_config, to_dict
+from stages.saved_config import check_current_keys, read_saved_config
+from stages.settings import StageConfig
 from stages.student.methods import method_names
-from stages.student.settings import LORA_VARIANTS, LoraSettings, TrainConfig
-from stages.teacher.settings import ENGINES, VLLM_OUTPUTS, CacheConfig
+from stages.student.variants import LORA_VARIANTS
 
-__all__ = ["DataConfig", "CacheConfig", "LoraSettings", "TrainConfig", "EvalConfig", "StageConfig", "SweepConfig",
-           "ApproxConfig", "Config", "load_config", "config_for_run", "to_dict", "save_config", "ENGINES", "VLLM_OUTPUTS",
-           "LORA_VARIANTS"]
+__all__ = ["SweepConfig", "ApproxConfig", "Config", "load_config", "config_for_run"]
 
 # --- sections -----------------------------------------------------------------------------
 @dataclass
 class SweepConfig:
-    output_dir: str = "runs/sweep"       # one sub-directory per run + results.json/.md + frontier.png
-    methods: list[str] = field(default_factory=lambda: ["none", "tail", "full_kl", "topk"])  # train.method values
-    reg_weights: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])  # lambdas (ignored by `none`)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # per-method lambda grids replacing reg_weights for that method, e.g. {l2: [0.1, 1], lalora: [1e3]}
-    # (weight penalties live on another scale than the KL)
-    method_reg_weights: dict[str, list[float]] = field(default_factory=dict)
-    ks: list[int] = field(default_factory=list)             # optional axis: train.k values (<= cache.k); [] = cache's k
-    lora_variants: list[str] = field(default_factory=list)  # optional axis: train.lora.variant values; [] = as configured
-
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"kl_weights": "reg_weights", "method_kl_weights": "method_reg_weights"}
+    output_dir: str = field(default="runs/sweep", metadata={"help": (
+        "one sub-directory per run + results.json/.md + frontier.png (and tensorboard/: the sweep's HPARAMS table)")})
+    methods: list[str] = field(default_factory=lambda: ["none", "tail", "full_kl", "topk"], metadata={"help": (
+        "train.method values (none runs once per seed)")})
+    reg_weights: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0], metadata={"help": "lambdas (ignored by `none`)"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "train.seed values"})
+    method_reg_weights: dict[str, list[float]] = field(default_factory=dict, metadata={"help": (
+        "per-method lambda grids replacing reg_weights for that method, e.g. {l2: [0.1, 1], lalora: [1e3]} "
+        "(weight penalties live on another scale than the KL)")})
+    ks: list[int] = field(default_factory=list, metadata={"help": (
+        "optional axis: train.k values (<= cache.k; cached estimators only); [] = cache's k")})
+    lora_variants: list[str] = field(default_factory=list, metadata={"help": (
+        "optional axis: train.lora.variant values; [] = as configured")})
 
     def __post_init__(self) -> None:
         bad = [m for m in [*self.methods, *self.method_reg_weights] if m not in method_names()]
@@ -70,11 +66,12 @@ class SweepConfig:
 @dataclass
 class ApproxConfig:
     """The approximation study (pipeline/studies/approx_study.py): cached D_k against the exact masked KL D."""
-    output_dir: str = "runs/approx"      # its k = |V|-1 cache of held-out data + approx_study.json/.md
-    runs: list[str] = field(default_factory=lambda: ["none-l0-s0", "tail-l1-s0"])  # fixed students: run dirs, names under sweep.output_dir
-    examples: int = 200                  # held-out target sequences (eval.target_path, eval.max_length)
-    ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # |V|-1 (exact) is always added
-    batch_size: int = 8
+    output_dir: str = field(default="runs/approx", metadata={"help": "its k = |V|-1 cache of held-out data + approx_study.json/.md"})
+    runs: list[str] = field(default_factory=lambda: ["none-l0-s0", "tail-l1-s0"], metadata={"help": (
+        "fixed students: run dirs, names under sweep.output_dir")})
+    examples: int = field(default=200, metadata={"help": "held-out target sequences (eval.target_path, eval.max_length)"})
+    ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64], metadata={"help": "|V|-1 (exact) is always added"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward"})
 
     def __post_init__(self) -> None:
         _require(bool(self.runs), "approx.runs: empty")
@@ -85,8 +82,10 @@ class ApproxConfig:
 @dataclass
 class Config(StageConfig):
     """The whole config: the stages' sections (stages/settings.py StageConfig) and the studies'."""
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    approx: ApproxConfig = field(default_factory=ApproxConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig, metadata={"help": (
+        "the sweep: method x lambda x seed over one cache (pipeline/studies/sweep.py)")})
+    approx: ApproxConfig = field(default_factory=ApproxConfig, metadata={"help": (
+        "the approximation study (pipeline/studies/approx_study.py)")})
 
 
 # --- building dataclasses from plain dicts --------------------------------------------------
@@ -130,76 +129,39 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
-# --- renamed keys (a section's RENAMED_KEYS: old name -> new name) ----------------------------
-def _section(cls: Any, name: Any) -> Any:
-    """The dataclass type of field `name` of section `cls`; None for a leaf or an unknown key (`_build` names it)."""
-    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
-        return None
-    kind = _field_type(cls, name)
-    return kind if dataclasses.is_dataclass(kind) else None
-
-
-def _current_name(cls: Any, key: Any, where: str, source: str) -> Any:
-    """`key`'s name now in section `cls`; an old name warns, naming the new key."""
-    new = getattr(cls, "RENAMED_KEYS", {}).get(key) if cls is not None else None
-    if new is None:
-        return key
-    warnings.warn(f"config key '{where}{key}' is deprecated: use '{where}{new}' ({source})", FutureWarning, stacklevel=2)
-    return new
-
-
-def _renamed_tree(cls: Any, raw: Any, where: str, source: str) -> Any:
-    """A YAML mapping for section `cls` with every old key name replaced by the current one."""
-    if cls is None or not isinstance(raw, dict):
-        return raw
-    out = {}
-    for key, value in raw.items():
-        name = _current_name(cls, key, where, source)
-        if name != key and name in raw:
-            raise ValueError(f"config key '{where}{name}' given twice, also as '{where}{key}' ({source}); keep '{where}{name}'")
-        out[name] = _renamed_tree(_section(cls, name), value, f"{where}{name}.", source)
-    return out
-
-
-def _renamed_dotted(dotted: str, source: str) -> tuple[str, Any]:
-    """A dotted override key with old names replaced, and the section type it names (None: a leaf)."""
-    cls, parts = Config, []
-    for part in dotted.split("."):
-        parts.append(_current_name(cls, part, "".join(p + "." for p in parts), source))
-        cls = _section(cls, parts[-1])
-    return ".".join(parts), cls
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from a YAML file (or defaults) with `section.key=value` overrides applied on top; Hub ids
-    (`model: org/name`, `data.path: org/name`, ...) resolved to local paths, offline first (stages/hub.py)."""
+    """Config from a hand-written YAML file (or defaults) with `section.key=value` overrides applied on
+    top; Hub ids (`model: org/name`, `data.path: org/name`, ...) resolved to local paths, offline first
+    (stages/hub.py). A key's old name is refused, naming the new one (stages/saved_config.py)."""
     raw: dict = {}
     if path:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: top level must be a mapping")
-        raw = _renamed_tree(Config, raw, "", str(path))
-    given: dict[str, str] = {}  # renamed key -> the key as written, so old + new names cannot both be set
+        check_current_keys(raw, str(path))
+    return _with_overrides(raw, overrides)
+
+
+def _with_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> Config:
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected section.key=value")
         key, text_value = item.split("=", 1)
-        dotted, section = _renamed_dotted(key.strip(), f"override {item!r}")
-        if given.setdefault(dotted, key.strip()) != key.strip():
-            raise ValueError(f"overrides {given[dotted]!r} and {key.strip()!r} set the same key {dotted!r}: give it once")
-        _set_dotted(raw, dotted, _renamed_tree(section, yaml.safe_load(text_value), dotted + ".", f"override {item!r}"))
+        one = {}
+        _set_dotted(one, key.strip(), yaml.safe_load(text_value))
+        check_current_keys(one, f"override {item!r}")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text_value))
     config = _build(Config, raw, "")
     resolve_hub_ids(config)  # once, here: every stage receives local paths (stages/hub.py)
     return config
 
 
-
 def config_for_run(run_dir: str, overrides: list[str]) -> Config:
-    """A run's own resolved config (so `eval --run` uses the model and sets it trained with)."""
+    """A run's own resolved config (so `eval --run` uses the model and sets it trained with), read by the
+    artifact reader (old key names translated), with `overrides` (current names only) on top."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml; is it a train.output_dir?")
     if not (Path(run_dir) / "adapter").is_dir():
         raise FileNotFoundError(f"{run_dir}: no adapter/ (training not finished?)")
-    return load_config(path, overrides)
+    return _with_overrides(read_saved_config(path), overrides)

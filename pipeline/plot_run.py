@@ -9,16 +9,15 @@ Reads <run>/tensorboard (written with train.report_to: tensorboard) with tensorb
 """
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from stages.saved_config import read_saved_config
 from stages.tensorboard_log import read_scalars, tensorboard_dir
 
-__all__ = ["plot_run", "mismatches_with_log_csv", "main"]
+__all__ = ["plot_run", "mismatches_with_log_csv", "plot_and_check"]
 
 REGULARIZER_TAGS = ("train/kl", "train/penalty")  # stages/student/methods.py Method.log_key, logged as train/<key>
 
@@ -53,7 +52,7 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
 def _title(run_dir: str | Path) -> str:
     """`method=tail reg_weight=1.0` from the run's config.yaml, else the directory's name."""
     path = Path(run_dir) / "config.yaml"
-    train = (yaml.safe_load(path.read_text()) or {}).get("train", {}) if path.exists() else {}
+    train = read_saved_config(path).get("train", {}) if path.exists() else {}
     return f"method={train['method']} reg_weight={train['reg_weight']}" if "method" in train else Path(run_dir).name
 
 
@@ -75,16 +74,13 @@ def mismatches_with_log_csv(run_dir: str | Path) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="CE and regularizer curves of a run, from its TensorBoard event file")
-    parser.add_argument("run", help="a train.output_dir (holds tensorboard/)")
-    parser.add_argument("--out", default=None, help="PNG path (default: <run>/curves.png)")
-    parser.add_argument("--check", action="store_true", help="also compare the event file with log.csv, step by step")
-    args = parser.parse_args(argv)
-    if args.check:
-        bad = mismatches_with_log_csv(args.run)
-        print("\n".join(bad) if bad else f"{args.run}: every log.csv figure equals its TensorBoard scalar")
+def plot_and_check(run: str | Path, out: str | Path | None = None, check: bool = False) -> int:
+    """`python -m pipeline plot-run`: with `check`, print `mismatches_with_log_csv` (exit status 1 if any);
+    then draw `plot_run` into `out` (default: <run>/curves.png) and print its path."""
+    if check:
+        bad = mismatches_with_log_csv(run)
+        print("\n".join(bad) if bad else f"{run}: every log.csv figure equals its TensorBoard scalar")
         if bad:
             return 1
-    print(plot_run(args.run, args.out or Path(args.run) / "curves.png"))
+    print(plot_run(run, out or Path(run) / "curves.png"))
     return 0

@@ -3,13 +3,8 @@
     from stages.chat_masks import assistant_body_mask
     ids, trained = assistant_body_mask(messages, tokenizer)   # trained[t]: token t is a target
 
-The rule (README "Chat data", docs/design.md §6): a token is trained when it belongs to an assistant turn's
-**body** — everything the chat template renders for that turn after its header (what the model has
-to generate after the generation prompt: text, a rendered think block, a rendered tool call), up to
-and including the first token of the stop set that closes the turn (the tokenizer's and
-`generation_config`'s eos ids, and the template's turn-closing special tokens), with any stop tokens
-that directly follow it. Nothing after it (no separator), nothing of a system, user or tool turn,
-no header. A turn with `weight: 0` (OpenAI fine-tuning format) is not trained.
+The rule, which tokens are trained, is written once: docs/chat-data.md (design notes: docs/design.md §6).
+This module implements it.
 
 How bodies are located, from the ONE full rendering R of the conversation (templates may render a
 turn differently depending on what follows it, so renderings of prefixes are never used as

@@ -46,9 +46,9 @@ _said: set[str] = set()
 def eval_data_config(path: str, config: StageConfig) -> DataConfig:
     """How an eval set is read: chat (assistant bodies scored) when its rows hold the chat field
     (data.messages_field, else "messages"), otherwise text (every token scored) from data.text_field
-    (or the deprecated eval.text_field). The same tokenization and masks as stage one."""
+    The same tokenization and masks as stage one."""
     cfg = config.eval
-    text = DataConfig(path=path, text_field=cfg.text_field or config.data.text_field, max_length=cfg.max_length,
+    text = DataConfig(path=path, text_field=config.data.text_field, max_length=cfg.max_length,
                       max_examples=cfg.max_examples)
     chat_field = config.data.messages_field or "messages"
     columns = load_rows(text, check_field=False).column_names

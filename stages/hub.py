@@ -154,7 +154,7 @@ def _keep(config, key: str, local: str, record: dict[str, str] | None) -> str:
     return local
 
 
-def teacher_with_hub(teacher, config):
+def teacher_with_hub(teacher, hub_sources: dict):
     """The manifest's TeacherFingerprint with the Hub id and commit the model came from (recorded, not identity)."""
-    record = getattr(config, "hub_sources", {}).get("model")
+    record = hub_sources.get("model")
     return teacher if record is None else replace(teacher, hub_id=record["id"], revision=record["commit"])

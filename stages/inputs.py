@@ -4,13 +4,12 @@ Accepted sources (`data.path`): a .jsonl/.json/.parquet/.csv/.arrow file, a glob
 them, or a dataset saved with `save_to_disk`; a Hub dataset id (`org/name`, `hf://datasets/org/name/...`)
 arrives here already resolved to such local files (stages/hub.py, when the config is loaded).
 Each row has either a text field (every position is trained) or a chat `messages` field (list of
-{role, content, ...}, rendered with the tokenizer's chat template; only the assistant turns' bodies
-are trained: stages/chat_masks.py). Errors name the file, the field and the example.
+{role, content, ...}, rendered with the tokenizer's chat template; which tokens are trained:
+docs/chat-data.md, implemented in stages/chat_masks.py). Errors name the file, the field and the example.
 """
 from __future__ import annotations
 
 import glob
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 from stages.chat_masks import ChatMaskError, StopSet, assistant_body_mask, stop_token_ids
 from stages.checks import require
 
-__all__ = ["DataConfig", "Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files", "source_sha256"]
+__all__ = ["DataConfig", "Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files"]
 
 INPUT_RULES_VERSION = 2  # bump when tokenization or the trained-token mask changes (cache identity)
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -35,14 +34,21 @@ class Example:
 
 @dataclass
 class DataConfig:
-    path: str = "build/default/data/target_train.jsonl"  # file, glob, directory or saved dataset
-    split: str = "train"                 # split to read
-    text_field: str = "text"             # used when messages_field is empty
-    messages_field: str = ""             # chat data: list of {role, content, ...}; only assistant bodies are trained
-    tools_field: str = "tools"           # chat data: a column of tool definitions passed to the template (`tools=`), when present
-    max_length: int = 256                # longer sequences are truncated on the right (counted, reported)
-    max_examples: int = 0                # 0 = all; else the first N (quick runs)
-    on_bad_example: str = "refuse"       # refuse (stop, naming file + example) | skip (leave it out, id kept as a gap, counted)
+    path: str = field(default="build/default/data/target_train.jsonl", metadata={"help": (
+        "file, glob, directory or saved dataset (.jsonl/.json/.parquet/.csv/.arrow, or `save_to_disk` output); "
+        "or a Hub dataset id org/name, hf://datasets/org/name/path/in/repo (stages/hub.py)")})
+    split: str = field(default="train", metadata={"help": "split to read"})
+    text_field: str = field(default="text", metadata={"help": "used when messages_field is empty: plain text, every token is trained"})
+    messages_field: str = field(default="", metadata={"help": (
+        "chat data: list of {role, content, ...}; only assistant bodies are trained (docs/chat-data.md)")})
+    tools_field: str = field(default="tools", metadata={"help": (
+        "chat data: a column of tool definitions (a list, or a JSON string) passed to the template (`tools=`), "
+        "when present; never trained")})
+    max_length: int = field(default=256, metadata={"help": "longer sequences are truncated on the right (counted, reported)"})
+    max_examples: int = field(default=0, metadata={"help": "0 = all; else the first N (quick runs)"})
+    on_bad_example: str = field(default="refuse", metadata={"help": (
+        "refuse (stop, naming file + example) | skip (leave it out, id kept as a gap, counted, listed in the "
+        "manifest's dataset.skipped_examples)")})
 
     def __post_init__(self) -> None:
         require(bool(self.path), "data.path: empty")
@@ -74,14 +80,6 @@ def source_files(path_text: str) -> list[Path]:
     if len({f.suffix for f in files}) > 1:
         raise ValueError(f"data.path {path_text!r}: mixes file types {sorted({f.suffix for f in files})}")
     return files
-
-
-def source_sha256(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.name).encode() + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _first_bad_utf8_line(path: Path) -> int | None:

@@ -3,7 +3,10 @@
     python -m pipeline train --config configs/demo.yaml
     python -m pipeline train --config configs/demo.yaml --resume     (continue from the last checkpoint)
 
-    load_cache (open_cache -> load_cache_dataset -> CacheCollator) -> make_student -> CacheTrainer -> save
+    get_method -> load_cache (open_cache -> load_cache_dataset -> CacheCollator) -> make_student -> CacheTrainer -> save
+
+The runner is the one place that sees the whole config (`StageConfig`): it looks `train.method` up once
+and hands each piece its own section (`TrainConfig`), the resolved `Method` and the model path.
 
 Writes into `train.output_dir`: checkpoints/, log.csv, tensorboard/ (train.report_to: tensorboard),
 adapter/ (stock peft LoRA format), config.yaml, cache_fingerprint.json, metrics.json.
@@ -16,14 +19,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 from transformers import TrainerCallback, set_seed
 
+from stages.saved_config import read_saved_config
 from stages.settings import StageConfig, save_config, to_dict
-from stages.student.adapters import MUTATES_BASE, make_student, render_adapted, save_initial_adapter
+from stages.student.adapters import make_student, render_adapted, save_initial_adapter
 from stages.student.library import load_cache
-from stages.student.methods import build_penalty, check_variant, get_method
-from stages.student.settings import TrainConfig
+from stages.student.methods import Method, build_penalty, check_variant, get_method
 from stages.student.trainer import (
     CHECKPOINT_DIR,
     build_trainer,
@@ -31,6 +33,7 @@ from stages.student.trainer import (
     train_and_save,
     use_bf16,
 )
+from stages.student.variants import MUTATES_BASE
 from stages.tensorboard_log import reports_to_tensorboard, tensorboard_dir
 
 __all__ = ["run_train", "resume_point"]
@@ -60,9 +63,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 def _saved_config(saved: Path) -> dict[str, Any]:
     """A run's saved config.yaml, flattened, over the defaults (a key the run predates had its
     default). Only the stages' sections are compared, so no YAML schema beyond them is needed."""
-    raw = yaml.safe_load(saved.read_text()) or {}
-    if isinstance(raw.get("train"), dict):  # saved before the method registry: estimator, kl_weight
-        raw["train"] = {TrainConfig.RENAMED_KEYS.get(k, k): v for k, v in raw["train"].items()}
+    raw = read_saved_config(saved)  # old key names translated (stages/saved_config.py)
     return {**_flat(to_dict(StageConfig())), **_flat({k: v for k, v in raw.items() if k in _STAGE_SECTIONS})}
 
 
@@ -136,9 +137,9 @@ def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _regularizer(metrics: dict[str, Any], method: str) -> str:
+def _regularizer(metrics: dict[str, Any], method: Method) -> str:
     """`KL 0.01234` or `penalty 0.01234`; a finished run from before the registry logged both as final_kl."""
-    key = get_method(method).log_key
+    key = method.log_key
     value = metrics.get(f"final_{key}", metrics.get("final_kl"))
     return f"{'KL' if key == 'kl' else key} {_num(value, '.5f')}"
 
@@ -149,7 +150,7 @@ def _fused(metrics: dict[str, Any]) -> str:
     return "on (no [B, T, V] logits)" if metrics["fused_loss"] else f"off ({metrics.get('fused_loss_reason') or 'not asked'})"
 
 
-def _summary(metrics: dict[str, Any], config: StageConfig) -> str:
+def _summary(metrics: dict[str, Any], config: StageConfig, method: Method) -> str:
     train = config.train
     return "\n".join([
         f"stage two done: method={train.method} reg_weight={train.reg_weight} "
@@ -158,7 +159,7 @@ def _summary(metrics: dict[str, Any], config: StageConfig) -> str:
         f"  steps {metrics['steps']}, tokens {metrics['tokens']:,} "
         f"({metrics['tokens_per_s']:,.0f} tok/s over {metrics['wall_time_s']:.1f} s this session)",
         f"  CE {_num(metrics['ce_start'], '.4f')} (step 1) -> {_num(metrics['final_ce'], '.4f')} (last window), "
-        f"{_regularizer(metrics, train.method)} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
+        f"{_regularizer(metrics, method)} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
         f"  adapter: {metrics['adapter_dir']}  (PeftModel.from_pretrained(base_model, that_dir))",
         f"  adapted modules: {render_adapted(metrics['adapted_modules']) if 'adapted_modules' in metrics else 'n/a'}",
         f"  fused loss: {_fused(metrics)}",
@@ -184,28 +185,29 @@ def finished_run_metrics(config: StageConfig) -> dict | None:
 def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train one adapter on the cache in `config.cache.dir`; returns the metrics written to metrics.json."""
     train, run_dir = config.train, Path(config.train.output_dir)
-    check_variant(train.method, train.lora.variant)  # before any expensive step
+    method = get_method(train.method)  # the run's one lookup: everything below gets the Method itself
+    check_variant(method, train.lora.variant)  # before any expensive step
     if resume and (done := finished_run_metrics(config)) is not None:
         _check_same_config(config, run_dir / "config.yaml")
-        print(f"{run_dir} already finished; nothing to train.\n" + _summary(done, config))
+        print(f"{run_dir} already finished; nothing to train.\n" + _summary(done, config, method))
         return done
     resume_from = resume_point(config, resume)
     # s3://... is mirrored to cache.local_dir; fingerprint checks, the method's columns, the collator
-    cached = load_cache(config.cache.dir, config.model, train.method, k=train.k, streaming=train.streaming,
+    cached = load_cache(config.cache.dir, config.model, method, k=train.k, streaming=train.streaming,
                         allow_model_mismatch=train.allow_model_mismatch, local_dir=config.cache.local_dir)
     manifest, dataset, collator = cached.manifest, cached.dataset, cached.collator
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
     model = make_student(config.model, train.lora, torch.bfloat16 if use_bf16(train.bf16) else torch.float32, train.quantization)
-    trainer = build_trainer(model, dataset, collator, config, manifest.num_rows, callbacks)
+    trainer = build_trainer(model, dataset, collator, train, method, manifest.num_rows, callbacks)
     # l2/lalora: anchor (and lalora's Fisher) at the init, on the device the Trainer placed the model;
     # a resume rebuilds the same seeded init, so the anchor matches before the checkpoint is loaded
-    trainer.penalty = build_penalty(train, trainer.model, config.model)
+    trainer.penalty = build_penalty(train, method, trainer.model, config.model)
     initial = _initial_adapter(model, run_dir, train.lora.variant, resume_from) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
-        save_config(config, run_dir / "config.yaml")  # from the start: a resume is checked against it
-    metrics = train_and_save(trainer, config, manifest, resume_from, initial)
+        save_config(config, run_dir / "config.yaml")  # the run's one config.yaml, from the start: a resume is checked against it
+    metrics = train_and_save(trainer, train, manifest, resume_from, initial)
     if trainer.is_world_process_zero():
-        print(_summary(metrics, config))
+        print(_summary(metrics, config, method))
     return metrics

@@ -21,7 +21,7 @@ and target codecs with their parameters) and how the Parquet file is laid out (b
 and dictionary columns, row-group size). Its full spec is written into every shard's Arrow metadata
 (`mtcache.encoding_spec`); readers look the name up here and refuse a shard whose spec differs.
 The codecs themselves are classes in `storage_schemas.codec_registry` (looked up by the names an
-`Encoding` gives, each documenting its format and error bound), applied to the columns by
+`Encoding` gives, each documenting its format; their promises: docs/design.md §8), applied to the columns by
 `storage_schemas.codecs`; the study that chose the default is
 `python -m pipeline encoding-study` (BENCHMARKS.md, "Cache encodings").
 
@@ -37,13 +37,12 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from storage_schemas.codec_registry import MASS_CODECS, MASS_LOGIT_RANGE, TARGET_CODECS, VALUE_CODECS, codec_class
+from storage_schemas.codec_registry import MASS_LOGIT_RANGE, TARGET_CODECS, VALUE_CODECS, codec_class
 
 __all__ = [
     "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "LEGACY_ENCODINGS", "DEFAULT_ENCODING", "Encoding", "ENCODINGS",
     "SHARD_COLUMNS", "SEQUENCE_COLUMNS", "TEACHER_COLUMNS", "EXAMPLE_ID_COLUMN", "INPUT_IDS_COLUMN", "LOSS_MASK_COLUMN",
-    "TARGET_LOGPROB_COLUMN", "TOPK_IDS_COLUMN", "TOPK_LOGPROBS_COLUMN", "MASS_COLUMN", "ID_ORDERS", "VALUE_CODECS",
-    "TARGET_CODECS", "MASS_CODECS", "MASS_LOGIT_RANGE",
+    "TARGET_LOGPROB_COLUMN", "TOPK_IDS_COLUMN", "TOPK_LOGPROBS_COLUMN", "MASS_COLUMN", "ID_ORDERS",
     "get_encoding", "shard_schema", "shard_columns", "teacher_columns", "shard_file_name", "encoding_of_schema",
 ]
 
@@ -69,7 +68,7 @@ SHARD_COLUMNS = SEQUENCE_COLUMNS + TEACHER_COLUMNS
 #   values follow their ids; the decoder restores descending-probability order (ties: any order).
 ID_ORDERS = ("prob", "id_delta")
 # value_codec / target_codec / mass_codec name classes of `storage_schemas.codec_registry`
-# (VALUE_CODECS, TARGET_CODECS, MASS_CODECS), each documenting its format and error bound: f32, f16,
+# (VALUE_CODECS, TARGET_CODECS, MASS_CODECS), each documenting its format: f32, f16,
 # bf16 (floats); log_q, sqrtp_q, relpow_q (integer grids, delta-coded along each position's k entries
 # when `value_delta`); logit_q (the `topk_mass` column relpow_q's relative values take their scale
 # from, so rounding never moves mass between the cached tokens and the tail). relpow_q's power 1

@@ -1,19 +1,19 @@
-"""The registry of codecs: one small class per codec, each with encode, decode and its error bound.
+"""The registry of codecs: one small class per codec, each with encode and decode.
 
     codecs = teacher_codecs(enc)            # TeacherCodecs(values, target, mass), built from the Encoding's fields
     stored = codecs.values.encode(logprobs) # [n, k] float32 -> floats as stored, or int32 grid codes
-    bound = codecs.values.error_bound(a)    # largest |decoded - a| the codec allows, per value
 
 An `Encoding` (`storage_schemas.cache_schema`) names its codecs in three fields, looked up here:
 `value_codec` in VALUE_CODECS (the `topk_logprobs` column), `target_codec` in TARGET_CODECS
 (`target_logprob`) and `mass_codec` in MASS_CODECS (`topk_mass`; "none": no such column). An
 unknown name is refused naming the registered ones. Registering a codec = one class here plus its
 entry; `storage_schemas.codecs` runs the three of an encoding over a shard's columns (and the
-id order). Bounds are in log-prob (nats); the round-trip tests hold every codec to its own.
+id order). What each codec promises (its error, in log-prob nats) is stated in docs/design.md §8 and
+checked from first principles by the round-trip tests (tests/codec_promises.py).
 """
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple, Protocol, Sequence
+from typing import ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +54,6 @@ class ValueCodec(Protocol):
 
     def encode(self, a: np.ndarray) -> np.ndarray: ...                 # log-probs -> stored, same shape
     def decode(self, stored: np.ndarray, where: str) -> np.ndarray: ...  # stored (any width) -> log-probs
-    def error_bound(self, a: np.ndarray) -> np.ndarray: ...            # largest |decoded - a| per value
-
 
 # --- floats (values or targets) -----------------------------------------------------------------
 def _floats(x: np.ndarray, codec: str, where: str) -> np.ndarray:
@@ -83,9 +81,6 @@ class Float32Codec:
     def decode(self, x: np.ndarray, where: str) -> np.ndarray:
         return _floats(x, self.name, where)
 
-    def error_bound(self, a: np.ndarray) -> np.ndarray:
-        return np.zeros_like(a)
-
 
 class Float16Codec:
     """f16: IEEE float16; relative half-ulp 2^-11 (subnormals: half their absolute step, 2^-25)."""
@@ -103,9 +98,6 @@ class Float16Codec:
 
     def decode(self, x: np.ndarray, where: str) -> np.ndarray:
         return _floats(x, self.name, where)
-
-    def error_bound(self, a: np.ndarray) -> np.ndarray:
-        return np.maximum(np.abs(a) * 2.0 ** -11, 2.0 ** -25)
 
 
 class BFloat16Codec:
@@ -130,9 +122,6 @@ class BFloat16Codec:
         if x.dtype.kind not in "iu":
             raise ValueError(f"{where}: bf16 expects integer bit patterns, got {x.dtype}")
         return (x.astype(np.uint32) << 16).view(np.float32)
-
-    def error_bound(self, a: np.ndarray) -> np.ndarray:
-        return np.abs(a) * 2.0 ** -8
 
 
 # --- integer grids (values only) ----------------------------------------------------------------
@@ -180,10 +169,6 @@ class LogGridCodec:
     def decode(self, stored: np.ndarray, where: str) -> np.ndarray:
         return (-self.codes.load(stored, where) * self.step).astype(np.float32)
 
-    def error_bound(self, a: np.ndarray) -> np.ndarray:
-        floor = -self.max_code * self.step
-        return np.where(a >= floor, self.step / 2, floor - a + self.step / 2)
-
 
 class SqrtProbGridCodec:
     """sqrtp_q: code round(sqrt(exp(a)) / step) clamped to max_code; |error in sqrt p| <= step/2, so
@@ -208,12 +193,6 @@ class SqrtProbGridCodec:
         codes = self.codes.load(stored, where)
         with np.errstate(divide="ignore"):  # code 0 -> -inf on purpose (p below the grid)
             return (2.0 * np.log(codes * self.step)).astype(np.float32)
-
-    def error_bound(self, a: np.ndarray) -> np.ndarray:
-        root = np.exp(0.5 * a)
-        with np.errstate(divide="ignore"):
-            bound = 2.0 * np.log1p(self.step / 2 / np.maximum(root - self.step / 2, 0.0))
-        return np.where(root > self.step / 2, bound, np.inf)
 
 
 class RelativePowerGridCodec:
@@ -241,22 +220,6 @@ class RelativePowerGridCodec:
     def decode(self, stored: np.ndarray, where: str) -> np.ndarray:
         root = np.maximum(1.0 - self.codes.load(stored, where) * self.step, self.step / 4)  # bottom code: step/4
         return np.log(root) / self.power
-
-    def error_bound(self, a: np.ndarray, scale_errors: Sequence[float | np.ndarray] = ()) -> np.ndarray:
-        """`a` holds whole positions [n, k]. The entry's own grid error e_i = -log(1 - step / (2 u_i))
-        / power with u_i = (p_i / p_1)^power (inf when u_i <= step / 2: the bottom code), plus the
-        position's renormalization: at most max_j e_j over the entries on the grid plus k
-        (step/2)^(1/power) for those below it, plus each of `scale_errors` (the mass codec's, [n, 1]
-        or scalars: `MassLogitCodec.scale_errors`), added in order."""
-        u = np.exp(self.power * (a - a.max(axis=1, keepdims=True)))
-        on_grid = u > self.step / 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            own = np.where(on_grid, -np.log1p(-self.step / (2 * u)) / self.power, np.inf)
-        below = a.shape[1] * (self.step / 2) ** (1 / self.power)
-        shared = np.where(on_grid, own, 0.0).max(axis=1, keepdims=True) + below
-        for error in scale_errors:
-            shared = shared + error
-        return own + shared
 
 
 # --- the cached mass (relative values only) -----------------------------------------------------
@@ -314,20 +277,6 @@ class MassLogitCodec:
         scale = _log_nontarget(target) + self.decode(codes) - _logsumexp_rows(log_rel)
         return (log_rel + scale[:, None]).astype(np.float32)
 
-    def error_bound(self) -> float:
-        """|error| of log S and of log(1 - S), inside the range."""
-        return self.step / 2
-
-    def scale_errors(self, target: np.ndarray | None = None, target_codec=None) -> list[float | np.ndarray]:
-        """The errors of the scale `rescale` puts relative values on: the mass's own and, with the
-        true `target` [n] and the encoding's target codec given, the shift of log(1 - p_y) by the
-        target's rounding ([n, 1]; without them the bound is relative to log(1 - p_y))."""
-        errors: list[float | np.ndarray] = [self.error_bound()]
-        if target is not None:
-            target = np.asarray(target, np.float32)
-            rounded = target_codec.decode(target_codec.encode(target), "target")
-            errors.append(np.abs(_log_nontarget(rounded) - _log_nontarget(target))[:, None])
-        return errors
 
 
 # --- the registry -------------------------------------------------------------------------------

@@ -8,9 +8,8 @@ returns the arrays a shard stores (`mass` is None unless the encoding has a `top
 `decode_teacher` takes the flat stored arrays (any integer or float width: `datasets` widens them)
 and returns ids int64 [n, k] in descending-probability order, log-probs float32 [n, k] and target
 log-probs float32 [n]. The codecs an encoding names are classes in `storage_schemas.codec_registry`
-(each with encode, decode and its error bound); this module applies them to the columns (id order,
-the mass's scale) and `value_error_bound` composes their bounds; the round-trip tests hold every
-codec to it.
+(each with encode and decode); this module applies them to the columns (id order, the mass's scale).
+The round-trip tests hold every codec to its promise in docs/design.md §8 (tests/codec_promises.py).
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ import numpy as np
 from storage_schemas.cache_schema import Encoding
 from storage_schemas.codec_registry import teacher_codecs
 
-__all__ = ["StoredTeacher", "encode_teacher", "decode_teacher", "value_error_bound"]
+__all__ = ["StoredTeacher", "encode_teacher", "decode_teacher"]
 
 
 class StoredTeacher(NamedTuple):
@@ -31,23 +30,6 @@ class StoredTeacher(NamedTuple):
     values: np.ndarray         # [n, k] floats or int32 codes
     target: np.ndarray         # [n]
     mass: np.ndarray | None    # [n] int32 codes, only for encodings with a mass codec
-
-
-def value_error_bound(enc: Encoding, a: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
-    """Largest |decoded - a| (in log-prob) the codec allows for each true log-prob in `a`.
-
-    The value codec's own `error_bound` (floats: relative half-ulp; log_q: step/2 inside its range;
-    sqrtp_q: from |sqrt p error| <= step/2, inf below the grid). Relative values (relpow_q, `a` holds
-    whole positions [n, k]) add the errors of their scale (`MassLogitCodec.scale_errors`): the mass's
-    mass_step / 2, which bounds the values relative to log(1 - p_y), all the masked estimators read;
-    with the true `target` [n] given, also the shift of log(1 - p_y) by the target codec's rounding
-    (absolute values).
-    """
-    a = np.asarray(a, np.float64)
-    codecs = teacher_codecs(enc)
-    if codecs.mass is None:
-        return codecs.values.error_bound(a)
-    return codecs.values.error_bound(a, codecs.mass.scale_errors(target, codecs.target))
 
 
 # --- the three columns --------------------------------------------------------------------------

@@ -19,15 +19,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
-def files_sha256(paths: list[Path]) -> str:
-    """One digest over several files, in sorted name order, names included."""
+def files_sha256(paths: list[Path] | list[str], with_names: bool = True) -> str:
+    """The project's one file digest: sha256 over the files' bytes in the order given, each preceded by
+    its name and a NUL when `with_names` (a single file without its name: the plain `sha256sum`)."""
     digest = hashlib.sha256()
-    for path in sorted(paths, key=lambda p: p.name):
-        digest.update(path.name.encode() + b"\0")
+    for path in map(Path, paths):
+        if with_names:
+            digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _by_name(paths: list[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: p.name)  # independent of how the directory lists them
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -58,7 +64,7 @@ def teacher_fingerprint(model_dir: str | Path, revision: str | None = None) -> T
         raise FileNotFoundError(f"model path {str(path)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     return TeacherFingerprint(
         model_path=str(path.resolve()), revision=revision,
-        weights_sha256=files_sha256(weights), config_sha256=files_sha256([path / "config.json"]),
+        weights_sha256=files_sha256(_by_name(weights)), config_sha256=files_sha256([path / "config.json"]),
     )
 
 
@@ -67,4 +73,4 @@ def tokenizer_fingerprint(model_dir: str | Path) -> TokenizerFingerprint:
     files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not files:
         raise FileNotFoundError(f"model path {str(path)!r} holds no tokenizer files")
-    return TokenizerFingerprint(sha256=files_sha256(files), vocab_size=model_vocab_size(path))
+    return TokenizerFingerprint(sha256=files_sha256(_by_name(files)), vocab_size=model_vocab_size(path))

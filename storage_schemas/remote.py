@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from storage_schemas.fingerprints import files_sha256
 from storage_schemas.manifest import MANIFEST_NAME, Manifest
-from storage_schemas.shard_io import file_sha256
 
 __all__ = ["CacheStore", "is_remote", "mirror_cache", "local_cache_copy", "default_local_dir"]
 
@@ -160,7 +160,7 @@ def mirror_cache(uri: str, local_dir: str | os.PathLike) -> Path:
     manifest = Manifest.from_dict(json.loads(store.read_text(MANIFEST_NAME)), where=store.where(MANIFEST_NAME))
     for record in tqdm(manifest.shards, desc=f"mirroring {uri}", unit="shard", leave=False):
         local = local_dir / record.file
-        if not (local.exists() and local.stat().st_size == record.bytes and file_sha256(local) == record.sha256):
+        if not (local.exists() and local.stat().st_size == record.bytes and files_sha256([local], with_names=False) == record.sha256):
             store.get_file(record.file, local)
     # last, as on the remote side; a unique temp name, as DDP ranks may mirror into one directory at once
     CacheStore.open(local_dir).write_text(MANIFEST_NAME, manifest.to_json())

@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 
 from storage_schemas.cache_schema import MASS_COLUMN, Encoding, encoding_of_schema, get_encoding, shard_file_name, shard_schema
 from storage_schemas.codecs import decode_teacher, encode_teacher
+from storage_schemas.fingerprints import files_sha256
 from storage_schemas.manifest import Manifest, ShardRecord
 
-__all__ = ["ShardRow", "rows_to_table", "decode_table", "parquet_options", "write_shard", "read_shard", "file_sha256",
+__all__ = ["ShardRow", "rows_to_table", "decode_table", "parquet_options", "write_shard", "read_shard",
            "token_ids_sha256", "verify_cache"]
 
 
@@ -113,14 +114,6 @@ def decode_table(table: pa.Table, encoding: str | Encoding, k: int) -> tuple[np.
     return decode_teacher(enc, flat[0], flat[1], flat[2], k, flat[3] if enc.has_mass else None)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def token_ids_sha256(example_ids, input_ids: pa.ListArray) -> str:
     """Hash of (example id, token ids) for every row: fingerprints the data actually cached."""
     digest = hashlib.sha256()
@@ -162,7 +155,7 @@ def write_shard(cache_dir: str | os.PathLike, index: int, first_example: int, ta
     return ShardRecord(
         index=index, file=final.name, first_example=first_example, rows=table.num_rows,
         tokens=len(input_ids.values), positions=int(np.asarray(mask.values).sum()), truncated=truncated,
-        bytes=final.stat().st_size, sha256=file_sha256(final),
+        bytes=final.stat().st_size, sha256=files_sha256([final], with_names=False),
         token_ids_sha256=token_ids_sha256(table.column("example_id").to_numpy(), input_ids),
     )
 
@@ -191,7 +184,7 @@ def _verify_shard(cache_dir: Path, record: ShardRecord, manifest: Manifest) -> s
         return f"{record.file}: listed in the manifest but missing"
     if path.stat().st_size != record.bytes:
         return f"{record.file}: {path.stat().st_size} bytes, manifest says {record.bytes} (truncated or replaced)"
-    if file_sha256(path) != record.sha256:
+    if files_sha256([path], with_names=False) != record.sha256:
         return f"{record.file}: sha256 mismatch (corrupt)"
     try:
         table = read_shard(path, manifest.settings.encoding)

@@ -1,7 +1,6 @@
 """What each value / target / mass codec promises, as documented in docs/design.md §8 ("Encodings and
-codecs", the table of promises), checked from first principles: nothing here calls the codecs'
-`error_bound` or `storage_schemas.codecs.value_error_bound` (a test that took its tolerance from the
-code under test could not catch that code being wrong).
+codecs", the table of promises), checked from first principles: the tolerances come from the
+promises, never from the code under test (the codecs carry no error bound of their own).
 
     problems = promise_violations(enc, a, a_y, decoded, decoded_y)   # [] when the round trip keeps every promise
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the library-API and TRL tests: README snippets run as printed, and a non-zero adapter."""
+"""Helpers shared by the library-API and TRL tests: docs/library.md snippets run as printed, and a non-zero adapter."""
 from __future__ import annotations
 
 import re
@@ -7,23 +7,24 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SNIPPETS = REPO / "docs" / "library.md"
 
 
 def readme_snippet(name: str) -> str:
-    """The python block right after `<!-- snippet: name -->` in README.md."""
-    found = re.search(rf"<!-- snippet: {name} -->\s*```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    assert found, f"README.md has no snippet {name!r}"
+    """The python block right after `<!-- snippet: name -->` in docs/library.md."""
+    found = re.search(rf"<!-- snippet: {name} -->\s*```python\n(.*?)```", SNIPPETS.read_text(), re.S)
+    assert found, f"docs/library.md has no snippet {name!r}"
     return found.group(1)
 
 
 def run_snippet(code: str, model_dir: Path, cache_dir: Path, out: Path) -> dict:
-    """exec the README's code with the tiny model, cache and a temp output dir in place of its paths;
+    """exec the docs' code with the tiny model, cache and a temp output dir in place of its paths;
     returns its namespace. Each path must appear in the code (a snippet that stopped naming one fails)."""
     for old, new in (("build/default/base-model", model_dir), ("runs/demo/cache", cache_dir), ("runs/my-trainer", out)):
         assert old in code, old
         code = code.replace(old, str(new))
     namespace: dict = {"__name__": "readme_snippet"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/library.md", "exec"), namespace)
     return namespace
 
 

@@ -1,5 +1,7 @@
 """A small stage-two config for tests: tiny batches, few steps, checkpoint every 3 steps."""
-from pipeline.config import CacheConfig, Config, LoraSettings, TrainConfig
+from pipeline.config import Config
+from stages.student.settings import LoraSettings, TrainConfig
+from stages.teacher.settings import CacheConfig
 
 
 def make_config(model_dir, cache_dir, out, **train) -> Config:

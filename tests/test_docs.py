@@ -1,16 +1,20 @@
-"""The docs travel with the repo and name things that exist.
+"""The docs travel with the repo and name things that exist, in README.md and every docs/*.md:
 
-- every dotted symbol `docs/design.md` cites (`stages.student.loss.cached_kl`, `pipeline.cli.main`,
+- every dotted symbol they cite (`stages.student.loss.cached_kl`, `pipeline.cli.main`,
   `storage_schemas.manifest.Manifest.check_same_origin`, ...) imports and resolves;
 - every section of `docs/design.md` cites at least one;
-- every repository path the README (and docs/design.md) names exists, run-time outputs aside;
-- neither points at a file outside the repository.
+- every repository path they name (backticked, or in prose under a known folder) exists, run-time
+  outputs aside; paths are relative to the repository root wherever the page is;
+- every relative markdown link resolves, relative to the page, to a file in the repository, and a
+  `#fragment` to a heading (or `<a id>`) of the page it names;
+- none points at a file outside the repository.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DESIGN = REPO / "docs" / "design.md"
 README = REPO / "README.md"
+DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
+_DOC_IDS = [p.relative_to(REPO).as_posix() for p in DOCS]
 
 LAYERS = ("pipeline", "stages", "storage_schemas")
 _SPAN = re.compile(r"`([^`\n]+)`")
@@ -76,11 +82,15 @@ def resolve(dotted: str) -> str | None:
     return f"{dotted}: no importable module prefix"
 
 
-def test_design_doc_cites_symbols_that_exist():
+def test_design_doc_cites_code():
     symbols = cited_symbols(DESIGN.read_text())
     assert len(symbols) >= 20, f"docs/design.md cites only {len(symbols)} symbols; expected its sections to cite code"
-    problems = [p for s in symbols if (p := resolve(s))]
-    assert not problems, "docs/design.md cites symbols that do not exist:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_DOC_IDS)
+def test_cited_symbols_exist(doc: Path):
+    problems = [p for s in cited_symbols(doc.read_text()) if (p := resolve(s))]
+    assert not problems, f"{doc.relative_to(REPO)} cites symbols that do not exist:\n  " + "\n  ".join(problems)
 
 
 def test_every_design_section_cites_code():
@@ -108,9 +118,9 @@ _PROSE_PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(p.rstrip('/') for p in PAT
 
 
 def _tokens(text: str) -> list[str]:
-    """Path-like tokens of backticked spans and markdown link targets (`key=value` -> value)."""
+    """Path-like tokens of backticked spans (`key=value` -> value)."""
     out = []
-    for chunk in _SPAN.findall(text) + _LINK.findall(text):
+    for chunk in _SPAN.findall(text):
         for token in chunk.split():
             token = token.split("=", 1)[1] if "=" in token else token
             out.append(token.strip("'\"(),;:"))
@@ -118,7 +128,7 @@ def _tokens(text: str) -> list[str]:
 
 
 def named_paths(text: str) -> list[str]:
-    """Repository paths a markdown file names (see module docstring), each once, in order."""
+    """Repository paths a markdown file names in backticks or prose (not its links), each once, in order."""
     candidates = _tokens(text) + _PROSE_PATH.findall(text)
     paths = []
     for token in candidates:
@@ -142,10 +152,10 @@ def _exists(path: str) -> bool:
     return path.endswith(".py") and any(next((REPO / d).rglob(path), None) for d in LAYERS)
 
 
-@pytest.mark.parametrize("doc", [README, DESIGN], ids=lambda p: p.relative_to(REPO).as_posix())
+@pytest.mark.parametrize("doc", DOCS, ids=_DOC_IDS)
 def test_named_paths_exist(doc: Path):
     paths = named_paths(doc.read_text())
-    assert paths, f"{doc.name}: found no repository paths; is the extraction broken?"
+    assert paths, f"{doc.relative_to(REPO)}: found no repository paths; is the extraction broken?"
     missing = [p for p in paths if not _exists(p)]
     assert not missing, f"{doc.relative_to(REPO)} names paths that do not exist: {missing}"
 
@@ -158,7 +168,61 @@ def test_path_extraction():
                                  "BENCHMARKS.md", "configs/a.yaml"]
 
 
-@pytest.mark.parametrize("doc", [README, DESIGN], ids=lambda p: p.relative_to(REPO).as_posix())
+# --- links ---------------------------------------------------------------------------------------
+_FENCE = re.compile(r"^(```|~~~)")
+_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
+_HTML_ID = re.compile(r"<a\s+(?:id|name)=\"([^\"]+)\"")
+
+
+def link_targets(text: str) -> list[str]:
+    """Targets of markdown links and images that point into the repository (no URL, no mail)."""
+    return [t for t in _LINK.findall(text) if "://" not in t and not t.startswith("mailto:")]
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's heading anchors of a markdown page (lower case, punctuation dropped, spaces to
+    hyphens; code blocks skipped), and its explicit `<a id="...">` anchors."""
+    found, fenced = set(_HTML_ID.findall(text)), False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (heading := _HEADING.match(line)):
+            found.add(re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-"))
+    return found
+
+
+def broken_links(doc: Path) -> list[str]:
+    problems = []
+    for target in link_targets(doc.read_text()):
+        file_part, _, fragment = target.partition("#")
+        path = (doc.parent / file_part).resolve() if file_part else doc
+        if not path.is_relative_to(REPO):
+            problems.append(f"{target}: outside the repository")
+        elif not path.exists():
+            problems.append(f"{target}: no such file")
+        elif fragment and path.suffix == ".md" and fragment not in anchors(path.read_text()):
+            problems.append(f"{target}: {path.relative_to(REPO)} has no heading #{fragment}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_DOC_IDS)
+def test_links_resolve(doc: Path):
+    problems = broken_links(doc)
+    assert not problems, f"{doc.relative_to(REPO)} has broken links:\n  " + "\n  ".join(problems)
+
+
+def test_link_checking(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n## `make demo` and more\n```\n# not a heading\n```\n")
+    page = tmp_path / "docs" / "b.md"
+    page.write_text("[ok](a.md) [ok](a.md#make-demo-and-more) [ok](#b) ![up](../docs/a.md) <a id=\"b\"></a> "
+                    "[url](https://x.org/y.md) [gone](c.md) [bad](a.md#not-a-heading) [out](../../x.md)")
+    assert broken_links(page) == ["c.md: no such file", "a.md#not-a-heading: docs/a.md has no heading #not-a-heading",
+                                  "../../x.md: outside the repository"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_DOC_IDS)
 def test_docs_do_not_point_outside_the_repo(doc: Path):
     outside = sorted({t for t in _tokens(doc.read_text()) if t.startswith("../")})
     assert not outside, f"{doc.relative_to(REPO)} points at files a clone does not have: {outside}"

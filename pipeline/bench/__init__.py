@@ -32,9 +32,9 @@ from pipeline.bench.report import render_markdown
 from pipeline.bench.settings import FULL, QUICK, BenchSettings
 from pipeline.bench.stage_one import measure_stage_one
 from pipeline.bench.stage_two import measure_steps, tail_ratio_rows
-from stages.teacher.engine import read_model_config
+from stages.teacher.scores import read_model_config
 
-__all__ = ["run_bench", "BenchSettings", "FULL", "QUICK"]
+__all__ = ["run_bench"]
 
 
 def _machine() -> str:

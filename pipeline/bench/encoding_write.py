@@ -1,6 +1,6 @@
 """Stage one end to end per cache encoding, side by side on one engine: what writing costs.
 
-    python -m pipeline.bench.encoding_write [--examples 64] [--length 256] [--rounds 3]
+    python -m pipeline bench-encoding-write [--examples 64] [--length 256] [--rounds 3]
 
 One vLLM pooler engine (and the stock engine for the plain prefill baseline) serves every variant;
 the variants run in turn, `--rounds` times, best tok/s kept. The engine's own scoring is the same
@@ -9,14 +9,13 @@ for all of them, so the differences are the encode + zstd + Parquet + sha256 wor
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 from pipeline.bench.stage_one import _config, _plain_prefill, _sequences
-from stages.cache_teacher import run_cache_teacher
 from stages.teacher.engine import open_engine
+from stages.teacher.runner import run_cache_teacher
 
 VARIANTS = (("topk_f32", 3), ("topk_idd_logq7", 3), ("topk_idd_rel4q112", 6), ("topk_idd_rel4q112", 9))
 
@@ -48,21 +47,11 @@ def measure(model: str, data: str, examples: int, length: int, rounds: int, k: i
         {"variant": name, **row, "over_plain": row["tok_s"] / plain} for name, row in best.items()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.encoding_write", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="build/default/base-model")
-    parser.add_argument("--data", default="build/default/data/target_train.jsonl")
-    parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
-    rows = measure(args.model, args.data, args.examples, args.length, args.rounds)
+def bench_encoding_write(model: str, data: str, examples: int = 64, length: int = 256, rounds: int = 3) -> list[dict]:
+    """`python -m pipeline bench-encoding-write`: `measure`, printed as JSON and a markdown table."""
+    rows = measure(model, data, examples, length, rounds)
     print(json.dumps(rows, indent=1))
     print("| variant | stage one tok/s | / plain prefill | bytes/token |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['tok_s']:,.0f} | {r['over_plain']:.2f} | {r.get('bytes_per_token', 0):.1f} |")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return rows

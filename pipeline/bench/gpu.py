@@ -23,7 +23,6 @@ gpu_bench.md under --out and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -32,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.student.trainer import batch_loss
+from stages.student.loss_mixin import batch_loss
+from stages.student.methods import get_method
 from stages.teacher.hf_engine import HFEngine
 from stages.teacher.select import select_nontarget_topk_torch
 from stages.teacher.topk_kernel import LAUNCH_CONFIGS, topk_logsumexp, topk_logsumexp_reference, tuned_launch
@@ -139,7 +139,7 @@ def bench_stage_one(name: str, model_dir: Path, vocab: int) -> dict:
     row["one_read_ms"] = cuda_time_ms(lambda: logits.amax(-1))
     row["logits_gib"] = logits.numel() * logits.element_size() / 2**30
     engine.close()
-    return row  # the models and logits are freed with this frame; main() empties the CUDA cache
+    return row  # the models and logits are freed with this frame; gpu_bench() empties the CUDA cache
 
 
 # --- stage two -----------------------------------------------------------------------------------
@@ -168,8 +168,10 @@ def bench_stage_two(name: str, model_dir: Path, vocab: int, fused_available: boo
                   teacher_topk_ids=top_ids, teacher_topk_logprobs=top_lp, teacher_target_logprob=target_lp)
 
     def step(estimator: str, **kwargs):
+        method = get_method(estimator)
+
         def run():
-            parts = batch_loss(student, inputs, estimator, 0.1, peft_model=student, **kwargs)
+            parts = batch_loss(student, inputs, method, 0.1, peft_model=student, **kwargs)
             parts.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -180,7 +182,7 @@ def bench_stage_two(name: str, model_dir: Path, vocab: int, fused_available: boo
         params = [p for p in student.parameters() if p.requires_grad]
 
         def loss_and_grad(fused: bool):
-            parts = batch_loss(student, inputs, "tail", 0.1, peft_model=student, fused=fused)
+            parts = batch_loss(student, inputs, get_method("tail"), 0.1, peft_model=student, fused=fused)
             parts.loss.backward()
             grad = torch.cat([p.grad.float().flatten() for p in params])
             opt.zero_grad(set_to_none=True)
@@ -199,7 +201,7 @@ def bench_stage_two(name: str, model_dir: Path, vocab: int, fused_available: boo
     for key in variants:
         row[f"{key}_over_ce"] = row[f"{key}_ms"] / row["ce_ms"]
         row[f"{key}_mem_over_ce"] = row[f"{key}_peak_gib"] / row["ce_peak_gib"]
-    return row  # freed with this frame; main() empties the CUDA cache
+    return row  # freed with this frame; gpu_bench() empties the CUDA cache
 
 
 def fused_loss_available() -> bool:
@@ -225,12 +227,14 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/gpu"), help="folder for gpu_bench.json/.md")
-    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--stages", nargs="+", default=["one", "two"], choices=["one", "two"])
-    args = parser.parse_args(argv)
+def gpu_bench(out: str | Path = "runs/bench/gpu", models: list[str] | None = None,
+              stages: list[str] | None = None) -> dict:
+    """`python -m pipeline gpu-bench`: the SHAPES `models` (default: all) through `stages` ("one", "two";
+    default both); writes gpu_bench.json and gpu_bench.md under `out` and prints the table."""
+    models, stages = list(models or SHAPES), list(stages or ("one", "two"))
+    unknown = [m for m in models if m not in SHAPES] + [s for s in stages if s not in ("one", "two")]
+    if unknown:
+        raise ValueError(f"gpu-bench: unknown {unknown}; models are {list(SHAPES)}, stages one and two")
     if not torch.cuda.is_available():
         raise SystemExit("gpu_bench needs a CUDA device (the CPU figures come from `python -m pipeline bench`)")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -238,23 +242,21 @@ def main(argv: list[str] | None = None) -> None:
                    started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     fused = fused_loss_available()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        for name in models:
             model_dir = Path(tmp) / name
             cfg = build_model(name, model_dir)
-            if "one" in args.stages:
+            if "one" in stages:
                 results["stage_one"].append(bench_stage_one(name, model_dir, cfg.vocab_size))
                 torch.cuda.empty_cache()
                 print(json.dumps(results["stage_one"][-1]), flush=True)
-            if "two" in args.stages:
+            if "two" in stages:
                 results["stage_two"].append(bench_stage_two(name, model_dir, cfg.vocab_size, fused))
                 torch.cuda.empty_cache()
                 print(json.dumps(results["stage_two"][-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
     table = to_markdown(results)
-    (args.out / "gpu_bench.md").write_text(table)
+    (out / "gpu_bench.md").write_text(table)
     print(table)
-
-
-if __name__ == "__main__":
-    main()
+    return results

@@ -15,7 +15,6 @@ medians), and the difference of the medians.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -29,7 +28,7 @@ from transformers import TrainerCallback
 from pipeline.config import load_config
 from stages.train import run_train
 
-__all__ = ["StepClock", "measure_logging_cost", "render", "main"]
+__all__ = ["StepClock", "measure_logging_cost", "render", "bench_logging"]
 
 SETTINGS = ("tensorboard", "none")
 WARMUP_STEPS = 2
@@ -105,12 +104,8 @@ def render(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml", help="a config whose cache exists (default: the demo's)")
-    parser.add_argument("--runs", type=int, default=5, help="runs per setting, interleaved (default 5)")
-    parser.add_argument("--steps", type=int, default=14, help="optimizer steps per run (default 14)")
-    parser.add_argument("--batch-size", type=int, default=0, help="train.batch_size for the runs (default: the config's)")
-    args = parser.parse_args(argv)
-    print(render(measure_logging_cost(args.config, args.runs, args.steps, args.batch_size)))
-    return 0
+def bench_logging(config: str, runs: int = 5, steps: int = 14, batch_size: int = 0) -> dict:
+    """`python -m pipeline bench-logging`: `measure_logging_cost` of the YAML `config`, printed as `render`'s table."""
+    result = measure_logging_cost(config, runs, steps, batch_size)
+    print(render(result))
+    return result

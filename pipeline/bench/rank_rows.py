@@ -13,21 +13,21 @@ dataloader yields in one epoch, into `train.output_dir/rank_rows/rank-R.json`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config
 from stages.student.adapters import make_student
+from stages.student.methods import get_method
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import build_trainer
 from storage_schemas import EXAMPLE_ID_COLUMN
 from storage_schemas.remote import local_cache_copy
 
-__all__ = ["rank_example_ids", "main"]
+__all__ = ["rank_example_ids", "write_rank_rows"]
 
 
 def _ids_only(rows) -> dict[str, torch.Tensor]:
@@ -42,24 +42,16 @@ def rank_example_ids(config: Config) -> tuple[int, list[int]]:
     if config.train.streaming:
         dataset = dataset.shuffle(seed=config.train.seed, buffer_size=1024)  # as stages/train.py does
     model = make_student(config.model, config.train.lora, torch.float32)
-    trainer = build_trainer(model, dataset, _ids_only, config, manifest.num_rows)
+    trainer = build_trainer(model, dataset, _ids_only, config.train, get_method(config.train.method), manifest.num_rows)
     ids = [int(i) for batch in trainer.get_train_dataloader() for i in batch[EXAMPLE_ID_COLUMN]]
     return trainer.args.process_index, ids
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. cache.k=64")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+def write_rank_rows(config: Config) -> Path:
+    """`python -m pipeline rank-rows`: this rank's example ids into `train.output_dir/rank_rows/rank-R.json`."""
     rank, ids = rank_example_ids(config)
     out = Path(config.train.output_dir) / "rank_rows" / f"rank-{rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(ids))
     print(f"rank {rank}: {len(ids)} rows -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return out

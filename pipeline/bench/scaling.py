@@ -9,7 +9,6 @@ its engine at the same moment); wall = the whole run incl. engine starts and the
 """
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["measure", "main"]
+__all__ = ["measure", "bench_scaling"]
 
 _LINE = re.compile(r"worker (\d+) of (\d+) \(\w+\): .* written now, ([\d,]+) tokens at ([\d,]+) tok/s")
 
@@ -46,24 +45,17 @@ def measure(config: str, overrides: list[str], workers: int, root: Path) -> dict
             "aggregate": sum(tokens) / longest_pass, "wall": wall}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. cache.k=64")
-    args = parser.parse_args(argv)
+def bench_scaling(config: str, overrides: list[str], workers: list[int]) -> list[dict]:
+    """`python -m pipeline bench-scaling`: `measure` for each worker count, each into a fresh cache; prints
+    the table (aggregate tok/s relative to the first count) and returns the rows."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="mtcache-scaling-") as tmp:
-        for n in args.workers:
-            rows.append(measure(args.config, args.overrides, n, Path(tmp)))
+        for n in workers:
+            rows.append(measure(config, overrides, n, Path(tmp)))
     base = rows[0]["aggregate"]
     print("| workers | tokens | per-worker tok/s | aggregate tok/s | / 1 worker | wall incl. engine start |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         per = ", ".join(f"{x:,.0f}" for x in r["per_worker"])
         print(f"| {r['workers']} | {r['tokens']:,} | {per} | {r['aggregate']:,.0f} | {r['aggregate'] / base:.2f} | {r['wall']:.1f} s |")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return rows

@@ -8,7 +8,7 @@ machine hits every variant alike), best of `repeats`:
 - `vllm_score`: the same engine's `score()` alone (no shards), to show what writing costs;
 - `stock_e2e`: `run_cache_teacher` with the stock `prompt_logprobs` output (the fallback);
 - `hf_e2e`: `run_cache_teacher` with the transformers engine.
-Engine start and tokenization are excluded (CacheSummary.tokens_per_second).
+Engine start and tokenization are excluded (StageOneSummary.tokens_per_second).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pipeline.bench.settings import BenchSettings
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.inputs import load_rows, tokenize_rows
 from stages.teacher.engine import open_engine
+from stages.teacher.runner import run_cache_teacher
 
 __all__ = ["measure_stage_one"]
 

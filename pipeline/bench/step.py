@@ -20,7 +20,6 @@ A row named `<estimator>+fused` runs the same estimator with the fused chunked l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import re
@@ -35,10 +34,11 @@ import torch
 from pipeline.bench.models import build_random_llama
 from stages.student.adapters import make_student
 from stages.student.loss import CachedTeacher
+from stages.student.loss_mixin import batch_loss
+from stages.student.methods import get_method
 from stages.student.settings import LoraSettings
-from stages.student.trainer import batch_loss
 
-__all__ = ["tiny_llama", "synthetic_batch", "measure_time", "measure_memory", "compare", "main"]
+__all__ = ["tiny_llama", "synthetic_batch", "measure_time", "measure_memory", "compare", "bench_step"]
 
 ESTIMATORS = ("none", "tail", "live")
 FUSED_ROWS = ("none+fused", "tail+fused")
@@ -99,10 +99,10 @@ def _setup(model_dir: str, batch: int, seq: int, k: int, dtype: str):
 
 def _step(model, inputs, optim, autocast, estimator: str, chunk: int = 0) -> float:
     """One optimizer step of `estimator` (or `<estimator>+fused`); its wall time in seconds."""
-    name, fused = estimator.removesuffix("+fused"), estimator.endswith("+fused")
+    method, fused = get_method(estimator.removesuffix("+fused")), estimator.endswith("+fused")
     start = time.perf_counter()
     with autocast:
-        loss = batch_loss(model, inputs, name, kl_weight=1.0, fused=fused, chunk_size=chunk).loss
+        loss = batch_loss(model, inputs, method, reg_weight=1.0, fused=fused, chunk_size=chunk).loss
     loss.backward()
     optim.step()
     optim.zero_grad(set_to_none=True)
@@ -170,26 +170,16 @@ def compare(model_dir: str, batch: int = 8, seq: int = 256, k: int = 32, steps: 
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="local HF model dir (default: build a tiny random Llama)")
-    parser.add_argument("--vocab", type=int, default=392, help="tiny model vocabulary (392 = the test fixture's)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--k", type=int, default=32, help="cached non-target tokens per position (default 32)")
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds, every method once per round (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--methods", "--estimators", dest="estimators", nargs="+", default=list(ESTIMATORS),
-                        help=f"train.method rows, the first is the ratios' base (default {' '.join(ESTIMATORS)})")
-    parser.add_argument("--fused", action="store_true", help=f"add the rows {' '.join(FUSED_ROWS)}")
-    parser.add_argument("--chunk", type=int, default=0, help="fused rows per chunk (0 = auto from the vocabulary)")
-    args = parser.parse_args(argv)
-    estimators = list(args.estimators) + [r for r in FUSED_ROWS if args.fused and r not in args.estimators]
+def bench_step(model: str | None = None, vocab: int = 392, batch: int = 8, seq: int = 256, k: int = 32,
+               steps: int = 10, warmup: int = 3, dtype: str = "float32", estimators: Sequence[str] | None = None,
+               fused: bool = False, chunk: int = 0) -> dict:
+    """`python -m pipeline bench-step`: `compare` on `model` (default: a tiny random Llama of `vocab` tokens),
+    the rows `estimators` (default ESTIMATORS) plus FUSED_ROWS with `fused`; prints one line per row and the JSON."""
+    estimators = list(estimators or ESTIMATORS)
+    estimators += [r for r in FUSED_ROWS if fused and r not in estimators]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or str(tiny_llama(Path(tmp), args.vocab))
-        results = compare(model_dir, args.batch, args.seq, args.k, args.steps, args.warmup, args.dtype, estimators,
-                          args.chunk)
+        model_dir = model or str(tiny_llama(Path(tmp), vocab))
+        results = compare(model_dir, batch, seq, k, steps, warmup, dtype, estimators, chunk)
     for r in results.values():
         print(f"{r['estimator']:>10}: step median {r['step_s'] * 1e3:8.1f} ms ({r['time_ratio']:.2f}x), "
               f"min {r['step_min_s'] * 1e3:8.1f} ms ({r['min_time_ratio']:.2f}x)   "
@@ -197,7 +187,3 @@ def main(argv: list[str] | None = None) -> dict:
               f"step extra {r['step_extra_mib']:7.0f} MiB ({r['extra_ratio']:.2f}x)   [{r['device']}]")
     print(json.dumps(results))
     return results
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,6 @@ prompt log-probs). The vLLM engine is closed before the hf engine runs so they n
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from pipeline.bench.models import build_random_llama
 from stages.teacher.engine import open_engine
 
-__all__ = ["MODEL_SHAPES", "random_sequences", "measure", "main"]
+__all__ = ["MODEL_SHAPES", "random_sequences", "measure", "bench_teacher"]
 
 # name -> LlamaConfig overrides; "tiny" is the test fixture's shape (its tokenizer has 392 tokens).
 MODEL_SHAPES = {
@@ -86,31 +85,22 @@ def measure(model_dir: str, num_sequences: int = 64, length: int = 256, k: int =
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", help="measure this model instead of building the random ones")
-    parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("-k", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+def bench_teacher(model_dir: str | None = None, sequences: int = 64, length: int = 256, k: int = 32, repeats: int = 3,
+                  json_path: str | None = None) -> dict:
+    """`python -m pipeline bench-teacher`: `measure` on `model_dir` (default: the MODEL_SHAPES random Llamas,
+    built in a temporary directory); prints the table, writes `json_path` if given."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="mtcache-measure-") as tmp:
-        models = {args.model_dir: args.model_dir} if args.model_dir else {
+        models = {model_dir: model_dir} if model_dir else {
             name: str(build_random_llama(Path(tmp) / name, max_position_embeddings=2048, **shape))
             for name, shape in MODEL_SHAPES.items()}
-        for name, model_dir in models.items():
-            results[name] = measure(model_dir, args.sequences, args.length, args.k, args.repeats)
-    print(f"{args.sequences} x {args.length} tokens, k={args.k}, best of {args.repeats} (tok/s)")
+        for name, path in models.items():
+            results[name] = measure(path, sequences, length, k, repeats)
+    print(f"{sequences} x {length} tokens, k={k}, best of {repeats} (tok/s)")
     print(f"{'model':>8} {'vllm prefill':>13} {'vllm score':>11} {'hf score':>9} {'score/prefill':>14}")
     for name, r in results.items():
         print(f"{name:>8} {r['vllm_prefill']:>13.0f} {r['vllm_score']:>11.0f} {r['hf_score']:>9.0f} "
               f"{r['score_over_prefill']:>14.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
     return results
-
-
-if __name__ == "__main__":  # vLLM spawns its engine processes: this guard is required
-    main()

@@ -28,17 +28,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.config import CacheConfig, Config, DataConfig
+from pipeline.config import Config
 from pipeline.studies.sweep import plan_runs, record_weight, run_config
-from stages.cache_teacher import run_cache_teacher
+from stages.inputs import DataConfig
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CachedTeacher, live_masked_kl
 from stages.student.methods import Method, get_method, methods
 from stages.student.reader import load_cache_dataset, open_cache
+from stages.teacher.runner import run_cache_teacher
+from stages.teacher.settings import CacheConfig
 from stages.train import run_train
 from storage_schemas import Manifest
-from storage_schemas.fingerprints import model_vocab_size
-from storage_schemas.shard_io import file_sha256
+from storage_schemas.fingerprints import files_sha256, model_vocab_size
 
 __all__ = ["run_approx_study", "gap_table", "estimator_sums", "tail_vs_live", "frontier_gaps", "render_markdown",
            "studied_methods"]
@@ -50,7 +51,7 @@ BOUND_TOL = 1e-5  # float32 slack of the lower-bound check, relative to (1 + D)
 def full_cache_config(config: Config) -> Config:
     """Stage one over the held-out target data with every non-target token kept (k = |V|-1)."""
     study = copy.deepcopy(config)
-    study.data = DataConfig(path=config.eval.target_path, text_field=config.eval.text_field or config.data.text_field,
+    study.data = DataConfig(path=config.eval.target_path, text_field=config.data.text_field,
                             max_length=config.eval.max_length, max_examples=config.approx.examples)
     study.cache = CacheConfig(dir=str(Path(config.approx.output_dir) / "cache-full"), engine="hf",
                               k=model_vocab_size(config.model) - 1, encoding="topk_f32", dtype="float32",
@@ -149,7 +150,7 @@ def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list
 def _measured(config: Config, cache_dir: Path, adapter_dir: Path, ks: list[int], out: Path) -> dict:
     """`measure_student`, reused from out/measured-<run>.json when adapter, cache and ks are unchanged
     (re-running the study after more sweep runs only redoes the cheap frontier part)."""
-    key = {"adapter_sha256": file_sha256(adapter_dir / "adapter_model.safetensors"),
+    key = {"adapter_sha256": files_sha256([adapter_dir / "adapter_model.safetensors"], with_names=False),
            "cache_token_ids_sha256": Manifest.load(cache_dir).token_ids_sha256, "ks": ks,
            "methods": [m.name for m in studied_methods()]}
     path = out / f"measured-{adapter_dir.parent.name}.json"

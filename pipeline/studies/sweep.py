@@ -33,9 +33,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline.config import Config
-from stages.cache_teacher import run_cache_teacher
 from stages.evaluate import run_eval
 from stages.student.methods import get_method, method_names
+from stages.teacher.runner import run_cache_teacher
 from stages.tensorboard_log import reports_to_tensorboard, tensorboard_dir
 from stages.train import run_train
 

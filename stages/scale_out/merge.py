@@ -10,20 +10,24 @@ a Slurm array, or to see why a cache is not complete. Refuses, naming the part o
 - a shard listed by two parts (overlap), by a worker it does not belong to, or by no part (gap);
 - a listed shard object that is missing or has another size than its record.
 
+`finish_manifest` is the one place a cache's manifest.json is completed: by this merge, and by a
+single-process run (worker 0 of 1, whose part is manifest.json itself).
+
 The merged manifest lists the shards in index order with the records the workers wrote, so it
 matches a single-process run's manifest in everything but its creation time. Checksums are
 verified by `verify` (and by stage two on open), not here: merging stays cheap.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 
 from stages.scale_out.parts import ManifestPart, WorkerSpec, assigned_shards, parse_part_name, read_parts
-from stages.teacher.stage_one import combined_token_hash
 from storage_schemas import MANIFEST_NAME, FingerprintMismatch, Manifest, ShardRecord
 from storage_schemas.remote import CacheStore
 
-__all__ = ["MergeError", "check_parts", "merge_parts", "try_merge"]
+__all__ = ["MergeError", "check_parts", "merge_parts", "try_merge", "finish_manifest"]
 
 
 class MergeError(ValueError):
@@ -91,20 +95,31 @@ def check_parts(store: CacheStore, parts: dict[str, ManifestPart]) -> list[Shard
     return shards
 
 
+def _combined_token_hash(shards: list[ShardRecord]) -> str:
+    digest = hashlib.sha256()
+    for record in sorted(shards, key=lambda r: r.index):
+        digest.update(record.token_ids_sha256.encode())
+    return digest.hexdigest()
+
+
+def finish_manifest(store: CacheStore, origin: Manifest, shards: list[ShardRecord], created_at: str) -> Manifest:
+    """The cache's manifest.json from a part's fingerprints and settings (`origin`) and every shard
+    record, marked complete when they cover every example; written atomically, last; returned."""
+    fields = {f.name: getattr(origin, f.name) for f in dataclasses.fields(Manifest)}
+    manifest = Manifest(**{**fields, "shards": sorted(shards, key=lambda r: r.index), "created_at": created_at})
+    manifest.complete = manifest.num_rows == manifest.dataset.num_examples
+    manifest.token_ids_sha256 = _combined_token_hash(manifest.shards)
+    store.write_text(MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
 def merge_parts(cache: str) -> Manifest:
     """Check the parts of `cache` and write its manifest.json (atomically, last); returns it."""
     store = CacheStore.open(cache)
     parts = read_parts(store)
     shards = check_parts(store, parts)
-    first = parts[min(parts)]
-    manifest = Manifest(teacher=first.teacher, tokenizer=first.tokenizer, dataset=first.dataset,
-                        settings=first.settings, engine=first.engine, shards=shards,
-                        # deterministic, so two workers merging at once write the same bytes
-                        created_at=min(p.created_at for p in parts.values()))
-    manifest.complete = manifest.num_rows == manifest.dataset.num_examples
-    manifest.token_ids_sha256 = combined_token_hash(manifest)
-    store.write_text(MANIFEST_NAME, manifest.to_json())
-    return manifest
+    # created_at: deterministic, so two workers merging at once write the same bytes
+    return finish_manifest(store, parts[min(parts)], shards, min(p.created_at for p in parts.values()))
 
 
 def try_merge(store: CacheStore) -> Manifest | None:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.settings import StageConfig
+from stages.teacher.settings import CacheConfig
 from storage_schemas import MANIFEST_NAME, Manifest
 from storage_schemas.remote import CacheStore, default_local_dir
 
@@ -74,12 +74,12 @@ def parse_part_name(name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def local_working_dir(config: StageConfig) -> Path:
+def local_working_dir(cache: CacheConfig) -> Path:
     """Where shard files are written: the cache itself, or for a remote cache its local copy."""
-    store = CacheStore.open(config.cache.dir)
+    store = CacheStore.open(cache.dir)
     if not store.remote:
         return Path(store.root)
-    return Path(config.cache.local_dir) if config.cache.local_dir else default_local_dir(config.cache.dir)
+    return Path(cache.local_dir) if cache.local_dir else default_local_dir(cache.dir)
 
 
 # --- the manifest part ---------------------------------------------------------------------------

@@ -14,50 +14,34 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from stages.scale_out.merge import merge_parts
 from stages.scale_out.parts import WorkerSpec
-from stages.scale_out.workers import run_worker
-from stages.settings import StageConfig
+from stages.scale_out.workers import WorkerResult, run_worker
+from stages.teacher.stage_one import TeacherJob
+from storage_schemas import Manifest
 from storage_schemas.remote import is_remote
 
-__all__ = ["run_with_ray", "RaySummary"]
+__all__ = ["run_with_ray"]
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-@dataclass
-class RaySummary:
-    workers: list            # WorkerSummary per rank (of the attempt that finished)
-    manifest: object         # the merged Manifest
-
-    def render(self) -> str:
-        m = self.manifest
-        lines = [w.render().splitlines()[0] for w in self.workers]
-        total = sum(w.tokens_written_now for w in self.workers)
-        lines.append(f"ray: {len(self.workers)} workers, {total:,} tokens written now, per-worker tok/s "
-                     + ", ".join(f"{w.tokens_per_second:,.0f}" for w in self.workers))
-        lines.append(f"merged manifest: {len(m.shards)} shards, {m.num_rows:,} examples, {m.num_tokens:,} tokens, "
-                     f"{m.num_bytes / 2**20:.2f} MiB (complete={m.complete})")
-        return "\n".join(lines)
-
-
-def _absolute(config: StageConfig) -> StageConfig:
+def _absolute(job: TeacherJob) -> TeacherJob:
     """Local paths made absolute: Ray workers do not start in the driver's directory."""
     def resolve(path: str) -> str:
         return path if not path or is_remote(path) else str(Path(path).resolve())
 
-    cache = dataclasses.replace(config.cache, dir=resolve(config.cache.dir), local_dir=resolve(config.cache.local_dir))
-    data = dataclasses.replace(config.data, path=resolve(config.data.path))
-    model = resolve(config.model) if Path(config.model).exists() else config.model
-    return dataclasses.replace(config, model=model, data=data, cache=cache)
+    cache = dataclasses.replace(job.cache, dir=resolve(job.cache.dir), local_dir=resolve(job.cache.local_dir))
+    data = dataclasses.replace(job.data, path=resolve(job.data.path))
+    model = resolve(job.model) if Path(job.model).exists() else job.model
+    return dataclasses.replace(job, model=model, data=data, cache=cache)
 
 
-def _ray_worker(config: StageConfig, rank: int, size: int):
+def _ray_worker(job: TeacherJob, config_text: str, rank: int, size: int) -> WorkerResult:
     """One worker, inside a Ray task; the driver merges once all have returned."""
-    return run_worker(config, WorkerSpec(rank, size, "ray"), merge=False)
+    return run_worker(job, WorkerSpec(rank, size, "ray"), config_text, merge=False)
 
 
 def _connect(address: str | None):
@@ -75,20 +59,21 @@ def _connect(address: str | None):
     return ray
 
 
-def run_with_ray(config: StageConfig, num_workers: int | None, address: str | None = None,
-                 max_retries: int = 3) -> RaySummary:
-    """Run `num_workers` workers as Ray tasks (default: one per GPU in the cluster), then merge."""
+def run_with_ray(job: TeacherJob, config_text: str, num_workers: int | None, address: str | None = None,
+                 max_retries: int = 3) -> tuple[list[WorkerResult], Manifest]:
+    """Run `num_workers` workers as Ray tasks (default: one per GPU in the cluster), then merge: each
+    rank's result (of the attempt that finished) and the merged manifest."""
     ray = _connect(address)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        per_worker_gpus = config.cache.tensor_parallel_size * config.cache.pipeline_parallel_size if gpus else 0
+        per_worker_gpus = job.cache.tensor_parallel_size * job.cache.pipeline_parallel_size if gpus else 0
         num_workers = num_workers or (gpus // max(per_worker_gpus, 1) if gpus else None)
         if not num_workers:
             raise ValueError("--launcher ray: the cluster has no GPUs; pass --num-workers N")
         task = ray.remote(_ray_worker).options(num_cpus=1, num_gpus=per_worker_gpus, max_retries=max_retries,
                                                retry_exceptions=True)
-        config = _absolute(config)
-        workers = ray.get([task.remote(config, rank, num_workers) for rank in range(num_workers)])
+        job = _absolute(job)
+        workers = ray.get([task.remote(job, config_text, rank, num_workers) for rank in range(num_workers)])
     finally:
         ray.shutdown()
-    return RaySummary(workers, merge_parts(config.cache.dir))
+    return workers, merge_parts(job.cache.dir)

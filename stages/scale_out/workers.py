@@ -1,4 +1,5 @@
-"""Data-parallel stage one: N workers each score the shards assigned to them, then merge.
+"""Data-parallel stage one: N workers each score the shards assigned to them, then merge. A
+single-process run is worker 0 of 1 (stages/teacher/runner.py decides which, in one place).
 
     python -m pipeline cache-teacher --config C --num-workers 4 --worker-rank 2   # one worker
     sbatch --array=0-3 run.sh     # each task: python -m pipeline cache-teacher --config C
@@ -28,7 +29,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.scale_out.merge import try_merge
+from stages.scale_out.merge import finish_manifest, try_merge
 from stages.scale_out.parts import (
     ManifestPart,
     WorkerSpec,
@@ -37,12 +38,13 @@ from stages.scale_out.parts import (
     part_name,
     read_parts,
 )
-from stages.settings import StageConfig, save_config
-from stages.teacher.stage_one import combined_token_hash, load_examples, open_teacher_engine, plan_manifest, write_shards
+from stages.teacher.stage_one import TeacherJob, load_examples, open_teacher_engine, plan_manifest, write_shards
 from storage_schemas import MANIFEST_NAME, FingerprintMismatch, Manifest, shard_file_name
 from storage_schemas.remote import CacheStore
 
-__all__ = ["run_worker", "WorkerSummary"]
+__all__ = ["run_worker", "WorkerResult", "CONFIG_NAME"]
+
+CONFIG_NAME = "config.yaml"  # the resolved config, beside the shards (written by worker 0)
 
 # torchrun's rendezvous variables: vLLM sets up its own torch.distributed group inside each worker
 # and must not see the launcher's.
@@ -111,13 +113,13 @@ def _clear_leftovers(local: Path, worker: WorkerSpec, shards: list[int]) -> None
             leftover.unlink()
 
 
-def _pin_device(worker: WorkerSpec, config: StageConfig) -> None:
+def _pin_device(worker: WorkerSpec, job: TeacherJob) -> None:
     """Under torchrun: GPUs [LOCAL_RANK * g, (LOCAL_RANK + 1) * g) for a worker using g = tp * pp GPUs
     (unless CUDA_VISIBLE_DEVICES is set), and hide torchrun's variables from vLLM."""
     if worker.source != "torchrun":
         return
     local_rank = os.environ.get("LOCAL_RANK")
-    per_worker = config.cache.tensor_parallel_size * config.cache.pipeline_parallel_size
+    per_worker = job.cache.tensor_parallel_size * job.cache.pipeline_parallel_size
     if local_rank is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
         first = int(local_rank) * per_worker
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_worker))
@@ -127,7 +129,9 @@ def _pin_device(worker: WorkerSpec, config: StageConfig) -> None:
 
 # --- the worker ----------------------------------------------------------------------------------
 @dataclass
-class WorkerSummary:
+class WorkerResult:
+    """What one worker did (the runner's `StageOneSummary` renders one or several of these)."""
+
     rank: int
     size: int
     shards_assigned: int
@@ -137,75 +141,57 @@ class WorkerSummary:
     merged: Manifest | None     # set by the worker that completed the cache (or found it complete)
     source: str = "flags"       # where rank and size came from: flags | slurm | torchrun | ray | single
 
-    def render(self) -> str:
-        lines = [f"worker {self.rank} of {self.size} ({self.source}): {self.shards_assigned} shards assigned, "
-                 f"{self.shards_written_now} written now"
-                 + (f", {self.tokens_written_now:,} tokens at {self.tokens_per_second:,.0f} tok/s" if self.shards_written_now else "")]
-        if self.merged is not None:
-            m = self.merged
-            lines.append(f"merged manifest: {len(m.shards)} shards, {m.num_rows:,} examples, {m.num_tokens:,} tokens, "
-                         f"{m.num_bytes / 2**20:.2f} MiB (complete={m.complete})")
-        else:
-            lines.append("other workers still running: the last one to finish merges the parts "
-                         "(or run `python -m pipeline merge-manifest CACHE`)")
-        return "\n".join(lines)
 
-
-def run_worker(config: StageConfig, worker: WorkerSpec, merge: bool = True, engine=None) -> WorkerSummary:
+def run_worker(job: TeacherJob, worker: WorkerSpec, config_text: str = "", merge: bool = True,
+               engine=None) -> WorkerResult:
     """Score and write this worker's shards (resuming its part), then merge if every part is complete.
 
-    One worker (a single-process run, `stages/cache_teacher.py`) is the same path with N = 1: its part
-    is manifest.json, and finishing it completes the cache. `engine`: an already open engine to use
-    (the caller closes it) instead of opening one from `config.cache`."""
-    _pin_device(worker, config)
-    examples, report = load_examples(config)  # every worker sees all: shard bounds and fingerprints need them
-    store, local = CacheStore.open(config.cache.dir), local_working_dir(config)
-    planned = plan_manifest(config, len(examples), report)
-    mine = assigned_shards(math.ceil(len(examples) / config.cache.rows_per_shard), worker)
+    One worker (a single-process run) is the same path with N = 1: its part is manifest.json, and
+    finishing it completes the cache. `config_text`: the resolved config, saved by worker 0 as
+    config.yaml once the cache is known to be this job's. `engine`: an already open engine to use
+    (the caller closes it) instead of opening one from `job.cache`."""
+    _pin_device(worker, job)
+    examples, report = load_examples(job)  # every worker sees all: shard bounds and fingerprints need them
+    store, local = CacheStore.open(job.cache.dir), local_working_dir(job.cache)
+    planned = plan_manifest(job, len(examples), report)
+    mine = assigned_shards(math.ceil(len(examples) / job.cache.rows_per_shard), worker)
     if worker.size > 1 and (done := _merged(store, planned)) is not None:
-        return WorkerSummary(worker.rank, worker.size, len(mine), 0, 0, 0.0, done, worker.source)
+        return WorkerResult(worker.rank, worker.size, len(mine), 0, 0, 0.0, done, worker.source)
     part = _open_part(store, planned, worker)
     local.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(local, worker, mine)
-    if worker.rank == 0:
-        _save_config(config, store, local)
+    if worker.rank == 0 and config_text:
+        _save_config(config_text, store, local)
     todo = [i for i in mine if part.shard(i) is None]
     if todo and not part.shards:
         # Saved before the first shard: a kill between that shard's rename and the first manifest save
         # then leaves a manifest listing nothing, and the rerun resumes (an unlisted shard file is
         # rewritten) instead of finding shards with no manifest.
         part.save(local)
-    tokens, seconds = _score_todo(config, local, examples, todo, part, engine) if todo else (0, 0.0)
+    tokens, seconds = _score_todo(job.with_cache_dir(str(local)), examples, todo, part, engine) if todo else (0, 0.0)
     part.complete = all(part.shard(i) is not None for i in mine)
     part.save(local)  # before looking at the others: of two workers finishing together, one sees both complete
-    merged = _finish_single(part, store) if worker.size == 1 else try_merge(store) if merge else None
-    return WorkerSummary(worker.rank, worker.size, len(mine), len(todo), tokens, tokens / seconds if tokens else 0.0,
-                         merged, worker.source)
+    if worker.size == 1:  # its part is manifest.json: completing it is the merge
+        merged = finish_manifest(store, part, part.shards, part.created_at)
+    else:
+        merged = try_merge(store) if merge else None
+    return WorkerResult(worker.rank, worker.size, len(mine), len(todo), tokens, tokens / seconds if tokens else 0.0,
+                        merged, worker.source)
 
 
-def _score_todo(config: StageConfig, local: Path, examples, todo: list[int], part: ManifestPart, engine) -> tuple[int, float]:
+def _score_todo(local_job: TeacherJob, examples, todo: list[int], part: ManifestPart, engine) -> tuple[int, float]:
     """write_shards into the local working directory, on `engine` or on one opened (and closed) here."""
-    local_config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, dir=str(local)))
     if engine is not None:
-        return write_shards(engine, local_config, examples, todo, part)
-    engine = open_teacher_engine(local_config)
+        return write_shards(engine, local_job, examples, todo, part)
+    engine = open_teacher_engine(local_job)
     try:
-        return write_shards(engine, local_config, examples, todo, part)
+        return write_shards(engine, local_job, examples, todo, part)
     finally:
         engine.close()
 
 
-def _finish_single(part: ManifestPart, store: CacheStore) -> Manifest:
-    """One worker: its part becomes the cache's manifest, marked complete when every shard is in."""
-    manifest = Manifest(**{f.name: getattr(part, f.name) for f in dataclasses.fields(Manifest)})
-    manifest.complete = manifest.num_rows == manifest.dataset.num_examples
-    manifest.token_ids_sha256 = combined_token_hash(manifest)
-    store.write_text(MANIFEST_NAME, manifest.to_json())
-    return manifest
-
-
-def _save_config(config: StageConfig, store: CacheStore, local: Path) -> None:
-    """config.yaml beside the shards, as a single-process run writes it (worker 0 only)."""
-    save_config(config, local / "config.yaml")
+def _save_config(config_text: str, store: CacheStore, local: Path) -> None:
+    """config.yaml beside the shards (worker 0 only); published too for a remote cache."""
+    (local / CONFIG_NAME).write_text(config_text)
     if store.remote:
-        store.put_file(local / "config.yaml", "config.yaml")
+        store.put_file(local / CONFIG_NAME, CONFIG_NAME)

@@ -35,10 +35,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from stages.student.settings import QUANTIZATIONS, LoraSettings
-from stages.student.variants import MUTATES_BASE
 
 __all__ = [
-    "MUTATES_BASE", "QUANTIZATIONS", "lora_config", "make_student",
+    "lora_config", "make_student",
     "save_initial_adapter", "save_adapter", "adapter_state", "base_state", "adapted_modules", "render_adapted",
 ]
 

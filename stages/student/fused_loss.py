@@ -3,7 +3,7 @@
     python -m pipeline train --config configs/demo.yaml train.fused_loss=true
 
     from stages.student.fused_loss import chunked_regularized_loss
-    parts = chunked_regularized_loss(hidden, model.lm_head.weight, targets, teacher, kl_weight=1.0)
+    parts = chunked_regularized_loss(hidden, model.lm_head.weight, targets, teacher, reg_weight=1.0)
 
 Same value and gradients as `regularized_loss(hidden @ W.T + b, targets, cached_kl(...))` (loss.py),
 computed the Liger-kernel way: a `torch.autograd.Function` whose forward walks the N labelled rows in
@@ -66,7 +66,7 @@ def auto_chunk_size(vocab_size: int, max_elements: int = 2**28) -> int:
 @dataclass(frozen=True)
 class _Spec:
     estimator: str | None   # None: CE only
-    kl_weight: float
+    reg_weight: float
     chunk_size: int
     compute_dtype: torch.dtype
     need_grad: bool
@@ -77,13 +77,13 @@ def chunked_regularized_loss(
     lm_head_weight: torch.Tensor,
     targets: torch.Tensor,
     teacher: CachedTeacher | None,
-    kl_weight: float,
+    reg_weight: float,
     estimator: str = "tail",
     num_items: int | torch.Tensor | None = None,
     chunk_size: int = 4096,
     lm_head_bias: torch.Tensor | None = None,
 ) -> LossParts:
-    """CE + kl_weight * cached KL of the logits hidden @ W.T (+ b), never holding more than `chunk_size` rows of them.
+    """CE + reg_weight * cached KL of the logits hidden @ W.T (+ b), never holding more than `chunk_size` rows of them.
 
     hidden [N, H] (any float dtype), lm_head_weight [V, H], targets [N] long, teacher arrays [N, k]
     (None: CE only, `estimator` ignored), lm_head_bias [V] or None. `num_items` as in
@@ -93,12 +93,12 @@ def chunked_regularized_loss(
     _check_inputs(hidden, lm_head_weight, targets, teacher, estimator, chunk_size, lm_head_bias)
     n = targets.numel()
     denom = torch.as_tensor(n if num_items is None else num_items, device=hidden.device).clamp_min(1).float()
-    spec = _Spec(estimator if teacher is not None else None, float(kl_weight), chunk_size,
+    spec = _Spec(estimator if teacher is not None else None, float(reg_weight), chunk_size,
                  _compute_dtype(hidden, lm_head_weight), torch.is_grad_enabled())
     arrays = (teacher.topk_ids.long(), teacher.topk_logprobs, teacher.target_logprob) if teacher is not None else (None,) * 3
     loss, ce_sum, kl_sum = _ChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, targets, *arrays, denom, spec)
     count = max(n, 1)
-    return LossParts(loss=loss, ce=ce_sum / count, kl=kl_sum / count, n_tokens=n)
+    return LossParts(loss=loss, ce=ce_sum / count, regularizer=kl_sum / count, penalty=ce_sum.new_zeros(()), n_tokens=n)
 
 
 def _check_inputs(hidden, weight, targets, teacher, estimator, chunk_size, bias) -> None:
@@ -158,7 +158,7 @@ class _ChunkedLoss(torch.autograd.Function):
         ctx.want, ctx.dtypes = want, (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ce_sum, kl_sum = sums[0].clone(), sums[1].clone()  # own tensors (not views): logging only
         ctx.mark_non_differentiable(ce_sum, kl_sum)
-        return (ce_sum + spec.kl_weight * kl_sum) / denom, ce_sum, kl_sum
+        return (ce_sum + spec.reg_weight * kl_sum) / denom, ce_sum, kl_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
@@ -191,7 +191,7 @@ def _chunk(x, w, b, targets, teacher, denom, spec: _Spec, want_grad: bool):
         if not want_grad:
             return ce, kl, None
         # Scaled by 1/denom here, in fp32, so the compute-dtype cast sees the same values as unfused.
-        g_S, g_y, g_rest = torch.autograd.grad((ce + spec.kl_weight * kl) / denom, leaves, allow_unused=True)
+        g_S, g_y, g_rest = torch.autograd.grad((ce + spec.reg_weight * kl) / denom, leaves, allow_unused=True)
     # d/dz_v of log_Z_rest is exp(z_v - log_Z_rest) = e_v / rest_sum for v in the rest, 0 elsewhere.
     coef = torch.zeros_like(rest_sum) if g_rest is None else torch.where(rest_sum > 0, g_rest / rest_sum, 0.0)
     grad = z.mul_(coef[:, None])

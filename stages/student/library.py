@@ -18,7 +18,10 @@ Scope: the cached estimators (methods `tail`, `topk`, `full_kl`) and `none` (CE 
 (`fused_loss=True`: the mixin calls the model for its last hidden state, no [B, T, V] logits) or unfused.
 The weight penalties (`l2`, `lalora`) are a per-step term the mixin adds from `trainer.penalty`, which the
 caller builds after creating the trainer, as stages/train.py does:
-`trainer.penalty = build_penalty(train_config, trainer.model, model_dir)` (stages.student.methods).
+`trainer.penalty = build_penalty(train_config, data.method, trainer.model, model_dir)` (stages.student.methods).
+
+`method` may be a registered name or a `Method` (stages/student/methods.py); `load_cache` looks a name up
+once and keeps the `Method` in `data.method`, which the mixin and `CacheSFTTrainer` take as it is.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Any
 
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss_mixin import CacheLossMixin, batch_loss
-from stages.student.methods import build_penalty, get_method
+from stages.student.methods import Method, as_method, build_penalty
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import CacheTrainer, dataset_columns
 from storage_schemas import Manifest
@@ -42,17 +45,17 @@ class CachedExamples:
     """What a Trainer needs from a cache: its checked `manifest`, the `dataset` of cached rows (a
     `datasets.Dataset` in numpy format, or an IterableDataset when streamed) and the `collator` that
     turns rows into the batch `CacheLossMixin.compute_loss` reads (CacheCollator's docstring: shapes);
-    `cache_dir` the local directory read, `method` the one the columns were chosen for."""
+    `cache_dir` the local directory read, `method` the one the columns were chosen for (resolved)."""
 
     manifest: Manifest
     dataset: Any
     collator: CacheCollator
     cache_dir: str
-    method: str
+    method: Method
     allow_model_mismatch: bool = False
 
 
-def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, method: str = "tail", *, k: int = 0,
+def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, method: Method | str = "tail", *, k: int = 0,
                streaming: bool = False, allow_model_mismatch: bool = False, local_dir: str = "") -> CachedExamples:
     """The cached examples of `cache_dir` for training the base model in `model_dir` with `method`.
 
@@ -62,11 +65,11 @@ def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, metho
     the base's (`allow_model_mismatch` relaxes the latter only), ValueError for an incomplete or
     corrupt cache or an unknown method.
     """
-    spec = get_method(method)
+    method = as_method(method)
     local = local_cache_copy(str(cache_dir), local_dir)
     manifest = open_cache(local, model_dir, allow_model_mismatch=allow_model_mismatch)
     dataset = load_cache_dataset(local, manifest, streaming=streaming,
                                  columns=dataset_columns(method, manifest.settings.encoding))
-    collator = CacheCollator(pad_token_id(model_dir), manifest.settings.k, with_teacher=spec.reads_cache,
+    collator = CacheCollator(pad_token_id(model_dir), manifest.settings.k, with_teacher=method.reads_cache,
                              encoding=manifest.settings.encoding, use_k=k)
     return CachedExamples(manifest, dataset, collator, local, method, allow_model_mismatch)

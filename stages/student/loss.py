@@ -184,11 +184,19 @@ def live_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
 
 @dataclass
 class LossParts:
-    """loss = (sum CE + lambda * sum KL) / n_items; ce and kl are per-token means for logging."""
+    """What the loss of a micro-batch returns; everything but `loss` is detached, for logging.
+
+    loss         (sum CE + reg_weight * sum regularizer) / n_items (+ reg_weight * penalty share, CacheLossMixin)
+    ce           mean per-token CE
+    regularizer  mean per-token regularizer (0 for a method without one)
+    penalty      the unweighted weight penalty R(theta) of the step (0 for a method without one)
+    n_tokens     labelled positions in the micro-batch
+    """
 
     loss: torch.Tensor
     ce: torch.Tensor
-    kl: torch.Tensor
+    regularizer: torch.Tensor
+    penalty: torch.Tensor
     n_tokens: int
 
 
@@ -196,10 +204,10 @@ def regularized_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
     kl_per_token: torch.Tensor | None,
-    kl_weight: float,
+    reg_weight: float,
     num_items: int | torch.Tensor | None = None,
 ) -> LossParts:
-    """CE + lambda * KL over the N trained positions, normalized by the labelled-token count.
+    """CE + reg_weight * regularizer over the N trained positions, normalized by the labelled-token count.
 
     student_logits [N, V], targets [N], kl_per_token [N] or None (plain LoRA).
     `num_items` is the labelled-token count of the whole optimizer step (all micro-batches): pass it
@@ -210,6 +218,7 @@ def regularized_loss(
     denom = torch.as_tensor(n if num_items is None else num_items, device=student_logits.device).clamp_min(1)
     ce_sum = F.cross_entropy(student_logits.float(), targets, reduction="sum")
     kl_sum = kl_per_token.sum() if kl_per_token is not None else ce_sum.new_zeros(())
-    loss = (ce_sum + kl_weight * kl_sum) / denom
+    loss = (ce_sum + reg_weight * kl_sum) / denom
     count = max(n, 1)
-    return LossParts(loss=loss, ce=ce_sum.detach() / count, kl=kl_sum.detach() / count, n_tokens=n)
+    return LossParts(loss=loss, ce=ce_sum.detach() / count, regularizer=kl_sum.detach() / count,
+                     penalty=ce_sum.new_zeros(()), n_tokens=n)

@@ -4,6 +4,8 @@
     trainer = MyTrainer(model=peft_model, args=args, train_dataset=data.dataset, data_collator=data.collator,
                         method="tail", reg_weight=1.0)     # data = stages.student.library.load_cache(...)
 
+    parts = batch_loss(model, inputs, get_method("tail"), reg_weight=1.0)   # one micro-batch -> LossParts
+
 `CacheLossMixin.compute_loss` takes the collated cache columns (`CacheCollator`: input_ids, attention_mask,
 labels and the teacher arrays [N, k] of the N labelled positions) out of the batch, runs the model itself
 and returns `batch_loss`: CE + reg_weight * the method's per-token regularizer, normalized by the step's
@@ -11,6 +13,11 @@ labelled-token count. HF's `compute_loss_func` cannot do this: it sees the model
 never the batch, so it cannot carry the teacher arrays. The same code is the CLI's `CacheTrainer`
 (stages/student/trainer.py, `class CacheTrainer(CacheLossMixin, Trainer)`) and TRL's `CacheSFTTrainer`
 (stages/student/trl_trainer.py), so all three give the same loss on the same batch.
+
+The mixin takes `method` as a `Method` (stages/student/methods.py) or its name, looked up once at
+construction; `batch_loss` and `fused_batch_loss` take the `Method` itself. They return `LossParts`
+(stages/student/loss.py): the loss, and apart, for logging, the mean CE, the mean per-token regularizer
+and the weight penalty.
 
     fused_loss=False   the model returns the [B, T, V] logits; `regularized_loss` on the labelled rows
     fused_loss=True    no logits: the last hidden state and the lm_head weight in row chunks
@@ -30,6 +37,7 @@ otherwise. With a streamed (iterable) dataset also set `accelerator_config={"dis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import Any
 
@@ -39,7 +47,7 @@ from stages.student.collator import IGNORE_INDEX
 from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
 from stages.student.lm_head import final_hidden_state, output_head
 from stages.student.loss import CachedTeacher, LossParts, regularized_loss
-from stages.student.methods import Method, check_variant, get_method
+from stages.student.methods import Method, as_method, check_fused, check_variant
 from stages.student.weight_penalties import WeightPenalty
 
 __all__ = ["CacheLossMixin", "batch_loss", "fused_batch_loss", "labelled_positions"]
@@ -60,10 +68,10 @@ def _cached_teacher(inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> C
     return teacher
 
 
-def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str, kl_weight: float,
+def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: Method, reg_weight: float,
                num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
                fused: bool = False, chunk_size: int = 0) -> LossParts:
-    """CE + kl_weight * the method's per-token regularizer (mean; none: CE only) for one collated
+    """CE + reg_weight * the method's per-token regularizer (mean; none: CE only) for one collated
     micro-batch (keys as `CacheCollator` returns them). A weight penalty is added by `CacheLossMixin`.
 
     The model is called WITHOUT labels so it does not compute (and allocate for) its own loss.
@@ -71,9 +79,9 @@ def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: 
     `fused`: the same loss via `fused_batch_loss` (no [B, T, V] logits); `chunk_size` its rows per chunk.
     """
     if fused:
-        return fused_batch_loss(model, inputs, method, kl_weight, num_items, peft_model, chunk_size)
-    labels, spec = inputs["labels"], get_method(method)
-    if spec.needs_live_teacher:  # teacher first, so its full [B, T, V] logits are freed before backward
+        return fused_batch_loss(model, inputs, method, reg_weight, num_items, peft_model, chunk_size)
+    labels = inputs["labels"]
+    if method.needs_live_teacher:  # teacher first, so its full [B, T, V] logits are freed before backward
         teacher_model = peft_model if peft_model is not None else model
         with teacher_model.disable_adapter(), torch.no_grad():
             teacher_full = teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -81,11 +89,11 @@ def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: 
         del teacher_full
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     student_logits, targets = labelled_positions(logits, labels)
-    kl = None  # none, l2, lalora: no per-token term (CacheTrainer adds a penalty)
-    if spec.regularizer is not None:
-        teacher = teacher_logits if spec.needs_live_teacher else _teacher(spec, inputs, targets)
-        kl = spec.regularizer(student_logits, targets, teacher)
-    return regularized_loss(student_logits, targets, kl, kl_weight, num_items=num_items)
+    per_token = None  # none, l2, lalora: no per-token term (CacheLossMixin adds a penalty)
+    if method.regularizer is not None:
+        teacher = teacher_logits if method.needs_live_teacher else _teacher(method, inputs, targets)
+        per_token = method.regularizer(student_logits, targets, teacher)
+    return regularized_loss(student_logits, targets, per_token, reg_weight, num_items=num_items)
 
 
 def _teacher(method: Method, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> CachedTeacher | None:
@@ -93,23 +101,21 @@ def _teacher(method: Method, inputs: dict[str, torch.Tensor], targets: torch.Ten
     return _cached_teacher(inputs, targets) if method.reads_cache else None
 
 
-def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str, kl_weight: float,
+def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: Method, reg_weight: float,
                      num_items: int | torch.Tensor | None = None, peft_model: torch.nn.Module | None = None,
                      chunk_size: int = 0) -> LossParts:
     """`batch_loss` from the last hidden state at the labelled positions and the lm_head weight, through
     `chunked_regularized_loss` (fused_loss.py): the [B, T, V] logits are never built. `chunk_size` 0 = auto."""
-    spec = get_method(method)
-    if not spec.supports_fused:
-        raise ValueError(f"train.fused_loss: not supported with method {method!r} (its regularizer needs full logits)")
+    check_fused(method)
     peft_model = peft_model if peft_model is not None else model
     hidden, autocast = final_hidden_state(model, peft_model, inputs["input_ids"], inputs["attention_mask"])
     hidden, targets = labelled_positions(hidden, inputs["labels"])
     weight, bias = output_head(peft_model)
-    teacher = _teacher(spec, inputs, targets) if spec.regularizer is not None else None  # none, l2, lalora: CE
+    teacher = _teacher(method, inputs, targets) if method.regularizer is not None else None  # none, l2, lalora: CE
     # The lm_head's dtype inside the forward (accelerate's autocast may cover only the forward).
     context = torch.autocast(hidden.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with context:
-        return chunked_regularized_loss(hidden, weight, targets, teacher, kl_weight, spec.fused_estimator, num_items,
+        return chunked_regularized_loss(hidden, weight, targets, teacher, reg_weight, method.fused_estimator, num_items,
                                         chunk_size or auto_chunk_size(weight.shape[0]), bias)
 
 
@@ -117,20 +123,22 @@ def fused_batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], me
 class CacheLossMixin:
     """Mix in before a `Trainer` class: its loss becomes `batch_loss` (+ the weight penalty), and it logs
     per-token CE, the regularizer and tokens/s per logging window. Keyword arguments: `method` (a
-    registered train.method), `reg_weight`, `variant` (the LoRA variant, checked against the method),
-    `penalty`, `fused_loss`, `fused_chunk_size` (0 = auto); the rest go to the Trainer."""
+    `Method`, or a registered name looked up here once), `reg_weight`, `variant` (the LoRA variant,
+    checked against the method), `penalty`, `fused_loss`, `fused_chunk_size` (0 = auto); the rest go
+    to the Trainer."""
 
     loss_is_scaled_for_ga = True  # compute_loss normalizes by the whole step's labelled-token count
 
-    def __init__(self, *args: Any, method: str, reg_weight: float, variant: str = "lora",
+    def __init__(self, *args: Any, method: Method | str, reg_weight: float, variant: str = "lora",
                  penalty: WeightPenalty | None = None, fused_loss: bool = False, fused_chunk_size: int = 0,
                  **kwargs: Any) -> None:
+        method = as_method(method)
         check_variant(method, variant)
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False with CacheLossMixin: the Trainer would drop the "
                              "cache columns (loss_mask, teacher arrays) that are not forward() arguments")
-        self.method, self.reg_weight = get_method(method), reg_weight
+        self.method, self.reg_weight = method, reg_weight
         self.fused_loss, self.fused_chunk_size = fused_loss, fused_chunk_size  # see fused_batch_loss
         # l2/lalora: R(theta), set (anchored at init) by stages.train before training; see weight_penalties
         self.penalty = penalty
@@ -138,7 +146,7 @@ class CacheLossMixin:
         # the model class says: our labels always follow the causal-shift convention.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self._window: torch.Tensor | None = None  # on device: CE sum, KL sum, labelled, input tokens
+        self._window: torch.Tensor | None = None  # on device: CE sum, logged regularizer sum, labelled, input tokens
         self._window_start = time.time()
         self.session_tokens = 0
 
@@ -148,7 +156,7 @@ class CacheLossMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's share of the step loss, already scaled for accumulation (see module doc)."""
-        parts = batch_loss(model, inputs, self.method.name, self.reg_weight, num_items_in_batch,
+        parts = batch_loss(model, inputs, self.method, self.reg_weight, num_items_in_batch,
                            peft_model=self.accelerator.unwrap_model(model),
                            fused=self.fused_loss, chunk_size=self.fused_chunk_size)
         loss = parts.loss
@@ -164,13 +172,17 @@ class CacheLossMixin:
             value = self.penalty()
             share = self.current_gradient_accumulation_steps if model.training else 1
             loss = loss + self.reg_weight * value / share
-            # LossParts.kl carries the method's regularizer: here the penalty, logged as `penalty`
-            parts = LossParts(loss=loss, ce=parts.ce, kl=value.detach(), n_tokens=parts.n_tokens)
+            parts = dataclasses.replace(parts, loss=loss, penalty=value.detach())
+        logged = self._logged(parts)
         if model.training:  # stays on device: no host sync per micro-batch
             n = parts.ce.new_tensor(parts.n_tokens, dtype=torch.float64)
-            update = torch.stack([parts.ce.double() * n, parts.kl.double() * n, n, inputs["attention_mask"].sum().double()])
+            update = torch.stack([parts.ce.double() * n, logged.double() * n, n, inputs["attention_mask"].sum().double()])
             self._window = update if self._window is None else self._window + update
-        return (loss, {"ce": parts.ce, self.method.log_key: parts.kl}) if return_outputs else loss
+        return (loss, {"ce": parts.ce, self.method.log_key: logged}) if return_outputs else loss
+
+    def _logged(self, parts: LossParts) -> torch.Tensor:
+        """The unweighted regularizer logged under `Method.log_key`: the weight penalty, else the per-token mean."""
+        return parts.penalty if self.method.penalty is not None else parts.regularizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-window log (the end-of-train summary says "train_loss")

@@ -5,9 +5,10 @@
     from stages.student.methods import get_method
     get_method("tail").reads_cache        # True: the collator decodes the cached teacher columns
 
-Config validation (stages/student/settings.py), the reader's columns and the loss of a micro-batch
-(stages/student/trainer.py, stages/train.py), the sweep's grid and the approximation study
-(pipeline/studies/) ask this registry; none of them lists method names. A new method is one
+Config validation (stages/student/settings.py), the sweep's grid and the approximation study
+(pipeline/studies/) ask this registry; none of them lists method names. A run looks its method up
+once (stages/train.py `run_train`) and passes the `Method` itself down to the reader's columns, the
+trainer and the loss of each micro-batch (stages/student/trainer.py, loss_mixin.py). A new method is one
 `register_method(Method(...))` with its loss function (tests/stages/student/test_methods.py registers
 a reverse KL that way, and trains and sweeps it).
 
@@ -28,24 +29,27 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-
-from stages.student.loss import cached_kl, live_masked_kl
 from stages.student.variants import MUTATES_BASE
-from stages.student.weight_penalties import WeightPenalty, l2_penalty, lalora_penalty
 
-__all__ = ["Method", "register_method", "registered", "get_method", "method_names", "methods",
-           "check_variant", "build_penalty", "TEACHERS"]
+# No torch at import: the settings (config loading) import this registry. The loss functions and the
+# weight penalties are imported by the small wrappers below, when a run first calls them.
+if TYPE_CHECKING:
+    import torch
+
+    from stages.student.weight_penalties import WeightPenalty
+
+__all__ = ["Method", "register_method", "registered", "get_method", "as_method", "method_names", "methods",
+           "check_variant", "check_fused", "build_penalty", "TEACHERS"]
 
 TEACHERS = ("cache", "live", "none")
 
 # (student_logits [N, V], targets [N], teacher) -> [N] float32; teacher: a CachedTeacher ("cache"),
 # the base model's logits [N, V] at the same positions ("live"), or None ("none")
-Regularizer = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+Regularizer = Callable[["torch.Tensor", "torch.Tensor", Any], "torch.Tensor"]
 # (train settings, the student, its base model dir) -> R(theta), anchored at the current weights
-PenaltyBuilder = Callable[[Any, torch.nn.Module, str], WeightPenalty]
+PenaltyBuilder = Callable[[Any, "torch.nn.Module", str], "WeightPenalty"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class Method:
 
     @property
     def supports_fused(self) -> bool:
+        """Whether the chunked fused loss can compute it: CE alone, or a regularizer with a fused estimator.
+        The one definition; `check_fused` and stages/student/trainer.py `resolve_fused_loss` ask it."""
         return self.regularizer is None or self.fused_estimator is not None
 
     def allows(self, variant: str) -> bool:
@@ -141,33 +147,65 @@ def methods() -> tuple[Method, ...]:
 
 def get_method(name: str, key: str = "train.method") -> Method:
     """The method called `name`; a ValueError naming `key` and the registered names otherwise."""
-    if name not in _METHODS:
+    method = _METHODS.get(name)
+    if method is None:
         raise ValueError(f"{key}: {name!r} not in {method_names()}")
-    return _METHODS[name]
+    return method
 
 
-def check_variant(name: str, variant: str) -> None:
+def as_method(method: Method | str) -> Method:
+    """A `Method` as itself, a name looked up (the library's entry points accept either, once)."""
+    return method if isinstance(method, Method) else get_method(method)
+
+
+def check_variant(method: Method, variant: str) -> None:
     """Refuse a LoRA variant the method cannot train with (e.g. `live` with pissa/olora)."""
-    method = get_method(name)
     if not method.allows(variant):
-        raise ValueError(f"method {name!r} cannot be used with lora variant {variant!r}: {method.refusal}")
+        raise ValueError(f"method {method.name!r} cannot be used with lora variant {variant!r}: {method.refusal}")
 
 
-def build_penalty(train: Any, model: torch.nn.Module, model_dir: str) -> WeightPenalty | None:
-    """The weight penalty of `train.method` (a TrainConfig), anchored at the model's current weights;
+def check_fused(method: Method) -> None:
+    """Refuse train.fused_loss=true for a method without a fused form (e.g. `live`)."""
+    if not method.supports_fused:
+        raise ValueError(f"train.fused_loss: not supported with method {method.name!r} (the chunked loss computes CE "
+                         "and a cached estimator from the last hidden state; this method's regularizer needs the full logits)")
+
+
+def build_penalty(train: Any, method: Method, model: torch.nn.Module, model_dir: str) -> WeightPenalty | None:
+    """The weight penalty of `method` for `train` (a TrainConfig), anchored at the model's current weights;
     None for a method without one. Build it before any optimizer step."""
-    method = get_method(train.method)
     return method.penalty(train, model, model_dir) if method.penalty is not None else None
 
 
 # --- the methods --------------------------------------------------------------------------------
+# Each imports its torch code on first call (module top: see the imports).
 def _live_masked_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    from stages.student.loss import live_masked_kl
+
     return live_masked_kl(student_logits, teacher_logits, targets)
 
 
+def _cached_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher: Any, estimator: str) -> torch.Tensor:
+    from stages.student.loss import cached_kl
+
+    return cached_kl(student_logits, targets, teacher, estimator=estimator)
+
+
 def _cached(estimator: str, estimates: str) -> Method:
-    return Method(estimator, teacher="cache", regularizer=functools.partial(cached_kl, estimator=estimator),
+    return Method(estimator, teacher="cache", regularizer=functools.partial(_cached_kl, estimator=estimator),
                   fused_estimator=estimator, estimates=estimates)
+
+
+def _l2_penalty(train: Any, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
+    from stages.student.weight_penalties import l2_penalty
+
+    return l2_penalty(train, model, model_dir)
+
+
+def _lalora_penalty(train: Any, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
+    from stages.student.weight_penalties import lalora_penalty
+
+    return lalora_penalty(train, model, model_dir)
 
 
 _LIVE_REFUSAL = ("pissa and olora move the principal part of every adapted weight into the adapter, so "
@@ -181,7 +219,7 @@ for _method in (
     Method("none"),
     Method("live", teacher="live", regularizer=_live_masked_kl, refused_variants=MUTATES_BASE,
            refusal=_LIVE_REFUSAL, estimates="masked_kl"),
-    Method("l2", penalty=l2_penalty),
-    Method("lalora", penalty=lalora_penalty, requires=("fisher_data",)),
+    Method("l2", penalty=_l2_penalty),
+    Method("lalora", penalty=_lalora_penalty, requires=("fisher_data",)),
 ):
     register_method(_method)

@@ -1,27 +1,29 @@
 """Stage two's settings: the `train:` section of a config and its `lora:` part (composed in
-pipeline/config.py)."""
+pipeline/config.py). Importing them imports no torch: loading a config stays light."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from stages.checks import require
-from stages.student.methods import get_method
+from stages.student.methods import check_fused, get_method
 from stages.student.trainer_args import check_trainer_args, normalize_report_to
 from stages.student.variants import LORA_VARIANTS, MUTATES_BASE
 
-__all__ = ["LoraSettings", "TrainConfig", "LORA_VARIANTS", "QUANTIZATIONS"]
+__all__ = ["LoraSettings", "TrainConfig", "QUANTIZATIONS"]
 
 QUANTIZATIONS = ("none", "4bit")  # train.quantization: the base as stored | NF4 through bitsandbytes (QLoRA)
 
 
 @dataclass
 class LoraSettings:
-    variant: str = "lora"                # lora | rslora | dora | pissa | olora
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"  # every linear layer but the output head (peft), or module names
+    variant: str = field(default="lora", metadata={"help": "lora | rslora | dora | pissa | olora (stages/student/variants.py)"})
+    rank: int = field(default=8, metadata={"help": "the adapter's rank r (peft `r`)"})
+    alpha: float = field(default=16.0, metadata={"help": "peft `lora_alpha`: the update is scaled by alpha / r (rslora: alpha / sqrt(r))"})
+    dropout: float = field(default=0.0, metadata={"help": "peft `lora_dropout` on the adapted layers' inputs"})
+    target_modules: str | list[str] = field(default="all-linear", metadata={"help": (
+        "all-linear: every linear layer but the output head (peft; fused qkv_proj/gate_up_proj included), or a "
+        "list of module names; the run summary and metrics.json list what was adapted")})
 
     def __post_init__(self) -> None:
         require(self.variant in LORA_VARIANTS, f"train.lora.variant: {self.variant!r} not in {LORA_VARIANTS}")
@@ -35,46 +37,65 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/demo/train"  # adapter, config.yaml, metrics.json, logs
-    method: str = "tail"                 # stages/student/methods.py: tail | topk | full_kl | none | live | l2 | lalora
-    reg_weight: float = 1.0              # lambda: CE + lambda * mean per-token KL, or CE + lambda * penalty (l2, lalora)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    learning_rate: float = 1e-3
-    lr_scheduler: str = "cosine"         # any transformers scheduler name
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    batch_size: int = 8                  # sequences per micro-batch
-    grad_accum: int = 1                  # micro-batches per optimizer step
-    epochs: float = 1.0
-    max_steps: int = 0                   # > 0 overrides epochs
-    seed: int = 0
-    save_steps: int = 50                 # checkpoint every N optimizer steps
-    logging_steps: int = 5
-    bf16: str = "auto"                   # auto (bf16 on CUDA) | true | false
-    streaming: bool = False              # stream shards instead of memory-mapping (huge/remote caches)
-    # auto: chunked lm_head + loss from the last hidden state (no [B, T, V] logits) wherever it applies,
-    # else unfused, the reason in the run summary; true: fused or an error; false: never fused
-    fused_loss: str | bool = "auto"
-    fused_chunk_size: int = 0            # fused_loss rows per chunk; 0 = auto (one fp32 [rows, V] buffer <= 1 GiB)
-    allow_model_mismatch: bool = False   # train on a cache made by other weights (never other tokenizer)
-    # lalora only (stages/student/weight_penalties.py): diagonal Fisher from SOURCE (retention) text
-    fisher_data: str = ""                # jsonl/parquet/saved dataset with a "text" column; required for lalora
-    fisher_examples: int = 64            # the first N texts of fisher_data (one per-example gradient each)
-    fisher_max_length: int = 256         # tokens per Fisher text (truncated on the right)
-    fisher_floor: float = 0.1            # F_i += fisher_floor * mean(F): anchors A, whose Fisher is 0 at B = 0
-    k: int = 0                           # cached estimators: use the first k cached tokens (the teacher's top k); 0 = all
-    # none | 4bit: QLoRA, the base's linear layers in NF4 through bitsandbytes (extra `quant`; CPU and CUDA), matmuls
-    # in the bf16/fp32 compute dtype; not with pissa/olora (stages/student/adapters.py make_student)
-    quantization: str = "none"
-    # tensorboard (scalars in <output_dir>/tensorboard) | wandb | mlflow (each when installed) | none, or a list
-    report_to: str | list[str] = "tensorboard"
-    # more TrainingArguments fields, e.g. {gradient_checkpointing: true, optim: adamw_torch_fused}; keys the
-    # project sets are refused with a pointer (stages/student/trainer_args.py)
-    trainer_args: dict[str, Any] = field(default_factory=dict)
-
-    # Old names still read (pipeline/config.py load_config: a FutureWarning naming the new key; a
-    # run directory's saved config.yaml written before the method registry resumes under the new names).
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"estimator": "method", "kl_weight": "reg_weight"}
+    output_dir: str = field(default="runs/demo/train", metadata={"help": (
+        "the run's files: adapter/ (load with PeftModel.from_pretrained), config.yaml, cache_fingerprint.json, "
+        "metrics.json, log.csv, tensorboard/, checkpoints/, and eval.json after eval")})
+    method: str = field(default="tail", metadata={"help": (
+        "the training method, one entry each in stages/student/methods.py (what it reads, scales, allows, logs): "
+        "tail, topk, full_kl (cached KL estimators), none (plain LoRA), live (exact "
+        "masked KL, live teacher; not with pissa/olora), l2 (distance of the LoRA weights from init), lalora "
+        "(Fisher-weighted distance, Laplace approximation)")})
+    reg_weight: float = field(default=1.0, metadata={"help": (
+        "lambda: CE + lambda * mean per-token KL, or CE + lambda * penalty (l2, lalora; once per step); unused by "
+        "none. Logged as kl or penalty (log.csv, metrics.json final_kl / final_penalty)")})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "the adapter (peft)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of the loop (HF Trainer)"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "any transformers scheduler name"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming the learning rate up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "the optimizer's weight decay (HF Trainer)"})
+    batch_size: int = field(default=8, metadata={"help": (
+        "sequences per micro-batch, per process (global batch = batch_size x grad_accum x processes)")})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the cache (fractions allowed)"})
+    max_steps: int = field(default=0, metadata={"help": "> 0 overrides epochs"})
+    seed: int = field(default=0, metadata={"help": "the run's random seed (HF Trainer)"})
+    save_steps: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
+    logging_steps: int = field(default=5, metadata={"help": "one log.csv row (and report_to point) every N optimizer steps"})
+    bf16: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA) | true | false"})
+    streaming: bool = field(default=False, metadata={"help": "stream shards instead of memory-mapping (huge/remote caches)"})
+    fused_loss: str | bool = field(default="auto", metadata={"help": (
+        "auto: chunked lm_head + loss from the last hidden state (no [B, T, V] logits; same loss and gradients) "
+        "wherever it applies, else unfused, the reason in the run summary and metrics.json (live; a softcapped or "
+        "scaled output head); true: fused or an error; false: never fused")})
+    fused_chunk_size: int = field(default=0, metadata={"help": "fused_loss rows per chunk; 0 = auto (one fp32 [rows, V] buffer <= 1 GiB)"})
+    allow_model_mismatch: bool = field(default=False, metadata={"help": (
+        "train on a cache made by other weights (never other tokenizer)")})
+    fisher_data: str = field(default="", metadata={"help": (
+        "lalora only (stages/student/weight_penalties.py): diagonal Fisher from SOURCE (retention) text, never the "
+        "held-out retention set: jsonl/parquet/saved dataset with a \"text\" column; required for lalora")})
+    fisher_examples: int = field(default=64, metadata={"help": "lalora: the first N texts of fisher_data (one per-example gradient each)"})
+    fisher_max_length: int = field(default=256, metadata={"help": "lalora: tokens per Fisher text (truncated on the right)"})
+    fisher_floor: float = field(default=0.1, metadata={"help": (
+        "lalora: F_i += fisher_floor * mean(F): anchors A, whose Fisher is 0 at B = 0")})
+    k: int = field(default=0, metadata={"help": "cached estimators: use the first k cached tokens (the teacher's top k); 0 = all"})
+    quantization: str = field(default="none", metadata={"help": (
+        "none | 4bit: QLoRA, the base's linear layers (not the output head) in NF4 through bitsandbytes (extra "
+        "`quant`: pip install -e '.[quant]'; CPU and CUDA from 0.50), matmuls in the bf16/fp32 compute dtype; the "
+        "cache of the full-precision teacher is used as is (same weight files, same fingerprint); not with "
+        "pissa/olora, whose init rewrites the base weights (stages/student/adapters.py make_student); with method "
+        "live the in-step teacher is the 4-bit base itself (adapter disabled). Recorded in metrics.json "
+        "(quantization). Tested on CPU: 2 steps train, the adapter moves")})
+    report_to: str | list[str] = field(default="tensorboard", metadata={"help": (
+        "tensorboard (scalars in <output_dir>/tensorboard) | wandb | mlflow (each when installed; otherwise an "
+        "error naming the package) | none, or a list; saved resolved in the run's config.yaml (docs/cli.md, Logs)")})
+    trainer_args: dict[str, Any] = field(default_factory=dict, metadata={"help": (
+        "more TrainingArguments fields, e.g. {gradient_checkpointing: true, optim: adamw_torch_fused}, each checked "
+        "against the installed transformers (an unknown key is named, with the closest field); keys the project "
+        "sets are refused with a pointer (learning_rate -> train.learning_rate, ...) or the reason "
+        "(remove_unused_columns, label_names, use_cpu, average_tokens_across_devices, "
+        "accelerator_config.{dispatch,split}_batches, ...: stages/student/trainer_args.py). gradient_checkpointing: "
+        "true works with every LoRA variant (non-reentrant, same loss and gradients: tested). On --resume only the "
+        "checkpointing, dataloader and save-count keys may change")})
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -94,9 +115,8 @@ class TrainConfig:
         if isinstance(self.fused_loss, bool):  # YAML true/false, and configs saved before `auto`
             self.fused_loss = "true" if self.fused_loss else "false"
         require(self.fused_loss in ("auto", "true", "false"), f"train.fused_loss: {self.fused_loss!r} not in auto|true|false")
-        require(self.fused_loss != "true" or method.supports_fused,
-                f"train.fused_loss: not supported with method {self.method!r} (the chunked loss computes CE and a "
-                "cached estimator from the last hidden state; this method's regularizer needs the full logits)")
+        if self.fused_loss == "true":
+            check_fused(method)
         require(self.fused_chunk_size >= 0, f"train.fused_chunk_size: must be >= 0, got {self.fused_chunk_size}")
         require(self.quantization in QUANTIZATIONS, f"train.quantization: {self.quantization!r} not in {'|'.join(QUANTIZATIONS)}")
         require(self.quantization == "none" or self.lora.variant not in MUTATES_BASE,

@@ -12,7 +12,11 @@ Methods (`train.method`, registered in stages/student/methods.py; docs/design.md
                          (stages/student/weight_penalties.py; `CacheTrainer.penalty`, added once per
                          optimizer step; logged as `penalty`, unweighted)
 A method's regularizer gets the teacher its registry entry names: the collated cache arrays, the
-logits of the same model with its adapter disabled (live), or nothing.
+logits of the same model with its adapter disabled (live), or nothing. The runner (stages/train.py)
+looks the method up once and passes the `Method` down: `dataset_columns(method, encoding)`,
+`resolve_fused_loss(setting, method, model)`, `build_trainer(model, dataset, collator, train, method,
+num_rows)`. Everything here takes the `train:` section (`TrainConfig`) and the few values it needs,
+never the whole config; the runner writes config.yaml.
 
 Gradient accumulation (transformers 5.19, read from trainer.py): before each optimizer step the
 Trainer counts `num_items_in_batch` = labels[..., 1:] != -100 over ALL the step's micro-batches
@@ -37,7 +41,7 @@ With `train.report_to: tensorboard` (the default) the same logs go to <run>/tens
 scalars (`RunTensorBoardCallback`, transformers' own pointed there); wandb/mlflow when asked.
 
 Run directory: checkpoints/checkpoint-N (every save_steps; the 2 newest kept), log.csv, tensorboard/,
-and at the end adapter/, config.yaml, cache_fingerprint.json, metrics.json.
+and at the end adapter/, cache_fingerprint.json, metrics.json (config.yaml: the runner, from the start).
 """
 from __future__ import annotations
 
@@ -55,18 +59,17 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from stages.settings import StageConfig, save_config
 from stages.student.adapters import adapted_modules, save_adapter
 from stages.student.lm_head import output_head
-from stages.student.loss_mixin import CacheLossMixin, batch_loss, fused_batch_loss
-from stages.student.methods import get_method
+from stages.student.loss_mixin import CacheLossMixin
+from stages.student.methods import Method, check_fused
 from stages.student.settings import TrainConfig
 from stages.student.trainer_args import check_reporters_installed
 from stages.tensorboard_log import tensorboard_dir
 from storage_schemas import SEQUENCE_COLUMNS, Manifest, teacher_columns
 
 __all__ = [
-    "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "RunTensorBoardCallback", "batch_loss", "fused_batch_loss",
+    "CacheTrainer", "CsvLogCallback", "LogLastStepCallback", "RunTensorBoardCallback",
     "dataset_columns", "use_bf16", "training_arguments", "build_trainer", "train_and_save", "last_checkpoint", "run_metrics",
     "cache_fingerprint", "write_run_files", "CHECKPOINT_DIR",
 ]
@@ -74,10 +77,10 @@ __all__ = [
 CHECKPOINT_DIR = "checkpoints"
 
 
-def dataset_columns(method: str, encoding: str) -> list[str]:
+def dataset_columns(method: Method, encoding: str) -> list[str]:
     """Cache columns a method reads from a cache of `encoding`: the teacher arrays only for a method
     that `reads_cache` (`none`, `live`, `l2`, `lalora` never decode them)."""
-    return list(SEQUENCE_COLUMNS) + (list(teacher_columns(encoding)) if get_method(method).reads_cache else [])
+    return list(SEQUENCE_COLUMNS) + (list(teacher_columns(encoding)) if method.reads_cache else [])
 
 
 def use_bf16(setting: str) -> bool:
@@ -185,7 +188,7 @@ def _project_arguments(train: TrainConfig, run_dir: Path, max_steps: int) -> dic
 
 
 def training_arguments(train: TrainConfig, run_dir: Path, num_rows: int, streaming: bool = False) -> TrainingArguments:
-    """`TrainingArguments` from the stage config, `train.trainer_args` applied on top (validated by
+    """`TrainingArguments` from the `train:` section, `train.trainer_args` applied on top (validated by
     TrainConfig, which refuses the keys the project sets). A streamed dataset has no length, so its
     step count is derived from the manifest's row count. ValueError when a `train.report_to`
     integration is not installed."""
@@ -255,44 +258,44 @@ def cache_fingerprint(manifest: Manifest) -> dict[str, Any]:
     return {**parts, "token_ids_sha256": manifest.token_ids_sha256}
 
 
-def write_run_files(trainer: CacheTrainer, config: StageConfig, manifest: Manifest, metrics: dict[str, Any],
+def write_run_files(trainer: CacheTrainer, run_dir: Path, manifest: Manifest, metrics: dict[str, Any],
                     initial_adapter: Path | None) -> None:
-    """adapter/, config.yaml, cache_fingerprint.json and metrics.json (main process only)."""
-    run_dir = Path(config.train.output_dir)
+    """adapter/, cache_fingerprint.json and metrics.json (main process only; metrics.json last: it marks
+    a finished run)."""
     if not trainer.is_world_process_zero():
         return
     save_adapter(trainer.model, run_dir / "adapter", initial_adapter)
-    save_config(config, run_dir / "config.yaml")
     (run_dir / "cache_fingerprint.json").write_text(json.dumps(cache_fingerprint(manifest), indent=2))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def train_and_save(trainer: CacheTrainer, config: StageConfig, manifest: Manifest, resume_from: Path | None,
+def train_and_save(trainer: CacheTrainer, train: TrainConfig, manifest: Manifest, resume_from: Path | None,
                    initial_adapter: Path | None) -> dict[str, Any]:
-    """Run `trainer.train` (from `resume_from` if given), then write the run files; the metrics."""
-    start = time.time()
+    """Run `trainer.train` (from `resume_from` if given), then write the run files into `train.output_dir`;
+    the metrics."""
+    start, run_dir = time.time(), Path(train.output_dir)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics = run_metrics(trainer, time.time() - start, resume_from)
-    metrics["adapter_dir"] = str(Path(config.train.output_dir) / "adapter")
+    metrics["adapter_dir"] = str(run_dir / "adapter")
     metrics["adapted_modules"] = adapted_modules(trainer.model)  # leaf name -> count: what train.lora.target_modules matched
     metrics["fused_loss"] = trainer.fused_loss
     metrics["fused_loss_reason"] = getattr(trainer, "fused_loss_reason", "")
-    metrics["quantization"] = config.train.quantization  # none | 4bit (QLoRA): the base the adapter trained on
-    write_run_files(trainer, config, manifest, metrics, initial_adapter)
+    metrics["quantization"] = train.quantization  # none | 4bit (QLoRA): the base the adapter trained on
+    write_run_files(trainer, run_dir, manifest, metrics, initial_adapter)
     return metrics
 
 
-def resolve_fused_loss(setting: str, method: str, peft_model: torch.nn.Module) -> tuple[bool, str]:
+def resolve_fused_loss(setting: str, method: Method, peft_model: torch.nn.Module) -> tuple[bool, str]:
     """(run the fused loss?, why not) for `train.fused_loss` = auto | true | false. `auto` runs it
     wherever it applies; where it cannot (a method that needs the full logits, e.g. `live`; an output
     head with a softcap or scale, or not a plain Linear) it falls back, and the reason is returned.
     `true` raises ValueError there instead."""
     if setting == "false":
         return False, "train.fused_loss=false"
-    if not get_method(method).supports_fused:
-        if setting == "true":
-            raise ValueError(f"train.fused_loss: not supported with method {method!r} (its regularizer needs full logits)")
-        return False, f"method {method!r} needs the full [B, T, V] logits"
+    if setting == "true":
+        check_fused(method)
+    if not method.supports_fused:
+        return False, f"method {method.name!r} needs the full [B, T, V] logits"
     try:
         output_head(peft_model)
     except ValueError as err:
@@ -302,17 +305,17 @@ def resolve_fused_loss(setting: str, method: str, peft_model: torch.nn.Module) -
     return True, ""
 
 
-def build_trainer(model, dataset, collator, config: StageConfig, num_rows: int,
+def build_trainer(model, dataset, collator, train: TrainConfig, method: Method, num_rows: int,
                   callbacks: Sequence[TrainerCallback] = ()) -> CacheTrainer:
-    """The `CacheTrainer` for this config, with the CSV log and last-step logging callbacks."""
-    train, run_dir = config.train, Path(config.train.output_dir)
+    """The `CacheTrainer` for `train` and its resolved `method`, with the CSV log and last-step logging callbacks."""
+    run_dir = Path(train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fused, why_not = resolve_fused_loss(train.fused_loss, train.method, model)
+    fused, why_not = resolve_fused_loss(train.fused_loss, method, model)
     trainer = CacheTrainer(
         model=model, args=training_arguments(train, run_dir, num_rows, streaming=train.streaming),
         train_dataset=dataset, data_collator=collator,
         callbacks=[CsvLogCallback(run_dir / "log.csv"), LogLastStepCallback(), *callbacks],
-        method=train.method, reg_weight=train.reg_weight, variant=train.lora.variant,
+        method=method, reg_weight=train.reg_weight, variant=train.lora.variant,
         fused_loss=fused, fused_chunk_size=train.fused_chunk_size,
     )
     trainer.fused_loss_reason = why_not  # "" when fused; the run summary and metrics.json say why not

@@ -19,10 +19,9 @@ from typing import Protocol
 
 import numpy as np
 
-from stages.teacher.scores import PositionScores, check_sequences, read_model_config
+from stages.teacher.scores import PositionScores, read_model_config
 
-__all__ = ["PositionScores", "TeacherEngine", "ENGINES", "DTYPES", "open_engine", "read_model_config",
-           "check_sequences"]
+__all__ = ["TeacherEngine", "ENGINES", "DTYPES", "open_engine"]
 
 # name -> "module:class"; the class is constructed as cls(model_dir, k, dtype, max_length, batch_tokens,
 # vocab_size=..., **engine_kwargs).

@@ -1,7 +1,7 @@
 """Stage one's settings: the `cache:` section of a config (composed in pipeline/config.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stages.checks import require
 from storage_schemas import DEFAULT_ENCODING, get_encoding
@@ -14,20 +14,33 @@ VLLM_OUTPUTS = ("pooler", "prompt_logprobs")  # stages/teacher/vllm_engine.py OU
 
 @dataclass
 class CacheConfig:
-    dir: str = "runs/demo/cache"         # where shards and manifest.json go
-    engine: str = "vllm"                 # vllm (default) | hf (transformers forward; oracle, no-vLLM machines)
-    k: int = 32                          # non-target tokens kept per position
-    encoding: str = DEFAULT_ENCODING     # storage_schemas.ENCODINGS (topk_idd_rel4q112); topk_f32 = exact (3.3x the bytes)
-    rows_per_shard: int = 256            # sequences per Parquet shard
-    zstd_level: int = 9                  # Parquet zstd level (9: ~2 bytes/token below 3 at ~0.5x its write speed)
-    dtype: str = "float32"               # teacher compute dtype: float32 | bfloat16 | float16
-    batch_tokens: int = 32768            # hf engine: tokens per forward; vllm: tokens per generate() call
-    vllm_output: str = "pooler"          # vllm: pooler (top-k as tensors from vLLM's worker) | prompt_logprobs (stock API, fallback)
-    vllm_kv_cache_gib: float = 1.0       # VLLM_CPU_KVCACHE_SPACE on CPU
-    gpu_memory_utilization: float = 0.85 # vLLM on CUDA
-    tensor_parallel_size: int = 1        # vLLM: GPUs one teacher is split across (layers' matrices)
-    pipeline_parallel_size: int = 1      # vLLM: pipeline stages (layer groups); GPUs per worker = tp * pp
-    local_dir: str = ""                  # remote cache.dir (s3://...): local working copy; "" = ~/.cache/mtcache/remote/<hash>
+    dir: str = field(default="runs/demo/cache", metadata={"help": (
+        "where shards and manifest.json go (and config.yaml); a local directory, or a URI pyarrow or fsspec "
+        "opens (s3://, gs://, hdfs://, abfs://: docs/scale-out.md)")})
+    engine: str = field(default="vllm", metadata={"help": "vllm (default) | hf (transformers forward; oracle, no-vLLM machines)"})
+    k: int = field(default=32, metadata={"help": "non-target tokens kept per position"})
+    encoding: str = field(default=DEFAULT_ENCODING, metadata={"help": (
+        "`storage_schemas.ENCODINGS` (topk_idd_rel4q112); topk_f32 = exact (3.3x the bytes). The default: ids "
+        "sorted + delta-coded; each log-prob relative to the position's top-1 on a (p/p_1)^(1/4) grid of 112 steps; "
+        "the cached share of the non-target mass in its own column (topk_mass), so rounding never moves mass into "
+        "or out of the tail; target float16; 47.2 bytes/token at k = 32, mean D_k within 7e-4. Others: "
+        "topk_idd_logq7 (the previous default, 63.8 bytes/token, 9e-5), topk_idd_f16, topk_idd_sqrtp10, "
+        "topk_f32 (exact), topk_f16. Chosen by `make encoding-study` (BENCHMARKS.md)")})
+    rows_per_shard: int = field(default=256, metadata={"help": "sequences per Parquet shard"})
+    zstd_level: int = field(default=9, metadata={"help": "Parquet zstd level (9: ~2 bytes/token below 3 at ~0.5x its write speed)"})
+    dtype: str = field(default="float32", metadata={"help": "teacher compute dtype: float32 | bfloat16 | float16"})
+    batch_tokens: int = field(default=32768, metadata={"help": "hf engine: tokens per forward; vllm: tokens per generate() call"})
+    vllm_output: str = field(default="pooler", metadata={"help": (
+        "vllm: pooler (top-k as tensors from vLLM's worker, computed there by a pooling twin of the model; fast) | "
+        "prompt_logprobs (stock API, fallback; the same cache)")})
+    vllm_kv_cache_gib: float = field(default=1.0, metadata={"help": "VLLM_CPU_KVCACHE_SPACE on CPU"})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM on CUDA"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": (
+        "vLLM: GPUs one teacher is split across (layers' matrices), for a teacher larger than one GPU")})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "vLLM: pipeline stages (layer groups); GPUs per worker = tp * pp"})
+    local_dir: str = field(default="", metadata={"help": (
+        "remote cache.dir (s3://...): local working copy (stage one writes here, stage two mirrors here); "
+        "\"\" = ~/.cache/mtcache/remote/<hash>")})
 
     def __post_init__(self) -> None:
         require(self.engine in ENGINES, f"cache.engine: {self.engine!r} not in {ENGINES}")

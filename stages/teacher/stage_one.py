@@ -1,35 +1,53 @@
 """Stage one's public pieces: load and check the examples, plan the manifest, open the engine, score
-and write shards. `stages/cache_teacher.py` (one process) and `stages/scale_out/workers.py` (worker r
-of N; one process is N = 1) are both made of these.
+and write shards. Each takes the settings it reads (a `TeacherJob`: the model, the `data:` and `cache:`
+sections), never the composed config. A stage-one worker (stages/scale_out/workers.py; one process is
+worker 0 of 1, run by stages/teacher/runner.py) is made of these.
 
-    examples, report = load_examples(config)                 # every input check, before any engine
-    manifest = plan_manifest(config, len(examples), report)  # fingerprints and settings
-    engine = open_teacher_engine(config)
-    tokens, seconds = write_shards(engine, config, examples, todo, manifest)
+    job = TeacherJob(model, data, cache)
+    examples, report = load_examples(job)                 # every input check, before any engine
+    manifest = plan_manifest(job, len(examples), report)  # fingerprints and settings
+    engine = open_teacher_engine(job)
+    tokens, seconds = write_shards(engine, job, examples, todo, manifest)
 
 Example i always lands in shard i // rows_per_shard, so a killed run resumes exactly where it
 stopped and N workers split the shard indices (shard i -> worker i mod N).
 """
 from __future__ import annotations
 
-import hashlib
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from stages.hub import teacher_with_hub
-from stages.inputs import INPUT_RULES_VERSION, Example, InputReport, load_rows, source_files, source_sha256, tokenize_rows
-from stages.settings import StageConfig
-from stages.teacher.engine import PositionScores, open_engine
+from stages.inputs import INPUT_RULES_VERSION, DataConfig, Example, InputReport, load_rows, source_files, tokenize_rows
+from stages.teacher.engine import open_engine
+from stages.teacher.scores import PositionScores
+from stages.teacher.settings import CacheConfig
 from stages.teacher.shard_writer import ShardWriter
 from stages.teacher.value_checks import check_teacher_scores
 from storage_schemas import CacheSettings, DatasetFingerprint, EngineInfo, Manifest
-from storage_schemas.fingerprints import model_vocab_size, teacher_fingerprint, tokenizer_fingerprint
+from storage_schemas.fingerprints import files_sha256, model_vocab_size, teacher_fingerprint, tokenizer_fingerprint
 from storage_schemas.shard_io import ShardRow
 
-__all__ = ["check_k", "check_token_ids", "load_examples", "engine_info", "plan_manifest", "open_teacher_engine",
-           "score_shard", "write_shards", "combined_token_hash"]
+__all__ = ["TeacherJob", "check_k", "check_token_ids", "load_examples", "engine_info", "plan_manifest",
+           "open_teacher_engine", "score_shard", "write_shards"]
+
+
+@dataclass(frozen=True)
+class TeacherJob:
+    """What stage one reads: the teacher (a local model directory), the `data:` and `cache:` sections,
+    and the Hub ids the paths were resolved from (recorded in the manifest, not identity)."""
+
+    model: str
+    data: DataConfig
+    cache: CacheConfig
+    hub_sources: dict = field(default_factory=dict)
+
+    def with_cache_dir(self, directory: str) -> "TeacherJob":
+        """The same job writing into `directory` (a remote cache's local working copy)."""
+        return replace(self, cache=replace(self.cache, dir=directory))
 
 
 # --- input checks: every one runs before any engine is opened ------------------------------------
@@ -57,22 +75,22 @@ def check_token_ids(examples: list[Example], vocab_size: int, data_path: str, to
                      f"vocabulary [0, {vocab_size}) ({len(bad)} example(s) in all); {hint}")
 
 
-def load_examples(config: StageConfig) -> tuple[list[Example], InputReport]:
+def load_examples(job: TeacherJob) -> tuple[list[Example], InputReport]:
     """The whole dataset, tokenized and checked against the model (cache.k, token ids): bad input is
     reported here, before any engine is opened. Stage one and every scale-out worker start with it.
     The report lists examples skipped under data.on_bad_example=skip and duplicated BOS dropped."""
     from transformers import AutoTokenizer
 
-    vocab_size = model_vocab_size(config.model)
-    check_k(config.cache.k, vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    rows = load_rows(config.data)
+    vocab_size = model_vocab_size(job.model)
+    check_k(job.cache.k, vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    rows = load_rows(job.data)
     report = InputReport()
-    examples = tokenize_rows(tqdm(rows, desc="tokenizing", unit="ex", leave=False), tokenizer, config.data, report=report)
+    examples = tokenize_rows(tqdm(rows, desc="tokenizing", unit="ex", leave=False), tokenizer, job.data, report=report)
     if not examples:
-        raise ValueError(f"{config.data.path}: no usable example ({len(report.skipped)} skipped; first: {report.skipped[0][1]})"
-                         if report.skipped else f"{config.data.path}: no examples")
-    check_token_ids(examples, vocab_size, config.data.path, tokenizer)
+        raise ValueError(f"{job.data.path}: no usable example ({len(report.skipped)} skipped; first: {report.skipped[0][1]})"
+                         if report.skipped else f"{job.data.path}: no examples")
+    check_token_ids(examples, vocab_size, job.data.path, tokenizer)
     for example_id, reason in report.skipped[:5]:  # the user opted in to skipping: still say what and why
         tqdm.write(f"skipped (data.on_bad_example=skip): {reason}")
     if len(report.skipped) > 5:
@@ -81,39 +99,39 @@ def load_examples(config: StageConfig) -> tuple[list[Example], InputReport]:
 
 
 # --- set-up -----------------------------------------------------------------------------------
-def engine_info(config: StageConfig) -> EngineInfo:
+def engine_info(cache: CacheConfig) -> EngineInfo:
     import torch
     import transformers
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    if config.cache.engine == "vllm":
+    if cache.engine == "vllm":
         import vllm
 
         versions["vllm"] = vllm.__version__
-    return EngineInfo(name=config.cache.engine, dtype=config.cache.dtype, versions=versions)
+    return EngineInfo(name=cache.engine, dtype=cache.dtype, versions=versions)
 
 
-def plan_manifest(config: StageConfig, num_examples: int, report: InputReport | None = None) -> Manifest:
+def plan_manifest(job: TeacherJob, num_examples: int, report: InputReport | None = None) -> Manifest:
     """The manifest this run would write, before any shard: fingerprints and settings (and, from
     `report`, the ids of skipped examples and the count of duplicated leading BOS dropped)."""
     report = report or InputReport()
-    files = source_files(config.data.path)
-    data = config.data
+    files = source_files(job.data.path)
+    data, cache = job.data, job.cache
     return Manifest(
-        teacher=teacher_with_hub(teacher_fingerprint(config.model), config),  # + the Hub id/commit, recorded
-        tokenizer=tokenizer_fingerprint(config.model),
+        teacher=teacher_with_hub(teacher_fingerprint(job.model), job.hub_sources),  # + the Hub id/commit, recorded
+        tokenizer=tokenizer_fingerprint(job.model),
         dataset=DatasetFingerprint(
             source=str(Path(data.path).resolve()), split=data.split, field=data.messages_field or data.text_field,
-            format="chat" if data.messages_field else "text", source_sha256=source_sha256(files), num_examples=num_examples,
+            format="chat" if data.messages_field else "text", source_sha256=files_sha256(files), num_examples=num_examples,
             input_rules=INPUT_RULES_VERSION, tools_field=data.tools_field if data.messages_field else "",
             skipped_examples=[i for i, _ in report.skipped],
             leading_bos_dropped=report.leading_bos_dropped,
         ),
         settings=CacheSettings(
-            k=config.cache.k, encoding=config.cache.encoding, max_length=data.max_length, truncation="right",
-            rows_per_shard=config.cache.rows_per_shard, zstd_level=config.cache.zstd_level,
+            k=cache.k, encoding=cache.encoding, max_length=data.max_length, truncation="right",
+            rows_per_shard=cache.rows_per_shard, zstd_level=cache.zstd_level,
         ),
-        engine=engine_info(config),
+        engine=engine_info(cache),
     )
 
 
@@ -150,35 +168,28 @@ def score_shard(engine, examples: list[Example], batch_tokens: int, bar: tqdm, s
     return rows
 
 
-def combined_token_hash(manifest: Manifest) -> str:
-    digest = hashlib.sha256()
-    for record in sorted(manifest.shards, key=lambda r: r.index):
-        digest.update(record.token_ids_sha256.encode())
-    return digest.hexdigest()
-
-
-def open_teacher_engine(config: StageConfig):
-    cache = config.cache
+def open_teacher_engine(job: TeacherJob):
+    cache = job.cache
     extra = {"output": cache.vllm_output, "kv_cache_gib": cache.vllm_kv_cache_gib,
              "gpu_memory_utilization": cache.gpu_memory_utilization} if cache.engine == "vllm" else {}
     if cache.engine == "vllm":  # teachers larger than one GPU: passed to vllm.LLM as is
         extra.update(tensor_parallel_size=cache.tensor_parallel_size, pipeline_parallel_size=cache.pipeline_parallel_size)
-    return open_engine(cache.engine, config.model, k=cache.k, dtype=cache.dtype, max_length=config.data.max_length,
-                       batch_tokens=max(cache.batch_tokens, config.data.max_length), **extra)
+    return open_engine(cache.engine, job.model, k=cache.k, dtype=cache.dtype, max_length=job.data.max_length,
+                       batch_tokens=max(cache.batch_tokens, job.data.max_length), **extra)
 
 
-def write_shards(engine, config: StageConfig, examples: list[Example], todo: list[int], manifest: Manifest) -> tuple[int, float]:
+def write_shards(engine, job: TeacherJob, examples: list[Example], todo: list[int], manifest: Manifest) -> tuple[int, float]:
     """Score each shard in `todo` here while a background ShardWriter compresses, writes and records
     the previous one (so the engine does not wait for zstd).
 
     Returns (tokens written, seconds): the pass's throughput, engine start-up excluded."""
-    cache, per_shard = config.cache, config.cache.rows_per_shard
+    cache, per_shard = job.cache, job.cache.rows_per_shard
     start = time.perf_counter()
     total = sum(len(e.input_ids) for s in todo for e in examples[s * per_shard:(s + 1) * per_shard])
     with tqdm(total=total, desc="teacher pass", unit="tok", unit_scale=True, dynamic_ncols=True) as bar, \
             ShardWriter(cache.dir, manifest, cache.encoding, cache.k, cache.zstd_level) as writer:
         for index in todo:
             shard_examples = examples[index * per_shard:(index + 1) * per_shard]
-            rows = score_shard(engine, shard_examples, cache.batch_tokens, bar, config.data.path)
+            rows = score_shard(engine, shard_examples, cache.batch_tokens, bar, job.data.path)
             writer.submit(index, shard_examples[0].example_id, rows, truncated=sum(e.truncated for e in shard_examples))
     return writer.tokens_written, time.perf_counter() - start

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import CorpusCaps, DefaultRecipe, build_corpora, build_default
-from pipeline.embedded.corpora import stdlib_root
+from pipeline.embedded.build import build_default
+from pipeline.embedded.corpora import CorpusCaps, build_corpora, stdlib_root
+from pipeline.embedded.recipe import DefaultRecipe
 
 MINI_FILES = ["textwrap.py", "argparse.py", "difflib.py", "fractions.py", "statistics.py",
               "heapq.py", "shlex.py", "string.py", "json/__init__.py", "json/decoder.py",

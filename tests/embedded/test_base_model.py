@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.embedded import BUILD_INFO_NAME, RECIPE_NAME, SPLIT_FILES, build_default, read_jsonl
 from pipeline.embedded import build as build_module
+from pipeline.embedded.build import BUILD_INFO_NAME, RECIPE_NAME, build_default
+from pipeline.embedded.corpora import SPLIT_FILES, read_jsonl
 
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja", BUILD_INFO_NAME}
@@ -114,7 +115,7 @@ def test_refuses_to_replace_a_directory_that_is_not_a_build(tiny_recipe, tmp_pat
 
 
 def test_recipe_validation():
-    from pipeline.embedded import DefaultRecipe
+    from pipeline.embedded.recipe import DefaultRecipe
 
     with pytest.raises(ValueError, match="64"):
         DefaultRecipe(hidden=128, heads=8)

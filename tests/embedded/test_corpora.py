@@ -9,7 +9,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.embedded import SPLIT_FILES, CorpusCaps, build_corpora, write_corpora
+from pipeline.embedded.corpora import SPLIT_FILES, CorpusCaps, build_corpora, write_corpora
 from pipeline.embedded.tokenizer import train_tokenizer
 
 

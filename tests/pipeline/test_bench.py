@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from pipeline.bench import QUICK, run_bench
+from pipeline.bench import run_bench
+from pipeline.bench.settings import QUICK
 from pipeline.cli import main as cli_main
 
 

@@ -6,7 +6,8 @@ Run in this process (`pipeline.cli.main`, as the tests of verify and merge-manif
 order on one module-wide cache. Commands run by other tests: cache-teacher and verify
 (tests/stages/test_cache_teacher.py, also here, cheaply), merge-manifest (tests/stages/scale_out),
 inspect (tests/pipeline/test_inspect_cache.py), bench and the measurement of bench-step
-(`pipeline.bench.step.compare`, tests/pipeline/test_bench.py, vLLM).
+(`pipeline.bench.step.compare`, tests/pipeline/test_bench.py, vLLM); every command's --help
+(tests/pipeline/test_commands.py).
 """
 import csv
 import json
@@ -147,6 +148,15 @@ def test_bench_scaling_counts_the_tokens_of_the_data(grid, tiny_model_dir, tiny_
     (row,) = [line for line in out.splitlines() if line.startswith("| 1 |")]
     tokens = int(row.split("|")[2].replace(",", ""))
     assert tokens == sum(token_lengths(tiny_model_dir, tiny_jsonl, 48))
+
+
+def test_trace_stage_one_walks_the_command_table_into_the_stages(grid, tmp_path):
+    _, config = grid
+    overrides = [o for o in config[2:] if not o.startswith("cache.dir=")]  # the trace writes to a temporary cache
+    out = run("trace-stage-one", "--config", "", *overrides, "--json", str(tmp_path / "trace.json"))
+    summary = json.loads((tmp_path / "trace.json").read_text())
+    assert summary["files"][0] == "pipeline/commands.py" and "stages/teacher/runner.py" in summary["files"]
+    assert f"{summary['num_files']} project files" in out and "pipeline/bench/file_trace.py" not in summary["files"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

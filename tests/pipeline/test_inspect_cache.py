@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
+from stages.teacher.runner import run_cache_teacher
 from storage_schemas import DEFAULT_ENCODING, Manifest, get_encoding
 from storage_schemas.codecs import decode_teacher
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
+from stages.teacher.runner import run_cache_teacher
 from storage_schemas import Manifest
 from storage_schemas.shard_io import verify_cache
 

@@ -9,8 +9,8 @@ import pytest
 
 import stages.teacher.stage_one as stage_one
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.inputs import INPUT_RULES_VERSION
+from stages.teacher.runner import run_cache_teacher
 from storage_schemas import FingerprintMismatch, Manifest
 
 OLD_CACHE = Path(__file__).parents[1] / "storage_schemas" / "data" / "v1-topk_f32"
@@ -99,15 +99,17 @@ def test_scale_out_workers_and_merge_refuse_mixed_dtypes(tiny_model_dir, tiny_js
     from stages.scale_out.merge import MergeError, merge_parts
     from stages.scale_out.parts import WorkerSpec
     from stages.scale_out.workers import run_worker
+    from stages.teacher.runner import teacher_job
 
     cache_dir = tmp_path / "cache"
-    assert run_worker(make_config(tiny_model_dir, tiny_jsonl, cache_dir), WorkerSpec(0, 2)).shards_written_now == 2
+    config = make_config(tiny_model_dir, tiny_jsonl, cache_dir)
+    assert run_worker(teacher_job(config), WorkerSpec(0, 2)).shards_written_now == 2
     before = _files(cache_dir)
     with pytest.raises(FingerprintMismatch, match=r"worker-00000-of-00002\.json belongs to a cache of something else: "
                                                   r"engine\.dtype differs: cache has 'float32', this run has 'bfloat16'"):
-        run_worker(make_config(tiny_model_dir, tiny_jsonl, cache_dir, "cache.dtype=bfloat16"), WorkerSpec(1, 2))
+        run_worker(teacher_job(make_config(tiny_model_dir, tiny_jsonl, cache_dir, "cache.dtype=bfloat16")), WorkerSpec(1, 2))
     assert _files(cache_dir) == before and not (cache_dir / "parts" / "worker-00001-of-00002.json").exists()
-    run_worker(make_config(tiny_model_dir, tiny_jsonl, cache_dir), WorkerSpec(1, 2), merge=False)
+    run_worker(teacher_job(config), WorkerSpec(1, 2), merge=False)
     part = cache_dir / "parts" / "worker-00001-of-00002.json"
     raw = json.loads(part.read_text())
     raw["engine"]["dtype"] = "bfloat16"  # as if worker 1 had run under another dtype before the check existed

@@ -17,9 +17,9 @@ from tiny_models import build_tiny_llama
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.failpoints import ENV_VAR as FAILPOINT_ENV
 from stages.teacher.engine import open_engine
+from stages.teacher.runner import run_cache_teacher
 from storage_schemas import FingerprintMismatch, Manifest
 from storage_schemas.shard_io import verify_cache
 

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.inputs import load_rows, tokenize_rows
+from stages.teacher.runner import run_cache_teacher
 from storage_schemas import MANIFEST_NAME, Manifest
 from storage_schemas.shard_io import decode_table
 

@@ -2,7 +2,7 @@
 
 Every template is written here to reproduce the structure of one family (what makes it hard for a
 mask), on a tiny trained BPE with that family's special tokens. The expectation of every example is
-the decoded text of each trained run, written by hand from the rule (README "Chat data"): an
+the decoded text of each trained run, written by hand from the rule (docs/chat-data.md): an
 assistant turn's body, from after its header through the token that closes it, nothing else.
 """
 import json

@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import config_for_run, load_config, save_config
+from pipeline.config import config_for_run, load_config
 from stages.evaluate import run_eval
+from stages.settings import save_config
 
 
 def hand_metrics(model, tokenizer, texts, base=None):
@@ -74,8 +76,8 @@ def test_a_directory_without_a_run_is_named(tmp_path):
 
 
 def test_eval_sets_are_read_as_stage_one_reads_data(tool_chat_jsonl, tiny_jsonl, tiny_model_dir, tmp_path):
-    """A set with the chat column is chat (assistant bodies scored), any other set text; the old
-    eval.text_field still works, with a deprecation warning."""
+    """A set with the chat column is chat (assistant bodies scored), any other set text, read with
+    data.text_field (the old eval.text_field is refused, naming it)."""
     from stages.evaluate import eval_data_config
 
     config = load_config(None, [f"model={tiny_model_dir}"])
@@ -83,8 +85,24 @@ def test_eval_sets_are_read_as_stage_one_reads_data(tool_chat_jsonl, tiny_jsonl,
     assert eval_data_config(str(tiny_jsonl), config).messages_field == ""
     renamed = tmp_path / "body.jsonl"
     renamed.write_text("".join(json.dumps({"body": json.loads(line)["text"]}) + "\n" for line in tiny_jsonl.read_text().splitlines()))
-    with pytest.warns(FutureWarning, match="eval.text_field is deprecated"):
-        old_style = load_config(None, [f"model={tiny_model_dir}", "eval.text_field=body"])
-    assert eval_data_config(str(renamed), old_style).text_field == "body"
+    with pytest.raises(ValueError, match="'eval.text_field' was removed: use data.text_field"):
+        load_config(None, [f"model={tiny_model_dir}", "eval.text_field=body"])
+    body = load_config(None, [f"model={tiny_model_dir}", "data.text_field=body"])
+    assert eval_data_config(str(renamed), body).text_field == "body"
     with pytest.raises(ValueError, match=r"neither a chat column 'messages' nor a text column 'text'"):
         eval_data_config(str(renamed), config)
+
+
+def test_an_old_run_dir_passes_eval_run(run_dir, capsys):
+    """A run directory saved before the renames (train.estimator / kl_weight, sweep.kl_weights, an empty
+    eval.text_field) is read by `eval --run` through the artifact reader, with the same result."""
+    from pipeline.cli import main
+
+    new = run_eval(config_for_run(str(run_dir), []), str(run_dir))
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw["train"]["estimator"], raw["train"]["kl_weight"] = raw["train"].pop("method"), raw["train"].pop("reg_weight")
+    raw["sweep"]["kl_weights"] = raw["sweep"].pop("reg_weights")
+    raw["eval"]["text_field"] = ""
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["eval", "--run", str(run_dir)]) == 0
+    assert json.loads((run_dir / "eval.json").read_text())["forgetting"] == new["forgetting"]

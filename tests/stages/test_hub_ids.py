@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.evaluate import run_eval
+from stages.teacher.runner import run_cache_teacher
 from stages.train import run_train
 from storage_schemas import Manifest
 

@@ -8,9 +8,9 @@ from transformers import AutoTokenizer
 
 import stages.teacher.stage_one as stage_one
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.scale_out.parts import WorkerSpec
 from stages.scale_out.workers import run_worker
+from stages.teacher.runner import run_cache_teacher, teacher_job
 from storage_schemas.fingerprints import model_vocab_size
 
 ADDED = "<|tool_call|>"
@@ -68,6 +68,6 @@ def test_token_without_embedding_row_is_refused_before_any_engine(added_token_mo
 def test_a_scale_out_worker_refuses_it_the_same_way(added_token_model, data_with_added_token, tmp_path, no_engine):
     cache_dir = tmp_path / "cache"
     with pytest.raises(ValueError) as err:
-        run_worker(_config(added_token_model, data_with_added_token, cache_dir), WorkerSpec(1, 2))
+        run_worker(teacher_job(_config(added_token_model, data_with_added_token, cache_dir)), WorkerSpec(1, 2))
     _check_message(str(err.value), added_token_model, data_with_added_token)
     assert not list(cache_dir.glob("**/shard-*")) and not (cache_dir / "parts").exists()

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.config import DataConfig
-from stages.inputs import load_rows, tokenize_rows
+from stages.inputs import DataConfig, load_rows, tokenize_rows
 
 
 @pytest.fixture(scope="module")

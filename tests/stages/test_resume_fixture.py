@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
+from stages.teacher.runner import run_cache_teacher
 from storage_schemas import Manifest
 
 FIXTURE = Path(__file__).parent / "data" / "partial-cache"

@@ -56,8 +56,7 @@ def test_every_codec_an_encoding_names_is_registered():
 @pytest.mark.parametrize("enc", ALL, ids=[e.name for e in ALL])
 @pytest.mark.parametrize("scale", [0.1, 3.0, 12.0], ids=["flat", "peaked", "spiky"])
 def test_each_codec_keeps_its_documented_promise(enc, scale):
-    """Each codec class alone, held to the promise of docs/design.md §8 (tests/codec_promises.py), not to
-    its own error_bound."""
+    """Each codec class alone, held to the promise of docs/design.md §8 (tests/codec_promises.py)."""
     a, a_y = _positions(scale)
     codecs = teacher_codecs(enc)
     stored = codecs.values.encode(a)

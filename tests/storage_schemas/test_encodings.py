@@ -65,7 +65,7 @@ def _decoded_shard(enc: Encoding, rows: list[ShardRow], tmp_path):
 @pytest.mark.parametrize("scale", [3.0, 0.1, 12.0], ids=["peaked", "flat", "spiky"])
 def test_round_trip_keeps_the_documented_promise(enc, scale, tmp_path):
     """Each value, target and mass within what docs/design.md §8 promises for the encoding's codecs,
-    checked by tests/codec_promises.py from the promise itself (not from the codecs' error_bound)."""
+    checked by tests/codec_promises.py from the promise itself."""
     rows = teacher_rows(scale=scale)
     table, ids, values, target = _decoded_shard(enc, rows, tmp_path)
     want_ids = np.concatenate([r.topk_ids for r in rows]).astype(np.int64)
@@ -86,8 +86,8 @@ def test_round_trip_keeps_the_documented_promise(enc, scale, tmp_path):
 
 class _QuarterStepOff(RelativePowerGridCodec):
     """A wrong relpow_q: decodes each code a quarter of a step too far down the grid (a cell-edge bug).
-    Its (p / p_1)^(1/4) errs by up to 3/4 of a step instead of 1/2; the codec's own error_bound,
-    inherited unchanged, still allows it on these rows (issue 17: 0.95 nats at the median)."""
+    Its (p / p_1)^(1/4) errs by up to 3/4 of a step instead of 1/2; a loose log-prob bound (the
+    deleted `error_bound` allowed 0.95 nats at the median, issue 17) would still allow it."""
 
     def decode(self, stored: np.ndarray, where: str) -> np.ndarray:
         codes = self.codes.load(stored, where)

@@ -16,12 +16,12 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.scale_out.parts import WorkerSpec
 from stages.scale_out.workers import run_worker
+from stages.teacher.runner import run_cache_teacher, teacher_job
 from storage_schemas import Manifest
+from storage_schemas.fingerprints import files_sha256
 from storage_schemas.remote import CacheStore, is_remote
-from storage_schemas.shard_io import file_sha256
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -103,7 +103,7 @@ def s3_cache(s3_endpoint, tiny_model_dir, tiny_jsonl, tmp_path_factory):
     run_cache_teacher(load_config(None, args(tiny_model_dir, tiny_jsonl, root / "reference")))
     for rank in (0, 1):
         config = load_config(None, args(tiny_model_dir, tiny_jsonl, uri, f"cache.local_dir={root / f'machine-{rank}'}"))
-        summary = run_worker(config, WorkerSpec(rank, 2))
+        summary = run_worker(teacher_job(config), WorkerSpec(rank, 2))
     assert summary.merged is not None and summary.merged.complete
     return uri, root / "reference"
 
@@ -119,12 +119,14 @@ def test_s3_cache_has_exactly_the_published_objects_and_mirrors_byte_identical(s
     assert [asdict(r) for r in mirror.shards] == [asdict(r) for r in ref.shards]
     assert mirror.complete and mirror.token_ids_sha256 == ref.token_ids_sha256
     for record in ref.shards:
-        assert file_sha256(tmp_path / "mirror" / record.file) == file_sha256(reference / record.file)
+        mirrored, original = tmp_path / "mirror" / record.file, reference / record.file
+        assert files_sha256([mirrored], with_names=False) == files_sha256([original], with_names=False)
 
 
 def test_a_damaged_s3_object_is_named_by_verify(s3_cache, s3_endpoint, tiny_model_dir, tiny_jsonl, tmp_path, capsys):
     uri = s3_uri(s3_endpoint, "damaged")
-    run_worker(load_config(None, args(tiny_model_dir, tiny_jsonl, uri, f"cache.local_dir={tmp_path / 'w'}")), WorkerSpec(0, 1))
+    config = load_config(None, args(tiny_model_dir, tiny_jsonl, uri, f"cache.local_dir={tmp_path / 'w'}"))
+    run_worker(teacher_job(config), WorkerSpec(0, 1))
     store = CacheStore.open(uri)
     data = bytearray(store.read_bytes("shard-00001.parquet"))
     data[len(data) // 2] ^= 0xFF

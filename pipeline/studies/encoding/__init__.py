@@ -19,7 +19,6 @@ One module per job: `settings` (StudyConfig), `candidates` (the encodings compar
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.studies.encoding.candidates import candidates
 from pipeline.studies.encoding.measure import measure_set, speed, target_near_one
 from pipeline.studies.encoding.report import machine, markdown, plot_training, speed_markdown
 from pipeline.studies.encoding.settings import StudyConfig
@@ -36,7 +34,7 @@ from pipeline.studies.encoding.teachers import demo_sequences, random_model, stu
 from pipeline.studies.encoding.training import compare_training
 from storage_schemas import DEFAULT_ENCODING
 
-__all__ = ["StudyConfig", "candidates", "run_encoding_study", "main"]
+__all__ = ["run_encoding_study", "run_and_print"]
 
 
 def _run_speed_only(cfg: StudyConfig, out: Path, command: str) -> dict:
@@ -86,16 +84,8 @@ def run_encoding_study(cfg: StudyConfig, command: str = "python -m pipeline enco
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline encoding-study", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(StudyConfig):
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help="(flag)")
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                                help=f"(default: {f.default})")
-    args = parser.parse_args(argv)
-    cfg = StudyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)})
-    result = run_encoding_study(cfg, "python -m pipeline encoding-study " + " ".join(argv or []))
+def run_and_print(cfg: StudyConfig, command: str = "python -m pipeline encoding-study") -> dict:
+    """`python -m pipeline encoding-study`: `run_encoding_study`, then its markdown (speed.md's with `speed_only`)."""
+    result = run_encoding_study(cfg, command)
     print(speed_markdown(result["speed"]) if cfg.speed_only else markdown(result))
-    return 0
+    return result

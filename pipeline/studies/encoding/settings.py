@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import CacheConfig
+from stages.teacher.settings import CacheConfig
 
 __all__ = ["StudyConfig", "K_MAX", "K_CURVE", "DEFAULT_LEVEL"]
 

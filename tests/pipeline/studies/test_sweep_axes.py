@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.studies.sweep import plan_runs, run_sweep
-from stages.cache_teacher import run_cache_teacher
+from stages.teacher.runner import run_cache_teacher
 from stages.train import run_train
 
 

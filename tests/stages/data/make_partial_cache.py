@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from tiny_models import build_tokenizer, SAMPLE_TEXTS
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
+from stages.teacher.runner import run_cache_teacher
 from storage_schemas import Manifest
 
 out = Path("tests/stages/data/partial-cache")

@@ -11,8 +11,8 @@ import pytest
 from test_workers import assert_same_cache, config_args
 
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.failpoints import ENV_VAR as FAILPOINT_ENV
+from stages.teacher.runner import run_cache_teacher
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -14,13 +14,14 @@ from file_states import files_state
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
-from stages.cache_teacher import run_cache_teacher
 from stages.failpoints import ENV_VAR as FAILPOINT_ENV
 from stages.scale_out.merge import MergeError, merge_parts
 from stages.scale_out.parts import WorkerSpec, assigned_shards, resolve_worker
 from stages.scale_out.workers import run_worker
+from stages.teacher.runner import run_cache_teacher, teacher_job
 from storage_schemas import Manifest
-from storage_schemas.shard_io import file_sha256, verify_cache
+from storage_schemas.fingerprints import files_sha256
+from storage_schemas.shard_io import verify_cache
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -36,7 +37,7 @@ def cli(*args, **kw) -> subprocess.Popen:
 
 
 def shard_hashes(cache_dir: Path) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(Path(cache_dir).glob("shard-*.parquet"))}
+    return {p.name: files_sha256([p], with_names=False) for p in sorted(Path(cache_dir).glob("shard-*.parquet"))}
 
 
 def assert_same_cache(cache: Path, reference: Path) -> None:
@@ -92,9 +93,9 @@ def two_worker_cache(tiny_model_dir, tiny_jsonl, tmp_path_factory):
     root = tmp_path_factory.mktemp("workers")
     run_cache_teacher(load_config(None, config_args(tiny_model_dir, tiny_jsonl, root / "one")))
     config = load_config(None, config_args(tiny_model_dir, tiny_jsonl, root / "two"))
-    first = run_worker(config, WorkerSpec(0, 2))
+    first = run_worker(teacher_job(config), WorkerSpec(0, 2))
     assert first.merged is None and first.shards_written_now == 2  # worker 1 has not run yet
-    second = run_worker(config, WorkerSpec(1, 2))
+    second = run_worker(teacher_job(config), WorkerSpec(1, 2))
     assert second.merged is not None and second.merged.complete
     return root / "two", root / "one"
 
@@ -103,7 +104,7 @@ def test_in_process_workers_equal_single_process_and_rerun_is_a_no_op(two_worker
     cache, reference = two_worker_cache
     assert_same_cache(cache, reference)
     config = load_config(None, config_args(tiny_model_dir, tiny_jsonl, cache))
-    assert run_worker(config, WorkerSpec(1, 2)).shards_written_now == 0
+    assert run_worker(teacher_job(config), WorkerSpec(1, 2)).shards_written_now == 0
 
 
 @pytest.fixture
@@ -165,7 +166,7 @@ def test_merge_refuses_an_unfinished_worker_a_missing_shard_and_mixed_runs(parts
 def test_a_worker_refuses_a_cache_split_another_way(parts_copy, tiny_model_dir, tiny_jsonl):
     config = load_config(None, config_args(tiny_model_dir, tiny_jsonl, parts_copy))
     with pytest.raises(ValueError, match="run with 2 workers, this run has 3: use --num-workers 2"):
-        run_worker(config, WorkerSpec(0, 3))
+        run_worker(teacher_job(config), WorkerSpec(0, 3))
 
 
 # --- kill and resume one worker (a hard kill right after its second shard: stages/failpoints.py) --
@@ -175,7 +176,7 @@ def test_killed_worker_redoes_only_its_own_missing_shards(tiny_model_dir, tmp_pa
     args = config_args(tiny_model_dir, data, tmp_path / "two", "cache.batch_tokens=256", "data.max_length=96")
     reference, cache = tmp_path / "one", tmp_path / "two"
     run_cache_teacher(load_config(None, [*args, f"cache.dir={reference}"]))  # 12 shards of 8
-    assert run_worker(load_config(None, args), WorkerSpec(0, 2)).shards_written_now == 6  # shards 0, 2, ..., 10
+    assert run_worker(teacher_job(load_config(None, args)), WorkerSpec(0, 2)).shards_written_now == 6  # shards 0, 2, ..., 10
     worker = ["cache-teacher", "--config", "", *args, "--num-workers", "2", "--worker-rank", "1"]
     killed = cli(*worker, env={**os.environ, FAILPOINT_ENV: "after_shard_published:3"})  # worker 1's second shard
     _, err = killed.communicate()

@@ -13,7 +13,7 @@ import torch
 from run_configs import make_config
 from safetensors.torch import load_file
 
-from pipeline.config import save_config
+from stages.settings import save_config
 from stages.train import run_train
 
 REPO = Path(__file__).resolve().parents[3]
@@ -72,7 +72,7 @@ def test_each_rank_reads_a_disjoint_part_of_the_cache(tiny_model_dir, tiny_cache
     config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", batch_size=3, epochs=1.0, max_steps=0,
                          streaming=streaming)
     save_config(config, tmp_path / "c.yaml")
-    torchrun("pipeline.bench.rank_rows", tmp_path / "c.yaml")
+    torchrun("pipeline", tmp_path / "c.yaml", "rank-rows")
     ranks = [json.loads((tmp_path / "run" / "rank_rows" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == list(range(30))

@@ -19,13 +19,14 @@ import pytest
 import torch
 from reference_kl import reference_kl, reference_loss
 
-from pipeline.config import LoraSettings
 from stages.student.adapters import make_student
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.fused_loss import chunked_regularized_loss
 from stages.student.loss import CachedTeacher, cached_kl, regularized_loss
+from stages.student.loss_mixin import batch_loss
+from stages.student.methods import get_method
 from stages.student.reader import load_cache_dataset, open_cache
-from stages.student.trainer import batch_loss
+from stages.student.settings import LoraSettings
 
 METHODS = ("tail", "topk", "full_kl")
 N, V, H = 24, 64, 16
@@ -102,7 +103,7 @@ def test_unfused_loss_matches_the_reference(method, k, regime):
     parts = regularized_loss(logits, targets, kl, LAMBDA, num_items=N + 5)
     parts.loss.backward()
     assert_values_close(kl, ref_kl.detach(), f"{method} k={k} per position")
-    assert_values_close(parts.kl, ref_kl_mean.detach(), "kl mean")
+    assert_values_close(parts.regularizer, ref_kl_mean.detach(), "kl mean")
     assert_values_close(parts.loss, ref_loss.detach(), "loss")
     assert_grad_close(logits.grad, ref_grad, "d loss / d logits")
 
@@ -122,7 +123,7 @@ def test_fused_loss_matches_the_reference(method, k, regime):
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     parts = chunked_regularized_loss(h, w, targets, cache, LAMBDA, method, num_items=N + 5, chunk_size=5)
     parts.loss.backward()
-    assert_values_close(parts.kl, ref_kl_mean.detach(), f"{method} k={k} kl mean")
+    assert_values_close(parts.regularizer, ref_kl_mean.detach(), f"{method} k={k} kl mean")
     assert_values_close(parts.loss, ref_loss.detach(), "loss")
     assert_grad_close(h.grad, ref_grads[0], "d loss / d hidden")
     assert_grad_close(w.grad, ref_grads[1], "d loss / d W")
@@ -205,11 +206,11 @@ def test_lora_batch_loss_matches_the_reference(lora_model, method, k):
     ref_loss, ref_kl, ref_grads = reference_lora_grads(lora_model, batch, method, num_items=60)
     assert len(ref_grads) == 28 and all(g.abs().sum() > 0 for g in ref_grads.values())
     for fused in (False, True):
-        parts = batch_loss(lora_model, batch, method, LAMBDA, num_items=60, fused=fused, chunk_size=7)
+        parts = batch_loss(lora_model, batch, get_method(method), LAMBDA, num_items=60, fused=fused, chunk_size=7)
         parts.loss.backward()
         got = {n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad}
         lora_model.zero_grad(set_to_none=True)
-        assert_values_close(parts.kl, ref_kl, f"{method} k={k} fused={fused} kl mean")
+        assert_values_close(parts.regularizer, ref_kl, f"{method} k={k} fused={fused} kl mean")
         assert_values_close(parts.loss, ref_loss, "loss")
         for name, g in ref_grads.items():
             assert_grad_close(got[name], g, f"{name} fused={fused}")
@@ -249,11 +250,11 @@ def test_train_k_truncation_of_a_real_cache_matches_the_reference(tiny_cache, ti
     n = int(mask.sum())
     ref_loss, ref_kl, ref_grads = reference_lora_grads(lora_model, reference_batch, method, num_items=n)
     for fused in (False, True):
-        parts = batch_loss(lora_model, batch, method, LAMBDA, num_items=n, fused=fused, chunk_size=16)
+        parts = batch_loss(lora_model, batch, get_method(method), LAMBDA, num_items=n, fused=fused, chunk_size=16)
         parts.loss.backward()
         got = {name: p.grad.clone() for name, p in lora_model.named_parameters() if p.requires_grad}
         lora_model.zero_grad(set_to_none=True)
-        assert_values_close(parts.kl, ref_kl, f"{method} use_k={use_k} fused={fused} kl mean")
+        assert_values_close(parts.regularizer, ref_kl, f"{method} use_k={use_k} fused={fused} kl mean")
         assert_values_close(parts.loss, ref_loss, "loss")
         for name, g in ref_grads.items():
             assert_grad_close(got[name], g, name)

@@ -3,7 +3,7 @@ the project's loss (`batch_loss`, method tail, lambda = 1) on a global batch of 
 rank, and a backward give the loss and the LoRA gradients of one process on the 8 rows.
 
 This file is also the worker: `torchrun --nproc_per_node 2 test_fsdp.py MODEL CACHE OUT`. What stays
-untested here is FSDP through the HF Trainer (accelerate enables it only on accelerator setups): README.
+untested here is FSDP through the HF Trainer (accelerate enables it only on accelerator setups): docs/scale-out.md.
 
 Tolerance: float32, rel 1e-5 on the loss and rtol 1e-4 / atol 1e-6 on the gradients (as test_ddp.py):
 the two runs pad to different widths and reduce in another order, so sums differ in the last bits.
@@ -68,6 +68,7 @@ def worker(model_dir: Path, cache_dir: Path, out: Path) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
     from stages.student.loss_mixin import batch_loss
+    from stages.student.methods import get_method
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -79,9 +80,9 @@ def worker(model_dir: Path, cache_dir: Path, out: Path) -> None:
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
     sharded = all(isinstance(p, DTensor) and p.placements == (Shard(0),) and p.to_local().numel() < p.numel() for p in lora)
     parts, n_items = batches(model_dir, cache_dir, WORLD)
-    mine = batch_loss(model, parts[rank], "tail", 1.0, num_items=n_items)  # this rank's share of the global loss
+    mine = batch_loss(model, parts[rank], get_method("tail"), 1.0, num_items=n_items)  # this rank's share of the global loss
     (mine.loss * WORLD).backward()  # FSDP averages gradients over ranks; the shares must add up
-    total, kl = mine.loss.detach().clone(), mine.kl.detach().clone()
+    total, kl = mine.loss.detach().clone(), mine.regularizer.detach().clone()
     dist.all_reduce(total)
     grads = trainable_grads(model)
     if rank == 0:
@@ -97,6 +98,7 @@ if __name__ == "__main__":
 # --- the test -----------------------------------------------------------------------------------
 def test_fsdp2_sharded_student_gives_the_one_process_loss_and_lora_gradients(tiny_model_dir, tiny_cache, tmp_path):
     from stages.student.loss_mixin import batch_loss
+    from stages.student.methods import get_method
 
     out = tmp_path / "fsdp.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
@@ -108,12 +110,12 @@ def test_fsdp2_sharded_student_gives_the_one_process_loss_and_lora_gradients(tin
 
     model = seeded_student(tiny_model_dir)
     (whole,), _ = batches(tiny_model_dir, tiny_cache, 1)
-    parts = batch_loss(model, whole, "tail", 1.0)
+    parts = batch_loss(model, whole, get_method("tail"), 1.0)
     parts.loss.backward()
     single = trainable_grads(model)
 
     assert fsdp["sharded"], "a LoRA parameter was not sharded across the two ranks"
-    assert float(fsdp["kl_rank0"]) > 1e-4 and float(parts.kl) > 1e-4  # the regularizer is in the loss
+    assert float(fsdp["kl_rank0"]) > 1e-4 and float(parts.regularizer) > 1e-4  # the regularizer is in the loss
     torch.testing.assert_close(fsdp["loss"], parts.loss.detach(), rtol=1e-5, atol=0)
     assert fsdp["grads"].keys() == single.keys() and len(single) > 0
     assert any(g.abs().max() > 0 for n, g in single.items() if "lora_A" in n)

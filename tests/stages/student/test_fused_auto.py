@@ -10,7 +10,7 @@ from run_configs import make_config
 from transformers import TrainerCallback
 
 from stages.student.adapters import make_student
-from stages.student.methods import methods
+from stages.student.methods import get_method, methods
 from stages.student.settings import LoraSettings, TrainConfig
 from stages.student.trainer import resolve_fused_loss
 from stages.train import run_train
@@ -37,8 +37,8 @@ def test_the_default_is_auto_and_every_logit_reading_method_but_live_runs_fused(
     assert set(FUSED_METHODS) >= {"none", "tail", "topk", "full_kl", "l2", "lalora"} and "live" not in FUSED_METHODS
     student = make_student(tiny_model_dir, LoraSettings(rank=4), torch.float32)
     for name in FUSED_METHODS:
-        assert resolve_fused_loss("auto", name, student) == (True, "")
-    assert resolve_fused_loss("false", "tail", student) == (False, "train.fused_loss=false")
+        assert resolve_fused_loss("auto", get_method(name), student) == (True, "")
+    assert resolve_fused_loss("false", get_method("tail"), student) == (False, "train.fused_loss=false")
 
 
 @pytest.mark.parametrize("method", ["tail", "none"])
@@ -61,10 +61,10 @@ def test_live_under_auto_falls_back_and_says_why(tiny_model_dir, tiny_cache, tmp
 def test_a_scaled_output_head_falls_back_under_auto_and_is_refused_under_true(tiny_model_dir):
     student = make_student(tiny_model_dir, LoraSettings(rank=4), torch.float32)
     student.get_base_model().config.final_logit_softcapping = 30.0
-    fused, why = resolve_fused_loss("auto", "tail", student)
+    fused, why = resolve_fused_loss("auto", get_method("tail"), student)
     assert not fused and "final_logit_softcapping=30.0" in why
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        resolve_fused_loss("true", "tail", student)
+        resolve_fused_loss("true", get_method("tail"), student)
 
 
 def test_old_boolean_settings_still_read():

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from pipeline.config import LoraSettings
 from stages.student.adapters import make_student
 from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
 from stages.student.lm_head import output_head
 from stages.student.loss import CachedTeacher, cached_kl, regularized_loss
-from stages.student.methods import methods
+from stages.student.methods import get_method, methods
+from stages.student.settings import LoraSettings
 from stages.student.trainer import batch_loss
 
 N, H, V, K = 37, 24, 50, 6
@@ -42,14 +42,14 @@ def leaves(*tensors):
     return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
 
 
-def unfused(hidden, weight, bias, targets, teacher, estimator, kl_weight, num_items):
+def unfused(hidden, weight, bias, targets, teacher, estimator, reg_weight, num_items):
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     kl = cached_kl(logits, targets, teacher, estimator) if estimator else None
-    return regularized_loss(logits, targets, kl, kl_weight, num_items=num_items)
+    return regularized_loss(logits, targets, kl, reg_weight, num_items=num_items)
 
 
-def fused(hidden, weight, bias, targets, teacher, estimator, kl_weight, num_items, chunk_size):
-    return chunked_regularized_loss(hidden, weight, targets, teacher if estimator else None, kl_weight,
+def fused(hidden, weight, bias, targets, teacher, estimator, reg_weight, num_items, chunk_size):
+    return chunked_regularized_loss(hidden, weight, targets, teacher if estimator else None, reg_weight,
                                     estimator or "tail", num_items=num_items, chunk_size=chunk_size, lm_head_bias=bias)
 
 
@@ -73,10 +73,10 @@ def both(dtype, estimator, chunk_size, k=K, n=N, with_bias=False, scale=2.5):
 @pytest.mark.parametrize("k", [K, V - 1])
 def test_value_and_gradients_equal_the_unfused_loss(dtype, estimator, chunk_size, k):
     (ref, ref_grads), (got, got_grads) = both(dtype, estimator, chunk_size, k=k)
-    for name in ("loss", "ce", "kl"):
+    for name in ("loss", "ce", "regularizer", "penalty"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-6, atol=1e-7, msg=name)
     assert got.n_tokens == ref.n_tokens == N
-    assert (ref.kl > 0) == (estimator is not None)
+    assert (ref.regularizer > 0) == (estimator is not None)
     for name, g_ref, g_got in zip(("hidden", "weight"), ref_grads, got_grads):
         assert g_got.dtype == dtype
         assert_grad_close(g_got, g_ref, 2e-6, name)  # seen: <= 7.2e-7 (float32 maths for both dtypes)
@@ -96,7 +96,7 @@ def test_bias_gradient_and_a_frozen_weight(estimator):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_zero_rows_give_zero_loss_and_zero_gradients(estimator):
     (ref, ref_grads), (got, got_grads) = both(torch.float32, estimator, chunk_size=4, n=0)
-    assert got.loss.item() == ref.loss.item() == 0.0 and got.ce.item() == 0.0 and got.kl.item() == 0.0
+    assert got.loss.item() == ref.loss.item() == 0.0 and got.ce.item() == 0.0 and got.regularizer.item() == 0.0
     assert got_grads[0].shape == (0, H) and torch.equal(got_grads[1], torch.zeros(V, H)) and torch.equal(ref_grads[1], got_grads[1])
 
 
@@ -226,7 +226,7 @@ def test_lora_gradients_equal_the_unfused_step(lora_student, estimator):
     inputs = lora_batch(lora_student)
     results = []
     for fused_flag in (False, True):
-        parts = batch_loss(lora_student, inputs, estimator, kl_weight=0.5, num_items=60, fused=fused_flag, chunk_size=7)
+        parts = batch_loss(lora_student, inputs, get_method(estimator), reg_weight=0.5, num_items=60, fused=fused_flag, chunk_size=7)
         parts.loss.backward()
         grads = {n: p.grad.clone() for n, p in lora_student.named_parameters() if p.requires_grad}
         lora_student.zero_grad(set_to_none=True)
@@ -234,7 +234,7 @@ def test_lora_gradients_equal_the_unfused_step(lora_student, estimator):
     (ref, ref_grads), (got, got_grads) = results
     assert got.n_tokens == ref.n_tokens == 3 * 19 - 3 - 5  # labels[:, 1:]: 3 prompt, 5 padding
     torch.testing.assert_close(got.loss, ref.loss, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(got.kl, ref.kl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.regularizer, ref.regularizer, rtol=1e-5, atol=1e-7)
     assert len(ref_grads) == 2 * 7 * 2 and all(g.abs().sum() > 0 for g in ref_grads.values())
     for name, g in ref_grads.items():
         assert_grad_close(got_grads[name], g, 5e-6, name)  # seen: <= 1.7e-6
@@ -250,7 +250,7 @@ def test_heads_that_change_the_logits_are_refused(tiny_model_dir, lora_student):
 
 
 def test_config_refuses_fused_live_and_a_negative_chunk():
-    from pipeline.config import TrainConfig
+    from stages.student.settings import TrainConfig
 
     with pytest.raises(ValueError, match="train.fused_loss: not supported with method 'live'"):
         TrainConfig(method="live", fused_loss=True)
@@ -262,12 +262,12 @@ def test_config_refuses_fused_live_and_a_negative_chunk():
 def test_autocast_inside_the_forward_only_is_followed(lora_student):
     """accelerate may wrap only model.forward in autocast: the fused logits must be bf16 there too."""
     inputs = lora_batch(lora_student)
-    exact = batch_loss(lora_student, inputs, "tail", 0.5, fused=True, chunk_size=7).loss
+    exact = batch_loss(lora_student, inputs, get_method("tail"), 0.5, fused=True, chunk_size=7).loss
     forward = lora_student.forward
     lora_student.forward = torch.autocast("cpu", dtype=torch.bfloat16)(forward)
     try:
-        unfused_bf16 = batch_loss(lora_student, inputs, "tail", 0.5).loss
-        fused_bf16 = batch_loss(lora_student, inputs, "tail", 0.5, fused=True, chunk_size=7).loss
+        unfused_bf16 = batch_loss(lora_student, inputs, get_method("tail"), 0.5).loss
+        fused_bf16 = batch_loss(lora_student, inputs, get_method("tail"), 0.5, fused=True, chunk_size=7).loss
     finally:
         lora_student.forward = forward
     torch.testing.assert_close(fused_bf16, unfused_bf16, rtol=2e-3, atol=1e-4)

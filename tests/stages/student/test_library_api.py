@@ -1,6 +1,6 @@
 """The library API (stages/student/library.py): the cached examples, their collator and the loss mixin in a
-user's own HF Trainer subclass give the CLI's CacheTrainer's first-step loss, CE and KL; the README's
-"Use it from your own Trainer" snippet runs as printed."""
+user's own HF Trainer subclass give the CLI's CacheTrainer's first-step loss, CE and KL; the
+docs/library.md snippet runs as printed."""
 import pytest
 import torch
 from library_helpers import assert_same_step_loss, perturb_adapter, readme_snippet, run_snippet

@@ -116,7 +116,7 @@ def test_finite_when_topk_covers_almost_all_mass():
 def test_regularized_loss_normalizes_by_labelled_tokens_and_survives_empty(logits):
     teacher, student, targets = logits
     kl = live_masked_kl(student, teacher, targets)
-    parts = regularized_loss(student, targets, kl, kl_weight=0.5)
+    parts = regularized_loss(student, targets, kl, reg_weight=0.5)
     ce = torch.nn.functional.cross_entropy(student, targets)
     torch.testing.assert_close(parts.loss, ce + 0.5 * kl.mean())
     # Two halves with the full count add up to the full-batch loss: exact gradient accumulation.

@@ -1,18 +1,25 @@
-"""The method registry: a new method is one entry plus its loss; old key names still load and resume."""
+"""The method registry: a new method is one entry plus its loss; a run looks its method up once; the
+settings import no torch; old key names still load and resume."""
 import csv
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from run_configs import make_config
 
-from pipeline.config import load_config
+from pipeline.config import config_for_run, load_config
 from pipeline.studies.sweep import plan_runs, record_weight
+from stages.student import methods
 from stages.student.loss import CachedTeacher
 from stages.student.methods import Method, get_method, method_names, registered
 from stages.student.trainer import dataset_columns
 from stages.train import run_train
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def reverse_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher: CachedTeacher) -> torch.Tensor:
@@ -40,7 +47,8 @@ def test_a_toy_method_is_one_registry_entry(tiny_model_dir, tiny_cache, tmp_path
         with pytest.raises(ValueError, match="train.fused_loss: not supported with method 'reverse_kl'"):
             load_config(None, ["train.method=reverse_kl", "train.fused_loss=true"])
         # a real trainer step: the reader loads the teacher columns, the trainer calls the toy's loss
-        assert dataset_columns("reverse_kl", "topk_f32") == dataset_columns("tail", "topk_f32") != dataset_columns("none", "topk_f32")
+        columns = {name: dataset_columns(get_method(name), "topk_f32") for name in ("reverse_kl", "tail", "none")}
+        assert columns["reverse_kl"] == columns["tail"] != columns["none"]
         metrics = run_train(config)
         assert metrics["steps"] == 2 and metrics["method"] == "reverse_kl" and metrics["final_kl"] > 0
         with open(tmp_path / "run" / "log.csv", newline="") as fh:
@@ -82,9 +90,9 @@ def test_an_old_run_dir_loads_and_resumes_under_the_new_names(tiny_model_dir, ti
     run_train(config)
     raw = _as_saved_before_the_registry(run / "config.yaml")
     assert raw["train"]["estimator"] == "full_kl" and "method" not in raw["train"]
-    with pytest.warns(FutureWarning) as caught:
-        loaded = load_config(run / "config.yaml")
-    assert any("use 'train.method'" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match=r"'train.estimator' was renamed: use 'train.method'"):
+        load_config(run / "config.yaml")  # read as a hand-written config: old names refused
+    loaded = config_for_run(str(run), [])  # the artifact reader translates them
     assert (loaded.train.method, loaded.train.reg_weight) == ("full_kl", 0.5)
     longer = make_config(tiny_model_dir, tiny_cache, run, method="full_kl", reg_weight=0.5, max_steps=3, save_steps=1)
     metrics = run_train(longer, resume=True)  # no spurious "train.estimator: ... -> None" difference
@@ -101,3 +109,41 @@ def test_old_results_records_are_read_by_their_lambda():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new names load silently
         load_config("configs/demo.yaml", ["train.method=tail", "train.reg_weight=1"])
+
+
+class CountingRegistry(dict):
+    """The registry's dict, counting every lookup by name: the count cannot be dodged by an alias of get_method."""
+
+    def __init__(self, entries):
+        super().__init__(entries)
+        self.lookups = 0
+
+    def __getitem__(self, name):
+        self.lookups += 1
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        self.lookups += 1
+        return super().get(name, default)
+
+    def __contains__(self, name):
+        self.lookups += 1
+        return super().__contains__(name)
+
+
+def test_a_run_looks_its_method_up_once(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
+    """run_train resolves train.method once and passes the Method down (reader, trainer, loss of every
+    micro-batch, penalty, summary). The config's own validation lookup happens before, at load."""
+    config = make_config(tiny_model_dir, tiny_cache, tmp_path / "run", max_steps=2, save_steps=2, grad_accum=2)
+    registry = CountingRegistry(methods._METHODS)
+    monkeypatch.setattr(methods, "_METHODS", registry)
+    metrics = run_train(config)
+    assert metrics["steps"] == 2 and metrics["final_kl"] is not None
+    assert registry.lookups == 1
+
+
+def test_the_settings_import_no_torch():
+    """Loading a config stays light: the settings, the registry and the trainer_args checks import no torch."""
+    code = "import sys; import stages.student.settings; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

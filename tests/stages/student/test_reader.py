@@ -140,7 +140,7 @@ def test_encoded_cache_collates_to_the_float32_teacher_within_its_promise(encodi
     for name in ("input_ids", "labels", "attention_mask"):
         assert exact[name].equal(got[name])
     # same cached set per position; each log-prob, the target and the mass within the promise of
-    # docs/design.md §8 (tests/codec_promises.py), not the codec's own error_bound
+    # docs/design.md §8 (tests/codec_promises.py)
     order_e, order_g = exact["teacher_topk_ids"].argsort(-1), got["teacher_topk_ids"].argsort(-1)
     ids_e, ids_g = exact["teacher_topk_ids"].gather(-1, order_e), got["teacher_topk_ids"].gather(-1, order_g)
     assert ids_e.equal(ids_g)

@@ -11,8 +11,7 @@ import pytest
 from run_configs import make_config
 
 from pipeline.config import config_for_run
-from pipeline.plot_run import main as plot_run_main
-from pipeline.plot_run import mismatches_with_log_csv
+from pipeline.plot_run import mismatches_with_log_csv, plot_and_check
 from stages.evaluate import run_eval
 from stages.student.trainer import training_arguments
 from stages.tensorboard_log import read_scalars
@@ -72,15 +71,15 @@ def test_eval_figures_go_to_the_runs_event_file_at_its_last_step(logged_run):
 def test_plot_run_draws_the_curves_from_the_event_file(logged_run, tmp_path):
     run, _ = logged_run
     out = tmp_path / "curves.png"
-    assert plot_run_main([str(run), "--out", str(out)]) == 0
+    assert plot_and_check(run, out) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="no TensorBoard event file"):
-        plot_run_main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+        plot_and_check(tmp_path, tmp_path / "x.png")
 
 
 def test_plot_run_check_compares_the_event_file_with_log_csv(logged_run, tmp_path):
     run, _ = logged_run
-    assert plot_run_main([str(run), "--out", str(tmp_path / "a.png"), "--check"]) == 0
+    assert plot_and_check(run, tmp_path / "a.png", check=True) == 0
     copy = tmp_path / "copy"  # the same event file beside a log.csv with one CE changed in its 4th digit
     shutil.copytree(run / "tensorboard", copy / "tensorboard")
     rows = csv_rows(run / "log.csv")
@@ -91,7 +90,7 @@ def test_plot_run_check_compares_the_event_file_with_log_csv(logged_run, tmp_pat
         writer.writerows(rows)
     assert mismatches_with_log_csv(copy) == [f"step 4 ce: log.csv {rows[2]['ce']}, event file "
                                              f"{dict(read_scalars(run / 'tensorboard')['train/ce'])[4]}"]
-    assert plot_run_main([str(copy), "--out", str(tmp_path / "b.png"), "--check"]) == 1
+    assert plot_and_check(copy, tmp_path / "b.png", check=True) == 1
 
 
 def test_report_to_is_resolved_saved_and_none_writes_no_event_file(logged_run, tiny_model_dir, tiny_cache, tmp_path):

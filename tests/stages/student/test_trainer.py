@@ -19,10 +19,13 @@ from safetensors.torch import load_file
 from tiny_models import build_tiny_llama
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from pipeline.config import Config, LoraSettings, load_config, save_config
+from pipeline.config import Config, load_config
+from stages.settings import save_config
 from stages.student.adapters import adapter_state, base_state
 from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.methods import get_method
 from stages.student.reader import load_cache_dataset, open_cache
+from stages.student.settings import LoraSettings
 from stages.student.trainer import batch_loss, last_checkpoint
 from stages.train import run_train
 from storage_schemas import Manifest
@@ -52,7 +55,7 @@ def mean_ce(model, cache_dir, model_dir, rows: int = 16) -> float:
     dataset = load_cache_dataset(cache_dir, manifest)
     batch = CacheCollator(pad_token_id(model_dir), manifest.settings.k,
                          encoding=manifest.settings.encoding)([dataset[i] for i in range(rows)])
-    return batch_loss(model.eval(), batch, "none", 0.0).ce.item()
+    return batch_loss(model.eval(), batch, get_method("none"), 0.0).ce.item()
 
 
 def csv_rows(path: Path) -> list[dict]:

@@ -4,7 +4,8 @@ import pytest
 from run_configs import make_config
 from transformers import TrainerCallback, TrainingArguments
 
-from pipeline.config import load_config, save_config
+from pipeline.config import load_config
+from stages.settings import save_config
 from stages.student.trainer import training_arguments
 from stages.train import _check_same_config, run_train
 

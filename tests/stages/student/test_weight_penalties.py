@@ -6,9 +6,9 @@ import torch
 from run_configs import make_config
 from transformers import TrainerCallback
 
-from pipeline.config import LoraSettings, TrainConfig
 from stages.student.adapters import make_student
-from stages.student.methods import build_penalty
+from stages.student.methods import build_penalty, get_method
+from stages.student.settings import LoraSettings, TrainConfig
 from stages.student.weight_penalties import WeightPenalty, empirical_fisher, fisher_examples
 from stages.train import run_train
 
@@ -35,12 +35,12 @@ def test_l2_is_zero_at_init_and_its_gradient_is_the_distance(student):
     with torch.no_grad():
         for _, p in penalty.params:
             p.add_(0.01 * torch.randn_like(p))
-    kl_weight = 0.7
-    value = kl_weight * penalty()
+    reg_weight = 0.7
+    value = reg_weight * penalty()
     assert value.item() > 0
     grads = torch.autograd.grad(value, [p for _, p in penalty.params])
     for (n, p), g in zip(penalty.params, grads):
-        torch.testing.assert_close(g, kl_weight * (p.detach() - penalty.anchor[n]), rtol=1e-6, atol=1e-9, msg=n)
+        torch.testing.assert_close(g, reg_weight * (p.detach() - penalty.anchor[n]), rtol=1e-6, atol=1e-9, msg=n)
 
 
 def test_l2_is_positive_after_a_step(student):
@@ -80,7 +80,7 @@ def test_lalora_needs_fisher_data():
 def test_lalora_with_missing_fisher_data_names_the_key(student, tiny_model_dir, tmp_path):
     train = TrainConfig(method="lalora", fisher_data=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match=r"train\.fisher_data"):
-        build_penalty(train, student, str(tiny_model_dir))
+        build_penalty(train, get_method(train.method), student, str(tiny_model_dir))
 
 
 @pytest.mark.parametrize("estimator", ["l2", "lalora"])
