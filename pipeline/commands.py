@@ -83,7 +83,7 @@ def cmd_cache_teacher(args) -> int:
 
 
 def cmd_merge_manifest(args) -> int:
-    from stages.scale_out.merge import merge_parts
+    from stages.teacher.scale_out.merge import merge_parts
 
     manifest = merge_parts(args.cache)
     print(f"OK   {args.cache}: merged {len(manifest.shards)} shards, {manifest.num_rows:,} examples, "
@@ -116,7 +116,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_train(args) -> int:
     config = _config(args)
-    from stages.train import run_train
+    from stages.student.runner import run_train
 
     if args.allow_model_mismatch:
         config.train.allow_model_mismatch = True
@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from pipeline.config import config_for_run
-    from stages.evaluate import run_eval
+    from stages.eval.evaluate import run_eval
 
     config = config_for_run(args.run, args.overrides) if args.run else _config(args)
     run_eval(config, args.run)
@@ -136,13 +136,13 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     config = _config(args)
     from pipeline.embedded.build import main_build_default
+    from stages.student.runner import run_train
     from stages.teacher.runner import run_cache_teacher
-    from stages.train import run_train
 
     main_build_default(args.out, force=False)
     print(run_cache_teacher(config).render())  # a finished cache is reused, a killed one resumed
     run_train(config, resume=True)  # likewise: re-running the demo continues or re-reports the run
-    from stages.evaluate import run_eval
+    from stages.eval.evaluate import run_eval
 
     run_eval(config, config.train.output_dir)
     return 0

@@ -2,13 +2,13 @@
 
     python -m pipeline train --config configs/demo.yaml train.reg_weight=0.5 train.lora.rank=16
 
-Each stage declares its section (stages/inputs.py DataConfig, stages/teacher/settings.py CacheConfig,
-stages/student/settings.py TrainConfig, stages/eval_settings.py EvalConfig; composed as
-stages/settings.py StageConfig); the studies' sections are declared here. Every field is documented
+Each stage declares its section (stages/data/inputs.py DataConfig, stages/teacher/settings.py CacheConfig,
+stages/student/settings.py TrainConfig, stages/eval/settings.py EvalConfig; composed as
+stages/common/stage_config.py StageConfig); the studies' sections are declared here. Every field is documented
 where it is declared and validated in `__post_init__`; an unknown key
 (in the YAML or on the command line) is an error that names it and lists the valid ones. The
 resolved config is written next to every output (`config.yaml` in the cache and run directories).
-A key's old name (stages/saved_config.py `RENAMED_KEYS`) is refused here, naming the new one; only the
+A key's old name (stages/common/saved_config.py `RENAMED_KEYS`) is refused here, naming the new one; only the
 artifact reader, for config.yaml files the project saved itself, translates old names.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
-from stages.checks import require as _require
-from stages.hub import resolve_hub_ids
-from stages.saved_config import check_current_keys, read_saved_config
-from stages.settings import StageConfig
+from stages.common.checks import require as _require
+from stages.common.saved_config import check_current_keys, read_saved_config
+from stages.common.stage_config import StageConfig
+from stages.data.hub import resolve_hub_ids
 from stages.student.methods import method_names
 from stages.student.variants import LORA_VARIANTS
 
@@ -81,7 +81,7 @@ class ApproxConfig:
 
 @dataclass
 class Config(StageConfig):
-    """The whole config: the stages' sections (stages/settings.py StageConfig) and the studies'."""
+    """The whole config: the stages' sections (stages/common/stage_config.py StageConfig) and the studies'."""
     sweep: SweepConfig = field(default_factory=SweepConfig, metadata={"help": (
         "the sweep: method x lambda x seed over one cache (pipeline/studies/sweep.py)")})
     approx: ApproxConfig = field(default_factory=ApproxConfig, metadata={"help": (
@@ -132,7 +132,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Config from a hand-written YAML file (or defaults) with `section.key=value` overrides applied on
     top; Hub ids (`model: org/name`, `data.path: org/name`, ...) resolved to local paths, offline first
-    (stages/hub.py). A key's old name is refused, naming the new one (stages/saved_config.py)."""
+    (stages/data/hub.py). A key's old name is refused, naming the new one (stages/common/saved_config.py)."""
     raw: dict = {}
     if path:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -152,7 +152,7 @@ def _with_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> Config
         check_current_keys(one, f"override {item!r}")
         _set_dotted(raw, key.strip(), yaml.safe_load(text_value))
     config = _build(Config, raw, "")
-    resolve_hub_ids(config)  # once, here: every stage receives local paths (stages/hub.py)
+    resolve_hub_ids(config)  # once, here: every stage receives local paths (stages/data/hub.py)
     return config
 
 

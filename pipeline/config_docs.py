@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config
-from stages.saved_config import RENAMED_KEYS
+from stages.common.saved_config import RENAMED_KEYS
 
 __all__ = ["REFERENCE", "config_sections", "field_help", "render_config_reference", "write_config_reference"]
 

@@ -5,7 +5,7 @@
     python -m pipeline plot-run runs/demo/train --check        (+ every log.csv figure == its scalar, or exit 1)
 
 Reads <run>/tensorboard (written with train.report_to: tensorboard) with tensorboard's EventAccumulator
-(stages/tensorboard_log.py `read_scalars`): the tags train/ce and train/kl or train/penalty, by step.
+(stages/common/tensorboard_log.py `read_scalars`): the tags train/ce and train/kl or train/penalty, by step.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.saved_config import read_saved_config
-from stages.tensorboard_log import read_scalars, tensorboard_dir
+from stages.common.saved_config import read_saved_config
+from stages.common.tensorboard_log import read_scalars, tensorboard_dir
 
 __all__ = ["plot_run", "mismatches_with_log_csv", "plot_and_check"]
 

@@ -53,7 +53,7 @@ class DatasetFingerprint:
     format: str                # "text" or "chat"
     source_sha256: str         # over the input file bytes (or the saved dataset's files)
     num_examples: int
-    input_rules: int = 1       # stages.inputs.INPUT_RULES_VERSION: tokenization + trained-token mask rules
+    input_rules: int = 1       # stages.data.inputs.INPUT_RULES_VERSION: tokenization + trained-token mask rules
                                # (manifests written before it was recorded read as 1)
     tools_field: str = ""      # chat: the column of tool definitions passed to the template ("" for text)
     skipped_examples: list[int] = field(default_factory=list)  # ids refused and skipped (data.on_bad_example: skip): gaps

@@ -102,7 +102,7 @@ def test_every_design_section_cites_code():
 
 def test_resolver_reports_missing_symbols():
     assert resolve("storage_schemas.manifest.Manifest.check_same_origin") is None
-    assert resolve("stages.inputs.Example.loss_mask") is None  # a dataclass field without default
+    assert resolve("stages.data.inputs.Example.loss_mask") is None  # a dataclass field without default
     assert "no attribute 'no_such_thing'" in resolve("stages.student.loss.no_such_thing")
     assert "no attribute" in resolve("storage_schemas.manifest.Manifest.no_such_method")
     assert resolve("stages.no_such_module.f") is not None
@@ -161,10 +161,10 @@ def test_named_paths_exist(doc: Path):
 
 
 def test_path_extraction():
-    text = ("See `stages/chat_masks.py` and [plot](docs/x.png), BENCHMARKS.md, (configs/a.yaml); "
+    text = ("See `stages/data/chat_masks.py` and [plot](docs/x.png), BENCHMARKS.md, (configs/a.yaml); "
             "`runs/demo/cache`, `shard-NNNNN.parquet`, `manifest.json`, `runs/bench/<UTC time>.json`, "
             "`make train CONFIG=my.yaml`, `--config configs/b.yaml`, `Makefile`, `s3://bucket/x`.")
-    assert named_paths(text) == ["stages/chat_masks.py", "configs/b.yaml", "Makefile", "docs/x.png",
+    assert named_paths(text) == ["stages/data/chat_masks.py", "configs/b.yaml", "Makefile", "docs/x.png",
                                  "BENCHMARKS.md", "configs/a.yaml"]
 
 

@@ -120,7 +120,7 @@ def test_no_modules_import_each_other_in_a_circle():
 
 @pytest.mark.parametrize("source, expect", [
     ("def f():\n    from pipeline.config import load_config\n", "storage_schemas.codecs imports pipeline.config"),
-    ("import importlib\nX = importlib.import_module('stages.train')\n", "storage_schemas.codecs imports stages.train"),
+    ("import importlib\nX = importlib.import_module('stages.student.runner')\n", "storage_schemas.codecs imports stages.student.runner"),
 ])
 def test_the_checks_catch_a_hidden_upward_import(tmp_path, source, expect):
     """The same analysis over a copy of the tree with one upward import planted inside a function."""

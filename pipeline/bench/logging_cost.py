@@ -26,7 +26,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from pipeline.config import load_config
-from stages.train import run_train
+from stages.student.runner import run_train
 
 __all__ = ["StepClock", "measure_logging_cost", "render", "bench_logging"]
 

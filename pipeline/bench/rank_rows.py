@@ -8,7 +8,7 @@ seeded permutation shared by all ranks, cut into per-rank batches (`BatchSampler
 reading only its rows of the memory-mapped shards. Streaming (`train.streaming=true`): with at least
 as many shards as ranks, each rank opens only its own shard files (`IterableDataset.shard`).
 
-This module builds the same Trainer as `stages/train.py` and lists, per rank, the example ids its
+This module builds the same Trainer as `stages/student/runner.py` and lists, per rank, the example ids its
 dataloader yields in one epoch, into `train.output_dir/rank_rows/rank-R.json`.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def rank_example_ids(config: Config) -> tuple[int, list[int]]:
     manifest = open_cache(cache_dir, config.model, allow_model_mismatch=config.train.allow_model_mismatch)
     dataset = load_cache_dataset(cache_dir, manifest, streaming=config.train.streaming, columns=[EXAMPLE_ID_COLUMN])
     if config.train.streaming:
-        dataset = dataset.shuffle(seed=config.train.seed, buffer_size=1024)  # as stages/train.py does
+        dataset = dataset.shuffle(seed=config.train.seed, buffer_size=1024)  # as stages/student/runner.py does
     model = make_student(config.model, config.train.lora, torch.float32)
     trainer = build_trainer(model, dataset, _ids_only, config.train, get_method(config.train.method), manifest.num_rows)
     ids = [int(i) for batch in trainer.get_train_dataloader() for i in batch[EXAMPLE_ID_COLUMN]]

@@ -30,7 +30,7 @@ def _eval_child(queue, model_dir: str, chunked: bool, batch: int, length: int) -
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from stages.evaluate import score_texts
+    from stages.eval.evaluate import score_texts
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=8, target_modules="all-linear")).eval()
@@ -42,7 +42,7 @@ def _eval_child(queue, model_dir: str, chunked: bool, batch: int, length: int) -
 
 def eval_peak_mib(model_dir: str, chunked: bool, batch: int, length: int) -> float:
     """Peak RSS (MiB) of a fresh process that loads the model with a LoRA adapter and scores one
-    batch with drift (`stages.evaluate.score_texts`), chunked or not."""
+    batch with drift (`stages.eval.evaluate.score_texts`), chunked or not."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_eval_child, args=(queue, model_dir, chunked, batch, length))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.bench.settings import BenchSettings
 from pipeline.config import load_config
-from stages.inputs import load_rows, tokenize_rows
+from stages.data.inputs import load_rows, tokenize_rows
 from stages.teacher.engine import open_engine
 from stages.teacher.runner import run_cache_teacher
 

@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config
 from pipeline.studies.sweep import plan_runs, record_weight, run_config
-from stages.inputs import DataConfig
+from stages.data.inputs import DataConfig
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CachedTeacher, live_masked_kl
 from stages.student.methods import Method, get_method, methods
 from stages.student.reader import load_cache_dataset, open_cache
+from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
 from stages.teacher.settings import CacheConfig
-from stages.train import run_train
 from storage_schemas import Manifest
 from storage_schemas.fingerprints import files_sha256, model_vocab_size
 

@@ -33,11 +33,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline.config import Config
-from stages.evaluate import run_eval
+from stages.common.tensorboard_log import reports_to_tensorboard, tensorboard_dir
+from stages.eval.evaluate import run_eval
 from stages.student.methods import get_method, method_names
+from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
-from stages.tensorboard_log import reports_to_tensorboard, tensorboard_dir
-from stages.train import run_train
 
 __all__ = ["RunSpec", "plan_runs", "run_config", "run_sweep", "summarize", "plot_frontier", "log_sweep", "curve_label",
            "record_weight"]

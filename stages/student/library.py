@@ -8,7 +8,7 @@
     trainer = MyTrainer(model=peft_model, args=TrainingArguments("out", remove_unused_columns=False),
                         train_dataset=data.dataset, data_collator=data.collator, method="tail", reg_weight=1.0)
 
-`load_cache` does what `stages.train.run_train` does before it builds the model: the fingerprint checks
+`load_cache` does what `stages.student.runner.run_train` does before it builds the model: the fingerprint checks
 (`open_cache`: the student's tokenizer, its base weights, a complete and verified cache), the dataset of
 cached rows (`load_cache_dataset`, only the columns the method reads) and the `CacheCollator`. The loss is
 `CacheLossMixin` (stages/student/loss_mixin.py), the CLI's `CacheTrainer` is that mixin on
@@ -17,7 +17,7 @@ transformers' `Trainer`, and TRL's `SFTTrainer` gets it in stages/student/trl_tr
 Scope: the cached estimators (methods `tail`, `topk`, `full_kl`) and `none` (CE only), fused
 (`fused_loss=True`: the mixin calls the model for its last hidden state, no [B, T, V] logits) or unfused.
 The weight penalties (`l2`, `lalora`) are a per-step term the mixin adds from `trainer.penalty`, which the
-caller builds after creating the trainer, as stages/train.py does:
+caller builds after creating the trainer, as stages/student/runner.py does:
 `trainer.penalty = build_penalty(train_config, data.method, trainer.model, model_dir)` (stages.student.methods).
 
 `method` may be a registered name or a `Method` (stages/student/methods.py); `load_cache` looks a name up

@@ -140,7 +140,7 @@ class CacheLossMixin:
                              "cache columns (loss_mask, teacher arrays) that are not forward() arguments")
         self.method, self.reg_weight = method, reg_weight
         self.fused_loss, self.fused_chunk_size = fused_loss, fused_chunk_size  # see fused_batch_loss
-        # l2/lalora: R(theta), set (anchored at init) by stages.train before training; see weight_penalties
+        # l2/lalora: R(theta), set (anchored at init) by stages.student.runner before training; see weight_penalties
         self.penalty = penalty
         # Make the Trainer count labels[:, 1:] != -100 over the accumulated micro-batches whatever
         # the model class says: our labels always follow the causal-shift convention.

@@ -7,7 +7,7 @@
 
 Config validation (stages/student/settings.py), the sweep's grid and the approximation study
 (pipeline/studies/) ask this registry; none of them lists method names. A run looks its method up
-once (stages/train.py `run_train`) and passes the `Method` itself down to the reader's columns, the
+once (stages/student/runner.py `run_train`) and passes the `Method` itself down to the reader's columns, the
 trainer and the loss of each micro-batch (stages/student/trainer.py, loss_mixin.py). A new method is one
 `register_method(Method(...))` with its loss function (tests/stages/student/test_methods.py registers
 a reverse KL that way, and trains and sweeps it).

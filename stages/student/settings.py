@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.checks import require
+from stages.common.checks import require
 from stages.student.methods import check_fused, get_method
 from stages.student.trainer_args import check_trainer_args, normalize_report_to
 from stages.student.variants import LORA_VARIANTS, MUTATES_BASE

@@ -1,6 +1,6 @@
 """Stage two's loop: the HF `Trainer` with CE + lambda * Mask-the-Target KL as its loss.
 
-    python -m pipeline train --config configs/demo.yaml      (wired by stages/train.py)
+    python -m pipeline train --config configs/demo.yaml      (wired by stages/student/runner.py)
 
 Methods (`train.method`, registered in stages/student/methods.py; docs/design.md §4):
     none                 CE only (plain LoRA)
@@ -12,7 +12,7 @@ Methods (`train.method`, registered in stages/student/methods.py; docs/design.md
                          (stages/student/weight_penalties.py; `CacheTrainer.penalty`, added once per
                          optimizer step; logged as `penalty`, unweighted)
 A method's regularizer gets the teacher its registry entry names: the collated cache arrays, the
-logits of the same model with its adapter disabled (live), or nothing. The runner (stages/train.py)
+logits of the same model with its adapter disabled (live), or nothing. The runner (stages/student/runner.py)
 looks the method up once and passes the `Method` down: `dataset_columns(method, encoding)`,
 `resolve_fused_loss(setting, method, model)`, `build_trainer(model, dataset, collator, train, method,
 num_rows)`. Everything here takes the `train:` section (`TrainConfig`) and the few values it needs,
@@ -59,13 +59,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
+from stages.common.tensorboard_log import tensorboard_dir
 from stages.student.adapters import adapted_modules, save_adapter
 from stages.student.lm_head import output_head
 from stages.student.loss_mixin import CacheLossMixin
 from stages.student.methods import Method, check_fused
 from stages.student.settings import TrainConfig
 from stages.student.trainer_args import check_reporters_installed
-from stages.tensorboard_log import tensorboard_dir
 from storage_schemas import SEQUENCE_COLUMNS, Manifest, teacher_columns
 
 __all__ = [

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages.inputs import DataConfig, load_rows, tokenize_rows
+from stages.data.inputs import DataConfig, load_rows, tokenize_rows
 
 __all__ = ["WeightPenalty", "empirical_fisher", "fisher_examples", "l2_penalty", "lalora_penalty"]
 
@@ -76,21 +76,21 @@ class WeightPenalty:
 
 
 def fisher_examples(path: str, model_dir: str, examples: int, max_length: int):
-    """The first `examples` texts of `path`, tokenized with the student's tokenizer (stages.inputs)."""
+    """The first `examples` texts of `path`, tokenized with the student's tokenizer (stages.data.inputs)."""
     from transformers import AutoTokenizer
 
     cfg = DataConfig(path=path, max_length=max_length, max_examples=examples)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     try:
         return tokenize_rows(load_rows(cfg), tokenizer, cfg)
-    except (OSError, ValueError) as err:  # stages.inputs names "data.path": say which key it was
+    except (OSError, ValueError) as err:  # stages.data.inputs names "data.path": say which key it was
         raise ValueError(f"train.fisher_data: {err}") from err
 
 
 def empirical_fisher(model: torch.nn.Module, examples, floor: float = 0.1) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of the mean-token CE w.r.t. the trainable parameters, floored.
 
-    `examples`: `stages.inputs.Example`s (input_ids [T], loss_mask [T-1]). One forward/backward per
+    `examples`: `stages.data.inputs.Example`s (input_ids [T], loss_mask [T-1]). One forward/backward per
     example at the current parameters, eval mode; the model's .grad fields are left as they were.
     Returns {name: F_i + floor * mean(F)} in float32 (see the module doc for why the floor).
     """

@@ -11,10 +11,10 @@ background writer that writes the shard and updates the manifest while the engin
 one -> complete the manifest and print a summary.
 
 This is the one place that decides how stage one runs: one process is worker 0 of 1; flags, a
-Slurm array or torchrun make it worker r of N (stages/scale_out/parts.py `resolve_worker`); Ray runs
-all N (stages/scale_out/ray_launcher.py). Every way ends in `run_worker` (stages/scale_out/workers.py),
+Slurm array or torchrun make it worker r of N (stages/teacher/scale_out/parts.py `resolve_worker`); Ray runs
+all N (stages/teacher/scale_out/ray_launcher.py). Every way ends in `run_worker` (stages/teacher/scale_out/workers.py),
 so a killed run resumes exactly where it stopped however it was run, and in the manifest finished by
-`finish_manifest` (stages/scale_out/merge.py). The runner is the only stage-one module that sees the
+`finish_manifest` (stages/teacher/scale_out/merge.py). The runner is the only stage-one module that sees the
 composed config: the pieces get a `TeacherJob` (model, data and cache sections).
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from stages.scale_out.parts import local_working_dir, resolve_worker
-from stages.scale_out.ray_launcher import run_with_ray
-from stages.scale_out.workers import WorkerResult, run_worker
-from stages.settings import StageConfig, config_yaml
+from stages.common.stage_config import StageConfig, config_yaml
+from stages.teacher.scale_out.parts import local_working_dir, resolve_worker
+from stages.teacher.scale_out.ray_launcher import run_with_ray
+from stages.teacher.scale_out.workers import WorkerResult, run_worker
 from stages.teacher.settings import CacheConfig
 from stages.teacher.stage_one import TeacherJob
 from storage_schemas import Manifest

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stages.checks import require
+from stages.common.checks import require
 from storage_schemas import DEFAULT_ENCODING, get_encoding
 
 __all__ = ["CacheConfig", "ENGINES", "VLLM_OUTPUTS"]

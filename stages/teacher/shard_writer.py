@@ -19,7 +19,7 @@ import queue
 import threading
 from pathlib import Path
 
-from stages import failpoints
+from stages.common import failpoints
 from storage_schemas import Manifest
 from storage_schemas.shard_io import ShardRow, rows_to_table, write_shard
 
@@ -92,4 +92,4 @@ class ShardWriter:
         self.manifest.shards = sorted([*self.manifest.shards, record], key=lambda r: r.index)
         self.manifest.save(self.cache_dir)
         self.tokens_written += record.tokens
-        failpoints.hit("after_shard_published", index)  # tests: a hard kill here (stages/failpoints.py)
+        failpoints.hit("after_shard_published", index)  # tests: a hard kill here (stages/common/failpoints.py)

@@ -1,6 +1,6 @@
 """Stage one's public pieces: load and check the examples, plan the manifest, open the engine, score
 and write shards. Each takes the settings it reads (a `TeacherJob`: the model, the `data:` and `cache:`
-sections), never the composed config. A stage-one worker (stages/scale_out/workers.py; one process is
+sections), never the composed config. A stage-one worker (stages/teacher/scale_out/workers.py; one process is
 worker 0 of 1, run by stages/teacher/runner.py) is made of these.
 
     job = TeacherJob(model, data, cache)
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from stages.hub import teacher_with_hub
-from stages.inputs import INPUT_RULES_VERSION, DataConfig, Example, InputReport, load_rows, source_files, tokenize_rows
+from stages.data.hub import teacher_with_hub
+from stages.data.inputs import INPUT_RULES_VERSION, DataConfig, Example, InputReport, load_rows, source_files, tokenize_rows
 from stages.teacher.engine import open_engine
 from stages.teacher.scores import PositionScores
 from stages.teacher.settings import CacheConfig

@@ -4,7 +4,7 @@ forward of the reloaded adapter, the exactness of the cached estimators at k = |
 
 Run in this process (`pipeline.cli.main`, as the tests of verify and merge-manifest do), in file
 order on one module-wide cache. Commands run by other tests: cache-teacher and verify
-(tests/stages/test_cache_teacher.py, also here, cheaply), merge-manifest (tests/stages/scale_out),
+(tests/stages/teacher/test_runner.py, also here, cheaply), merge-manifest (tests/stages/teacher/scale_out),
 inspect (tests/pipeline/test_inspect_cache.py), bench and the measurement of bench-step
 (`pipeline.bench.step.compare`, tests/pipeline/test_bench.py, vLLM); every command's --help
 (tests/pipeline/test_commands.py).

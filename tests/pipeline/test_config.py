@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, load_config
-from stages.settings import save_config
+from stages.common.stage_config import save_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,7 +89,7 @@ def test_an_old_key_in_a_hand_written_yaml_is_refused_naming_the_new_one(tmp_pat
 
 def test_a_saved_config_with_old_names_is_read_under_the_new_ones(tmp_path):
     """The artifact reader (a config.yaml the project saved) translates; the same text hand-written is refused."""
-    from stages.saved_config import read_saved_config
+    from stages.common.saved_config import read_saved_config
 
     path = tmp_path / "config.yaml"
     path.write_text("train:\n  estimator: live\n  kl_weight: 3\nsweep:\n  kl_weights: [1]\n  method_kl_weights: {l2: [0.1]}\n"

@@ -16,9 +16,9 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
-from stages.scale_out.parts import WorkerSpec
-from stages.scale_out.workers import run_worker
 from stages.teacher.runner import run_cache_teacher, teacher_job
+from stages.teacher.scale_out.parts import WorkerSpec
+from stages.teacher.scale_out.workers import run_worker
 from storage_schemas import Manifest
 from storage_schemas.fingerprints import files_sha256
 from storage_schemas.remote import CacheStore, is_remote
@@ -136,7 +136,7 @@ def test_a_damaged_s3_object_is_named_by_verify(s3_cache, s3_endpoint, tiny_mode
 
 
 def test_stage_two_trains_from_the_s3_cache(s3_cache, tiny_model_dir, tmp_path):
-    from stages.train import run_train
+    from stages.student.runner import run_train
 
     uri, _ = s3_cache
     config = load_config(None, [f"model={tiny_model_dir}", f"cache.dir={uri}", f"cache.local_dir={tmp_path / 'mirror'}",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.studies.encoding.settings import DEFAULT_LEVEL, StudyConfig
+from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
-from stages.train import run_train
 from storage_schemas import DEFAULT_ENCODING, Manifest
 from storage_schemas.transcode import transcode_cache
 

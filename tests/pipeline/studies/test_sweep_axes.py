@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.studies.sweep import plan_runs, run_sweep
+from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
-from stages.train import run_train
 
 
 def _grid(*overrides):

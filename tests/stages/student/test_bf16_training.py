@@ -11,9 +11,9 @@ import torch
 from run_configs import make_config
 from transformers import TrainerCallback
 
-from stages.train import run_train
+from stages.student.runner import run_train
 
-# bfloat16 keeps 8 significand bits: unit roundoff u = 2^-8. As in tests/stages/test_cache_dtypes.py
+# bfloat16 keeps 8 significand bits: unit roundoff u = 2^-8. As in tests/stages/teacher/test_cache_dtypes.py
 # (where the bound is argued and measured), a log-prob computed through this 2-layer model in
 # bfloat16 moves by at most 32 u = 0.125 nats; the step-1 CE is a mean of target log-probs, so it
 # moves by no more. At step 1 the student is the teacher (LoRA B = 0): the float32 KL is 0 up to

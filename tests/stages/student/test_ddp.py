@@ -13,8 +13,8 @@ import torch
 from run_configs import make_config
 from safetensors.torch import load_file
 
-from stages.settings import save_config
-from stages.train import run_train
+from stages.common.stage_config import save_config
+from stages.student.runner import run_train
 
 REPO = Path(__file__).resolve().parents[3]
 

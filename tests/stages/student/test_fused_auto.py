@@ -11,9 +11,9 @@ from transformers import TrainerCallback
 
 from stages.student.adapters import make_student
 from stages.student.methods import get_method, methods
+from stages.student.runner import run_train
 from stages.student.settings import LoraSettings, TrainConfig
 from stages.student.trainer import resolve_fused_loss
-from stages.train import run_train
 
 FUSED_METHODS = [m.name for m in methods() if m.supports_fused]
 

@@ -6,9 +6,9 @@ import torch
 from run_configs import make_config
 from transformers import TrainerCallback
 
+from stages.student.runner import run_train
 from stages.student.trainer import CacheTrainer
 from stages.student.variants import LORA_VARIANTS
-from stages.train import run_train
 
 
 class Probe(TrainerCallback):

@@ -9,8 +9,8 @@ from tiny_models import build_tokenizer
 
 from pipeline.config import load_config
 from stages.student.adapters import adapted_modules, make_student
+from stages.student.runner import run_train
 from stages.student.settings import LoraSettings
-from stages.train import run_train
 
 LLAMA_ALL_LINEAR = {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2, "gate_proj": 2, "up_proj": 2, "down_proj": 2}
 PHI3_ALL_LINEAR = {"qkv_proj": 2, "o_proj": 2, "gate_up_proj": 2, "down_proj": 2}

@@ -16,8 +16,8 @@ from pipeline.studies.sweep import plan_runs, record_weight
 from stages.student import methods
 from stages.student.loss import CachedTeacher
 from stages.student.methods import Method, get_method, method_names, registered
+from stages.student.runner import run_train
 from stages.student.trainer import dataset_columns
-from stages.train import run_train
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -10,8 +10,8 @@ from run_configs import make_config
 from safetensors.torch import load_file
 
 from stages.student.adapters import make_student
+from stages.student.runner import run_train
 from stages.student.settings import LoraSettings, TrainConfig
-from stages.train import run_train
 
 bnb = pytest.importorskip("bitsandbytes", reason="the optional extra `quant` (pip install -e '.[quant]')")
 

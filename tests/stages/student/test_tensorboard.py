@@ -12,10 +12,10 @@ from run_configs import make_config
 
 from pipeline.config import config_for_run
 from pipeline.plot_run import mismatches_with_log_csv, plot_and_check
-from stages.evaluate import run_eval
+from stages.common.tensorboard_log import read_scalars
+from stages.eval.evaluate import run_eval
+from stages.student.runner import run_train
 from stages.student.trainer import training_arguments
-from stages.tensorboard_log import read_scalars
-from stages.train import run_train
 
 CSV_FIGURES = ("epoch", "loss", "ce", "kl", "penalty", "learning_rate", "grad_norm", "tokens_per_s")
 

@@ -20,14 +20,14 @@ from tiny_models import build_tiny_llama
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from pipeline.config import Config, load_config
-from stages.settings import save_config
+from stages.common.stage_config import save_config
 from stages.student.adapters import adapter_state, base_state
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.methods import get_method
 from stages.student.reader import load_cache_dataset, open_cache
+from stages.student.runner import run_train
 from stages.student.settings import LoraSettings
 from stages.student.trainer import batch_loss, last_checkpoint
-from stages.train import run_train
 from storage_schemas import Manifest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -249,7 +249,7 @@ import sys, time
 from pathlib import Path
 from transformers import TrainerCallback
 from pipeline.config import load_config
-from stages.train import run_train
+from stages.student.runner import run_train
 
 class StallAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
@@ -309,7 +309,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, tiny_cache, tmp_p
 PLAIN_RUN = """
 import sys
 from pipeline.config import load_config
-from stages.train import run_train
+from stages.student.runner import run_train
 run_train(load_config(sys.argv[1]))
 """
 

@@ -5,9 +5,9 @@ from run_configs import make_config
 from transformers import TrainerCallback, TrainingArguments
 
 from pipeline.config import load_config
-from stages.settings import save_config
+from stages.common.stage_config import save_config
+from stages.student.runner import _check_same_config, run_train
 from stages.student.trainer import training_arguments
-from stages.train import _check_same_config, run_train
 
 
 class SeeArgs(TrainerCallback):

@@ -8,9 +8,9 @@ from transformers import TrainerCallback
 
 from stages.student.adapters import make_student
 from stages.student.methods import build_penalty, get_method
+from stages.student.runner import run_train
 from stages.student.settings import LoraSettings, TrainConfig
 from stages.student.weight_penalties import WeightPenalty, empirical_fisher, fisher_examples
-from stages.train import run_train
 
 
 class Capture(TrainerCallback):
