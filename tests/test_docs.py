@@ -87,9 +87,18 @@ def test_design_doc_cites_code():
     assert len(symbols) >= 20, f"docs/design.md cites only {len(symbols)} symbols; expected its sections to cite code"
 
 
+def current_text(doc: Path) -> str:
+    """The page's text that names things as they are now: docs/migration.md's table keeps the old
+    names in its first column on purpose, so that column is left out there (its new names are checked)."""
+    text = doc.read_text()
+    if doc.name != "migration.md":
+        return text
+    return "\n".join(line.split("|", 2)[2] if line.startswith("| ") else line for line in text.splitlines())
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=_DOC_IDS)
 def test_cited_symbols_exist(doc: Path):
-    problems = [p for s in cited_symbols(doc.read_text()) if (p := resolve(s))]
+    problems = [p for s in cited_symbols(current_text(doc)) if (p := resolve(s))]
     assert not problems, f"{doc.relative_to(REPO)} cites symbols that do not exist:\n  " + "\n  ".join(problems)
 
 
@@ -154,7 +163,7 @@ def _exists(path: str) -> bool:
 
 @pytest.mark.parametrize("doc", DOCS, ids=_DOC_IDS)
 def test_named_paths_exist(doc: Path):
-    paths = named_paths(doc.read_text())
+    paths = named_paths(current_text(doc))
     assert paths, f"{doc.relative_to(REPO)}: found no repository paths; is the extraction broken?"
     missing = [p for p in paths if not _exists(p)]
     assert not missing, f"{doc.relative_to(REPO)} names paths that do not exist: {missing}"

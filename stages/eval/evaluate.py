@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from stages.common.stage_config import StageConfig
 from stages.common.tensorboard_log import log_scalars, reports_to_tensorboard, tensorboard_dir
 from stages.data.inputs import DataConfig, load_rows, tokenize_rows
+from stages.eval.settings import EvalConfig
 from stages.student.lm_head import final_hidden_state, output_head
 
 __all__ = ["run_eval", "score_texts", "eval_scalars", "log_eval_scalars", "eval_data_config", "eval_chunk_rows", "EVAL_CHUNK_BYTES"]
@@ -43,14 +44,13 @@ _CHUNK_BUFFERS = 3              # alive at once at the peak: adapted log-probs, 
 _said: set[str] = set()
 
 
-def eval_data_config(path: str, config: StageConfig) -> DataConfig:
+def eval_data_config(path: str, data: DataConfig, settings: EvalConfig) -> DataConfig:
     """How an eval set is read: chat (assistant bodies scored) when its rows hold the chat field
-    (data.messages_field, else "messages"), otherwise text (every token scored) from data.text_field
-    The same tokenization and masks as stage one."""
-    cfg = config.eval
-    text = DataConfig(path=path, text_field=config.data.text_field, max_length=cfg.max_length,
-                      max_examples=cfg.max_examples)
-    chat_field = config.data.messages_field or "messages"
+    (data.messages_field, else "messages"), otherwise text (every token scored) from data.text_field.
+    The same tokenization and masks as stage one; `settings` gives the length and example caps."""
+    text = DataConfig(path=path, text_field=data.text_field, max_length=settings.max_length,
+                      max_examples=settings.max_examples)
+    chat_field = data.messages_field or "messages"
     columns = load_rows(text, check_field=False).column_names
     if chat_field in columns:
         return dataclasses.replace(text, messages_field=chat_field)
@@ -60,12 +60,12 @@ def eval_data_config(path: str, config: StageConfig) -> DataConfig:
     return text
 
 
-def _batches(path: str, tokenizer, config: StageConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(input_ids [B, T], attention_mask [B, T], scored [B, T-1] bool) batches of the eval set,
     right-padded; `scored` marks the positions stage one would train (all of a text row)."""
-    data = eval_data_config(path, config)
+    data = eval_data_config(path, data, settings)
     examples = tokenize_rows(load_rows(data), tokenizer, data)
-    out, size = [], config.eval.batch_size
+    out, size = [], settings.batch_size
     for start in range(0, len(examples), size):
         group = examples[start:start + size]
         ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(e.input_ids).long() for e in group],
@@ -173,11 +173,11 @@ def score_texts(model, batches, with_drift: bool = False, chunked: bool = True,
     return metrics
 
 
-def _load(config: StageConfig, adapter_dir: Path | None):
+def _load(model_dir: str, adapter_dir: Path | None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval() if adapter_dir else model
 
 
@@ -221,14 +221,14 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    sets = {name: _batches(path, tokenizer, config)
+    sets = {name: _batches(path, tokenizer, config.data, config.eval)
             for name, path in (("target", config.eval.target_path), ("source", config.eval.source_path))}
     if base_results is None:
-        base = _load(config, None)
+        base = _load(config.model, None)
         base_results = {name: score_texts(base, b, chunked=config.eval.chunked) for name, b in sets.items()}
     results = {"base": base_results}
     if run_dir:
-        adapted = _load(config, Path(run_dir) / "adapter")
+        adapted = _load(config.model, Path(run_dir) / "adapter")
         results["adapted"] = {"target": score_texts(adapted, sets["target"], chunked=config.eval.chunked),
                               "source": score_texts(adapted, sets["source"], with_drift=True, chunked=config.eval.chunked)}
         b, a = results["base"], results["adapted"]

@@ -81,16 +81,16 @@ def test_eval_sets_are_read_as_stage_one_reads_data(tool_chat_jsonl, tiny_jsonl,
     from stages.eval.evaluate import eval_data_config
 
     config = load_config(None, [f"model={tiny_model_dir}"])
-    assert eval_data_config(str(tool_chat_jsonl), config).messages_field == "messages"
-    assert eval_data_config(str(tiny_jsonl), config).messages_field == ""
+    assert eval_data_config(str(tool_chat_jsonl), config.data, config.eval).messages_field == "messages"
+    assert eval_data_config(str(tiny_jsonl), config.data, config.eval).messages_field == ""
     renamed = tmp_path / "body.jsonl"
     renamed.write_text("".join(json.dumps({"body": json.loads(line)["text"]}) + "\n" for line in tiny_jsonl.read_text().splitlines()))
     with pytest.raises(ValueError, match="'eval.text_field' was removed: use data.text_field"):
         load_config(None, [f"model={tiny_model_dir}", "eval.text_field=body"])
     body = load_config(None, [f"model={tiny_model_dir}", "data.text_field=body"])
-    assert eval_data_config(str(renamed), body).text_field == "body"
+    assert eval_data_config(str(renamed), body.data, body.eval).text_field == "body"
     with pytest.raises(ValueError, match=r"neither a chat column 'messages' nor a text column 'text'"):
-        eval_data_config(str(renamed), config)
+        eval_data_config(str(renamed), config.data, config.eval)
 
 
 def test_an_old_run_dir_passes_eval_run(run_dir, capsys):
