@@ -156,7 +156,11 @@ def test_trace_stage_one_walks_the_command_table_into_the_stages(grid, tmp_path)
     out = run("trace-stage-one", "--config", "", *overrides, "--json", str(tmp_path / "trace.json"))
     summary = json.loads((tmp_path / "trace.json").read_text())
     assert summary["files"][0] == "pipeline/commands.py" and "stages/teacher/runner.py" in summary["files"]
-    assert f"{summary['num_files']} project files" in out and "pipeline/bench/file_trace.py" not in summary["files"]
+    assert f"{len(summary['files'])} project files" in out and "pipeline/bench/file_trace.py" not in summary["files"]
+    assert "stages/teacher/scale_out/workers.py" in summary["files"]  # one process is worker 0 of 1
+    # stage one's modules are layered: none calls back into a module that called it (docs/design.md §10)
+    assert summary["pairs_calling_each_other_outside_storage_schemas"] == []
+    assert summary["call_stack_cycles_outside_storage_schemas"] == {}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
