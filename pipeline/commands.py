@@ -223,20 +223,20 @@ _TABLE = (
             (arg("--out", default="build/default", help="output directory (default: build/default)"),
              arg("--force", action="store_true", help="rebuild even if the recipe is unchanged"))),
     Command("cache-teacher", "stage one: teacher pass over the data into zstd Parquet shards + manifest",
-            "Caches the teacher's top-k non-target log-probs per position (README: Stage one; Running at scale).\n\n"
+            "Caches the teacher's top-k non-target log-probs per position (docs/design.md §3; docs/scale-out.md).\n\n"
             "    python -m pipeline cache-teacher --config configs/demo.yaml cache.k=64\n"
             "    python -m pipeline cache-teacher --config my.yaml --num-workers 8 --worker-rank 0",
             cmd_cache_teacher,
             (*CONFIG_ARGS,
              arg("--overwrite", action="store_true", help="delete a cache of another model/data/settings in cache.dir"),
-             arg("--num-workers", type=int, default=None, group="scale-out (README: Running at scale)",
+             arg("--num-workers", type=int, default=None, group="scale-out (docs/scale-out.md)",
                  help="data-parallel workers; shard i goes to worker i mod N "
                       "(default: SLURM_ARRAY_TASK_COUNT or WORLD_SIZE, else 1)"),
-             arg("--worker-rank", type=int, default=None, group="scale-out (README: Running at scale)",
+             arg("--worker-rank", type=int, default=None, group="scale-out (docs/scale-out.md)",
                  help="this worker's rank (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN or RANK)"),
-             arg("--launcher", choices=("none", "ray"), default="none", group="scale-out (README: Running at scale)",
+             arg("--launcher", choices=("none", "ray"), default="none", group="scale-out (docs/scale-out.md)",
                  help="none: this process is one worker; ray: run all N workers as Ray tasks, then merge"),
-             arg("--ray-address", default=None, group="scale-out (README: Running at scale)",
+             arg("--ray-address", default=None, group="scale-out (docs/scale-out.md)",
                  help="existing Ray cluster (default: start a local one)"))),
     Command("merge-manifest", "join the manifest parts of N stage-one workers (automatic when the last finishes)",
             "Joins the workers' manifest parts into manifest.json; refuses gaps and overlaps.\n\n"

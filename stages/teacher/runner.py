@@ -57,13 +57,43 @@ class StageOneSummary:
         """Teacher pass incl. top-k and shard writing, engine start excluded (summed over workers)."""
         return sum(w.tokens_per_second for w in self.workers)
 
-    def __getattr__(self, name: str):
-        """The manifest's figures (examples, tokens, positions, truncated, shards, bytes, bytes_per_token,
-        skipped, leading_bos_dropped) once there is a manifest."""
-        figures = _manifest_figures(self.__dict__.get("manifest"))
-        if name in figures:
-            return figures[name]
-        raise AttributeError(name)
+    # The cache's figures, from its manifest (a summary without one has none of these).
+    @property
+    def examples(self) -> int:
+        return self.manifest.num_rows
+
+    @property
+    def tokens(self) -> int:
+        return self.manifest.num_tokens
+
+    @property
+    def positions(self) -> int:
+        return sum(r.positions for r in self.manifest.shards)
+
+    @property
+    def truncated(self) -> int:
+        return sum(r.truncated for r in self.manifest.shards)
+
+    @property
+    def shards(self) -> int:
+        return len(self.manifest.shards)
+
+    @property
+    def bytes(self) -> int:
+        return self.manifest.num_bytes
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.manifest.num_bytes / max(self.manifest.num_tokens, 1)
+
+    @property
+    def skipped(self) -> int:
+        """Examples refused and left out (data.on_bad_example=skip; their ids are in the manifest)."""
+        return len(self.manifest.dataset.skipped_examples)
+
+    @property
+    def leading_bos_dropped(self) -> int:
+        return self.manifest.dataset.leading_bos_dropped
 
     def render(self) -> str:
         lines = [f"cache: {self.cache_dir}"]
@@ -78,15 +108,6 @@ class StageOneSummary:
                                       "(or run `python -m pipeline merge-manifest CACHE`)"])
         lines += _manifest_lines(self, scaled)
         return "\n".join(lines)
-
-
-def _manifest_figures(manifest: Manifest | None) -> dict:
-    if manifest is None:
-        return {}
-    return dict(examples=manifest.num_rows, tokens=manifest.num_tokens, positions=sum(r.positions for r in manifest.shards),
-                truncated=sum(r.truncated for r in manifest.shards), shards=len(manifest.shards), bytes=manifest.num_bytes,
-                bytes_per_token=manifest.num_bytes / max(manifest.num_tokens, 1),
-                skipped=len(manifest.dataset.skipped_examples), leading_bos_dropped=manifest.dataset.leading_bos_dropped)
 
 
 def _worker_line(w: WorkerResult) -> str:

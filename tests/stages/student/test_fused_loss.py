@@ -6,9 +6,9 @@ from stages.student.adapters import make_student
 from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
 from stages.student.lm_head import output_head
 from stages.student.loss import CachedTeacher, cached_kl, regularized_loss
+from stages.student.loss_mixin import batch_loss
 from stages.student.methods import get_method, methods
 from stages.student.settings import LoraSettings
-from stages.student.trainer import batch_loss
 
 N, H, V, K = 37, 24, 50, 6
 ESTIMATORS = ["tail", "topk", "full_kl", None]  # None: CE only

@@ -23,11 +23,12 @@ from pipeline.config import Config, load_config
 from stages.common.stage_config import save_config
 from stages.student.adapters import adapter_state, base_state
 from stages.student.collator import CacheCollator, pad_token_id
+from stages.student.loss_mixin import batch_loss
 from stages.student.methods import get_method
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.runner import run_train
 from stages.student.settings import LoraSettings
-from stages.student.trainer import batch_loss, last_checkpoint
+from stages.student.trainer import last_checkpoint
 from storage_schemas import Manifest
 
 REPO = Path(__file__).resolve().parents[3]
