@@ -134,7 +134,7 @@ def _manifest_lines(s: StageOneSummary, scaled: bool) -> list[str]:
 
 def teacher_job(config: StageConfig) -> TeacherJob:
     """The settings stage one's pieces read, taken from the composed config."""
-    return TeacherJob(config.model, config.data, config.cache, config.hub_sources)
+    return TeacherJob(config.model, config.data, config.cache, config_yaml(config), config.hub_sources)
 
 
 def clear_cache(cache: CacheConfig) -> None:
@@ -157,13 +157,13 @@ def run_cache_teacher(config: StageConfig, overwrite: bool = False, engine=None,
         raise ValueError(f"--launcher {launcher!r}: not in {LAUNCHERS}")
     if engine is not None and engine.k != config.cache.k:
         raise ValueError(f"the engine passed to run_cache_teacher has k={engine.k}, cache.k={config.cache.k}")
-    job, text = teacher_job(config), config_yaml(config)
+    job = teacher_job(config)
     if launcher == "ray":
         if worker_rank is not None:
             raise ValueError("--worker-rank: the Ray launcher runs every worker itself; drop it")
         if overwrite:
             clear_cache(config.cache)
-        workers, manifest = run_with_ray(job, text, num_workers, ray_address)
+        workers, manifest = run_with_ray(job, num_workers, ray_address)
     else:
         worker = resolve_worker(num_workers, worker_rank)  # one process: worker 0 of 1
         if overwrite and worker.size > 1:
@@ -171,6 +171,6 @@ def run_cache_teacher(config: StageConfig, overwrite: bool = False, engine=None,
                              "empty cache.dir once before starting them (or use --launcher ray --overwrite)")
         if overwrite:
             clear_cache(config.cache)
-        result = run_worker(job, worker, text, engine=engine)
+        result = run_worker(job, worker, engine=engine)
         workers, manifest = [result], result.merged
     return StageOneSummary(config.cache.dir, workers, manifest, time.perf_counter() - start, launcher)

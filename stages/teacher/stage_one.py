@@ -3,7 +3,7 @@ and write shards. Each takes the settings it reads (a `TeacherJob`: the model, t
 sections), never the composed config. A stage-one worker (stages/teacher/scale_out/workers.py; one process is
 worker 0 of 1, run by stages/teacher/runner.py) is made of these.
 
-    job = TeacherJob(model, data, cache)
+    job = TeacherJob(model, data, cache, config_text)       # stages.teacher.runner.teacher_job(config)
     examples, report = load_examples(job)                 # every input check, before any engine
     manifest = plan_manifest(job, len(examples), report)  # fingerprints and settings
     engine = open_teacher_engine(job)
@@ -38,11 +38,13 @@ __all__ = ["TeacherJob", "check_k", "check_token_ids", "load_examples", "engine_
 @dataclass(frozen=True)
 class TeacherJob:
     """What stage one reads: the teacher (a local model directory), the `data:` and `cache:` sections,
-    and the Hub ids the paths were resolved from (recorded in the manifest, not identity)."""
+    the resolved config as YAML text (saved as config.yaml beside the shards) and the Hub ids the
+    paths were resolved from (recorded in the manifest, not identity)."""
 
     model: str
     data: DataConfig
     cache: CacheConfig
+    config_text: str
     hub_sources: dict = field(default_factory=dict)
 
     def with_cache_dir(self, directory: str) -> "TeacherJob":

@@ -39,9 +39,9 @@ def _absolute(job: TeacherJob) -> TeacherJob:
     return dataclasses.replace(job, model=model, data=data, cache=cache)
 
 
-def _ray_worker(job: TeacherJob, config_text: str, rank: int, size: int) -> WorkerResult:
+def _ray_worker(job: TeacherJob, rank: int, size: int) -> WorkerResult:
     """One worker, inside a Ray task; the driver merges once all have returned."""
-    return run_worker(job, WorkerSpec(rank, size, "ray"), config_text, merge=False)
+    return run_worker(job, WorkerSpec(rank, size, "ray"), merge=False)
 
 
 def _connect(address: str | None):
@@ -59,7 +59,7 @@ def _connect(address: str | None):
     return ray
 
 
-def run_with_ray(job: TeacherJob, config_text: str, num_workers: int | None, address: str | None = None,
+def run_with_ray(job: TeacherJob, num_workers: int | None, address: str | None = None,
                  max_retries: int = 3) -> tuple[list[WorkerResult], Manifest]:
     """Run `num_workers` workers as Ray tasks (default: one per GPU in the cluster), then merge: each
     rank's result (of the attempt that finished) and the merged manifest."""
@@ -73,7 +73,7 @@ def run_with_ray(job: TeacherJob, config_text: str, num_workers: int | None, add
         task = ray.remote(_ray_worker).options(num_cpus=1, num_gpus=per_worker_gpus, max_retries=max_retries,
                                                retry_exceptions=True)
         job = _absolute(job)
-        workers = ray.get([task.remote(job, config_text, rank, num_workers) for rank in range(num_workers)])
+        workers = ray.get([task.remote(job, rank, num_workers) for rank in range(num_workers)])
     finally:
         ray.shutdown()
     return workers, merge_parts(job.cache.dir)

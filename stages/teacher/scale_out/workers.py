@@ -142,13 +142,12 @@ class WorkerResult:
     source: str = "flags"       # where rank and size came from: flags | slurm | torchrun | ray | single
 
 
-def run_worker(job: TeacherJob, worker: WorkerSpec, config_text: str = "", merge: bool = True,
-               engine=None) -> WorkerResult:
+def run_worker(job: TeacherJob, worker: WorkerSpec, merge: bool = True, engine=None) -> WorkerResult:
     """Score and write this worker's shards (resuming its part), then merge if every part is complete.
 
     One worker (a single-process run) is the same path with N = 1: its part is manifest.json, and
-    finishing it completes the cache. `config_text`: the resolved config, saved by worker 0 as
-    config.yaml once the cache is known to be this job's. `engine`: an already open engine to use
+    finishing it completes the cache. Worker 0 saves `job.config_text` as config.yaml once the
+    cache is known to be this job's. `engine`: an already open engine to use
     (the caller closes it) instead of opening one from `job.cache`."""
     _pin_device(worker, job)
     examples, report = load_examples(job)  # every worker sees all: shard bounds and fingerprints need them
@@ -160,8 +159,8 @@ def run_worker(job: TeacherJob, worker: WorkerSpec, config_text: str = "", merge
     part = _open_part(store, planned, worker)
     local.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(local, worker, mine)
-    if worker.rank == 0 and config_text:
-        _save_config(config_text, store, local)
+    if worker.rank == 0:
+        _save_config(job.config_text, store, local)
     todo = [i for i in mine if part.shard(i) is None]
     if todo and not part.shards:
         # Saved before the first shard: a kill between that shard's rename and the first manifest save
