@@ -156,7 +156,7 @@ def named_paths(text: str) -> list[str]:
 def _exists(path: str) -> bool:
     if "/" in path or (REPO / path).exists():
         return (REPO / path).exists()
-    # A bare module file named after its folder (README "Layout": `stages/` ... `cache_teacher.py`):
+    # A bare module file named after its folder (README "Layout": `stages/` ... `runner.py`):
     # it must exist somewhere in the project's packages.
     return path.endswith(".py") and any(next((REPO / d).rglob(path), None) for d in LAYERS)
 
