@@ -35,6 +35,10 @@ def arg(*flags: str, **kwargs: Any) -> Arg:
 CONFIG_ARGS = (arg("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})"),
                arg("overrides", nargs="*", metavar="section.key=value",
                    help="override config values, e.g. cache.k=64 train.reg_weight=0.5"))
+STUDY_CONFIG = "configs/sweep_demo.yaml"  # the studies' grid; the demo config has no sweep of its own
+STUDY_CONFIG_ARGS = (arg("--config", default=STUDY_CONFIG, help=f"YAML config (default: {STUDY_CONFIG})"),
+                     arg("overrides", nargs="*", metavar="section.key=value",
+                         help="override config values, e.g. 'sweep.seeds=[0]' sweep.output_dir=runs/mine"))
 
 
 @dataclass(frozen=True)
@@ -275,12 +279,12 @@ _TABLE = (
     # --- instruments: pipeline/studies/, pipeline/bench/ ---
     Command("sweep", "method x lambda x seed over one cache: results table and frontier plot",
             "Trains and evaluates one run per grid point over one cache; writes results.json/.md, frontier.png.\n\n"
-            "    python -m pipeline sweep --config configs/sweep_demo.yaml sweep.seeds=[0]",
-            cmd_sweep, CONFIG_ARGS, keys="sweep", instrument=True),
+            "    python -m pipeline sweep --config configs/sweep_demo.yaml 'sweep.seeds=[0]'",
+            cmd_sweep, STUDY_CONFIG_ARGS, keys="sweep", instrument=True),
     Command("approx-study", "cached estimators' D_k vs the exact masked KL for k up to |V|-1; tail vs live",
             "Scores fixed students (sweep runs) on held-out data: each cached estimator's D_k vs the exact D.\n\n"
             "    python -m pipeline approx-study --config configs/sweep_demo.yaml approx.examples=50",
-            cmd_approx_study, CONFIG_ARGS, keys="approx", instrument=True),
+            cmd_approx_study, STUDY_CONFIG_ARGS, keys="approx", instrument=True),
     Command("encoding-study", "bytes/token vs D_k error of every cache encoding (BENCHMARKS.md \"Cache encodings\")",
             "Writes every candidate encoding as a real shard: bytes/token and the error it adds to D_k "
             "(pipeline/studies/encoding/).\n\n"
