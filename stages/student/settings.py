@@ -62,7 +62,8 @@ class TrainConfig:
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
     logging_steps: int = field(default=5, metadata={"help": "one log.csv row (and report_to point) every N optimizer steps"})
     bf16: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA) | true | false"})
-    streaming: bool = field(default=False, metadata={"help": "stream shards instead of memory-mapping them (huge caches; a remote cache is still copied to local disk first)"})
+    streaming: bool = field(default=False, metadata={"help": (
+        "stream shards instead of memory-mapping them (huge caches; a remote cache is still copied to local disk first)")})
     fused_loss: str | bool = field(default="auto", metadata={"help": (
         "auto: chunked lm_head + loss from the last hidden state (no [B, T, V] logits; same loss and gradients) "
         "wherever it applies, else unfused, the reason in the run summary and metrics.json (live; a softcapped or "
