@@ -34,7 +34,7 @@ def arg(*flags: str, **kwargs: Any) -> Arg:
 
 CONFIG_ARGS = (arg("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})"),
                arg("overrides", nargs="*", metavar="section.key=value",
-                   help="override config values, e.g. cache.k=64 train.reg_weight=0.5"))
+                   help="override config values (every key: docs/configuration.md), e.g. train.reg_weight=0.5"))
 STUDY_CONFIG = "configs/sweep_demo.yaml"  # the studies' grid; the demo config has no sweep of its own
 STUDY_CONFIG_ARGS = (arg("--config", default=STUDY_CONFIG, help=f"YAML config (default: {STUDY_CONFIG})"),
                      arg("overrides", nargs="*", metavar="section.key=value",
@@ -178,7 +178,7 @@ def cmd_rank_rows(args) -> int:
 
 
 def cmd_encoding_study(args) -> int:
-    from pipeline.studies.encoding import run_and_print
+    from pipeline.studies.encoding.run import run_and_print
     from pipeline.studies.encoding.settings import StudyConfig
 
     values = vars(args)

@@ -1,7 +1,7 @@
 """The encoding study's settings (`python -m pipeline encoding-study --help` lists them) and constants."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stages.teacher.settings import CacheConfig
 
@@ -14,19 +14,20 @@ DEFAULT_LEVEL = CacheConfig().zstd_level     # the DEFAULT row, k curve and colu
 
 @dataclass
 class StudyConfig:
-    out: str = "runs/encoding-study"               # study.json, study.md, models and caches
-    model: str = "build/default/base-model"        # the trained demo base model
-    data: str = "build/default/data/target_train.jsonl"
-    examples: int = 300                            # demo sequences scored (max 256 tokens each)
-    random_sequences: int = 32                     # random32k sequences of `random_length` tokens
-    random_length: int = 128
-    k: int = 32                                    # k of the candidate table
-    lora_std: float = 0.04                         # std of the student's perturbed LoRA B (demo)
-    random_lora_std: float = 0.4                   # same for random32k (its weights are small: init 0.02)
-    train_cache: str = "runs/demo/cache"           # a k=32 float32 cache for the training comparison
-    train_steps: int = 50                          # 0 skips the training comparison
-    speed_only: bool = False                       # only time encode+write / read+decode (demo rows)
-    seed: int = 0
+    out: str = field(default="runs/encoding-study", metadata={"help": "where study.json, study.md, models and caches go"})
+    model: str = field(default="build/default/base-model", metadata={"help": "the teacher: the trained demo base model"})
+    data: str = field(default="build/default/data/target_train.jsonl", metadata={"help": "the demo sequences scored"})
+    examples: int = field(default=300, metadata={"help": "demo sequences scored (at most 256 tokens each)"})
+    random_sequences: int = field(default=32, metadata={"help": "sequences scored by the random 32k-vocabulary model"})
+    random_length: int = field(default=128, metadata={"help": "tokens per random-model sequence"})
+    k: int = field(default=32, metadata={"help": "cached tokens per position in the candidate table"})
+    lora_std: float = field(default=0.04, metadata={"help": (
+        "std of the random LoRA B that perturbs the demo student, so D_k is not zero")})
+    random_lora_std: float = field(default=0.4, metadata={"help": "the same for the random model (its weights are small: init 0.02)"})
+    train_cache: str = field(default="runs/demo/cache", metadata={"help": "a k=32 float32 cache for the training comparison"})
+    train_steps: int = field(default=50, metadata={"help": "steps of the training comparison per encoding; 0 skips it"})
+    speed_only: bool = field(default=False, metadata={"help": "only time encode+write and read+decode (demo rows)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random model, data and LoRA perturbation"})
 
     def __post_init__(self) -> None:
         for name in ("examples", "random_sequences", "random_length", "k"):
