@@ -52,13 +52,18 @@ class Command:
     instrument: bool = False                       # a benchmark or study: listed apart from the product
 
 
+def _function(target: str) -> Callable:
+    """The function a `module:function` string names, imported when a command runs (not to build --help)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def call(target: str) -> Callable[[argparse.Namespace], int]:
     """A handler calling `module:function` with the parsed values as keyword arguments; an int result is the
     exit status, anything else means 0."""
     def handler(args: argparse.Namespace) -> int:
-        module, name = target.split(":")
         values = {key: value for key, value in vars(args).items() if key != "command_line"}
-        result = getattr(importlib.import_module(module), name)(**values)
+        result = _function(target)(**values)
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
     return handler
 
@@ -67,6 +72,15 @@ def _config(args):
     from pipeline.config import load_config
 
     return load_config(args.config, args.overrides)
+
+
+def on_config(target: str) -> Callable[[argparse.Namespace], int]:
+    """A handler calling `module:function` on the config from --config and the overrides (loaded first,
+    so a bad key fails before the heavy imports)."""
+    def handler(args: argparse.Namespace) -> int:
+        _function(target)(_config(args))
+        return 0
+    return handler
 
 
 # --- handlers of the product commands ---------------------------------------------------------------
@@ -153,30 +167,6 @@ def cmd_demo(args) -> int:
 
 
 # --- handlers of the instruments ----------------------------------------------------------------------
-def cmd_sweep(args) -> int:
-    config = _config(args)
-    from pipeline.studies.sweep import run_sweep
-
-    run_sweep(config)
-    return 0
-
-
-def cmd_approx_study(args) -> int:
-    config = _config(args)
-    from pipeline.studies.approx_study import run_approx_study
-
-    run_approx_study(config)
-    return 0
-
-
-def cmd_rank_rows(args) -> int:
-    config = _config(args)
-    from pipeline.bench.rank_rows import write_rank_rows
-
-    write_rank_rows(config)
-    return 0
-
-
 def cmd_encoding_study(args) -> int:
     from pipeline.studies.encoding.run import run_and_print
     from pipeline.studies.encoding.settings import StudyConfig
@@ -280,11 +270,12 @@ _TABLE = (
     Command("sweep", "method x lambda x seed over one cache: results table and frontier plot",
             "Trains and evaluates one run per grid point over one cache; writes results.json/.md, frontier.png.\n\n"
             "    python -m pipeline sweep --config configs/sweep_demo.yaml 'sweep.seeds=[0]'",
-            cmd_sweep, STUDY_CONFIG_ARGS, keys="sweep", instrument=True),
+            on_config("pipeline.studies.sweep:run_sweep"), STUDY_CONFIG_ARGS, keys="sweep", instrument=True),
     Command("approx-study", "cached estimators' D_k vs the exact masked KL for k up to |V|-1; tail vs live",
             "Scores fixed students (sweep runs) on held-out data: each cached estimator's D_k vs the exact D.\n\n"
             "    python -m pipeline approx-study --config configs/sweep_demo.yaml approx.examples=50",
-            cmd_approx_study, STUDY_CONFIG_ARGS, keys="approx", instrument=True),
+            on_config("pipeline.studies.approx_study:run_approx_study"), STUDY_CONFIG_ARGS, keys="approx",
+            instrument=True),
     Command("encoding-study", "bytes/token vs D_k error of every cache encoding (BENCHMARKS.md \"Cache encodings\")",
             "Writes every candidate encoding as a real shard: bytes/token and the error it adds to D_k "
             "(pipeline/studies/encoding/).\n\n"
@@ -358,7 +349,7 @@ _TABLE = (
             "train.output_dir/rank_rows/rank-R.json (pipeline/bench/rank_rows.py).\n\n"
             "    torchrun --nproc_per_node 2 -m pipeline rank-rows --config configs/demo.yaml\n"
             "    python -m pipeline rank-rows --config configs/demo.yaml     # one process: rank 0 of 1",
-            cmd_rank_rows, CONFIG_ARGS, instrument=True),
+            on_config("pipeline.bench.rank_rows:write_rank_rows"), CONFIG_ARGS, instrument=True),
     Command("gpu-bench", "on CUDA: stage one (Triton kernel) and stage two (fused) vs plain passes",
             "Random bf16 models of two real shapes; every figure a ratio to a baseline timed in the same process "
             "(pipeline/bench/gpu.py). Writes gpu_bench.json and gpu_bench.md under --out.\n\n"

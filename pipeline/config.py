@@ -147,10 +147,10 @@ def _with_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> Config
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected section.key=value")
         key, text_value = item.split("=", 1)
-        one = {}
-        _set_dotted(one, key.strip(), yaml.safe_load(text_value))
-        check_current_keys(one, f"override {item!r}")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text_value))
+        value, alone = yaml.safe_load(text_value), {}
+        _set_dotted(alone, key.strip(), value)  # the override as a one-key tree, to check its names
+        check_current_keys(alone, f"override {item!r}")
+        _set_dotted(raw, key.strip(), value)
     config = _build(Config, raw, "")
     resolve_hub_ids(config)  # once, here: every stage receives local paths (stages/data/hub.py)
     return config

@@ -31,22 +31,24 @@ REMOVED_KEYS = {
 }
 
 
-def _pop(tree: dict, dotted: str) -> tuple[bool, Any]:
+def _section(tree: dict, dotted: str) -> tuple[dict | None, str]:
+    """The mapping that holds `dotted`'s last part (None if a section on the way is missing), and that part."""
     *parents, leaf = dotted.split(".")
     for part in parents:
         tree = tree.get(part)
         if not isinstance(tree, dict):
-            return False, None
-    return (True, tree.pop(leaf)) if leaf in tree else (False, None)
+            return None, leaf
+    return tree, leaf
+
+
+def _pop(tree: dict, dotted: str) -> tuple[bool, Any]:
+    section, leaf = _section(tree, dotted)
+    return (True, section.pop(leaf)) if section is not None and leaf in section else (False, None)
 
 
 def _has(tree: dict, dotted: str) -> bool:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.get(part)
-        if not isinstance(tree, dict):
-            return False
-    return leaf in tree
+    section, leaf = _section(tree, dotted)
+    return section is not None and leaf in section
 
 
 def translate_saved_keys(tree: dict, where: str) -> dict:
