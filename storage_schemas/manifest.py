@@ -49,15 +49,17 @@ class TokenizerFingerprint:
 class DatasetFingerprint:
     source: str                # path or name the dataset was loaded from
     split: str
-    field: str                 # text field, or messages field for chat data
-    format: str                # "text" or "chat"
+    field: str                 # the column(s) read: text field, messages field, or "prompt,completion" fields
+    format: str                # "text", "chat" or "prompt-completion"
     source_sha256: str         # over the input file bytes (or the saved dataset's files)
     num_examples: int
-    input_rules: int = 1       # stages.data.inputs.INPUT_RULES_VERSION: tokenization + trained-token mask rules
+    input_rules: int = 1       # stages.data.inputs.INPUT_RULES[format]: tokenization + trained-token mask rules
                                # (manifests written before it was recorded read as 1)
     tools_field: str = ""      # chat: the column of tool definitions passed to the template ("" for text)
     skipped_examples: list[int] = field(default_factory=list)  # ids refused and skipped (data.on_bad_example: skip): gaps
     leading_bos_dropped: int = 0  # text rows that began with the BOS string, whose duplicated BOS was dropped
+    assistant_eos: str = "none"   # chat: "append" = the tokenizer's EOS inserted after each unclosed assistant turn
+    unclosed_assistant_turns: int = 0  # chat: assistant turns the template closes with no stop token or closing text
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,9 @@ def tool_conversations(count: int) -> list[list[dict]]:
 
 def tool_chat_bodies(chat: list[dict]) -> list[str]:
     """The trained text of each assistant turn of `chat`, written from the rule, not from the code:
-    its content, its tool calls as TOOL_CHAT_TEMPLATE renders them, and the closing <|im_end|>."""
+    its content, its tool calls as TOOL_CHAT_TEMPLATE renders them, and the closing <|im_end|>; a turn
+    with no content starts at its first tool call's `<tool_call>` (the newline the template writes
+    before it is whitespace between header and body: not trained)."""
     import json
 
     bodies = []
@@ -101,5 +103,5 @@ def tool_chat_bodies(chat: list[dict]) -> list[str]:
         if m["role"] == "assistant":
             calls = "".join(f"\n<tool_call>\n{c['function']['name']} {json.dumps(c['function']['arguments'])}\n</tool_call>"
                             for c in m.get("tool_calls") or [])
-            bodies.append((m["content"] or "") + calls + "<|im_end|>")
+            bodies.append((m["content"] + calls if m["content"] else calls.removeprefix("\n")) + "<|im_end|>")
     return bodies

@@ -19,6 +19,7 @@ Writes approx_study.json and approx_study.md into `approx.output_dir`, and print
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -30,7 +31,6 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config
 from pipeline.studies.sweep import plan_runs, record_weight, run_config
-from stages.data.inputs import DataConfig
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CachedTeacher, live_masked_kl
 from stages.student.methods import Method, get_method, methods
@@ -51,8 +51,8 @@ BOUND_TOL = 1e-5  # float32 slack of the lower-bound check, relative to (1 + D)
 def full_cache_config(config: Config) -> Config:
     """Stage one over the held-out target data with every non-target token kept (k = |V|-1)."""
     study = copy.deepcopy(config)
-    study.data = DataConfig(path=config.eval.target_path, text_field=config.data.text_field,
-                            max_length=config.eval.max_length, max_examples=config.approx.examples)
+    study.data = dataclasses.replace(config.data, path=config.eval.target_path, format="auto", on_bad_example="refuse",
+                                     max_length=config.eval.max_length, max_examples=config.approx.examples)
     study.cache = CacheConfig(dir=str(Path(config.approx.output_dir) / "cache-full"), engine="hf",
                               k=model_vocab_size(config.model) - 1, encoding="topk_f32", dtype="float32",
                               rows_per_shard=64, batch_tokens=8192)

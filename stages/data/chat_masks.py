@@ -13,18 +13,24 @@ positions):
    character pair): the text between markers is the template's own structure. R must equal that
    structure with each marker replaced by the message's content as templates render it (verbatim,
    stripped, JSON-escaped, or with a reasoning block split off); the one match gives every
-   content's span in R.
-2. The body of assistant turn i starts where R stops agreeing with the generation prompt: the text
-   the template emits after the previous message's content when asked for a generation prompt
-   (`add_generation_prompt=True` on the marked messages before i; only this structural tail is
-   taken from it). A generation prompt that ends in `<think>\n` while the rendered turn does not
-   simply agrees for a shorter stretch.
+   content's span in R. Every message with content must be rendered.
+2. The header of assistant turn i is the generation prompt's tail (the text the template emits
+   after the previous message's content when asked for a generation prompt), matched against R
+   modulo whitespace: templates indented without whitespace control write `\n        ### Response:`
+   in the loop and `\n    ### Response:` in the prompt. A template with no generation-prompt block
+   has the loop's own header instead: all it writes between the previous content and this one.
+   The body starts at the first non-whitespace character after the header (or at the content's
+   first character, whitespace included); a token holding header and body characters is refused.
 3. The body ends at the first stop-set token after the turn's content (or after the body start for
-   a turn with only tool calls), before the next message's content.
+   a turn with only tool calls), before the next message's content. A template that renders no
+   stop token closes the turn with its closing text (non-whitespace text written after every
+   assistant content, `StopSet.closing_text`), or, with none, the body ends with the content
+   ("unclosed": counted; `append_eos` inserts the tokenizer's EOS there instead).
 4. Every mask is checked: each assistant turn has a trained token, bodies are in order and do not
    overlap, no other message's content lies inside a body, no stop token inside an assistant's own
-   content; a template with `{% generation %}` blocks must mark runs that each overlap exactly one
-   derived body, every body overlapped by one (where a run starts or ends is the template's choice).
+   content, no template text that matches the turn's header inside a body; a template with
+   `{% generation %}` blocks must mark runs that each overlap exactly one derived body, every body
+   overlapped by one (where a run starts or ends is the template's choice).
 Anything that does not fit raises `ChatMaskError` with the reason; callers add file and example.
 """
 from __future__ import annotations
@@ -36,7 +42,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["ChatMaskError", "StopSet", "normalize_messages", "assistant_body_mask", "stop_token_ids"]
+__all__ = ["ChatMask", "ChatMaskError", "ROLES", "StopSet", "normalize_messages", "mask_conversation", "assistant_body_mask",
+           "stop_token_ids"]
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # Unicode private use: never in real text (checked)
 _MARKER_RE = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
@@ -66,10 +73,36 @@ def _text_of_parts(parts: list, j: int) -> str:
     return "\n".join(p["text"] for p in parts)
 
 
+ROLES = ("system", "user", "assistant", "tool")
+# roles other datasets and formats use, and the role each means here (the hint of the refusal)
+_ROLE_HINTS = {"bot": "assistant", "gpt": "assistant", "model": "assistant", "chatbot": "assistant", "ai": "assistant",
+               "human": "user", "prompter": "user", "function": "tool", "ipython": "tool", "observation": "tool",
+               "developer": "system"}
+
+
+def _role_hint(role: str) -> str:
+    """'; use X' for a role that means one of ROLES, else the list of roles."""
+    meant = _ROLE_HINTS.get(role.lower()) or (role.lower() if role.lower() in ROLES else None)
+    meant = meant or next(iter(difflib.get_close_matches(role.lower(), ROLES, n=1, cutoff=0.75)), None)
+    return f"rename it {meant!r}" if meant else "rename it to the role it plays"
+
+
+def _parse_json_messages(messages):
+    """A messages column stored as a JSON string (CSV exports, some Parquet files): parsed, as tools are."""
+    if not isinstance(messages, str):
+        return messages
+    try:
+        return json.loads(messages)
+    except json.JSONDecodeError as err:
+        raise ChatMaskError(f"a string that is not a JSON list of messages ({err}): {messages[:80]!r}") from None
+
+
 def normalize_messages(messages) -> list[dict]:
-    """Messages as templates expect them: None-valued keys dropped at every depth (`datasets` fills
-    every key missing from a row with None), `content` a string ("" when absent, e.g. on a turn that
-    only calls tools; text parts joined with newlines). Raises ChatMaskError for anything that is not a conversation to train on."""
+    """Messages as templates expect them: a JSON string parsed; None-valued keys dropped at every
+    depth (`datasets` fills every key missing from a row with None); `content` a string ("" when
+    absent, e.g. on a turn that only calls tools; text parts joined with newlines); roles one of
+    ROLES. Raises ChatMaskError for anything that is not a conversation to train on."""
+    messages = _parse_json_messages(messages)
     if not isinstance(messages, list) or not messages:
         raise ChatMaskError("expected a non-empty list of {role, content} messages")
     out = []
@@ -79,8 +112,9 @@ def normalize_messages(messages) -> list[dict]:
                                 "{role: system|user|assistant|tool, content: ...}")
         if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
             raise ChatMaskError(f"message {j}: expected a mapping with a string 'role', got {str(raw)[:80]!r}")
-        if raw["role"] != "assistant" and difflib.get_close_matches(raw["role"].lower(), ["assistant"], cutoff=0.75):
-            raise ChatMaskError(f"message {j}: role {raw['role']!r} is not 'assistant' (only role 'assistant' is trained)")
+        if raw["role"] not in ROLES:
+            raise ChatMaskError(f"message {j}: role {raw['role']!r} is not one of {', '.join(ROLES)} (only 'assistant' "
+                                f"is trained); {_role_hint(raw['role'])}")
         if raw.get("weight") not in (None, 0, 1):
             raise ChatMaskError(f"message {j}: weight must be 0 (not trained) or 1, got {raw['weight']!r}")
         message = _drop_none(raw)
@@ -134,43 +168,76 @@ class StopSet:
     """What closes an assistant turn. `eos`: where generation stops (the tokenizer's eos and
     `generation_config.json`'s eos ids); `closers`: the special tokens the template itself renders
     right after an assistant reply (e.g. ChatML's <|im_end|> when eos is <|endoftext|>; a template
-    may close earlier turns differently from the last, as gpt-oss does with <|end|> / <|return|>)."""
+    may close earlier turns differently from the last, as gpt-oss does with <|end|> / <|return|>);
+    `closing_text`: for a template that renders no stop token, the non-whitespace text it writes
+    after every assistant content ("" when it writes none: its turns are unclosed)."""
 
     eos: frozenset[int]
     closers: frozenset[int]
+    closing_text: str = ""
 
     @property
     def all(self) -> frozenset[int]:
         return self.eos | self.closers
 
 
-def _first_special_after(tokenizer, text: str, after: int) -> int | None:
+_SAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+
+
+def _first_token_after(tokenizer, text: str, after: int) -> tuple[int, str] | None:
+    """(id, text) of the first token starting at or after `after` that is not whitespace only."""
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    special = _special_ids(tokenizer)
-    return next((t for t, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
-                 if begin >= after and t in special), None)
+    return next(((t, text[begin:end]) for t, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                 if begin >= after and text[begin:end].strip()), None)
+
+
+def _closing_text(after_turns: list[str]) -> str:
+    """The closing text common to every assistant turn: the longest common prefix of what the
+    template writes after each assistant content that ends on a non-whitespace character followed,
+    in every turn, by whitespace or the end ("" if that is whitespace only)."""
+    common = after_turns[0]
+    for text in after_turns[1:]:
+        common = common[:_common_prefix(common, text)]
+    for n in range(len(common), 0, -1):
+        if not common[n - 1].isspace() and all(n == len(t) or t[n].isspace() for t in after_turns):
+            return common[:n] if common[:n].strip() else ""
+    return ""
 
 
 def stop_token_ids(tokenizer) -> StopSet:
-    """The stop set of `tokenizer` (StopSet): eos ids from the tokenizer and from the
-    `generation_config.json` beside it, and the template's closers — the first special token it
-    renders after each assistant reply of a two-exchange sample conversation."""
+    """The stop set of `tokenizer` (StopSet), from a two-exchange sample conversation: eos ids from
+    the tokenizer and from the `generation_config.json` beside it; the template's closers, the
+    special token (not BOS) it renders first after an assistant reply, where that token closes
+    the conversation (the last reply) or closes a user turn too (so a next turn's header such as
+    <|user|> is not taken for a closer); and its closing text where it renders no stop token."""
     eos = set(_generation_config_eos(str(tokenizer.name_or_path)))
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    closers = set()
-    sample = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
-    for messages in (sample, sample[:2]):  # templates that take one exchange only get the short one
+    special = _special_ids(tokenizer) - {tokenizer.bos_token_id}
+    for sample in (_SAMPLE, _SAMPLE[:2]):  # templates that take one exchange only get the short one
         try:
-            text = _render(tokenizer, messages)
+            text = _render(tokenizer, sample)
+            spans = _content_spans(text, _render(tokenizer, _marked(sample)), sample)
         except ChatMaskError:
             continue
-        for word in ("Hello", "Goodbye")[:len(messages) // 2]:
-            found = _first_special_after(tokenizer, text, text.find(word) + len(word))
-            closers |= {found} if found is not None else set()
-        break
-    return StopSet(frozenset(eos), frozenset(closers))
+        after = {j: _first_token_after(tokenizer, text, spans[j][1]) for j in spans}
+        found = {j: token for j, (token, _) in ((j, a) for j, a in after.items() if a) if token in special}
+        last = max(j for j in spans if sample[j]["role"] == "assistant")
+        user_closers = {found[j] for j in found if sample[j]["role"] == "user"}
+        closers = {t for j, t in found.items() if sample[j]["role"] == "assistant" and (j == last or t in user_closers)}
+        assistant = [j for j in spans if sample[j]["role"] == "assistant"]
+        following = [min([spans[k][0] for k in spans if spans[k][0] > spans[j][1]] + [len(text)]) for j in assistant]
+        rendered_stop = any(t in eos | closers for j, e in zip(assistant, following)
+                            for t in _special_between(tokenizer, text, spans[j][1], e))
+        closing = "" if rendered_stop else _closing_text([text[spans[j][1]:e] for j, e in zip(assistant, following)])
+        return StopSet(frozenset(eos), frozenset(closers), closing)
+    return StopSet(frozenset(eos), frozenset())
+
+
+def _special_between(tokenizer, text: str, begin: int, end: int) -> list[int]:
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    return [t for t, (b, _) in zip(encoded["input_ids"], encoded["offset_mapping"]) if begin <= b < end]
 
 
 # --- rendering -------------------------------------------------------------------------------------
@@ -242,12 +309,36 @@ def _common_prefix(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _body_start(tokenizer, marked: list[dict], i: int, spans: dict, rendered: str, tools: list | None) -> int:
-    """Where assistant turn i's body starts in `rendered`: past the longest stretch after the
-    previous message's content that agrees with the generation prompt (the marked messages before
-    i rendered with `add_generation_prompt=True`; only its tail after that content is used)."""
+def _agreement_modulo_whitespace(text: str, tail: str) -> int:
+    """How much of `text` agrees with `tail` when whitespace in both is ignored: the index just
+    after the last non-whitespace character of `tail` matched in order (0 when none is)."""
+    i = j = end = 0
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        while j < len(tail) and tail[j].isspace():
+            j += 1
+        if i == len(text) or j == len(tail) or text[i] != tail[j]:
+            return end
+        i, j, end = i + 1, j + 1, i + 1
+
+
+@dataclass(frozen=True)
+class _Header:
+    body_start: int  # index in the rendering of the body's first character
+    text: str        # the header as the template writes it (a body must not hold it)
+
+
+def _header(tokenizer, messages, marked, i: int, spans: dict, rendered: str, tools) -> _Header:
+    """Assistant turn i's header and where its body starts (module doc, step 2). The header is the
+    generation prompt's tail after the previous message's content (the marked messages before i
+    rendered with `add_generation_prompt=True`), matched against `rendered` modulo whitespace. A
+    template with no generation-prompt block renders the same tail without one (the previous
+    turn's own ending, e.g. Mistral's `[/INST]`); non-whitespace text its loop writes after that and
+    before the content (a header of its own, e.g. `### Response:`) is header too."""
     try:
         prompt = _render(tokenizer, marked[:i], generation_prompt=True, tools=tools)
+        plain = _render(tokenizer, marked[:i], tools=tools)
     except ChatMaskError as err:
         raise ChatMaskError(f"message {i}: no generation prompt precedes this assistant turn ({err})") from None
     before = [j for j in range(i) if j in spans]
@@ -259,7 +350,29 @@ def _body_start(tokenizer, marked: list[dict], i: int, spans: dict, rendered: st
         anchor, tail = spans[before[-1]][1], prompt[at + len(_marker(before[-1])):]
     if _MARK_OPEN in tail:
         raise ChatMaskError(f"message {i}: the generation prompt renders message content after message {before[-1]}")
-    return anchor + _common_prefix(rendered[anchor:], tail)
+    content_start = spans[i][0] if i in spans else None
+    limit = len(rendered) if content_start is None else content_start  # a header never reaches into content
+    end = anchor + _agreement_modulo_whitespace(rendered[anchor:limit], tail)
+    if prompt == plain:  # no generation-prompt block (Mistral, Llama 2, many community templates)
+        if content_start is None:
+            raise ChatMaskError(f"message {i}: the template has no generation-prompt block and this assistant turn has "
+                                "no content, so where its header ends cannot be told")
+        reasoning = _split_reasoning(messages[i]["content"])[0].strip()
+        at = rendered.rfind(reasoning, end, content_start) if reasoning else -1
+        own = rendered[end:at if at >= 0 else content_start]
+        if not own.strip():  # the previous turn's ending is all the header: the body starts right after it
+            return _Header(end, tail)
+        tail, end = rendered[anchor:end + len(own.rstrip())], end + len(own.rstrip())
+    return _Header(_first_body_character(rendered, end, content_start), tail)
+
+
+def _first_body_character(rendered: str, header_end: int, content_start: int | None) -> int:
+    """The first character the model must produce: the first non-whitespace one after the header,
+    or the content's first character (whitespace included) if that comes first."""
+    start = header_end
+    while start < len(rendered) and rendered[start].isspace() and start != content_start:
+        start += 1
+    return start
 
 
 # --- the mask --------------------------------------------------------------------------------------
@@ -268,54 +381,93 @@ def _token_index_at(offsets: list[tuple[int, int]], char: int) -> int:
     return next((t for t, (_, end) in enumerate(offsets) if end > char), len(offsets))
 
 
-def _turn_end(tokenizer, i, ids, offsets, first, content_end, region_end, stops: StopSet) -> int:
-    """Token index of the last token of assistant turn i's body: the first stop-set token after its
-    content, and the stop tokens that directly follow it (Command R7B closes with
-    <|END_RESPONSE|><|END_OF_TURN_TOKEN|>, its eos being the second); only within the turn (before
-    region_end, where the next message's content starts)."""
+def _token_name(tokenizer, ids, t) -> str:
+    return repr(tokenizer.convert_ids_to_tokens(ids[t]))
+
+
+def _turn_end(tokenizer, i, ids, offsets, first, content_end, region_end, stops: StopSet, rendered, has_content) -> tuple[int, bool]:
+    """(token index of the last token of assistant turn i's body, whether the template closed it):
+    the first stop-set token after its content, and the stop tokens that directly follow it
+    (Command R7B closes with <|END_RESPONSE|><|END_OF_TURN_TOKEN|>, its eos being the second);
+    only within the turn (before region_end, where the next message's content starts). With no
+    stop token: through the template's closing text, or, with none, the content's last token."""
     tokens = [t for t in range(first, len(ids)) if offsets[t][0] < region_end]
     inside = [t for t in tokens if ids[t] in stops.all and offsets[t][0] < content_end]
     if inside:
         raise ChatMaskError(f"message {i}: the assistant's content holds the stop token "
-                            f"{tokenizer.convert_ids_to_tokens(ids[inside[0]])!r} before its end")
+                            f"{_token_name(tokenizer, ids, inside[0])} before its end")
     after = [t for t in tokens if offsets[t][0] >= content_end]
     end = next((t for t in after if ids[t] in stops.all), None)
-    if end is None:
-        names = lambda group: sorted(tokenizer.convert_ids_to_tokens(sorted(group)))  # noqa: E731
-        raise ChatMaskError(f"message {i}: no stop token closes this assistant turn before the next message "
-                            f"(eos {names(stops.eos)}, template closers {names(stops.closers)}); if the template "
-                            "closes turns with another token, list it in generation_config.json's eos_token_id")
-    while end + 1 < len(ids) and ids[end + 1] in stops.all and offsets[end + 1][0] == offsets[end][1]:
-        end += 1
-    return end
+    if end is not None:
+        while end + 1 < len(ids) and ids[end + 1] in stops.all and offsets[end + 1][0] == offsets[end][1]:
+            end += 1
+        return end, True
+    if stops.closing_text:
+        at = content_end if has_content else rendered.find(stops.closing_text, content_end, region_end)
+        if at < 0 or not rendered.startswith(stops.closing_text, at):
+            raise ChatMaskError(f"message {i}: the template writes {stops.closing_text!r} after other assistant replies "
+                                "but not after this one, so where this turn ends cannot be told")
+        return _last_token_before(tokenizer, i, ids, offsets, rendered, at + len(stops.closing_text)), True
+    if not has_content:
+        raise ChatMaskError(f"message {i}: the template closes this assistant turn with neither a stop token nor a "
+                            "closing text, and it has no content to end with, so where it ends cannot be told")
+    return _last_token_before(tokenizer, i, ids, offsets, rendered, content_end), False
 
 
-def _bodies(tokenizer, messages, rendered, ids, offsets, stops: StopSet, tools) -> list[tuple[int, int]]:
-    """Token ranges [first, last] (inclusive) of each trained assistant turn's body, in order."""
+def _last_token_before(tokenizer, i, ids, offsets, rendered, char: int) -> int:
+    """The token holding character char - 1, the body's last; refused if it also holds
+    non-whitespace text after `char` (the template's next turn)."""
+    last = _token_index_at(offsets, char - 1)
+    if rendered[char:offsets[last][1]].strip():
+        raise ChatMaskError(f"message {i}: the token {_token_name(tokenizer, ids, last)} holds both the end of this "
+                            "assistant turn and the text after it")
+    return last
+
+
+@dataclass(frozen=True)
+class _Turn:
+    message: int     # index of the assistant message
+    first: int       # token index of the body's first token
+    last: int        # token index of the body's last token (inclusive)
+    header: str      # the template's header for this turn
+    closed: bool     # the template closed the turn (stop token or closing text)
+
+
+def _turns(tokenizer, messages, rendered, ids, offsets, stops: StopSet, tools) -> tuple[list[_Turn], dict]:
+    """The trained assistant turns' bodies, in order, and every message's content span."""
     marked = _marked(messages)
     spans = _content_spans(rendered, _render(tokenizer, marked, tools=tools), messages)
-    bodies = []
+    dropped = [j for j, m in enumerate(messages) if m["content"].strip() and j not in spans]
+    if dropped:
+        j = dropped[0]
+        raise ChatMaskError(f"message {j} ({messages[j]['role']}): the chat template does not render its content "
+                            "(a template that drops this role or position); remove the message or use a template that renders it")
+    turns = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        start = _body_start(tokenizer, marked, i, spans, rendered, tools)
-        if message["content"].strip() and i not in spans:
-            raise ChatMaskError(f"message {i}: the chat template does not render this assistant turn's content")
+        header = _header(tokenizer, messages, marked, i, spans, rendered, tools)
+        start = header.body_start
         content_end = spans[i][1] if i in spans else start
         region_end = min([b for b, _ in spans.values() if b >= max(content_end, start + 1)] + [len(rendered)])
         first = _token_index_at(offsets, start)
-        last = _turn_end(tokenizer, i, ids, offsets, first, content_end, region_end, stops)
+        if first < len(ids) and rendered[offsets[first][0]:start].strip():
+            raise ChatMaskError(f"message {i}: the token {_token_name(tokenizer, ids, first)} holds both the template's "
+                                "assistant header and the start of the reply, so it can be neither trained nor left out")
+        last, closed = _turn_end(tokenizer, i, ids, offsets, first, content_end, region_end, stops, rendered, i in spans)
         if i not in spans and offsets[last][0] <= start:
             raise ChatMaskError(f"message {i}: the chat template renders nothing for this assistant turn but its "
                                 "closing token (are its tool calls rendered by the template?)")
-        bodies.append((i, first, last))
-    _check_bodies(bodies, spans, messages, offsets)
-    return [(first, last) for _, first, last in bodies]
+        turns.append(_Turn(i, first, last, header.text, closed))
+    _check_bodies(turns, spans, messages, offsets)
+    _check_headers(turns, spans, rendered, offsets)
+    return turns, spans
 
 
-def _check_bodies(bodies, spans, messages, offsets) -> None:
+def _check_bodies(turns: list[_Turn], spans, messages, offsets) -> None:
     previous_end = -1
-    for i, first, last in bodies:
+    for turn in turns:
+        i, first, last = turn.message, turn.first, turn.last
         if first > last:
             raise ChatMaskError(f"message {i}: the assistant turn has no body token")
         if first <= previous_end:
@@ -326,6 +478,27 @@ def _check_bodies(bodies, spans, messages, offsets) -> None:
                 raise ChatMaskError(f"message {i}: its body would cover the content of message {j} "
                                     f"({messages[j]['role']}); the template's turns cannot be told apart")
         previous_end = last
+
+
+def _header_key(header: str) -> str:
+    """The header's last non-empty line without whitespace ("<|im_start|>assistant", "###Response:"):
+    what a trained stretch of template text must not hold."""
+    lines = [line for line in header.splitlines() if line.strip()]
+    return "".join(lines[-1].split()) if lines else ""
+
+
+def _check_headers(turns: list[_Turn], spans, rendered: str, offsets) -> None:
+    """No body holds its turn's header in template text (outside every message's content: an
+    answer that itself contains `### Response:` stays trainable)."""
+    for turn in turns:
+        key = _header_key(turn.header)
+        begin, end = offsets[turn.first][0], offsets[turn.last][1]
+        in_content = [any(s <= pos < e for s, e in spans.values()) for pos in range(begin, end)]
+        template_text = "".join(ch for ch, inside in zip(rendered[begin:end], in_content) if not inside and not ch.isspace())
+        if key and key in template_text:
+            raise ChatMaskError(f"message {turn.message}: its trained text holds the template's assistant header "
+                                f"{key!r}; the header was not matched (a template whose header differs between its "
+                                "message loop and its generation prompt by more than whitespace)")
 
 
 def _marked_runs(mask: list[int]) -> list[tuple[int, int]]:
@@ -360,24 +533,55 @@ def _check_generation_blocks(tokenizer, messages, ids, bodies, tools) -> None:
                             f"runs not inside exactly one assistant turn: {stray[:3]}; assistant turns it does not mark: {unmarked})")
 
 
-def assistant_body_mask(messages, tokenizer, stops: StopSet | None = None,
-                        tools: list | str | None = None) -> tuple[list[int], list[bool]]:
-    """Token ids of the full rendering and, per token, whether it is a trained target (module doc).
+@dataclass(frozen=True)
+class ChatMask:
+    """One conversation's tokens and trained targets (see `mask_conversation`)."""
 
-    messages: a list of {role, content, ...} dicts (normalized here); tokenizer: a fast HF tokenizer
-    with a chat template; stops: the StopSet (default `stop_token_ids(tokenizer)`); tools: tool
-    definitions passed to the template as `tools=` (a list of JSON-schema dicts, or a JSON string).
-    Returns (ids [T] ints, trained [T] bools); position t-1 predicts token t, so a loss mask over
-    positions is trained[1:]. Raises ChatMaskError naming the message and the reason.
+    ids: list[int]          # [T] token ids of the one rendering (EOS ids inserted with append_eos)
+    trained: list[bool]     # [T] token t is a trained target; position t-1 predicts it
+    unclosed_turns: int     # trained assistant turns the template closes with neither stop token nor closing text
+    eos_appended: int = 0   # EOS ids inserted after unclosed turns (append_eos)
+
+
+def mask_conversation(messages, tokenizer, stops: StopSet | None = None, tools: list | str | None = None,
+                      append_eos: bool = False) -> ChatMask:
+    """The conversation's token ids and, per token, whether it is a trained target (module doc).
+
+    messages: a list of {role, content, ...} dicts or a JSON string of one (normalized here);
+    tokenizer: a fast HF tokenizer with a chat template; stops: the StopSet (default
+    `stop_token_ids(tokenizer)`); tools: tool definitions passed to the template as `tools=` (a list
+    of JSON-schema dicts, or a JSON string); append_eos: insert the tokenizer's EOS id after each
+    unclosed assistant turn's content, trained (refused where the template closes a turn itself).
+    Raises ChatMaskError naming the message and the reason.
     """
     messages, tools = normalize_messages(messages), _normalize_tools(tools)
     stops = stop_token_ids(tokenizer) if stops is None else stops
     rendered = _render(tokenizer, messages, tools=tools)
     encoded = tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    bodies = _bodies(tokenizer, messages, rendered, ids, offsets, stops, tools)
-    _check_generation_blocks(tokenizer, messages, ids, bodies, tools)
+    turns, _ = _turns(tokenizer, messages, rendered, ids, offsets, stops, tools)
+    _check_generation_blocks(tokenizer, messages, ids, [(t.first, t.last) for t in turns], tools)
     trained = [False] * len(ids)
-    for first, last in bodies:
-        trained[first:last + 1] = [True] * (last + 1 - first)
-    return ids, trained
+    for turn in turns:
+        trained[turn.first:turn.last + 1] = [True] * (turn.last + 1 - turn.first)
+    unclosed = [turn for turn in turns if not turn.closed]
+    if not append_eos:
+        return ChatMask(ids, trained, len(unclosed))
+    closed = next((turn for turn in turns if turn.closed), None)
+    if closed is not None:
+        raise ChatMaskError(f"message {closed.message}: assistant_eos=append, but the template closes this assistant turn "
+                            f"itself (with {rendered[offsets[closed.last][0]:offsets[closed.last][1]]!r}); use assistant_eos=none")
+    if tokenizer.eos_token_id is None:
+        raise ChatMaskError("assistant_eos=append, but the tokenizer has no eos_token to append")
+    for turn in reversed(unclosed):  # from the end, so earlier token indices stay valid
+        ids.insert(turn.last + 1, tokenizer.eos_token_id)
+        trained.insert(turn.last + 1, True)
+    return ChatMask(ids, trained, len(unclosed), eos_appended=len(unclosed))
+
+
+def assistant_body_mask(messages, tokenizer, stops: StopSet | None = None,
+                        tools: list | str | None = None) -> tuple[list[int], list[bool]]:
+    """(ids [T] ints, trained [T] bools) of `mask_conversation` (same arguments); position t-1
+    predicts token t, so a loss mask over positions is trained[1:]. Raises ChatMaskError."""
+    mask = mask_conversation(messages, tokenizer, stops, tools)
+    return mask.ids, mask.trained

@@ -3,24 +3,31 @@
 Accepted sources (`data.path`): a .jsonl/.json/.parquet/.csv/.arrow file, a glob or directory of
 them, or a dataset saved with `save_to_disk`; a Hub dataset id (`org/name`, `hf://datasets/org/name/...`)
 arrives here already resolved to such local files (stages/data/hub.py, when the config is loaded).
-Each row has either a text field (every position is trained) or a chat `messages` field (list of
-{role, content, ...}, rendered with the tokenizer's chat template; which tokens are trained:
-docs/chat-data.md, implemented in stages/data/chat_masks.py). Errors name the file, the field and the example.
+Three input formats (`input_format`, picked from the columns unless `data.format` names one):
+text (every position is trained), chat (a messages column of {role, content, ...} lists, rendered
+with the tokenizer's chat template, assistant bodies trained: stages/data/chat_masks.py) and
+prompt-completion (TRL's format, strings or message lists, only the completion trained). Which
+tokens are trained: docs/chat-data.md. Errors name the file, the field and the example.
 """
 from __future__ import annotations
 
 import glob
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from stages.common.checks import require
-from stages.data.chat_masks import ChatMaskError, StopSet, assistant_body_mask, stop_token_ids
+from stages.data.chat_masks import ChatMaskError, StopSet, mask_conversation, stop_token_ids
 
-__all__ = ["DataConfig", "Example", "InputReport", "INPUT_RULES_VERSION", "load_rows", "tokenize_rows", "source_files"]
+__all__ = ["DataConfig", "Example", "InputFormat", "InputReport", "FORMATS", "INPUT_RULES", "input_format", "load_rows",
+           "tokenize_rows", "source_files"]
 
-INPUT_RULES_VERSION = 2  # bump when tokenization or the trained-token mask changes (cache identity)
+FORMATS = ("text", "chat", "prompt-completion")
+# Bump a format's version when its tokenization or trained-token mask changes (cache identity): chat
+# and prompt-completion moved to 3 with issue 23's header/closer rules; text is unchanged since 2.
+INPUT_RULES = {"text": 2, "chat": 3, "prompt-completion": 3}
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -38,12 +45,24 @@ class DataConfig:
         "file, glob, directory or saved dataset (.jsonl/.json/.parquet/.csv/.arrow, or `save_to_disk` output); "
         "or a Hub dataset id org/name, hf://datasets/org/name/path/in/repo (stages/data/hub.py)")})
     split: str = field(default="train", metadata={"help": "split to read"})
-    text_field: str = field(default="text", metadata={"help": "used when messages_field is empty: plain text, every token is trained"})
-    messages_field: str = field(default="", metadata={"help": (
-        "chat data: list of {role, content, ...}; only assistant bodies are trained (docs/chat-data.md)")})
+    format: str = field(default="auto", metadata={"help": (
+        "auto | text | chat | prompt-completion. auto: the one format whose column(s) the data has "
+        "(text_field; messages_field; prompt_field + completion_field); two at once is an error asking to choose")})
+    text_field: str = field(default="text", metadata={"help": "text data: a string column, every token is trained"})
+    messages_field: str = field(default="messages", metadata={"help": (
+        "chat data: a column of [{role, content, ...}] lists (or JSON strings of them); only assistant bodies "
+        "are trained (docs/chat-data.md)")})
+    prompt_field: str = field(default="prompt", metadata={"help": (
+        "prompt-completion data: the prompt column (a string, or a message list); never trained")})
+    completion_field: str = field(default="completion", metadata={"help": (
+        "prompt-completion data: the completion column (a string, or a message list); only it is trained")})
     tools_field: str = field(default="tools", metadata={"help": (
         "chat data: a column of tool definitions (a list, or a JSON string) passed to the template (`tools=`), "
         "when present; never trained")})
+    assistant_eos: str = field(default="none", metadata={"help": (
+        "none | append. append: for a chat template that closes assistant turns with no stop token, insert the "
+        "tokenizer's EOS after each assistant content (trained, scored by the teacher); refused where the "
+        "template closes turns itself")})
     max_length: int = field(default=256, metadata={"help": "longer sequences are truncated on the right (counted, reported)"})
     max_examples: int = field(default=0, metadata={"help": "0 = all; else the first N (quick runs)"})
     on_bad_example: str = field(default="refuse", metadata={"help": (
@@ -52,10 +71,72 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.path), "data.path: empty")
+        require(self.format in ("auto", *FORMATS), f"data.format: {self.format!r} not in auto|{'|'.join(FORMATS)}")
+        require(self.assistant_eos in ("none", "append"), f"data.assistant_eos: {self.assistant_eos!r} not in none|append")
         require(self.on_bad_example in ("refuse", "skip"), f"data.on_bad_example: {self.on_bad_example!r} not in refuse|skip")
         require(self.max_length >= 2, f"data.max_length: must be >= 2, got {self.max_length}")
         require(self.max_examples >= 0, f"data.max_examples: must be >= 0, got {self.max_examples}")
 
+
+# --- which format ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputFormat:
+    """The format rows are read in and the column(s) read."""
+
+    kind: str                 # one of FORMATS
+    fields: tuple[str, ...]   # (text,) | (messages,) | (prompt, completion)
+
+    @property
+    def rules(self) -> int:
+        """The input-rules version of this format (INPUT_RULES): part of a cache's identity."""
+        return INPUT_RULES[self.kind]
+
+
+def _fields(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
+    return {"text": (cfg.text_field,), "chat": (cfg.messages_field,), "prompt-completion": (cfg.prompt_field, cfg.completion_field)}
+
+
+def _formats_help(cfg: DataConfig) -> str:
+    return (f"supported formats and the keys that select them: text (a string column data.text_field={cfg.text_field!r}; "
+            f"every token trained), chat (a column data.messages_field={cfg.messages_field!r} of [{{role, content}}] lists "
+            f"or JSON strings of them; assistant turns trained), prompt-completion (columns data.prompt_field="
+            f"{cfg.prompt_field!r} and data.completion_field={cfg.completion_field!r}, both strings or both message lists; "
+            "the completion trained); data.format=text|chat|prompt-completion picks one")
+
+
+def _mapping_hint(columns: list[str]) -> str:
+    names = {c.lower() for c in columns}
+    if {"instruction", "output"} <= names:
+        return ("; Alpaca-style rows (instruction/input/output): write prompt = instruction (+ \"\\n\\n\" + input) and "
+                "completion = output as prompt/completion columns, or point data.prompt_field/data.completion_field at them")
+    if "conversations" in names:
+        return ("; ShareGPT rows ('conversations' of {from, value}): convert each to {role, content} (human -> user, "
+                "gpt -> assistant) in a 'messages' column")
+    return ""
+
+
+def input_format(cfg: DataConfig, columns: list[str], source: str = "") -> InputFormat:
+    """The format of rows with these `columns` under `cfg` (module doc). ValueError naming `source`,
+    the columns and the keys that select each format when no format, or more than one, fits."""
+    source = source or cfg.path
+    fields = _fields(cfg)
+    if cfg.format != "auto":
+        missing = [f for f in fields[cfg.format] if f not in columns]
+        if missing:
+            raise ValueError(f"{source}: data.format={cfg.format} needs column(s) {missing}, not found (columns: {columns}); "
+                             + _formats_help(cfg) + _mapping_hint(columns))
+        return InputFormat(cfg.format, fields[cfg.format])
+    found = [kind for kind in FORMATS if fields[kind][0] and fields[kind][0] in columns]
+    if len(found) > 1:
+        raise ValueError(f"{source}: the columns {columns} fit more than one input format ({', '.join(found)}): "
+                         f"choose one with data.format={'|'.join(found)}")
+    if found == ["prompt-completion"] and cfg.completion_field not in columns:
+        raise ValueError(f"{source}: a prompt column {cfg.prompt_field!r} but no completion column {cfg.completion_field!r} "
+                         f"(columns: {columns}); set data.completion_field to the column to train")
+    if not found:
+        raise ValueError(f"{source}: no column of a supported input format (columns: {columns}); "
+                         + _formats_help(cfg) + _mapping_hint(columns))
+    return InputFormat(found[0], fields[found[0]])
 
 
 # --- finding and loading the source -------------------------------------------------------
@@ -82,23 +163,47 @@ def source_files(path_text: str) -> list[Path]:
     return files
 
 
-def _first_bad_utf8_line(path: Path) -> int | None:
-    with open(path, "rb") as fh:
+def _check_text_files(files: list[Path]) -> None:
+    """Text inputs must be UTF-8 (`datasets` would otherwise replace bad bytes silently) and not
+    empty (`datasets` stops with a bare StopIteration); errors name the file and the 1-based line."""
+    for path in files:
+        if path.suffix not in (".jsonl", ".json", ".csv"):
+            continue
+        with open(path, "rb") as fh:
+            blank = True
+            for number, line in enumerate(fh, start=1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}: line {number} is not valid UTF-8") from None
+                blank = blank and not text.strip()
+        if blank:
+            raise ValueError(f"{path}: the file is empty (no rows); remove it or point data.path at the data")
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N: reason' for the first line of a JSON Lines file that is not one JSON object."""
+    with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
             try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return number
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg} at column {err.colno}): {line.strip()[:80]!r}"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object of columns: {line.strip()[:80]!r}"
     return None
 
 
 def load_rows(cfg: DataConfig, check_field: bool = True):
-    """The raw rows as a `datasets.Dataset`, with the configured field checked to exist (unless
-    `check_field` is False: callers that pick the field from the columns)."""
+    """The raw rows as a `datasets.Dataset`, with their input format checked (`input_format`; not
+    when `check_field` is False). ValueError naming the file (and the 1-based line of a malformed
+    JSON Lines row) when the source cannot be read; an empty source is an error."""
     import datasets
 
     files = source_files(cfg.path)
-    _check_utf8(files)
+    _check_text_files(files)
     bars_were_on = not datasets.utils.are_progress_bars_disabled()  # off for a quiet run (pipeline/quiet.py)
     datasets.disable_progress_bars()
     try:
@@ -113,25 +218,21 @@ def load_rows(cfg: DataConfig, check_field: bool = True):
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-    field = cfg.messages_field or cfg.text_field
-    if check_field and field not in rows.column_names:
-        kind = "data.messages_field" if cfg.messages_field else "data.text_field"
-        raise ValueError(f"{kind} {field!r} is not a column of {cfg.path} (columns: {rows.column_names})")
+    if len(rows) == 0:
+        raise ValueError(f"{cfg.path}: no rows (split {cfg.split!r})")
+    if check_field:
+        input_format(cfg, rows.column_names)
     if cfg.max_examples:
         rows = rows.select(range(min(cfg.max_examples, len(rows))))
     return rows
 
 
-def _check_utf8(files: list[Path]) -> None:
-    """Text inputs must be UTF-8; `datasets` would otherwise replace bad bytes silently."""
-    for path in files:
-        if path.suffix in (".jsonl", ".json", ".csv"):
-            line = _first_bad_utf8_line(path)
-            if line is not None:
-                raise ValueError(f"{path}: line {line} is not valid UTF-8")
-
-
 def _explain_load_error(files: list[Path], err: Exception) -> str:
+    for path in files:
+        if path.suffix == ".jsonl":
+            bad = _first_bad_json_line(path)
+            if bad:
+                return f"{path}: {bad}"
     return f"could not read {', '.join(map(str, files[:3]))}: {type(err).__name__}: {err}"
 
 
@@ -140,33 +241,91 @@ def _explain_load_error(files: list[Path], err: Exception) -> str:
 class InputReport:
     """What tokenizing a source did besides producing examples (summary and manifest)."""
 
+    format: InputFormat | None = None
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (example id, reason): data.on_bad_example=skip
     leading_bos_dropped: int = 0   # text rows that began with the BOS string (one BOS kept)
+    unclosed_turns: int = 0        # chat assistant turns the template closes with no stop token or closing text
+    eos_appended: int = 0          # of those, the ones given the tokenizer's EOS (data.assistant_eos=append)
+
+    def warnings(self) -> list[str]:
+        """One line per thing a user must know before spending teacher time on these examples."""
+        if not self.unclosed_turns:
+            return []
+        if self.eos_appended:
+            return [f"{self.eos_appended:,} assistant turns end with an EOS inserted by data.assistant_eos=append "
+                    "(the chat template closes them with no stop token)"]
+        return [f"{self.unclosed_turns:,} assistant turns are closed by no stop token or closing text: the model will not "
+                "learn to stop from this chat template (data.assistant_eos=append inserts the tokenizer's EOS)"]
+
+
+def _tokenized_text(text: str, tokenizer, report: InputReport, offsets: bool = False) -> dict:
+    """The tokenizer's encoding of `text` (special-token strings parsed, BOS added where the
+    tokenizer adds one); a text that already starts with the BOS string keeps one BOS (counted)."""
+    encoded = dict(tokenizer(text, return_offsets_mapping=offsets))
+    ids, bos = encoded["input_ids"], tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(tokenizer.bos_token):
+        encoded = {key: value[1:] for key, value in encoded.items()}
+        report.leading_bos_dropped += 1
+    return encoded
 
 
 def _text_example(text, tokenizer, where: str, report: InputReport) -> tuple[list[int], list[bool]]:
-    """Text as the tokenizer parses it (special-token strings included; BOS where the tokenizer adds
-    one, no EOS appended: a text row may be a slice of a longer document). A row that already starts
-    with the BOS string would get a second BOS: one is dropped and the row counted."""
+    """Text as the tokenizer parses it (no EOS appended: a text row may be a slice of a longer
+    document); every position trained."""
     if not isinstance(text, str):
         raise ValueError(f"{where}: expected a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError(f"{where}: empty or whitespace-only text")
-    ids = tokenizer(text)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(tokenizer.bos_token):
-        ids = ids[1:]
-        report.leading_bos_dropped += 1
+    ids = _tokenized_text(text, tokenizer, report)["input_ids"]
     return ids, [True] * (len(ids) - 1)
 
 
-def _chat_example(messages, tokenizer, where: str, report: InputReport, tools=None) -> tuple[list[int], list[bool]]:
+def _chat_example(messages, tokenizer, where: str, report: InputReport, cfg: DataConfig, tools=None) -> tuple[list[int], list[bool]]:
     """The conversation's one rendering; trained = the assistant bodies (stages/data/chat_masks.py)."""
     try:
-        ids, trained = assistant_body_mask(messages, tokenizer, _stops(tokenizer), tools=tools)
+        mask = mask_conversation(messages, tokenizer, _stops(tokenizer), tools=tools, append_eos=cfg.assistant_eos == "append")
     except ChatMaskError as err:
-        raise ChatMaskError(f"{where}: {err}") from None
-    return ids, trained[1:]
+        raise ChatMaskError(f"{where}: {err}".replace("assistant_eos=", "data.assistant_eos=")) from None
+    report.unclosed_turns += mask.unclosed_turns
+    report.eos_appended += mask.eos_appended
+    return mask.ids, mask.trained[1:]
+
+
+def _standard_completion_example(prompt: str, completion: str, tokenizer, where: str, report: InputReport):
+    """A standard prompt-completion pair as TRL's SFTTrainer trains it: the tokenizer's EOS string
+    appended to the completion unless it already ends with it, prompt + completion tokenized as one
+    text (BOS where the tokenizer adds one), and trained = every token holding a character of the
+    completion (offset >= len(prompt)), so a token merged across the boundary is trained."""
+    if not completion.strip():
+        raise ValueError(f"{where}: empty or whitespace-only completion")
+    eos = tokenizer.eos_token
+    if eos and not completion.endswith(eos):
+        completion += eos
+    text = prompt + completion
+    encoded = _tokenized_text(text, tokenizer, report, offsets=True)
+    trained = [end > len(prompt) and end > begin for begin, end in encoded["offset_mapping"]]
+    return encoded["input_ids"], trained[1:]
+
+
+def _conversational_completion_example(prompt: list, completion: list, tokenizer, where: str, report: InputReport,
+                                       cfg: DataConfig, tools=None):
+    """A conversational pair: prompt + completion rendered as one conversation by the chat rule,
+    the prompt's assistant turns not trained (weight 0)."""
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+        raise ValueError(f"{where}: the completion has no assistant message to train (roles: "
+                         f"{[m.get('role') if isinstance(m, dict) else type(m).__name__ for m in completion]})")
+    frozen = [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
+    return _chat_example(frozen + list(completion), tokenizer, where, report, cfg, tools)
+
+
+def _completion_example(row: dict, fmt: InputFormat, tokenizer, where: str, report: InputReport, cfg: DataConfig):
+    prompt, completion = (row[f] for f in fmt.fields)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return _standard_completion_example(prompt, completion, tokenizer, where, report)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return _conversational_completion_example(prompt, completion, tokenizer, where, report, cfg, row.get(cfg.tools_field))
+    raise ValueError(f"{where}: prompt is a {type(prompt).__name__} and completion a {type(completion).__name__}; "
+                     "both must be strings (standard) or both message lists (conversational)")
 
 
 def _stops(tokenizer) -> StopSet:
@@ -177,23 +336,28 @@ def _stops(tokenizer) -> StopSet:
     return stops
 
 
-def tokenize_rows(rows, tokenizer, cfg: DataConfig, first_id: int = 0, report: InputReport | None = None) -> list[Example]:
+def tokenize_rows(rows, tokenizer, cfg: DataConfig, first_id: int = 0, report: InputReport | None = None,
+                  fmt: InputFormat | None = None) -> list[Example]:
     """Tokenize rows (example ids counted from `first_id`), truncating to cfg.max_length.
 
-    A row that cannot be used raises ValueError naming cfg.path, the example and the field; with
-    cfg.on_bad_example == "skip" it is left out instead (its id stays a gap) and recorded in
-    `report.skipped`. Returns the examples in id order."""
+    `fmt` is the input format (default: `input_format` of rows.column_names); it is recorded in
+    `report.format`. A row that cannot be used raises ValueError naming cfg.path, the example and
+    the field; with cfg.on_bad_example == "skip" it is left out instead (its id stays a gap) and
+    recorded in `report.skipped`. Returns the examples in id order."""
     report = InputReport() if report is None else report
-    field_name = cfg.messages_field or cfg.text_field
+    fmt = fmt or input_format(cfg, rows.column_names)
+    report.format = fmt
     examples = []
     for offset, row in enumerate(rows):
         example_id = first_id + offset
-        where = f"{cfg.path}: example {example_id}, field {field_name!r}"
+        where = f"{cfg.path}: example {example_id}, field{'s' if len(fmt.fields) > 1 else ''} {', '.join(map(repr, fmt.fields))}"
         try:
-            if cfg.messages_field:
-                tokenized = _chat_example(row[field_name], tokenizer, where, report, tools=row.get(cfg.tools_field))
+            if fmt.kind == "chat":
+                tokenized = _chat_example(row[fmt.fields[0]], tokenizer, where, report, cfg, tools=row.get(cfg.tools_field))
+            elif fmt.kind == "prompt-completion":
+                tokenized = _completion_example(row, fmt, tokenizer, where, report, cfg)
             else:
-                tokenized = _text_example(row[field_name], tokenizer, where, report)
+                tokenized = _text_example(row[fmt.fields[0]], tokenizer, where, report)
             examples.append(_example(example_id, tokenized, cfg, where))
         except ValueError as err:
             if cfg.on_bad_example != "skip":

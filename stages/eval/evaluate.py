@@ -45,19 +45,14 @@ _said: set[str] = set()
 
 
 def eval_data_config(path: str, data: DataConfig, settings: EvalConfig) -> DataConfig:
-    """How an eval set is read: chat (assistant bodies scored) when its rows hold the chat field
-    (data.messages_field, else "messages"), otherwise text (every token scored) from data.text_field.
-    The same tokenization and masks as stage one; `settings` gives the length and example caps."""
-    text = DataConfig(path=path, text_field=data.text_field, max_length=settings.max_length,
-                      max_examples=settings.max_examples)
-    chat_field = data.messages_field or "messages"
-    columns = load_rows(text, check_field=False).column_names
-    if chat_field in columns:
-        return dataclasses.replace(text, messages_field=chat_field)
-    if text.text_field not in columns:
-        raise ValueError(f"eval set {path}: neither a chat column {chat_field!r} nor a text column "
-                         f"{text.text_field!r} (columns: {columns})")
-    return text
+    """How an eval set is read: as stage one reads data (the same column names, chat settings,
+    tokenization and masks), its format picked from its own columns (`data.format` is the training
+    set's: a retention set of text beside chat training data is text). `settings` gives the
+    length and example caps. ValueError naming the set when no format fits."""
+    config = dataclasses.replace(data, path=path, format="auto", max_length=settings.max_length,
+                                 max_examples=settings.max_examples, on_bad_example="refuse")
+    load_rows(config)  # the format check, naming the set
+    return config
 
 
 def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -11,9 +11,9 @@ __all__ = ["EvalConfig"]
 @dataclass
 class EvalConfig:
     source_path: str = field(default="build/default/data/source_heldout.jsonl", metadata={"help": (
-        "retention set: what must not be forgotten (forgetting). Each set is read as stage one reads data: a set "
-        "whose rows hold data.messages_field (or \"messages\") is chat, scored on the assistant bodies; otherwise "
-        "data.text_field, every token. A Hub dataset id works too")})
+        "retention set: what must not be forgotten (forgetting). Each set is read as stage one reads data, in the "
+        "format its own columns hold (data.format's auto rule): text scores every token, chat the assistant bodies, "
+        "prompt-completion the completion. A Hub dataset id works too")})
     target_path: str = field(default="build/default/data/target_heldout.jsonl", metadata={"help": (
         "held-out data of the new task (learning); read as source_path is")})
     max_length: int = field(default=256, metadata={"help": "sequences are truncated to this many tokens"})

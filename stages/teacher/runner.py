@@ -120,6 +120,12 @@ def _manifest_lines(s: StageOneSummary, scaled: bool) -> list[str]:
     if s.skipped or s.leading_bos_dropped:
         lines.append(f"  skipped examples {s.skipped:,} (data.on_bad_example=skip; ids in manifest.json dataset.skipped_examples)"
                      f"   duplicated leading BOS dropped {s.leading_bos_dropped:,}")
+    dataset = s.manifest.dataset
+    if dataset.unclosed_assistant_turns:
+        lines.append(f"  warning: {dataset.unclosed_assistant_turns:,} assistant turns "
+                     + ("end with the EOS inserted by data.assistant_eos=append" if dataset.assistant_eos == "append" else
+                        "are closed by no stop token or closing text: the model will not learn to stop from this chat "
+                        "template (data.assistant_eos=append inserts the tokenizer's EOS)"))
     if scaled:
         m = s.manifest
         lines.append(f"  merged manifest: {len(m.shards)} shards, {m.num_rows:,} examples, {m.num_tokens:,} tokens, "

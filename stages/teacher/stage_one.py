@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from stages.data.hub import teacher_with_hub
-from stages.data.inputs import INPUT_RULES_VERSION, DataConfig, Example, InputReport, load_rows, source_files, tokenize_rows
+from stages.data.inputs import DataConfig, Example, InputReport, input_format, load_rows, source_files, tokenize_rows
 from stages.teacher.engine import open_engine
 from stages.teacher.scores import PositionScores
 from stages.teacher.settings import CacheConfig
@@ -88,11 +88,14 @@ def load_examples(job: TeacherJob) -> tuple[list[Example], InputReport]:
     tokenizer = AutoTokenizer.from_pretrained(job.model)
     rows = load_rows(job.data)
     report = InputReport()
-    examples = tokenize_rows(tqdm(rows, desc="tokenizing", unit="ex", leave=False), tokenizer, job.data, report=report)
+    examples = tokenize_rows(tqdm(rows, desc="tokenizing", unit="ex", leave=False), tokenizer, job.data, report=report,
+                             fmt=input_format(job.data, rows.column_names))
     if not examples:
         raise ValueError(f"{job.data.path}: no usable example ({len(report.skipped)} skipped; first: {report.skipped[0][1]})"
                          if report.skipped else f"{job.data.path}: no examples")
     check_token_ids(examples, vocab_size, job.data.path, tokenizer)
+    for line in report.warnings():
+        tqdm.write(f"warning: {line}")
     for example_id, reason in report.skipped[:5]:  # the user opted in to skipping: still say what and why
         tqdm.write(f"skipped (data.on_bad_example=skip): {reason}")
     if len(report.skipped) > 5:
@@ -119,15 +122,18 @@ def plan_manifest(job: TeacherJob, num_examples: int, report: InputReport | None
     report = report or InputReport()
     files = source_files(job.data.path)
     data, cache = job.data, job.cache
+    fmt = report.format or input_format(data, load_rows(data, check_field=False).column_names)
     return Manifest(
         teacher=teacher_with_hub(teacher_fingerprint(job.model), job.hub_sources),  # + the Hub id/commit, recorded
         tokenizer=tokenizer_fingerprint(job.model),
         dataset=DatasetFingerprint(
-            source=str(Path(data.path).resolve()), split=data.split, field=data.messages_field or data.text_field,
-            format="chat" if data.messages_field else "text", source_sha256=files_sha256(files), num_examples=num_examples,
-            input_rules=INPUT_RULES_VERSION, tools_field=data.tools_field if data.messages_field else "",
+            source=str(Path(data.path).resolve()), split=data.split, field=",".join(fmt.fields),
+            format=fmt.kind, source_sha256=files_sha256(files), num_examples=num_examples,
+            input_rules=fmt.rules, tools_field=data.tools_field if fmt.kind != "text" else "",
             skipped_examples=[i for i, _ in report.skipped],
             leading_bos_dropped=report.leading_bos_dropped,
+            assistant_eos=data.assistant_eos if fmt.kind != "text" else "none",
+            unclosed_assistant_turns=report.unclosed_turns,
         ),
         settings=CacheSettings(
             k=cache.k, encoding=cache.encoding, max_length=data.max_length, truncation="right",

@@ -48,7 +48,7 @@ def test_tool_call_turns_with_null_content_are_cached(tool_chat_model_dir, tool_
     for row, chat in zip(rows, chats):
         assert trained_runs(row, tok) == tool_chat_bodies(chat)
     assert rows[0]["example_id"] == 0 and trained_runs(rows[0], tok)[0] == (
-        '\n<tool_call>\nget_weather {"city": "Paris"}\n</tool_call><|im_end|>')
+        '<tool_call>\nget_weather {"city": "Paris"}\n</tool_call><|im_end|>')
 
 
 @pytest.fixture

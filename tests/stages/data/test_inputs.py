@@ -61,7 +61,8 @@ def test_empty_text_names_the_example(tmp_path, tokenizer, text):
 
 
 def test_missing_field_is_named(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"data\.text_field 'text' is not a column.*\['body'\]"):
+    with pytest.raises(ValueError, match=r"m\.jsonl: no column of a supported input format \(columns: \['body'\]\); supported "
+                                         r"formats and the keys that select them: text \(a string column data\.text_field='text'"):
         examples(write_jsonl(tmp_path / "m.jsonl", [{"body": "x"}]), tokenizer)
 
 

@@ -76,20 +76,22 @@ def test_a_directory_without_a_run_is_named(tmp_path):
 
 
 def test_eval_sets_are_read_as_stage_one_reads_data(tool_chat_jsonl, tiny_jsonl, tiny_model_dir, tmp_path):
-    """A set with the chat column is chat (assistant bodies scored), any other set text, read with
-    data.text_field (the old eval.text_field is refused, naming it)."""
+    """A set with the chat column is chat (assistant bodies scored), a set with the text column text,
+    read with data.text_field (the old eval.text_field is refused, naming it)."""
+    from stages.data.inputs import input_format, load_rows
     from stages.eval.evaluate import eval_data_config
 
-    config = load_config(None, [f"model={tiny_model_dir}"])
-    assert eval_data_config(str(tool_chat_jsonl), config.data, config.eval).messages_field == "messages"
-    assert eval_data_config(str(tiny_jsonl), config.data, config.eval).messages_field == ""
+    config = load_config(None, [f"model={tiny_model_dir}", "data.format=text"])  # the training set's format is not the eval set's
+    kind = lambda path, data: input_format(cfg := eval_data_config(str(path), data, config.eval), load_rows(cfg).column_names).kind  # noqa: E731
+    assert kind(tool_chat_jsonl, config.data) == "chat"
+    assert kind(tiny_jsonl, config.data) == "text"
     renamed = tmp_path / "body.jsonl"
     renamed.write_text("".join(json.dumps({"body": json.loads(line)["text"]}) + "\n" for line in tiny_jsonl.read_text().splitlines()))
     with pytest.raises(ValueError, match="'eval.text_field' was removed: use data.text_field"):
         load_config(None, [f"model={tiny_model_dir}", "eval.text_field=body"])
     body = load_config(None, [f"model={tiny_model_dir}", "data.text_field=body"])
-    assert eval_data_config(str(renamed), body.data, body.eval).text_field == "body"
-    with pytest.raises(ValueError, match=r"neither a chat column 'messages' nor a text column 'text'"):
+    assert kind(renamed, body.data) == "text"
+    with pytest.raises(ValueError, match=r"body\.jsonl: no column of a supported input format \(columns: \['body'\]\)"):
         eval_data_config(str(renamed), config.data, config.eval)
 
 
