@@ -309,9 +309,10 @@ def _common_prefix(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _agreement_modulo_whitespace(text: str, tail: str) -> int:
-    """How much of `text` agrees with `tail` when whitespace in both is ignored: the index just
-    after the last non-whitespace character of `tail` matched in order (0 when none is)."""
+def _agreement_modulo_whitespace(text: str, tail: str) -> tuple[int, bool]:
+    """How much of `text` agrees with `tail` when whitespace in both is ignored: (the index just
+    after the last non-whitespace character of `tail` matched in order, 0 when none is; whether
+    all of `tail` matched)."""
     i = j = end = 0
     while True:
         while i < len(text) and text[i].isspace():
@@ -319,7 +320,7 @@ def _agreement_modulo_whitespace(text: str, tail: str) -> int:
         while j < len(tail) and tail[j].isspace():
             j += 1
         if i == len(text) or j == len(tail) or text[i] != tail[j]:
-            return end
+            return end, j == len(tail)
         i, j, end = i + 1, j + 1, i + 1
 
 
@@ -327,6 +328,7 @@ def _agreement_modulo_whitespace(text: str, tail: str) -> int:
 class _Header:
     body_start: int  # index in the rendering of the body's first character
     text: str        # the header as the template writes it (a body must not hold it)
+    whole: bool = True  # the rendering agrees with all of the generation prompt's tail (modulo whitespace)
 
 
 def _header(tokenizer, messages, marked, i: int, spans: dict, rendered: str, tools) -> _Header:
@@ -352,7 +354,8 @@ def _header(tokenizer, messages, marked, i: int, spans: dict, rendered: str, too
         raise ChatMaskError(f"message {i}: the generation prompt renders message content after message {before[-1]}")
     content_start = spans[i][0] if i in spans else None
     limit = len(rendered) if content_start is None else content_start  # a header never reaches into content
-    end = anchor + _agreement_modulo_whitespace(rendered[anchor:limit], tail)
+    agreed, whole = _agreement_modulo_whitespace(rendered[anchor:limit], tail)
+    end = anchor + agreed
     if prompt == plain:  # no generation-prompt block (Mistral, Llama 2, many community templates)
         if content_start is None:
             raise ChatMaskError(f"message {i}: the template has no generation-prompt block and this assistant turn has "
@@ -363,7 +366,7 @@ def _header(tokenizer, messages, marked, i: int, spans: dict, rendered: str, too
         if not own.strip():  # the previous turn's ending is all the header: the body starts right after it
             return _Header(end, tail)
         tail, end = rendered[anchor:end + len(own.rstrip())], end + len(own.rstrip())
-    return _Header(_first_body_character(rendered, end, content_start), tail)
+    return _Header(_first_body_character(rendered, end, content_start), tail, whole)
 
 
 def _first_body_character(rendered: str, header_end: int, content_start: int | None) -> int:
@@ -430,7 +433,7 @@ class _Turn:
     first: int       # token index of the body's first token
     last: int        # token index of the body's last token (inclusive)
     header: str      # the template's header for this turn
-    closed: bool     # the template closed the turn (stop token or closing text)
+    closer: str      # what the template closed the turn with after its content (stop token(s) or closing text; "" if none)
 
 
 def _turns(tokenizer, messages, rendered, ids, offsets, stops: StopSet, tools) -> tuple[list[_Turn], dict]:
@@ -448,6 +451,12 @@ def _turns(tokenizer, messages, rendered, ids, offsets, stops: StopSet, tools) -
             continue
         header = _header(tokenizer, messages, marked, i, spans, rendered, tools)
         start = header.body_start
+        if not header.whole and i in spans and rendered[start:spans[i][0]].strip():
+            # the prompt's header stops agreeing before the content, and template text is left over:
+            # a header the loop writes differently (a think opener the loop leaves out leaves none)
+            raise ChatMaskError(f"message {i}: the template's assistant header differs between its message loop "
+                                f"({rendered[start:spans[i][0]].strip()!r} before the content) and its generation prompt "
+                                f"({_header_key(header.text)!r}) by more than whitespace")
         content_end = spans[i][1] if i in spans else start
         region_end = min([b for b, _ in spans.values() if b >= max(content_end, start + 1)] + [len(rendered)])
         first = _token_index_at(offsets, start)
@@ -458,7 +467,7 @@ def _turns(tokenizer, messages, rendered, ids, offsets, stops: StopSet, tools) -
         if i not in spans and offsets[last][0] <= start:
             raise ChatMaskError(f"message {i}: the chat template renders nothing for this assistant turn but its "
                                 "closing token (are its tool calls rendered by the template?)")
-        turns.append(_Turn(i, first, last, header.text, closed))
+        turns.append(_Turn(i, first, last, header.text, rendered[content_end:offsets[last][1]].strip() if closed else ""))
     _check_bodies(turns, spans, messages, offsets)
     _check_headers(turns, spans, rendered, offsets)
     return turns, spans
@@ -564,13 +573,13 @@ def mask_conversation(messages, tokenizer, stops: StopSet | None = None, tools: 
     trained = [False] * len(ids)
     for turn in turns:
         trained[turn.first:turn.last + 1] = [True] * (turn.last + 1 - turn.first)
-    unclosed = [turn for turn in turns if not turn.closed]
+    unclosed = [turn for turn in turns if not turn.closer]
     if not append_eos:
         return ChatMask(ids, trained, len(unclosed))
-    closed = next((turn for turn in turns if turn.closed), None)
+    closed = next((turn for turn in turns if turn.closer), None)
     if closed is not None:
         raise ChatMaskError(f"message {closed.message}: assistant_eos=append, but the template closes this assistant turn "
-                            f"itself (with {rendered[offsets[closed.last][0]:offsets[closed.last][1]]!r}); use assistant_eos=none")
+                            f"itself (with {closed.closer!r}); use assistant_eos=none")
     if tokenizer.eos_token_id is None:
         raise ChatMaskError("assistant_eos=append, but the tokenizer has no eos_token to append")
     for turn in reversed(unclosed):  # from the end, so earlier token indices stay valid
