@@ -9,7 +9,7 @@ import pytest
 
 import stages.teacher.stage_one as stage_one
 from pipeline.config import load_config
-from stages.data.inputs import INPUT_RULES_VERSION
+from stages.data.inputs import INPUT_RULES
 from stages.teacher.runner import run_cache_teacher
 from storage_schemas import FingerprintMismatch, Manifest
 
@@ -80,7 +80,7 @@ def test_package_versions_and_locations_are_not_identity(half_cache):
 
 
 def test_manifest_records_the_input_rules_and_the_same_run_resumes(half_cache, tiny_model_dir, tiny_jsonl, full_cache):
-    assert Manifest.load(half_cache).dataset.input_rules == INPUT_RULES_VERSION
+    assert Manifest.load(half_cache).dataset.input_rules == INPUT_RULES["text"] == 2  # text rules unchanged by issue 23
     assert run_cache_teacher(make_config(tiny_model_dir, tiny_jsonl, half_cache)).shards_written_now == 1
     assert Manifest.load(half_cache).token_ids_sha256 == Manifest.load(full_cache).token_ids_sha256
 
@@ -88,11 +88,11 @@ def test_manifest_records_the_input_rules_and_the_same_run_resumes(half_cache, t
 def test_a_cache_from_before_the_input_rules_reads_as_version_1_and_is_not_resumed(half_cache, tiny_model_dir, tiny_jsonl):
     assert Manifest.load(OLD_CACHE).dataset.input_rules == 1  # checked-in manifest, written without the field
     raw = json.loads((half_cache / "manifest.json").read_text())
-    del raw["dataset"]["input_rules"]  # as the code before INPUT_RULES_VERSION wrote it
+    del raw["dataset"]["input_rules"]  # as the code before input rules were versioned wrote it
     (half_cache / "manifest.json").write_text(json.dumps(raw, indent=2))
     assert Manifest.load(half_cache).dataset.input_rules == 1
     message = _refused(make_config(tiny_model_dir, tiny_jsonl, half_cache), half_cache, "dataset.input_rules")
-    assert f"dataset.input_rules differs: cache has 1, this run has {INPUT_RULES_VERSION}" in message
+    assert f"dataset.input_rules differs: cache has 1, this run has {INPUT_RULES['text']}" in message
 
 
 def test_scale_out_workers_and_merge_refuse_mixed_dtypes(tiny_model_dir, tiny_jsonl, tmp_path):
