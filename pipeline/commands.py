@@ -132,6 +132,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_show_mask(args) -> int:
+    from pipeline.show_mask import show_mask
+
+    text, status = show_mask(_config(args), args.example, args.tokens)
+    print(text)
+    return status
+
+
 def cmd_train(args) -> int:
     config = _config(args)
     from stages.student.runner import run_train
@@ -249,6 +257,16 @@ _TABLE = (
              arg("--position", type=int, default=0, help="position i predicts token i+1 (default 0)"),
              arg("--model", default=None, help="model dir whose tokenizer decodes ids (default: the cache's teacher)"),
              arg("--top", type=int, default=10, help="how many cached tokens to show (default 10)"))),
+    Command("show-mask", "print one example of the data with its trained text marked, before any teacher time",
+            "Reads one example as stage one does (format, chat template, mask, truncation) and prints the text with\n"
+            "the trained spans between ⟦ and ⟧ (which tokens are trained: docs/chat-data.md); a refused example\n"
+            "prints the reason (exit 1).\n\n"
+            "    python -m pipeline show-mask --config configs/demo.yaml --example 3\n"
+            "    python -m pipeline show-mask --config my.yaml data.path=chats.jsonl --example 0 --tokens",
+            cmd_show_mask,
+            (*CONFIG_ARGS,
+             arg("--example", type=int, default=0, help="example id: the row's 0-based index in data.path (default 0)"),
+             arg("--tokens", action="store_true", help="also list every token: position, id, T if trained, text"))),
     Command("train", "stage two: LoRA on the cached shards with the masked KL",
             "Trains a LoRA adapter on the cache: CE on the target plus the method's regularizer (train.method).\n\n"
             "    python -m pipeline train --config configs/demo.yaml train.method=tail train.reg_weight=0.5",
