@@ -496,15 +496,23 @@ def _header_key(header: str) -> str:
     return "".join(lines[-1].split()) if lines else ""
 
 
+def _template_text(rendered: str, begin: int, end: int, spans: dict) -> str:
+    """The template's own text in rendered[begin:end] (outside every message's content), whitespace removed."""
+    pieces, at = [], begin
+    for s, e in sorted(spans.values()):
+        if e > at and s < end:
+            pieces.append(rendered[at:s] if s > at else "")
+            at = max(at, e)
+    pieces.append(rendered[at:end] if at < end else "")
+    return "".join("".join(piece.split()) for piece in pieces)
+
+
 def _check_headers(turns: list[_Turn], spans, rendered: str, offsets) -> None:
     """No body holds its turn's header in template text (outside every message's content: an
     answer that itself contains `### Response:` stays trainable)."""
     for turn in turns:
         key = _header_key(turn.header)
-        begin, end = offsets[turn.first][0], offsets[turn.last][1]
-        in_content = [any(s <= pos < e for s, e in spans.values()) for pos in range(begin, end)]
-        template_text = "".join(ch for ch, inside in zip(rendered[begin:end], in_content) if not inside and not ch.isspace())
-        if key and key in template_text:
+        if key and key in _template_text(rendered, offsets[turn.first][0], offsets[turn.last][1], spans):
             raise ChatMaskError(f"message {turn.message}: its trained text holds the template's assistant header "
                                 f"{key!r}; the header was not matched (a template whose header differs between its "
                                 "message loop and its generation prompt by more than whitespace)")
