@@ -476,6 +476,7 @@ def run_command(argv: list[str]) -> int:
         parser.error(f"a COMMAND is required{f', not only {argv}' if argv else ''} (see `python -m pipeline --help`)")
     top = parser.parse_args(argv)
     command = COMMANDS[top.command]
-    args = command_parser(command).parse_args(top.args)
+    # intermixed: `k=v` overrides may come before and after options (`--example 3 data.x=y` and the reverse)
+    args = command_parser(command).parse_intermixed_args(top.args)
     args.command_line = " ".join(["python -m pipeline", *argv])  # the encoding study records it
     return command.handler(args)

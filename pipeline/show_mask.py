@@ -3,12 +3,16 @@
     python -m pipeline show-mask --config my.yaml --example 3
     python -m pipeline show-mask --config my.yaml --example 3 --tokens   # one line per token
 
+The text is the tokenizer's decoding of the example's tokens; `--tokens` adds each token's own
+piece (e.g. SentencePiece's "▁Hello", byte-level "Ġthe"), which shows where spaces belong.
 It reads the example through the same code as stage one (stages/data/inputs.py: format, template,
 mask, truncation), so what it marks is what the cache and the loss would use, before any teacher
 time is spent (as axolotl's `preprocess --debug` does). Trained text is printed between ⟦ and ⟧;
 an example stage one would refuse is printed with the reason and exits 1.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from pipeline.config import Config
 
@@ -17,15 +21,26 @@ __all__ = ["show_mask", "OPEN", "CLOSE"]
 OPEN, CLOSE = "⟦", "⟧"  # around trained text: brackets that do not occur in templates or code
 
 
-def _runs(ids: list[int], trained: list[bool]) -> list[tuple[bool, list[int]]]:
-    """Consecutive tokens grouped by whether they are trained."""
-    runs: list[tuple[bool, list[int]]] = []
-    for token, on in zip(ids, trained):
-        if runs and runs[-1][0] == on:
-            runs[-1][1].append(token)
-        else:
-            runs.append((on, [token]))
-    return runs
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _marked_text(tokenizer, ids: list[int], trained: list[bool]) -> str:
+    """The decoded sequence with each trained run between OPEN and CLOSE. Run edges are cut in the
+    decoding of the whole sequence (a SentencePiece "▁Hello" decoded alone loses its space), at the
+    length of each prefix's decoding; runs are decoded one by one only where a prefix's decoding is
+    not a prefix of the whole."""
+    edges = [t for t in range(1, len(ids)) if trained[t] != trained[t - 1]] + [len(ids)]
+    whole, pieces, begin, at = _decode(tokenizer, ids), [], 0, 0
+    for edge in edges:
+        prefix = _decode(tokenizer, ids[:edge])
+        if not whole.startswith(prefix) or len(prefix) < at:
+            return "".join(f"{OPEN}{_decode(tokenizer, ids[b:e])}{CLOSE}" if trained[b] else _decode(tokenizer, ids[b:e])
+                           for b, e in zip([0, *edges[:-1]], edges))
+        text = whole[at:len(prefix)]
+        pieces.append(f"{OPEN}{text}{CLOSE}" if trained[begin] else text)
+        begin, at = edge, len(prefix)
+    return "".join(pieces)
 
 
 def show_mask(config: Config, example: int, tokens: bool = False) -> tuple[str, int]:
@@ -35,7 +50,7 @@ def show_mask(config: Config, example: int, tokens: bool = False) -> tuple[str, 
 
     from stages.data.inputs import InputReport, input_format, load_rows, tokenize_rows
 
-    data = config.data
+    data = dataclasses.replace(config.data, on_bad_example="refuse")  # a skipped example still shows its reason
     rows = load_rows(data)
     if not 0 <= example < len(rows):
         raise ValueError(f"--example {example}: {data.path} has examples 0..{len(rows) - 1}")
@@ -48,12 +63,12 @@ def show_mask(config: Config, example: int, tokens: bool = False) -> tuple[str, 
     except ValueError as err:
         return f"{head}\nrefused by stage one: {err}", 1
     ids, trained = shown.input_ids.tolist(), [False] + shown.loss_mask.tolist()  # token t is trained at position t-1
-    decode = lambda run: tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     lines = [head, f"{len(ids)} tokens, {sum(trained)} trained"
              + (f"; truncated to data.max_length={data.max_length}" if shown.truncated else "")
-             + f"; trained text between {OPEN} and {CLOSE}", "-" * 72,
-             "".join(f"{OPEN}{decode(run)}{CLOSE}" if on else decode(run) for on, run in _runs(ids, trained)), "-" * 72]
+             + f"; trained text between {OPEN} and {CLOSE}", "-" * 72, _marked_text(tokenizer, ids, trained), "-" * 72]
     if tokens:
-        lines += [f"{t:5d} {token:7d} {'T' if on else '.'} {decode([token])!r}" for t, (token, on) in enumerate(zip(ids, trained))]
+        lines.append("position      id trained  decoded          token")
+        lines += [f"{t:8d} {token:7d} {'T' if on else '.':>7}  {_decode(tokenizer, [token])!r:<16} {tokenizer.convert_ids_to_tokens(token)}"
+                  for t, (token, on) in enumerate(zip(ids, trained))]
     lines += [f"warning: {line}" for line in report.warnings()]
     return "\n".join(lines), 0

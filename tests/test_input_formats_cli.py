@@ -105,7 +105,7 @@ def test_show_mask_on_standard_pairs_and_a_refused_row(tiny_model_dir, tmp_path,
     pairs.write_text(json.dumps({"prompt": "Add a and b.\n", "completion": "return a + b"}) + "\n")
     _, out = main(capsys, "show-mask", "--config", "", f"model={tiny_model_dir}", f"data.path={pairs}", "--tokens")
     assert "Add a and b.\n⟦return a + b</s>⟧\n" in out and "(prompt-completion, columns prompt, completion)" in out
-    assert re.search(r"\n +\d+ +\d+ T 're'\n +\d+ +\d+ T 'turn'\n", out)  # --tokens: "\nreturn" is 're' 'turn' here
+    assert re.search(r"\n +\d+ +\d+ +T  're' +re\n +\d+ +\d+ +T  'turn' +turn\n", out)  # --tokens: "\nreturn" is 're' 'turn' here
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}) + "\n")
     status, out = main(capsys, "show-mask", "--config", "", f"model={tiny_model_dir}", f"data.path={chat}")

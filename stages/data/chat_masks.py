@@ -170,11 +170,14 @@ class StopSet:
     right after an assistant reply (e.g. ChatML's <|im_end|> when eos is <|endoftext|>; a template
     may close earlier turns differently from the last, as gpt-oss does with <|end|> / <|return|>);
     `closing_text`: for a template that renders no stop token, the non-whitespace text it writes
-    after every assistant content ("" when it writes none: its turns are unclosed)."""
+    after every assistant content ("" when it writes none: its turns are unclosed);
+    `closes_every_turn`: whether every assistant turn of the sample conversation was closed by one
+    of these (False for a template that leaves a turn unclosed, even if it closes the last one)."""
 
     eos: frozenset[int]
     closers: frozenset[int]
     closing_text: str = ""
+    closes_every_turn: bool = True
 
     @property
     def all(self) -> frozenset[int]:
@@ -194,13 +197,16 @@ def _first_token_after(tokenizer, text: str, after: int) -> tuple[int, str] | No
 
 def _closing_text(after_turns: list[str]) -> str:
     """The closing text common to every assistant turn: the longest common prefix of what the
-    template writes after each assistant content that ends on a non-whitespace character followed,
-    in every turn, by whitespace or the end ("" if that is whitespace only)."""
+    template writes after each assistant content (the last turn's: to the end of the rendering)
+    that ends on a non-whitespace character where a piece of text ends — in every turn followed by
+    whitespace or the end, or all the last turn writes (ChatML written without a newline between
+    turns: `<|im_end|><|im_start|>user`); "" if that is whitespace only."""
     common = after_turns[0]
     for text in after_turns[1:]:
         common = common[:_common_prefix(common, text)]
     for n in range(len(common), 0, -1):
-        if not common[n - 1].isspace() and all(n == len(t) or t[n].isspace() for t in after_turns):
+        ends_a_piece = all(n == len(t) or t[n].isspace() for t in after_turns) or n == len(after_turns[-1].rstrip())
+        if not common[n - 1].isspace() and ends_a_piece:
             return common[:n] if common[:n].strip() else ""
     return ""
 
@@ -228,10 +234,10 @@ def stop_token_ids(tokenizer) -> StopSet:
         closers = {t for j, t in found.items() if sample[j]["role"] == "assistant" and (j == last or t in user_closers)}
         assistant = [j for j in spans if sample[j]["role"] == "assistant"]
         following = [min([spans[k][0] for k in spans if spans[k][0] > spans[j][1]] + [len(text)]) for j in assistant]
-        rendered_stop = any(t in eos | closers for j, e in zip(assistant, following)
-                            for t in _special_between(tokenizer, text, spans[j][1], e))
-        closing = "" if rendered_stop else _closing_text([text[spans[j][1]:e] for j, e in zip(assistant, following)])
-        return StopSet(frozenset(eos), frozenset(closers), closing)
+        stopped = [any(t in eos | closers for t in _special_between(tokenizer, text, spans[j][1], e))
+                   for j, e in zip(assistant, following)]
+        closing = "" if any(stopped) else _closing_text([text[spans[j][1]:e] for j, e in zip(assistant, following)])
+        return StopSet(frozenset(eos), frozenset(closers), closing, closes_every_turn=all(stopped) or bool(closing))
     return StopSet(frozenset(eos), frozenset())
 
 
@@ -342,7 +348,9 @@ def _header(tokenizer, messages, marked, i: int, spans: dict, rendered: str, too
         prompt = _render(tokenizer, marked[:i], generation_prompt=True, tools=tools)
         plain = _render(tokenizer, marked[:i], tools=tools)
     except ChatMaskError as err:
-        raise ChatMaskError(f"message {i}: no generation prompt precedes this assistant turn ({err})") from None
+        advice = ("; an assistant message that opens the conversation can be kept as context with weight: 0, or put a "
+                  "system or user message before it") if i == 0 else ""
+        raise ChatMaskError(f"message {i}: no generation prompt precedes this assistant turn ({err}){advice}") from None
     before = [j for j in range(i) if j in spans]
     anchor, tail = 0, prompt
     if before:
@@ -423,7 +431,9 @@ def _last_token_before(tokenizer, i, ids, offsets, rendered, char: int) -> int:
     last = _token_index_at(offsets, char - 1)
     if rendered[char:offsets[last][1]].strip():
         raise ChatMaskError(f"message {i}: the token {_token_name(tokenizer, ids, last)} holds both the end of this "
-                            "assistant turn and the text after it")
+                            f"assistant turn and the text after it ({rendered[char:offsets[last][1]]!r}), so where the turn "
+                            "ends falls inside a token; a template that closes turns with a special token, or writes a "
+                            "newline after each turn, keeps them apart")
     return last
 
 
@@ -454,9 +464,10 @@ def _turns(tokenizer, messages, rendered, ids, offsets, stops: StopSet, tools) -
         if not header.whole and i in spans and rendered[start:spans[i][0]].strip():
             # the prompt's header stops agreeing before the content, and template text is left over:
             # a header the loop writes differently (a think opener the loop leaves out leaves none)
+            loop = _last_line(rendered[spans[max(j for j in spans if j < i)][1] if any(j < i for j in spans) else 0:spans[i][0]])
             raise ChatMaskError(f"message {i}: the template's assistant header differs between its message loop "
-                                f"({rendered[start:spans[i][0]].strip()!r} before the content) and its generation prompt "
-                                f"({_header_key(header.text)!r}) by more than whitespace")
+                                f"({loop!r} before the content) and its generation prompt "
+                                f"({_last_line(header.text)!r}) by more than whitespace")
         content_end = spans[i][1] if i in spans else start
         region_end = min([b for b, _ in spans.values() if b >= max(content_end, start + 1)] + [len(rendered)])
         first = _token_index_at(offsets, start)
@@ -489,11 +500,16 @@ def _check_bodies(turns: list[_Turn], spans, messages, offsets) -> None:
         previous_end = last
 
 
+def _last_line(text: str) -> str:
+    """The last non-empty line of `text`, stripped ("" if none)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def _header_key(header: str) -> str:
     """The header's last non-empty line without whitespace ("<|im_start|>assistant", "###Response:"):
     what a trained stretch of template text must not hold."""
-    lines = [line for line in header.splitlines() if line.strip()]
-    return "".join(lines[-1].split()) if lines else ""
+    return "".join(_last_line(header).split())
 
 
 def _template_text(rendered: str, begin: int, end: int, spans: dict) -> str:
@@ -584,10 +600,10 @@ def mask_conversation(messages, tokenizer, stops: StopSet | None = None, tools: 
     unclosed = [turn for turn in turns if not turn.closer]
     if not append_eos:
         return ChatMask(ids, trained, len(unclosed))
-    closed = next((turn for turn in turns if turn.closer), None)
-    if closed is not None:
-        raise ChatMaskError(f"message {closed.message}: assistant_eos=append, but the template closes this assistant turn "
-                            f"itself (with {closed.closer!r}); use assistant_eos=none")
+    if stops.closes_every_turn:
+        closed = next((f" (message {turn.message} with {turn.closer!r})" for turn in turns if turn.closer), "")
+        raise ChatMaskError(f"assistant_eos=append, but the template closes every assistant turn itself{closed}; "
+                            "use assistant_eos=none")
     if tokenizer.eos_token_id is None:
         raise ChatMaskError("assistant_eos=append, but the tokenizer has no eos_token to append")
     for turn in reversed(unclosed):  # from the end, so earlier token indices stay valid

@@ -107,8 +107,10 @@ def _formats_help(cfg: DataConfig) -> str:
 def _mapping_hint(columns: list[str]) -> str:
     names = {c.lower() for c in columns}
     if {"instruction", "output"} <= names:
-        return ("; Alpaca-style rows (instruction/input/output): write prompt = instruction (+ \"\\n\\n\" + input) and "
-                "completion = output as prompt/completion columns, or point data.prompt_field/data.completion_field at them")
+        return ("; Alpaca-style rows (instruction/input/output): write them as a 'messages' column, [{role: user, content: "
+                "instruction + \"\\n\\n\" + input}, {role: assistant, content: output}] (the chat template writes the "
+                "headers), or as prompt/completion columns with the headers in the prompt: prompt = \"### Instruction:\\n\" + "
+                "instruction + \"\\n\\n### Input:\\n\" + input + \"\\n\\n### Response:\\n\", completion = output")
     if "conversations" in names:
         return ("; ShareGPT rows ('conversations' of {from, value}): convert each to {role, content} (human -> user, "
                 "gpt -> assistant) in a 'messages' column")
@@ -164,35 +166,49 @@ def source_files(path_text: str) -> list[Path]:
 
 
 def _check_text_files(files: list[Path]) -> None:
-    """Text inputs must be UTF-8 (`datasets` would otherwise replace bad bytes silently) and not
-    empty (`datasets` stops with a bare StopIteration); errors name the file and the 1-based line."""
+    """Text inputs must be UTF-8 (`datasets` would otherwise replace bad bytes silently) and hold
+    rows (`datasets` stops with a bare StopIteration, or "no data" for a CSV header alone); errors
+    name the file and the 1-based line."""
     for path in files:
         if path.suffix not in (".jsonl", ".json", ".csv"):
             continue
         with open(path, "rb") as fh:
-            blank = True
+            filled = 0
             for number, line in enumerate(fh, start=1):
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError:
                     raise ValueError(f"{path}: line {number} is not valid UTF-8") from None
-                blank = blank and not text.strip()
-        if blank:
+                filled += bool(text.strip())
+        if not filled:
             raise ValueError(f"{path}: the file is empty (no rows); remove it or point data.path at the data")
+        if path.suffix == ".csv" and filled == 1:
+            raise ValueError(f"{path}: a header line and no rows; remove it or point data.path at the data")
 
 
-def _first_bad_json_line(path: Path) -> str | None:
-    """'line N: reason' for the first line of a JSON Lines file that is not one JSON object."""
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"line {number} is not valid JSON ({err.msg} at column {err.colno}): {line.strip()[:80]!r}"
-            if not isinstance(value, dict):
-                return f"line {number} is a JSON {type(value).__name__}, not an object of columns: {line.strip()[:80]!r}"
+def _json_problem(path: Path) -> str | None:
+    """What is wrong with a .json/.jsonl file, by 1-based line: a .json file is one JSON document (an
+    array or object of rows) or JSON Lines; a .jsonl file is JSON Lines (one object per line)."""
+    text = path.read_text(encoding="utf-8")
+    first = text.lstrip()[:1]
+    if path.suffix == ".json" and first in "[{":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as err:
+            if first == "[" or err.msg != "Extra data":  # "Extra data": several objects, i.e. JSON Lines
+                return f"line {err.lineno} is not valid JSON ({err.msg}, column {err.colno})"
+    if path.suffix == ".jsonl" and first == "[":
+        return "line 1 starts a JSON array, not JSON Lines (one object per line): name the file .json"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number} is not valid JSON ({err.msg}, column {err.colno}): {line.strip()[:80]!r}"
+        if not isinstance(value, dict):
+            return f"line {number} is a JSON {type(value).__name__}, not an object of columns: {line.strip()[:80]!r}"
     return None
 
 
@@ -229,8 +245,8 @@ def load_rows(cfg: DataConfig, check_field: bool = True):
 
 def _explain_load_error(files: list[Path], err: Exception) -> str:
     for path in files:
-        if path.suffix == ".jsonl":
-            bad = _first_bad_json_line(path)
+        if path.suffix in (".jsonl", ".json"):
+            bad = _json_problem(path)
             if bad:
                 return f"{path}: {bad}"
     return f"could not read {', '.join(map(str, files[:3]))}: {type(err).__name__}: {err}"

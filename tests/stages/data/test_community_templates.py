@@ -62,6 +62,15 @@ NO_CLOSER = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content
 CLOSING_TEXT = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n"
                 "{% else %}Bot: {{ m.content }}\n### End\n{% endif %}{% endfor %}{% if add_generation_prompt %}Bot:{% endif %}")
 
+# ChatML written as plain text with no newline between turns: the closer runs straight into the next
+# turn's header (OpenChat's "<|end_of_turn|>GPT4 Correct User:" is the same shape).
+CHATML_NO_NEWLINE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# Only the conversation's end is closed (EOS when no generation prompt is asked for): earlier turns are unclosed.
+EOS_AT_END = ("{% for m in messages %}{{ '### Human: ' if m.role == 'user' else '### Assistant: ' }}{{ m.content }}\n{% endfor %}"
+              "{% if add_generation_prompt %}### Assistant:{% else %}{{ eos_token }}{% endif %}")
+
 TWO_TURNS = [{"role": "user", "content": "Name an animal."}, {"role": "assistant", "content": "the quick fox."},
              {"role": "user", "content": "Add a and b."}, {"role": "assistant", "content": "return a + b"}]
 PARIS = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
@@ -84,6 +93,8 @@ CASES = {
         ["### Response: starts it.</s>"], 0),
     "no-closer": (NO_CLOSER, TWO_TURNS, [" the quick fox.", " return a + b"], 2),
     "closing-text": (CLOSING_TEXT, TWO_TURNS, [" the quick fox.\n### End", " return a + b\n### End"], 0),
+    "closer-before-next-turn": (CHATML_NO_NEWLINE, TWO_TURNS, ["the quick fox.<|im_end|>", "return a + b<|im_end|>"], 0),
+    "eos-only-at-the-end": (EOS_AT_END, TWO_TURNS, [" the quick fox.", " return a + b\n</s>"], 1),
 }
 
 
@@ -123,22 +134,27 @@ def test_trained_text_per_community_template(name, base_dir, tmp_path):
     assert mask.ids == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("name", ["no-closer", "bos-per-turn-no-closer"])
-def test_append_eos_closes_unclosed_turns_in_the_token_stream(name, base_dir, tmp_path):
-    """assistant_eos=append inserts the tokenizer's EOS id right after each reply, trained; the
-    rendering's own text is unchanged around it."""
-    template, messages, expected, _ = CASES[name]
+@pytest.mark.parametrize("name, expected", [
+    ("no-closer", [" the quick fox.</s>", " return a + b</s>"]),
+    ("bos-per-turn-no-closer", ["the quick fox.</s>", "return a + b</s>"]),
+    ("eos-only-at-the-end", [" the quick fox.</s>", " return a + b\n</s>"]),  # the closed last turn is left as it is
+])
+def test_append_eos_closes_unclosed_turns_in_the_token_stream(name, expected, base_dir, tmp_path):
+    """assistant_eos=append inserts the tokenizer's EOS id right after each unclosed reply, trained;
+    the rendering's own text is unchanged around it."""
+    template, messages, _, unclosed = CASES[name]
     tok = with_template(base_dir, tmp_path, template)
     plain, appended = mask_conversation(messages, tok), mask_conversation(messages, tok, append_eos=True)
-    assert trained_runs(appended.ids, appended.trained, tok) == [run + "</s>" for run in expected]
-    assert appended.eos_appended == 2 and len(appended.ids) == len(plain.ids) + 2
-    assert [t for t in appended.ids if t != tok.eos_token_id] == plain.ids
+    assert trained_runs(appended.ids, appended.trained, tok) == expected
+    assert appended.eos_appended == unclosed and len(appended.ids) == len(plain.ids) + unclosed
+    without_eos = lambda ids: [t for t in ids if t != tok.eos_token_id]  # noqa: E731
+    assert without_eos(appended.ids) == without_eos(plain.ids)
 
 
 def test_append_eos_is_refused_where_the_template_closes_turns(base_dir, tmp_path):
     tok = with_template(base_dir, tmp_path, CLOSING_TEXT)
-    with pytest.raises(ChatMaskError, match=r"message 1: assistant_eos=append, but the template closes this assistant turn "
-                                            r"itself \(with '### End'\); use assistant_eos=none"):
+    with pytest.raises(ChatMaskError, match=r"assistant_eos=append, but the template closes every assistant turn itself "
+                                            r"\(message 1 with '### End'\); use assistant_eos=none"):
         mask_conversation(TWO_TURNS, tok, append_eos=True)
 
 
@@ -152,8 +168,8 @@ def test_a_token_holding_header_and_reply_is_refused(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("loop_header, prompt_header, named", [
-    ("### Response:", "### Answer:", r"\('Response:' before the content\) and its generation prompt \('###Answer:'\)"),
-    ("Response:", "Answer: Response:", r"\('Response:' before the content\) and its generation prompt \('Answer:Response:'\)"),
+    ("### Response:", "### Answer:", r"\('### Response:' before the content\) and its generation prompt \('### Answer:'\)"),
+    ("Response:", "Answer: Response:", r"\('Response:' before the content\) and its generation prompt \('Answer: Response:'\)"),
 ])
 def test_a_header_the_prompt_writes_differently_is_refused_not_trained(loop_header, prompt_header, named, base_dir, tmp_path):
     """The loop and the generation prompt disagree by more than whitespace: the body would start
@@ -171,3 +187,13 @@ def test_a_template_that_drops_a_message_is_refused(base_dir, tmp_path):
     tok = with_template(base_dir, tmp_path, template)
     with pytest.raises(ChatMaskError, match=r"message 0 \(system\): the chat template does not render its content"):
         mask_conversation([{"role": "system", "content": "Be brief."}, *TWO_TURNS], tok)
+
+
+def test_a_conversation_opened_by_the_assistant_is_refused_with_what_works(base_dir, tmp_path):
+    tok = with_template(base_dir, tmp_path, CHATML_NO_NEWLINE)
+    opened = [{"role": "assistant", "content": "Hello, how can I help?"}, *TWO_TURNS]
+    with pytest.raises(ChatMaskError, match=r"message 0: no generation prompt precedes this assistant turn .*can be kept as context "
+                                            r"with weight: 0"):
+        mask_conversation(opened, tok)
+    kept = mask_conversation([{**opened[0], "weight": 0}, *TWO_TURNS], tok)
+    assert trained_runs(kept.ids, kept.trained, tok) == ["the quick fox.<|im_end|>", "return a + b<|im_end|>"]

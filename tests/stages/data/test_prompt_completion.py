@@ -132,7 +132,7 @@ def test_named_columns_override_the_defaults(tokenizer, tmp_path):
      r"a prompt column 'prompt' but no completion column 'completion' .*set data\.completion_field"),
     ([{"instruction": "Add", "input": "a, b", "output": "a + b"}], {},
      r"no column of a supported input format \(columns: \['instruction', 'input', 'output'\]\); supported formats and the keys "
-     r"that select them: text .*; Alpaca-style rows \(instruction/input/output\): write prompt = instruction"),
+     r"that select them: text .*; Alpaca-style rows \(instruction/input/output\): write them as a .messages. column"),
     ([{"conversations": [{"from": "human", "value": "hi"}]}], {}, r"ShareGPT rows \('conversations' of \{from, value\}\)"),
     ([{"text": "t"}], {"format": "chat"}, r"data\.format=chat needs column\(s\) \['messages'\], not found \(columns: \['text'\]\)"),
     ([{"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]}], {},
@@ -146,14 +146,19 @@ def test_shapes_that_cannot_be_read_are_refused_with_advice(rows, settings, mess
         read(write_jsonl(tmp_path / "pairs.jsonl", rows), tokenizer, **settings)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", r"empty\.jsonl: the file is empty \(no rows\)"),
-    ("\n  \n", r"empty\.jsonl: the file is empty \(no rows\)"),
-    ('{"text": "fine"}\n{"text": "broken\n{"text": "fine"}\n', r"empty\.jsonl: line 2 is not valid JSON \(.*\): '\{\"text\": \"broken'"),
-    ('{"text": "fine"}\n\n["a", "list"]\n', r"empty\.jsonl: line 3 is a JSON list, not an object of columns"),
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", r"empty\.jsonl: the file is empty \(no rows\)"),
+    ("blank.csv", "\n  \n", r"blank\.csv: the file is empty \(no rows\)"),
+    ("header.csv", "text\n", r"header\.csv: a header line and no rows"),
+    ("cut.jsonl", '{"text": "fine"}\n{"text": "broken\n{"text": "fine"}\n',
+     r"cut\.jsonl: line 2 is not valid JSON \(Unterminated string starting at, column 10\): '\{\"text\": \"broken'"),
+    ("list.jsonl", '{"text": "fine"}\n\n["a", "list"]\n', r"list\.jsonl: line 3 is a JSON list, not an object of columns"),
+    ("array.jsonl", '[\n  {"text": "fine"},\n  {"text": "fine"\n]\n', r"array\.jsonl: line 1 starts a JSON array, not JSON Lines .*\.json"),
+    ("lines.json", '{"text": "fine"}\n{"text": "fine"\n', r"lines\.json: line 2 is not valid JSON \(Expecting ',' delimiter"),
+    ("array.json", '[\n  {"text": "fine"},\n  {"text": "fine"\n]\n', r"array\.json: line 4 is not valid JSON \(Expecting ',' delimiter"),
 ])
-def test_empty_files_and_malformed_lines_are_named_by_file_and_line(content, message, tokenizer, tmp_path):
-    path = tmp_path / "empty.jsonl"
+def test_empty_files_and_malformed_lines_are_named_by_file_and_line(name, content, message, tokenizer, tmp_path):
+    path = tmp_path / name
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read(path, tokenizer)
