@@ -19,6 +19,7 @@ import importlib
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["Command", "COMMANDS", "arg", "call", "top_parser", "command_parser", "run_command", "settings_help"]
@@ -91,12 +92,20 @@ def cmd_build_default(args) -> int:
     return 0
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+
+
 def cmd_cache_teacher(args) -> int:
     config = _config(args)  # bad keys fail fast, before the heavy imports
     from stages.teacher.runner import run_cache_teacher
 
-    print(run_cache_teacher(config, overwrite=args.overwrite, launcher=args.launcher, num_workers=args.num_workers,
-                            worker_rank=args.worker_rank, ray_address=args.ray_address).render())
+    try:
+        print(run_cache_teacher(config, overwrite=args.overwrite, launcher=args.launcher, num_workers=args.num_workers,
+                                worker_rank=args.worker_rank, ray_address=args.ray_address).render())
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {config.cache.dir} keeps every shard finished so far; rerun the same command to resume",
+              file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
@@ -140,6 +149,17 @@ def cmd_show_mask(args) -> int:
     return status
 
 
+def cmd_export(args) -> int:
+    from pipeline.config import config_for_run
+    from stages.student.export import export_merged
+
+    config = config_for_run(args.run, [])
+    out = export_merged(Path(args.run) / "adapter", config.model, args.out, dtype=args.dtype)
+    print(f"wrote {out}: {config.model} with the adapter of {args.run} merged (load it with "
+          "AutoModelForCausalLM.from_pretrained, or serve it with vLLM)")
+    return 0
+
+
 def cmd_train(args) -> int:
     config = _config(args)
     from stages.student.runner import run_train
@@ -175,6 +195,16 @@ def cmd_demo(args) -> int:
 
 
 # --- handlers of the instruments ----------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    config = _config(args)
+    if args.shard:
+        config.sweep = dataclasses.replace(config.sweep, shard=args.shard)  # re-checked as the key is
+    from pipeline.studies.sweep import run_sweep
+
+    run_sweep(config)
+    return 0
+
+
 def cmd_encoding_study(args) -> int:
     from pipeline.studies.encoding.run import run_and_print
     from pipeline.studies.encoding.settings import StudyConfig
@@ -275,6 +305,15 @@ _TABLE = (
              arg("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir"),
              arg("--allow-model-mismatch", action="store_true",
                  help="accept a cache made by other weights (the tokenizer must still match)"))),
+    Command("export", "a run's adapter merged into a plain HF model directory (transformers and vLLM load it)",
+            "Merges the run's LoRA adapter into its base model (the model in the run's config.yaml) and saves a plain\n"
+            "model directory with the base's tokenizer, chat template and generation config.\n\n"
+            "    python -m pipeline export --run runs/demo/train --out exported/demo-merged",
+            cmd_export,
+            (arg("--run", required=True, help="a finished run directory (train.output_dir)"),
+             arg("--out", required=True, help="output directory (new or empty)"),
+             arg("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                 help="saved weights' dtype (default: the base's)"))),
     Command("eval", "learning (held-out target) vs forgetting (retention set, drift) of a run",
             "Learning vs forgetting of an adapter, or of the base model alone without --run; writes eval.json.\n\n"
             "    python -m pipeline eval --run runs/demo/train", cmd_eval,
@@ -288,7 +327,9 @@ _TABLE = (
     Command("sweep", "method x lambda x seed over one cache: results table and frontier plot",
             "Trains and evaluates one run per grid point over one cache; writes results.json/.md, frontier.png.\n\n"
             "    python -m pipeline sweep --config configs/sweep_demo.yaml 'sweep.seeds=[0]'",
-            on_config("pipeline.studies.sweep:run_sweep"), STUDY_CONFIG_ARGS, keys="sweep", instrument=True),
+            cmd_sweep, (*STUDY_CONFIG_ARGS, arg("--shard", default="", metavar="i/N", help=(
+                "run only runs i, i+N, ... of the grid (= sweep.shard; N processes split one grid, cache built first)"))),
+            keys="sweep", instrument=True),
     Command("approx-study", "cached estimators' D_k vs the exact masked KL for k up to |V|-1; tail vs live",
             "Scores fixed students (sweep runs) on held-out data: each cached estimator's D_k vs the exact D.\n\n"
             "    python -m pipeline approx-study --config configs/sweep_demo.yaml approx.examples=50",

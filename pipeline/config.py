@@ -47,8 +47,19 @@ class SweepConfig:
         "optional axis: train.k values (<= cache.k; cached estimators only); [] = cache's k")})
     lora_variants: list[str] = field(default_factory=list, metadata={"help": (
         "optional axis: train.lora.variant values; [] = as configured")})
+    records_dir: str = field(default="", metadata={"help": (
+        "a folder (tracked, e.g. docs/results/<study>) receiving each finished run's record as it finishes "
+        "(<run>.json: its key, resolved config, eval.json and metrics.json; base_eval.json); a record whose key "
+        "matches counts as done, so the sweep resumes from a fresh clone with no output_dir. \"\" = none")})
+    shard: str = field(default="", metadata={"help": (
+        "i/N: run only the grid's runs i, i+N, i+2N, ... (N processes split one grid; the cache must be "
+        "complete first); the table covers every run with a result. \"\" = all (also: sweep --shard i/N)")})
 
     def __post_init__(self) -> None:
+        if self.shard:
+            parts = self.shard.split("/")
+            _require(len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]),
+                     f"sweep.shard: expected i/N with 0 <= i < N, got {self.shard!r}")
         bad = [m for m in [*self.methods, *self.method_reg_weights] if m not in method_names()]
         _require(not bad, f"sweep.methods / sweep.method_reg_weights: {bad} not in {method_names()}")
         _require(bool(self.methods) and bool(self.reg_weights) and bool(self.seeds),

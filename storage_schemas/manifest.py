@@ -132,14 +132,20 @@ class Manifest:
         return next((s for s in self.shards if s.index == index), None)
 
     # --- identity ----------------------------------------------------------------------------
+    def identity(self) -> dict[str, dict]:
+        """What makes this cache this cache: each identity group's fields, without those only
+        recorded (locations, package versions)."""
+        return {group: {key: value for key, value in asdict(getattr(self, group)).items()
+                        if f"{group}.{key}" not in _RECORDED_ONLY} for group in _IDENTITY_FIELDS}
+
     def check_same_origin(self, other: "Manifest") -> None:
         """Raise FingerprintMismatch naming the first field where `other` differs from this cache."""
+        mine, theirs = self.identity(), other.identity()
         for group in _IDENTITY_FIELDS:
-            mine, theirs = asdict(getattr(self, group)), asdict(getattr(other, group))
-            for key in mine:
-                if f"{group}.{key}" not in _RECORDED_ONLY and mine[key] != theirs[key]:
+            for key, value in mine[group].items():
+                if value != theirs[group][key]:
                     raise FingerprintMismatch(
-                        f"{group}.{key} differs: cache has {mine[key]!r}, this run has {theirs[key]!r}"
+                        f"{group}.{key} differs: cache has {value!r}, this run has {theirs[group][key]!r}"
                     )
 
     # --- (de)serialization -------------------------------------------------------------------

@@ -4,9 +4,15 @@ learning/forgetting table and plot.
     python -m pipeline sweep --config configs/sweep_demo.yaml       (or: make sweep)
 
 Stage one runs once (or is skipped: a complete cache is reused). Each run trains into
-`sweep.output_dir/<method>-l<lambda>-s<seed>[-k<k>][-<variant>]/` and is evaluated there; a run whose
-eval.json exists is skipped, so a killed sweep continues where it stopped. At the end: results.json
-(one record per run), results.md (mean ± std over seeds per method, k, variant and lambda) and
+`sweep.output_dir/<method>-l<lambda>-s<seed>[-k<k>][-<variant>]/` and is evaluated there. Every run
+is keyed by what it computes (`run_key`: its resolved config and the cache's identity, in
+<run>/run_key.json): a finished run with the same key is reused, so a killed sweep continues where
+it stopped; a run directory with another key (a changed setting) is moved to
+`sweep.output_dir/stale/` and re-run, and the summary names both. The base model's evaluation
+(base_eval.json) is keyed the same way by `base_key`. `sweep.records_dir` receives each finished
+run's record as it finishes (a tracked folder: a matching record counts as done, so a sweep resumes
+on a fresh clone); `sweep.shard: i/N` (`sweep --shard i/N`) runs one N-th of the grid. At the end:
+results.json (one record per run), results.md (mean ± std over seeds per method, k, variant and lambda) and
 frontier.png (x: held-out target loss, y: increase of the retention loss over the base model; one
 curve per method (and k, variant) across lambda, error bars over seeds). With `train.report_to:
 tensorboard`, `tensorboard --logdir <sweep.output_dir>` shows every run's training curves (<run>/tensorboard)
@@ -25,7 +31,9 @@ allows comes from its entry in stages/student/methods.py.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +41,20 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline.config import Config
+from stages.common.stage_config import to_dict
 from stages.common.tensorboard_log import reports_to_tensorboard, tensorboard_dir
+from stages.data.inputs import source_files
 from stages.eval.evaluate import run_eval
 from stages.student.methods import get_method, method_names
 from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
+from storage_schemas import Manifest
+from storage_schemas.fingerprints import files_sha256
 
-__all__ = ["RunSpec", "plan_runs", "run_config", "run_sweep", "summarize", "plot_frontier", "log_sweep", "curve_label",
-           "record_weight"]
+__all__ = ["RunSpec", "plan_runs", "run_config", "run_key", "base_key", "run_sweep", "summarize", "plot_frontier", "log_sweep",
+           "curve_label", "record_weight"]
+
+KEY_FILE = "run_key.json"  # in each run directory: the key it was computed under and its resolved config
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,8 @@ def run_config(config: Config, spec: RunSpec, out: Path) -> Config:
     """The config of one run of the grid: `config` with the spec's method, lambda, seed, k and variant."""
     run = copy.deepcopy(config)
     run.train.method, run.train.reg_weight, run.train.seed = spec.method, spec.reg_weight, spec.seed
-    run.train.k = spec.k or config.train.k
+    # train.k means nothing to a method that reads no teacher arrays: 0 there, so its key ignores it
+    run.train.k = (spec.k or config.train.k) if get_method(spec.method).reads_cache else 0
     if spec.variant:
         run.train.lora.variant = spec.variant
     run.train.output_dir = str(out / spec.name)
@@ -99,36 +114,163 @@ def run_config(config: Config, spec: RunSpec, out: Path) -> Config:
 
 def _record(spec: RunSpec, result: dict) -> dict:
     adapted, forgetting = result["adapted"], result["forgetting"]
+    sets = result.get("sets", {})
     return {"name": spec.name, "method": spec.method, "reg_weight": spec.reg_weight, "seed": spec.seed,
             "k": spec.k, "variant": spec.variant,
             "target_loss": adapted["target"]["loss"], "target_accuracy": adapted["target"]["accuracy"],
             "source_loss": adapted["source"]["loss"], "source_loss_increase": forgetting["source_loss_increase"],
-            "drift_kl": adapted["source"]["drift_kl"]}
+            "drift_kl": adapted["source"]["drift_kl"],
+            "eval_sets": {name: sets[name]["sha256"] for name in sets}}
+
+
+# --- keys: what a result was computed from ----------------------------------------------------------
+def _sha(tree) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _eval_set_hashes(config: Config) -> dict[str, str]:
+    return {name: files_sha256(source_files(path)) for name, path in
+            (("target", config.eval.target_path), ("source", config.eval.source_path))}
+
+
+def run_key(config: Config, manifest: Manifest) -> str:
+    """sha256 of what one run computes: its resolved config (every section but the sweep's and the
+    approx study's; train.output_dir aside), the eval sets' bytes and the cache's identity."""
+    tree = {k: v for k, v in to_dict(config).items() if k not in ("sweep", "approx")}
+    tree["train"] = {k: v for k, v in tree["train"].items() if k != "output_dir"}
+    return _sha({"config": tree, "eval_sets": _eval_set_hashes(config), "cache": manifest.identity()})
+
+
+def base_key(config: Config, manifest: Manifest) -> str:
+    """sha256 of what the base model's evaluation computes: the model's weights, the data and eval
+    settings (how each set is read) and the eval sets' bytes."""
+    return _sha({"teacher": manifest.identity()["teacher"], "data": to_dict(config.data), "eval": to_dict(config.eval),
+                 "eval_sets": _eval_set_hashes(config)})
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomic: a reader (another shard) sees the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _move_aside(path: Path, out: Path) -> Path:
+    """`path` moved under out/stale/ (numbered, never overwriting an earlier stale copy)."""
+    stale = out / "stale"
+    stale.mkdir(exist_ok=True)
+    n = 0
+    while (target := stale / f"{path.name}.{n}").exists():
+        n += 1
+    path.rename(target)
+    return target
+
+
+def _base_eval(config: Config, manifest: Manifest, out: Path, records: Path | None, notes: list[str]) -> dict:
+    """The base model's eval results under `base_key`: from base_eval.json or the records if their
+    key matches, else computed (an old base_eval.json with another key moved aside, and said)."""
+    key, path = base_key(config, manifest), out / "base_eval.json"
+    for stored in (_read_json(path), _read_json(records / "base_eval.json") if records else None):
+        if stored and stored.get("key") == key:
+            return stored["base"]
+    if path.exists():
+        notes.append(f"base_eval.json was computed under other eval settings or data: moved to {_move_aside(path, out)}")
+    stored = {"key": key, "base": run_eval(config)["base"]}
+    _write_json(path, stored)
+    if records:
+        _write_json(records / "base_eval.json", stored)
+    return stored["base"]
+
+
+def _shard_of(specs: list[RunSpec], shard: str) -> list[RunSpec]:
+    if not shard:
+        return specs
+    i, n = map(int, shard.split("/"))
+    return specs[i::n]
+
+
+def _one_run(config: Config, spec: RunSpec, manifest: Manifest, base: dict, out: Path, records: Path | None,
+             notes: dict[str, list[str]]) -> None:
+    """Make sure spec's result exists under its key: reused, read from the records, or computed
+    (a run directory under another key moved aside first). `notes` gathers what happened."""
+    one, run_dir = run_config(config, spec, out), out / spec.name
+    key = run_key(one, manifest)
+    stored = _read_json(run_dir / KEY_FILE)
+    if stored and stored["key"] == key and (run_dir / "eval.json").exists():
+        notes["reused"].append(spec.name)
+        return
+    record = _read_json(records / f"{spec.name}.json") if records else None
+    if record and record["key"] == key:
+        notes["from records"].append(spec.name)
+        return
+    if run_dir.exists() and not (stored and stored["key"] == key):  # another key (or none: an older sweep)
+        notes["re-run, settings changed"].append(f"{spec.name} (old run moved to {_move_aside(run_dir, out)})")
+    else:
+        notes["ran"].append(spec.name)
+    _write_json(run_dir / KEY_FILE, {"key": key, "config": to_dict(one)})  # before training: a killed run resumes under it
+    run_train(one, resume=True)
+    run_eval(one, str(run_dir), base_results=base)
+    if records:
+        _write_json(records / f"{spec.name}.json", {"key": key, "config": to_dict(one),
+                                                    "eval": _read_json(run_dir / "eval.json"),
+                                                    "metrics": _read_json(run_dir / "metrics.json")})
+
+
+def _result(config: Config, spec: RunSpec, manifest: Manifest, out: Path, records: Path | None) -> dict | None:
+    """spec's eval.json contents under its current key (run directory or record), or None."""
+    key = run_key(run_config(config, spec, out), manifest)
+    stored = _read_json(out / spec.name / KEY_FILE)
+    if stored and stored["key"] == key and (out / spec.name / "eval.json").exists():
+        return _read_json(out / spec.name / "eval.json")
+    record = _read_json(records / f"{spec.name}.json") if records else None
+    return record["eval"] if record and record["key"] == key else None
 
 
 def run_sweep(config: Config) -> list[dict]:
+    """Run the grid (or this process's shard of it) and write the table of every run with a result
+    (module doc). Returns the result records, in grid order."""
     out = Path(config.sweep.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(run_cache_teacher(config).render())
-    base_path = out / "base_eval.json"
-    if not base_path.exists():
-        base_path.write_text(json.dumps(run_eval(config)["base"], indent=2))
-    base = json.loads(base_path.read_text())
-    records = []
-    for spec in tqdm(plan_runs(config), desc="sweep", unit="run"):
-        run_dir = out / spec.name
-        if not (run_dir / "eval.json").exists():  # finished runs are skipped
-            one = run_config(config, spec, out)
-            run_train(one, resume=True)
-            run_eval(one, str(run_dir), base_results=base)
-        records.append(_record(spec, json.loads((run_dir / "eval.json").read_text())))
-    (out / "results.json").write_text(json.dumps({"base": base, "runs": records}, indent=2))
-    (out / "results.md").write_text(summarize(records, base))
-    plot_frontier(records, out / "frontier.png")
+    records = Path(config.sweep.records_dir) if config.sweep.records_dir else None
+    if config.sweep.shard:  # N processes must not run stage one into one cache at once
+        manifest = Manifest.load(config.cache.dir) if (Path(config.cache.dir) / "manifest.json").exists() else None
+        if manifest is None or not manifest.complete:
+            raise ValueError(f"sweep.shard={config.sweep.shard}: the cache {config.cache.dir} is not complete; run stage "
+                             "one first (python -m pipeline cache-teacher --config ... with the same settings)")
+    else:
+        print(run_cache_teacher(config).render())
+    manifest = Manifest.load(config.cache.dir)
+    specs, notes = plan_runs(config), {"reused": [], "from records": [], "ran": [], "re-run, settings changed": []}
+    base_notes: list[str] = []
+    base = _base_eval(config, manifest, out, records, base_notes)
+    for spec in tqdm(_shard_of(specs, config.sweep.shard), desc="sweep", unit="run"):
+        _one_run(config, spec, manifest, base, out, records, notes)
+    results = {spec.name: _result(config, spec, manifest, out, records) for spec in specs}
+    done = [_record(spec, results[spec.name]) for spec in specs if results[spec.name] is not None]
+    pending = [name for name, result in results.items() if result is None]
+    report = _run_report(notes, base_notes, pending)
+    _write_json(out / "results.json", {"base": base, "runs": done, "pending": pending})
+    (out / "results.md").write_text(summarize(done, base))
+    plot_frontier(done, out / "frontier.png")
     if reports_to_tensorboard(config.train.report_to):
-        log_sweep(records, tensorboard_dir(out))
-    print(summarize(records, base))
-    return records
+        log_sweep(done, tensorboard_dir(out))
+    print(report + "\n" + summarize(done, base))
+    return done
+
+
+def _run_report(notes: dict[str, list[str]], base_notes: list[str], pending: list[str]) -> str:
+    """What this sweep invocation did, run by run: reused, read from the records, ran, re-ran."""
+    lines = ["sweep: " + ("; ".join(f"{what} {len(names)}" for what, names in notes.items() if names) or "no run in this shard")]
+    lines += [f"  {what}: {', '.join(names)}" for what, names in notes.items() if names and what != "reused"]
+    lines += [f"  {note}" for note in base_notes]
+    if pending:
+        lines.append(f"  no result yet (another shard's, or not run): {', '.join(pending)}")
+    return "\n".join(lines)
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -154,13 +296,28 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _check_one_eval_set(records: list[dict]) -> None:
+    """The seeds averaged into one row must have been scored on the same eval sets."""
+    for (label, weight), runs in _groups(records).items():
+        sets = {json.dumps(r.get("eval_sets", {}), sort_keys=True) for r in runs}
+        if len(sets) > 1:
+            raise ValueError(f"sweep: the runs of {label} lambda={weight:g} ({[r['name'] for r in runs]}) were scored on "
+                             "different eval sets; re-run them under one eval config")
+
+
 def summarize(records: list[dict], base: dict) -> str:
+    """The markdown table: mean ± std over seeds per method (k, variant) and lambda; a row of one
+    seed shows its value alone (no spread to state)."""
+    _check_one_eval_set(records)
     lines = [f"Base model: target loss {base['target']['loss']:.4f}, source loss {base['source']['loss']:.4f} (nats/token).", "",
              "| method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL |",
              "|---|---|---|---|---|---|"]
     for (method, weight), runs in sorted(_groups(records).items()):
         cells = [_mean_std([r[key] for r in runs]) for key in ("target_loss", "source_loss_increase", "drift_kl")]
-        lines.append(f"| {method} | {weight:g} | {len(runs)} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells) + " |")
+        shown = [f"{m:.4f} ± {s:.4f}" if len(runs) > 1 else f"{m:.4f}" for m, s in cells]
+        lines.append(f"| {method} | {weight:g} | {len(runs)} | " + " | ".join(shown) + " |")
+    if any(len(runs) > 1 for runs in _groups(records).values()):
+        lines += ["", "± is one standard deviation over the seeds of a row."]
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +375,9 @@ def _frontier_figure(records: list[dict]):
                             fontsize=7, color=bars[0].get_color())
     ax.set_xlabel("held-out target loss, nats/token (lower = learned more)")
     ax.set_ylabel("retention loss increase over base, nats/token (lower = forgot less)")
-    ax.set_title("Learning vs forgetting (mean ± std over seeds)")
+    seeds = sorted({len(runs) for runs in _groups(records).values()})
+    ax.set_title("Learning vs forgetting: " + ("one seed per point (no error bars)" if seeds == [1] else
+                                               f"mean over {'/'.join(map(str, seeds))} seeds, bars ±1 std"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

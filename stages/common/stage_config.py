@@ -50,6 +50,8 @@ def config_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    """The resolved config as YAML (`config.yaml` beside a cache or a run)."""
-    Path(path).write_text(config_yaml(config))
+def save_config(config: Any, path: str | Path, header: str = "") -> None:
+    """The resolved config as YAML (`config.yaml` beside a cache or a run), after `header` written as
+    `#` comment lines (what the config alone does not say, e.g. the data the run's cache holds)."""
+    comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    Path(path).write_text(comments + config_yaml(config))

@@ -21,8 +21,8 @@ import numpy as np
 from stages.common.checks import require
 from stages.data.chat_masks import ChatMaskError, StopSet, mask_conversation, stop_token_ids
 
-__all__ = ["DataConfig", "Example", "InputFormat", "InputReport", "FORMATS", "INPUT_RULES", "input_format", "load_rows",
-           "tokenize_rows", "source_files"]
+__all__ = ["DataConfig", "Example", "InputFormat", "InputReport", "FORMATS", "INPUT_RULES", "input_format", "is_saved_dataset",
+           "load_rows", "tokenize_rows", "source_files"]
 
 FORMATS = ("text", "chat", "prompt-completion")
 # Bump a format's version when its tokenization or trained-token mask changes (cache identity): chat
@@ -142,14 +142,16 @@ def input_format(cfg: DataConfig, columns: list[str], source: str = "") -> Input
 
 
 # --- finding and loading the source -------------------------------------------------------
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    path = Path(path)
     return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
 
 
 def source_files(path_text: str) -> list[Path]:
     """The data files behind `data.path`, sorted; a clear error when there are none."""
     path = Path(path_text)
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         return sorted(p for p in path.rglob("*") if p.is_file())
     if path.is_dir():
         files = [p for p in sorted(path.iterdir()) if p.suffix in LOADERS]
@@ -223,17 +225,18 @@ def load_rows(cfg: DataConfig, check_field: bool = True):
     bars_were_on = not datasets.utils.are_progress_bars_disabled()  # off for a quiet run (pipeline/quiet.py)
     datasets.disable_progress_bars()
     try:
-        if _is_saved_dataset(Path(cfg.path)):
-            loaded = datasets.load_from_disk(cfg.path)
-            rows = loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if is_saved_dataset(Path(cfg.path)):
+            rows = datasets.load_from_disk(cfg.path)
         else:
             loader = LOADERS[files[0].suffix]
-            rows = datasets.load_dataset(loader, data_files=[str(f) for f in files], split=cfg.split)
+            rows = datasets.load_dataset(loader, data_files=[str(f) for f in files], split=cfg.split or "train")
     except Exception as err:  # datasets/pyarrow raise many types; re-raise one that names the file
         raise ValueError(_explain_load_error(files, err)) from err
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
+    if isinstance(rows, datasets.DatasetDict):
+        rows = rows[_split_of(cfg, list(rows))]
     if len(rows) == 0:
         raise ValueError(f"{cfg.path}: no rows (split {cfg.split!r})")
     if check_field:
@@ -241,6 +244,15 @@ def load_rows(cfg: DataConfig, check_field: bool = True):
     if cfg.max_examples:
         rows = rows.select(range(min(cfg.max_examples, len(rows))))
     return rows
+
+
+def _split_of(cfg: DataConfig, splits: list[str]) -> str:
+    """The split to read from a dataset folder holding `splits`: cfg.split, or ("") its only one."""
+    if cfg.split in splits or (not cfg.split and len(splits) == 1):
+        return cfg.split or splits[0]
+    wanted = f"has no split {cfg.split!r}" if cfg.split else "holds several splits"
+    raise ValueError(f"{cfg.path} {wanted} (splits: {splits}); name the one to read (data.split for training "
+                     "data, eval.split for an eval set)")
 
 
 def _explain_load_error(files: list[Path], err: Exception) -> str:

@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 
 from stages.common.stage_config import StageConfig
 from stages.common.tensorboard_log import log_scalars, reports_to_tensorboard, tensorboard_dir
-from stages.data.inputs import DataConfig, load_rows, tokenize_rows
+from stages.data.inputs import DataConfig, InputReport, is_saved_dataset, load_rows, source_files, tokenize_rows
 from stages.eval.settings import EvalConfig
 from stages.student.lm_head import final_hidden_state, output_head
+from storage_schemas.fingerprints import files_sha256
 
 __all__ = ["run_eval", "score_texts", "eval_scalars", "log_eval_scalars", "eval_data_config", "eval_chunk_rows", "EVAL_CHUNK_BYTES"]
 
@@ -49,17 +50,24 @@ def eval_data_config(path: str, data: DataConfig, settings: EvalConfig) -> DataC
     tokenization and masks), its format picked from its own columns (`data.format` is the training
     set's: a retention set of text beside chat training data is text). `settings` gives the
     length and example caps. ValueError naming the set when no format fits."""
-    config = dataclasses.replace(data, path=path, format="auto", max_length=settings.max_length,
+    split = settings.split if is_saved_dataset(path) else ""  # a data file has one split; eval.split names a folder's
+    config = dataclasses.replace(data, path=path, format="auto", split=split, max_length=settings.max_length,
                                  max_examples=settings.max_examples, on_bad_example="refuse")
     load_rows(config)  # the format check, naming the set
     return config
 
 
-def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig) -> tuple[list[tuple[torch.Tensor, ...]], dict]:
     """(input_ids [B, T], attention_mask [B, T], scored [B, T-1] bool) batches of the eval set,
-    right-padded; `scored` marks the positions stage one would train (all of a text row)."""
+    right-padded (`scored` marks the positions stage one would train: all of a text row), and what
+    the set is: {path, split, format, examples, scored_tokens, sha256} (eval.json "sets")."""
     data = eval_data_config(path, data, settings)
-    examples = tokenize_rows(load_rows(data), tokenizer, data)
+    rows = load_rows(data)
+    report = InputReport()
+    examples = tokenize_rows(rows, tokenizer, data, report=report)
+    about = {"path": path, "split": str(rows.split) if rows.split else (data.split or "train"), "format": report.format.kind,
+             "examples": len(examples), "scored_tokens": int(sum(e.loss_mask.sum() for e in examples)),
+             "sha256": files_sha256(source_files(data.path))}
     out, size = [], settings.batch_size
     for start in range(0, len(examples), size):
         group = examples[start:start + size]
@@ -69,7 +77,7 @@ def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig) -> li
                                                batch_first=True)
         scored = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(e.loss_mask) for e in group], batch_first=True)
         out.append((ids, mask, scored))
-    return out
+    return out, about
 
 
 def eval_chunk_rows(vocab_size: int, budget_bytes: int = EVAL_CHUNK_BYTES) -> int:
@@ -176,6 +184,25 @@ def _load(model_dir: str, adapter_dir: Path | None):
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval() if adapter_dir else model
 
 
+_ROLE = {"target": "learning: held-out data of the trained task", "source": "forgetting: the retention set"}
+
+
+def _set_line(name: str, about: dict) -> str:
+    return (f"{name} ({_ROLE[name]}): {about['path']} [split {about['split']}, {about['format']}] "
+            f"{about['examples']:,} examples, {about['scored_tokens']:,} scored tokens")
+
+
+def check_eval_sets(config: StageConfig) -> None:
+    """ValueError when an eval path is left at its default, the embedded demo's held-out sets, for a
+    model other than the embedded one: those sets would score the wrong data without a word."""
+    defaults, embedded = EvalConfig(), next(f.default for f in dataclasses.fields(StageConfig) if f.name == "model")
+    unset = [f"eval.{key}" for key in ("target_path", "source_path") if getattr(config.eval, key) == getattr(defaults, key)]
+    if unset and Path(config.model).resolve() != Path(embedded).resolve():
+        raise ValueError(f"{' and '.join(unset)} not set: the default is the embedded demo's held-out set, which says "
+                         f"nothing about {config.model}; set eval.target_path (held-out data of the task you train: "
+                         "learning) and eval.source_path (data the model must not forget: forgetting)")
+
+
 def _table(results: dict) -> str:
     lines = [f"{'':10s} {'target loss':>12s} {'target ppl':>11s} {'target acc':>11s} "
              f"{'source loss':>12s} {'source ppl':>11s} {'drift KL':>9s}"]
@@ -215,13 +242,16 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
     under eval/ when the run's train.report_to includes tensorboard."""
     from transformers import AutoTokenizer
 
+    check_eval_sets(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    sets = {name: _batches(path, tokenizer, config.data, config.eval)
+    read = {name: _batches(path, tokenizer, config.data, config.eval)
             for name, path in (("target", config.eval.target_path), ("source", config.eval.source_path))}
+    sets, about = {name: b for name, (b, _) in read.items()}, {name: a for name, (_, a) in read.items()}
+    print("\n".join(_set_line(name, a) for name, a in about.items()))
     if base_results is None:
         base = _load(config.model, None)
         base_results = {name: score_texts(base, b, chunked=config.eval.chunked) for name, b in sets.items()}
-    results = {"base": base_results}
+    results = {"sets": about, "base": base_results}
     if run_dir:
         adapted = _load(config.model, Path(run_dir) / "adapter")
         results["adapted"] = {"target": score_texts(adapted, sets["target"], chunked=config.eval.chunked),

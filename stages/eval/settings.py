@@ -15,7 +15,11 @@ class EvalConfig:
         "format its own columns hold (data.format's auto rule): text scores every token, chat the assistant bodies, "
         "prompt-completion the completion. A Hub dataset id works too")})
     target_path: str = field(default="build/default/data/target_heldout.jsonl", metadata={"help": (
-        "held-out data of the new task (learning); read as source_path is")})
+        "held-out data of the new task (learning); read as source_path is. The defaults of both are the embedded "
+        "demo's sets: for any other model eval refuses until both are set")})
+    split: str = field(default="", metadata={"help": (
+        "the split of each eval set that is a dataset folder with several splits (save_to_disk DatasetDict); "
+        "\"\" = its only split (a folder with several is refused, naming them); data files have one split")})
     max_length: int = field(default=256, metadata={"help": "sequences are truncated to this many tokens"})
     max_examples: int = field(default=300, metadata={"help": "per set; 0 = all"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward"})

@@ -24,6 +24,7 @@ from transformers import TrainerCallback, set_seed
 from stages.common.saved_config import read_saved_config
 from stages.common.stage_config import StageConfig, save_config, to_dict
 from stages.common.tensorboard_log import reports_to_tensorboard, tensorboard_dir
+from stages.data.identity import data_differences
 from stages.student.adapters import make_student, render_adapted, save_initial_adapter
 from stages.student.library import load_cache
 from stages.student.methods import Method, build_penalty, check_variant, get_method
@@ -35,6 +36,7 @@ from stages.student.trainer import (
     use_bf16,
 )
 from stages.student.variants import MUTATES_BASE
+from storage_schemas import FingerprintMismatch, Manifest
 
 __all__ = ["run_train", "resume_point"]
 
@@ -182,6 +184,33 @@ def finished_run_metrics(config: StageConfig) -> dict | None:
     return metrics if budget <= 0 or metrics.get("steps", 0) >= budget else None
 
 
+def _supersede_eval(run_dir: Path) -> None:
+    """An eval.json beside an adapter that is about to change (a run extended with --resume) would
+    describe the old adapter: it is renamed eval.superseded.json, and said."""
+    if (run_dir / "eval.json").exists():
+        (run_dir / "eval.json").replace(run_dir / "eval.superseded.json")
+        print(f"{run_dir}/eval.json described the adapter before this training: renamed eval.superseded.json "
+              "(run `eval --run` again when training ends)")
+
+
+def _check_cache_data(config: StageConfig, manifest: Manifest) -> None:
+    """FingerprintMismatch naming each data.* setting under which stage one would not have written
+    the cache (stages/data/identity.py): training would record one dataset and train on another."""
+    problems = data_differences(config.data, manifest.dataset, manifest.settings.max_length)
+    if problems:
+        raise FingerprintMismatch(f"{config.cache.dir}: the cache does not hold the data this config names:\n  "
+                                  + "\n  ".join(problems) + "\nRe-run stage one for this data (make cache-teacher, with this "
+                                  "config and its own cache.dir), or set data.* back to the cache's values")
+
+
+def _cache_data_header(manifest: Manifest) -> str:
+    d = manifest.dataset
+    return (f"The data this run trained on is the cache's (manifest.json dataset), not re-read from data.path:\n"
+            f"  source {d.source} (split {d.split}), files sha256 {d.source_sha256}\n"
+            f"  format {d.format}, column(s) {d.field}, input rules {d.input_rules}, {d.num_examples} examples, "
+            f"max_length {manifest.settings.max_length}")
+
+
 def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train one adapter on the cache in `config.cache.dir`; returns the metrics written to metrics.json."""
     train, run_dir = config.train, Path(config.train.output_dir)
@@ -192,10 +221,12 @@ def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[Tra
         print(f"{run_dir} already finished; nothing to train.\n" + _summary(done, config, method))
         return done
     resume_from = resume_point(config, resume)
+    _supersede_eval(run_dir)
     # s3://... is mirrored to cache.local_dir; fingerprint checks, the method's columns, the collator
     cached = load_cache(config.cache.dir, config.model, method, k=train.k, streaming=train.streaming,
                         allow_model_mismatch=train.allow_model_mismatch, local_dir=config.cache.local_dir)
     manifest, dataset, collator = cached.manifest, cached.dataset, cached.collator
+    _check_cache_data(config, manifest)
     if train.streaming:
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1024)
     set_seed(train.seed)  # before make_student: PiSSA's randomized SVD must be reproducible
@@ -206,7 +237,8 @@ def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[Tra
     trainer.penalty = build_penalty(train, method, trainer.model, config.model)
     initial = _initial_adapter(model, run_dir, train.lora.variant, resume_from) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
-        save_config(config, run_dir / "config.yaml")  # the run's one config.yaml, from the start: a resume is checked against it
+        # the run's one config.yaml, from the start: a resume is checked against it
+        save_config(config, run_dir / "config.yaml", header=_cache_data_header(manifest))
     metrics = train_and_save(trainer, train, manifest, resume_from, initial)
     if trainer.is_world_process_zero():
         print(_summary(metrics, config, method))

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from stages.teacher.orphan_guard import guard_descendants
 from stages.teacher.scores import PositionScores, check_sequences, read_model_config
 from stages.teacher.select import select_nontarget_topk
 
@@ -71,6 +72,7 @@ class VLLMEngine:
         # allowing it past the model's max_position_embeddings is safe.
         limit = read_model_config(model_dir).get("max_position_embeddings")
         allow_long = limit is not None and kwargs["max_model_len"] > int(limit)
+        guard_descendants()  # the engine's processes die with this one, kill -9 included
         with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1" if allow_long else None,
                   VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind(kwargs)):
             self.llm = LLM(**kwargs)

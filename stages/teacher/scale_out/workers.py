@@ -29,6 +29,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from stages.teacher.scale_out.merge import finish_manifest, try_merge
 from stages.teacher.scale_out.parts import (
     ManifestPart,
@@ -162,6 +164,9 @@ def run_worker(job: TeacherJob, worker: WorkerSpec, merge: bool = True, engine=N
     if worker.rank == 0:
         _save_config(job.config_text, store, local)
     todo = [i for i in mine if part.shard(i) is None]
+    if part.shards and todo:  # a rerun says at its start what it keeps
+        tqdm.write(f"resuming {job.cache.dir}: keeping {len(mine) - len(todo)} finished shard(s) of {len(mine)}, "
+                   f"computing {len(todo)}")
     if todo and not part.shards:
         # Saved before the first shard: a kill between that shard's rename and the first manifest save
         # then leaves a manifest listing nothing, and the rerun resumes (an unlisted shard file is
