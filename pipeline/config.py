@@ -48,7 +48,7 @@ class SweepConfig:
     lora_variants: list[str] = field(default_factory=list, metadata={"help": (
         "optional axis: train.lora.variant values; [] = as configured")})
     records_dir: str = field(default="", metadata={"help": (
-        "a folder (tracked, e.g. docs/results/<study>) receiving each finished run's record as it finishes "
+        "a folder (tracked in git, e.g. under docs/) receiving each finished run's record as it finishes "
         "(<run>.json: its key, resolved config, eval.json and metrics.json; base_eval.json); a record whose key "
         "matches counts as done, so the sweep resumes from a fresh clone with no output_dir. \"\" = none")})
     shard: str = field(default="", metadata={"help": (

@@ -60,6 +60,8 @@ class DatasetFingerprint:
     leading_bos_dropped: int = 0  # text rows that began with the BOS string, whose duplicated BOS was dropped
     assistant_eos: str = "none"   # chat: "append" = the tokenizer's EOS inserted after each unclosed assistant turn
     unclosed_assistant_turns: int = 0  # chat: assistant turns the template closes with no stop token or closing text
+    heldout_fraction: float = 0.0      # data.heldout_fraction: the share of examples kept out of the cache
+    heldout_examples: list[int] = field(default_factory=list)  # their ids (gaps, like skipped ones): eval's default target
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from stages.common.stage_config import to_dict
 from stages.common.tensorboard_log import reports_to_tensorboard, tensorboard_dir
 from stages.data.inputs import source_files
 from stages.eval.evaluate import run_eval
+from stages.eval.settings import EvalConfig
 from stages.student.methods import get_method, method_names
 from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
@@ -129,8 +130,9 @@ def _sha(tree) -> str:
 
 
 def _eval_set_hashes(config: Config) -> dict[str, str]:
+    heldout = config.data.heldout_fraction and config.eval.target_path == EvalConfig().target_path  # the data's slice
     return {name: files_sha256(source_files(path)) for name, path in
-            (("target", config.eval.target_path), ("source", config.eval.source_path))}
+            (("target", config.data.path if heldout else config.eval.target_path), ("source", config.eval.source_path))}
 
 
 def run_key(config: Config, manifest: Manifest) -> str:

@@ -44,4 +44,5 @@ def data_differences(data: DataConfig, cached: DatasetFingerprint, max_length: i
         differ("assistant_eos", data.assistant_eos, cached.assistant_eos)
         differ("tools_field", data.tools_field, cached.tools_field)
     differ("max_length", data.max_length, max_length)
+    differ("heldout_fraction", data.heldout_fraction, cached.heldout_fraction)
     return problems

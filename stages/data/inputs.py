@@ -21,8 +21,8 @@ import numpy as np
 from stages.common.checks import require
 from stages.data.chat_masks import ChatMaskError, StopSet, mask_conversation, stop_token_ids
 
-__all__ = ["DataConfig", "Example", "InputFormat", "InputReport", "FORMATS", "INPUT_RULES", "input_format", "is_saved_dataset",
-           "load_rows", "tokenize_rows", "source_files"]
+__all__ = ["DataConfig", "Example", "InputFormat", "InputReport", "FORMATS", "INPUT_RULES", "heldout_ids", "input_format",
+           "is_saved_dataset", "load_rows", "tokenize_rows", "source_files"]
 
 FORMATS = ("text", "chat", "prompt-completion")
 # Bump a format's version when its tokenization or trained-token mask changes (cache identity): chat
@@ -65,6 +65,10 @@ class DataConfig:
         "template closes turns itself")})
     max_length: int = field(default=256, metadata={"help": "longer sequences are truncated on the right (counted, reported)"})
     max_examples: int = field(default=0, metadata={"help": "0 = all; else the first N (quick runs)"})
+    heldout_fraction: float = field(default=0.0, metadata={"help": (
+        "share of the examples stage one keeps out of the cache, chosen by example id (heldout_ids: deterministic, "
+        "the same for any data of that many rows), listed in the manifest (dataset.heldout_examples); eval scores "
+        "them as its target set when eval.target_path is not set. 0 = none")})
     on_bad_example: str = field(default="refuse", metadata={"help": (
         "refuse (stop, naming file + example) | skip (leave it out, id kept as a gap, counted, listed in the "
         "manifest's dataset.skipped_examples)")})
@@ -76,6 +80,19 @@ class DataConfig:
         require(self.on_bad_example in ("refuse", "skip"), f"data.on_bad_example: {self.on_bad_example!r} not in refuse|skip")
         require(self.max_length >= 2, f"data.max_length: must be >= 2, got {self.max_length}")
         require(self.max_examples >= 0, f"data.max_examples: must be >= 0, got {self.max_examples}")
+        require(0.0 <= self.heldout_fraction < 1.0, f"data.heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
+
+
+def heldout_ids(example_ids, fraction: float) -> list[int]:
+    """The example ids kept out of the cache at `fraction` (data.heldout_fraction): id i is held out
+    when the first 8 bytes of sha256("heldout:<i>"), read as a number in [0, 1), fall below
+    `fraction`. Deterministic and independent of the data's content and order of processing, so
+    stage one and eval pick the same ids, and appending rows never moves an earlier one. Sorted."""
+    import hashlib
+
+    scale = float(2 ** 64)
+    return sorted(i for i in example_ids
+                  if int.from_bytes(hashlib.sha256(f"heldout:{i}".encode()).digest()[:8], "big") / scale < fraction)
 
 
 # --- which format ---------------------------------------------------------------------------------
@@ -272,6 +289,7 @@ class InputReport:
     format: InputFormat | None = None
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (example id, reason): data.on_bad_example=skip
     leading_bos_dropped: int = 0   # text rows that began with the BOS string (one BOS kept)
+    heldout: list[int] = field(default_factory=list)  # example ids kept out of the cache (data.heldout_fraction)
     unclosed_turns: int = 0        # chat assistant turns the template closes with no stop token or closing text
     eos_appended: int = 0          # of those, the ones given the tokenizer's EOS (data.assistant_eos=append)
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from stages.common.stage_config import StageConfig
 from stages.common.tensorboard_log import log_scalars, reports_to_tensorboard, tensorboard_dir
-from stages.data.inputs import DataConfig, InputReport, is_saved_dataset, load_rows, source_files, tokenize_rows
+from stages.data.inputs import DataConfig, InputReport, heldout_ids, is_saved_dataset, load_rows, source_files, tokenize_rows
 from stages.eval.settings import EvalConfig
 from stages.student.lm_head import final_hidden_state, output_head
 from storage_schemas.fingerprints import files_sha256
@@ -57,15 +57,23 @@ def eval_data_config(path: str, data: DataConfig, settings: EvalConfig) -> DataC
     return config
 
 
-def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig) -> tuple[list[tuple[torch.Tensor, ...]], dict]:
+def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig,
+             only: list[int] | None = None) -> tuple[list[tuple[torch.Tensor, ...]], dict]:
     """(input_ids [B, T], attention_mask [B, T], scored [B, T-1] bool) batches of the eval set,
     right-padded (`scored` marks the positions stage one would train: all of a text row), and what
-    the set is: {path, split, format, examples, scored_tokens, sha256} (eval.json "sets")."""
-    data = eval_data_config(path, data, settings)
-    rows = load_rows(data)
+    the set is: {path, split, format, examples, scored_tokens, sha256} (eval.json "sets"). `only`:
+    the example ids to read (the training data's held-out slice, read as stage one reads it)."""
+    if only is None:
+        data = eval_data_config(path, data, settings)
+        rows = load_rows(data)
+    else:
+        data = dataclasses.replace(data, max_length=settings.max_length, on_bad_example="refuse")
+        rows = load_rows(data)
+        rows = rows.select(only[:settings.max_examples] if settings.max_examples else only)
     report = InputReport()
     examples = tokenize_rows(rows, tokenizer, data, report=report)
-    about = {"path": path, "split": str(rows.split) if rows.split else (data.split or "train"), "format": report.format.kind,
+    shown = path if only is None else f"{path} (held out of the cache: data.heldout_fraction={data.heldout_fraction:g})"
+    about = {"path": shown, "split": str(rows.split) if rows.split else (data.split or "train"), "format": report.format.kind,
              "examples": len(examples), "scored_tokens": int(sum(e.loss_mask.sum() for e in examples)),
              "sha256": files_sha256(source_files(data.path))}
     out, size = [], settings.batch_size
@@ -192,15 +200,32 @@ def _set_line(name: str, about: dict) -> str:
             f"{about['examples']:,} examples, {about['scored_tokens']:,} scored tokens")
 
 
+def _heldout_target(config: StageConfig) -> list[int] | None:
+    """The example ids of the training data stage one kept out (data.heldout_fraction) when they are
+    the target set: eval.target_path not set. From the cache's manifest when there is one (exact,
+    skipped ids excepted), else chosen again by the same rule."""
+    if config.eval.target_path != EvalConfig().target_path or not config.data.heldout_fraction:
+        return None
+    manifest = Path(config.cache.dir) / "manifest.json"
+    if manifest.exists():
+        from storage_schemas import Manifest
+
+        return Manifest.load(config.cache.dir).dataset.heldout_examples
+    return heldout_ids(range(len(load_rows(config.data))), config.data.heldout_fraction)
+
+
 def check_eval_sets(config: StageConfig) -> None:
     """ValueError when an eval path is left at its default, the embedded demo's held-out sets, for a
-    model other than the embedded one: those sets would score the wrong data without a word."""
+    model other than the embedded one: those sets would score the wrong data without a word (a
+    target set of the training data's held-out slice, data.heldout_fraction, is not a default)."""
     defaults, embedded = EvalConfig(), next(f.default for f in dataclasses.fields(StageConfig) if f.name == "model")
-    unset = [f"eval.{key}" for key in ("target_path", "source_path") if getattr(config.eval, key) == getattr(defaults, key)]
+    keys = ("source_path",) if config.data.heldout_fraction else ("target_path", "source_path")
+    unset = [f"eval.{key}" for key in keys if getattr(config.eval, key) == getattr(defaults, key)]
     if unset and Path(config.model).resolve() != Path(embedded).resolve():
         raise ValueError(f"{' and '.join(unset)} not set: the default is the embedded demo's held-out set, which says "
                          f"nothing about {config.model}; set eval.target_path (held-out data of the task you train: "
-                         "learning) and eval.source_path (data the model must not forget: forgetting)")
+                         "learning; or data.heldout_fraction, keeping a slice of the training data out of the cache) "
+                         "and eval.source_path (data the model must not forget: forgetting)")
 
 
 def _table(results: dict) -> str:
@@ -244,8 +269,10 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
 
     check_eval_sets(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    read = {name: _batches(path, tokenizer, config.data, config.eval)
-            for name, path in (("target", config.eval.target_path), ("source", config.eval.source_path))}
+    heldout = _heldout_target(config)
+    read = {"target": _batches(config.data.path, tokenizer, config.data, config.eval, only=heldout) if heldout is not None
+            else _batches(config.eval.target_path, tokenizer, config.data, config.eval),
+            "source": _batches(config.eval.source_path, tokenizer, config.data, config.eval)}
     sets, about = {name: b for name, (b, _) in read.items()}, {name: a for name, (_, a) in read.items()}
     print("\n".join(_set_line(name, a) for name, a in about.items()))
     if base_results is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from stages.data.hub import teacher_with_hub
-from stages.data.inputs import DataConfig, Example, InputReport, input_format, load_rows, source_files, tokenize_rows
+from stages.data.inputs import DataConfig, Example, InputReport, heldout_ids, input_format, load_rows, source_files, tokenize_rows
 from stages.teacher.engine import open_engine
 from stages.teacher.scores import PositionScores
 from stages.teacher.settings import CacheConfig
@@ -90,6 +90,13 @@ def load_examples(job: TeacherJob) -> tuple[list[Example], InputReport]:
     report = InputReport()
     examples = tokenize_rows(tqdm(rows, desc="tokenizing", unit="ex", leave=False), tokenizer, job.data, report=report,
                              fmt=input_format(job.data, rows.column_names))
+    if job.data.heldout_fraction:  # kept out of the cache, gaps like skipped ids: eval's default target set
+        report.heldout = heldout_ids([e.example_id for e in examples], job.data.heldout_fraction)
+        if not report.heldout:
+            raise ValueError(f"data.heldout_fraction={job.data.heldout_fraction} keeps no example of {len(examples)} out; "
+                             "raise it, or set eval.target_path")
+        held = set(report.heldout)
+        examples = [e for e in examples if e.example_id not in held]
     if not examples:
         raise ValueError(f"{job.data.path}: no usable example ({len(report.skipped)} skipped; first: {report.skipped[0][1]})"
                          if report.skipped else f"{job.data.path}: no examples")
@@ -134,6 +141,7 @@ def plan_manifest(job: TeacherJob, num_examples: int, report: InputReport | None
             leading_bos_dropped=report.leading_bos_dropped,
             assistant_eos=data.assistant_eos if fmt.kind != "text" else "none",
             unclosed_assistant_turns=report.unclosed_turns,
+            heldout_fraction=data.heldout_fraction, heldout_examples=report.heldout,
         ),
         settings=CacheSettings(
             k=cache.k, encoding=cache.encoding, max_length=data.max_length, truncation="right",

@@ -43,6 +43,6 @@ def test_demo_reuses_the_default_then_caches_trains_and_evaluates(tiny_default, 
     assert "up to date, reused" in out
     assert Manifest.load(tmp_path / "cache").num_rows == 30
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
-    assert set(json.loads((tmp_path / "run" / "eval.json").read_text())) == {"base", "adapted", "forgetting"}
+    assert set(json.loads((tmp_path / "run" / "eval.json").read_text())) == {"sets", "base", "adapted", "forgetting"}
     again = run("demo", "--out", str(tiny_default), *config)  # a finished demo re-reports: nothing is retrained
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2 and "up to date, reused" in again

@@ -135,11 +135,11 @@ def test_a_damaged_s3_object_is_named_by_verify(s3_cache, s3_endpoint, tiny_mode
     assert "shard-00001.parquet: sha256 mismatch" in capsys.readouterr().err
 
 
-def test_stage_two_trains_from_the_s3_cache(s3_cache, tiny_model_dir, tmp_path):
+def test_stage_two_trains_from_the_s3_cache(s3_cache, tiny_model_dir, tiny_jsonl, tmp_path):
     from stages.student.runner import run_train
 
     uri, _ = s3_cache
-    config = load_config(None, [f"model={tiny_model_dir}", f"cache.dir={uri}", f"cache.local_dir={tmp_path / 'mirror'}",
+    config = load_config(None, [*args(tiny_model_dir, tiny_jsonl, uri), f"cache.local_dir={tmp_path / 'mirror'}",
                                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=4",
                                 "train.lora.rank=4", "train.logging_steps=1"])
     metrics = run_train(config)

@@ -2,8 +2,8 @@
 and the frontier plot's points and error bars.
 
 Convention (stated in sweep.py's table: "mean ± std over seeds"): the sample standard deviation,
-ddof = 1 (statistics.stdev), and 0 for a single seed. The expected numbers below are worked out by
-hand in the comments; none is computed by the code under test.
+ddof = 1 (statistics.stdev); a row of a single seed shows its values alone (no spread to state). The
+expected numbers below are worked out by hand in the comments; none is computed by the code under test.
 """
 import matplotlib
 
@@ -36,16 +36,18 @@ RECORDS = [
 #   drift 0.01, 0.02, 0.03: mean 0.02, std 0.01
 # tail, lambda 3 (2 seeds): target 5.5, 5.7: mean 5.6, std sqrt(2 * 0.1^2 / 1) = 0.141421
 #   forgetting 0.05, 0.07: mean 0.06, std 0.014142; drift 0.004 twice: mean 0.004, std 0
-# none (1 seed): the values themselves, std 0. tail k=4 (1 seed): likewise.
+# none (1 seed): the values themselves, no ±. tail k=4 (1 seed): likewise.
 EXPECTED_TABLE = """\
 Base model: target loss 4.9000, source loss 2.1000 (nats/token).
 
 | method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL |
 |---|---|---|---|---|---|
-| none | 0 | 1 | 4.8000 ± 0.0000 | 0.5000 ± 0.0000 | 0.0500 ± 0.0000 |
+| none | 0 | 1 | 4.8000 | 0.5000 | 0.0500 |
 | tail | 1 | 3 | 5.3000 ± 0.3000 | 0.3000 ± 0.2646 | 0.0200 ± 0.0100 |
 | tail | 3 | 2 | 5.6000 ± 0.1414 | 0.0600 ± 0.0141 | 0.0040 ± 0.0000 |
-| tail k=4 | 1 | 1 | 6.0000 ± 0.0000 | 0.9000 ± 0.0000 | 0.0700 ± 0.0000 |
+| tail k=4 | 1 | 1 | 6.0000 | 0.9000 | 0.0700 |
+
+± is one standard deviation over the seeds of a row.
 """
 
 

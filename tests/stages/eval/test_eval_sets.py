@@ -35,3 +35,27 @@ def test_a_folder_with_several_splits_needs_eval_split_and_eval_json_names_the_s
     with pytest.raises(ValueError, match=r"has no split 'validation' \(splits: \['train', 'test'\]\)"):
         run_eval(load_config(None, [*settings, "eval.split=validation"]))
     assert json.dumps(results)  # eval.json holds it as written
+
+
+def test_a_heldout_slice_of_the_training_data_is_the_default_target(tiny_model_dir, tiny_jsonl, tmp_path):
+    """data.heldout_fraction: stage one keeps those ids out of the cache (listed in the manifest) and
+    eval, with no eval.target_path, scores exactly them."""
+    import pyarrow.parquet as pq
+
+    from stages.data.inputs import heldout_ids
+    from stages.teacher.runner import run_cache_teacher
+    from storage_schemas import Manifest
+
+    config = load_config(None, [f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", f"cache.dir={tmp_path / 'cache'}",
+                                "cache.engine=hf", "cache.k=8", "data.max_length=48", "data.heldout_fraction=0.25",
+                                f"eval.source_path={tiny_jsonl}", "eval.max_examples=0"])
+    run_cache_teacher(config)
+    manifest = Manifest.load(tmp_path / "cache")
+    held = manifest.dataset.heldout_examples
+    rows = len(tiny_jsonl.read_text().splitlines())
+    assert held == heldout_ids(range(rows), 0.25) and 0 < len(held) < rows  # the rule, pure: sha256 of each id
+    cached = [r["example_id"] for s in manifest.shards for r in pq.read_table(tmp_path / "cache" / s.file).to_pylist()]
+    assert sorted(cached + held) == list(range(rows)) and manifest.complete
+    results = run_eval(config)
+    assert results["sets"]["target"]["examples"] == len(held)
+    assert "held out of the cache: data.heldout_fraction=0.25" in results["sets"]["target"]["path"]

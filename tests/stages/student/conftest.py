@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages.data.inputs import INPUT_RULES
 from storage_schemas import CacheSettings, DatasetFingerprint, EngineInfo, Manifest
 from storage_schemas.fingerprints import teacher_fingerprint, tokenizer_fingerprint
 from storage_schemas.shard_io import ShardRow, rows_to_table, write_shard
@@ -66,7 +67,7 @@ def make_cache(model_dir: Path, token_ids: list[list[int]], out_dir: Path, k: in
         records.append(write_shard(out_dir, index, start, table, zstd_level=3, truncated=0))
     manifest = Manifest(
         teacher=teacher_fingerprint(model_dir), tokenizer=tokenizer_fingerprint(model_dir),
-        dataset=DatasetFingerprint(source, "train", "text", "text", "0" * 64, len(rows)),
+        dataset=DatasetFingerprint(source, "train", "text", "text", "0" * 64, len(rows), input_rules=INPUT_RULES["text"]),
         settings=CacheSettings(k, encoding, MAX_TOKENS, "right", rows_per_shard, 3),
         engine=EngineInfo("hf", "float32", {"torch": torch.__version__}),
         shards=records, complete=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_configs import make_config
+from run_configs import cache_data, make_config
 
 from pipeline.config import config_for_run, load_config
 from pipeline.studies.sweep import plan_runs, record_weight
@@ -33,9 +33,10 @@ TOY = Method("reverse_kl", teacher="cache", regularizer=reverse_kl)  # no fused 
 
 
 def _train_overrides(model_dir, cache_dir, out, *extra):
-    return [f"model={model_dir}", f"cache.dir={cache_dir}", f"train.output_dir={out}", "train.max_steps=2",
-            "train.save_steps=2", "train.batch_size=4", "train.logging_steps=1", "train.learning_rate=0.003",
-            "train.warmup_ratio=0", "train.lora.rank=4", *extra]
+    data = cache_data(cache_dir)  # the data the cache holds: train refuses a config naming other data
+    return [f"model={model_dir}", f"cache.dir={cache_dir}", f"data.path={data.path}", f"data.max_length={data.max_length}",
+            f"train.output_dir={out}", "train.max_steps=2", "train.save_steps=2", "train.batch_size=4",
+            "train.logging_steps=1", "train.learning_rate=0.003", "train.warmup_ratio=0", "train.lora.rank=4", *extra]
 
 
 def test_a_toy_method_is_one_registry_entry(tiny_model_dir, tiny_cache, tmp_path):
