@@ -74,7 +74,8 @@ class VLLMEngine:
         allow_long = limit is not None and kwargs["max_model_len"] > int(limit)
         guard_descendants()  # the engine's processes die with this one, kill -9 included
         with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1" if allow_long else None,
-                  VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind(kwargs)):
+                  VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind(kwargs),
+                  MTCACHE_ENGINE_OWN_GROUP="1"):  # quiet runs: Ctrl-C reaches this process only (pipeline/_startup)
             self.llm = LLM(**kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         if self.vocab_size != vocab_size:

@@ -64,6 +64,25 @@ def running(process) -> bool:
         return False
 
 
+@pytest.mark.vllm
+def test_ctrl_c_of_a_vllm_stage_one_prints_one_line_and_no_engine_dump(tiny_model_dir, long_data, tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group: the engine's processes (in a
+    group of their own in a quiet run) are stopped by stage one, not left to print tracebacks."""
+    cache = tmp_path / "cache"
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", "cache-teacher", "--config", "", f"model={tiny_model_dir}",
+                            f"data.path={long_data}", f"cache.dir={cache}", "cache.k=8", "cache.rows_per_shard=2",
+                            "data.max_length=64", "cache.vllm_kv_cache_gib=0.25"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    wait_for(lambda: (cache / "manifest.json").exists() and Manifest.load(cache).shards, 180, "a first shard")
+    engine = [p for p in psutil.Process(run.pid).children(recursive=True) if p.name().startswith("VLLM")]
+    os.killpg(run.pid, signal.SIGINT)  # what the terminal does
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err and "Error" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"interrupted: {cache} keeps every shard finished so far")
+    wait_for(lambda: not [p for p in engine if running(p)], 20, "the engine processes to end")
+
+
 def test_ctrl_c_says_the_cache_resumes_and_a_rerun_says_what_it_keeps(tiny_model_dir, long_data, tmp_path):
     cache = tmp_path / "cache"
     run = start(tiny_model_dir, long_data, cache, "cache.engine=hf", "cache.batch_tokens=64")
