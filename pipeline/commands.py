@@ -152,8 +152,10 @@ def cmd_show_mask(args) -> int:
 def cmd_export(args) -> int:
     from pipeline.config import config_for_run
     from stages.student.export import export_merged
+    from stages.student.runner import check_finished
 
     config = config_for_run(args.run, [])
+    check_finished(config, args.run)
     out = export_merged(Path(args.run) / "adapter", config.model, args.out, dtype=args.dtype)
     print(f"wrote {out}: {config.model} with the adapter of {args.run} merged (load it with "
           "AutoModelForCausalLM.from_pretrained, or serve it with vLLM)")
@@ -175,6 +177,10 @@ def cmd_eval(args) -> int:
     from stages.eval.evaluate import run_eval
 
     config = config_for_run(args.run, args.overrides) if args.run else _config(args)
+    if args.run:
+        from stages.student.runner import check_finished
+
+        check_finished(config, args.run)  # an unfinished (extended) run's adapter/ is not what its config.yaml describes
     run_eval(config, args.run)
     return 0
 

@@ -179,6 +179,8 @@ def _base_eval(config: Config, manifest: Manifest, out: Path, records: Path | No
     key, path = base_key(config, manifest), out / "base_eval.json"
     for stored in (_read_json(path), _read_json(records / "base_eval.json") if records else None):
         if stored and stored.get("key") == key:
+            if records and _read_json(records / "base_eval.json") != stored:
+                _write_json(records / "base_eval.json", stored)
             return stored["base"]
     if path.exists():
         notes.append(f"base_eval.json was computed under other eval settings or data: moved to {_move_aside(path, out)}")
@@ -203,10 +205,12 @@ def _one_run(config: Config, spec: RunSpec, manifest: Manifest, base: dict, out:
     one, run_dir = run_config(config, spec, out), out / spec.name
     key = run_key(one, manifest)
     stored = _read_json(run_dir / KEY_FILE)
+    record = _read_json(records / f"{spec.name}.json") if records else None
     if stored and stored["key"] == key and (run_dir / "eval.json").exists():
         notes["reused"].append(spec.name)
+        if records and not (record and record["key"] == key):  # records_dir added to a finished sweep
+            _save_record(records, spec.name, key, one, run_dir)
         return
-    record = _read_json(records / f"{spec.name}.json") if records else None
     if record and record["key"] == key:
         notes["from records"].append(spec.name)
         return
@@ -218,9 +222,12 @@ def _one_run(config: Config, spec: RunSpec, manifest: Manifest, base: dict, out:
     run_train(one, resume=True)
     run_eval(one, str(run_dir), base_results=base)
     if records:
-        _write_json(records / f"{spec.name}.json", {"key": key, "config": to_dict(one),
-                                                    "eval": _read_json(run_dir / "eval.json"),
-                                                    "metrics": _read_json(run_dir / "metrics.json")})
+        _save_record(records, spec.name, key, one, run_dir)
+
+
+def _save_record(records: Path, name: str, key: str, config: Config, run_dir: Path) -> None:
+    _write_json(records / f"{name}.json", {"key": key, "config": to_dict(config), "eval": _read_json(run_dir / "eval.json"),
+                                           "metrics": _read_json(run_dir / "metrics.json")})
 
 
 def _result(config: Config, spec: RunSpec, manifest: Manifest, out: Path, records: Path | None) -> dict | None:

@@ -38,11 +38,15 @@ def data_differences(data: DataConfig, cached: DatasetFingerprint, max_length: i
     if data.format != "auto":
         differ("format", data.format, cached.format)
     if cached.format in INPUT_RULES:
-        differ("fields", ",".join(_fields(data)[cached.format]), cached.field)
+        keys = {"text": "text_field", "chat": "messages_field", "prompt-completion": "prompt_field, data.completion_field"}
+        differ(keys[cached.format], ",".join(_fields(data)[cached.format]), cached.field)
         differ("input rules (stages/data/inputs.py INPUT_RULES)", INPUT_RULES[cached.format], cached.input_rules)
     if cached.format != "text":
         differ("assistant_eos", data.assistant_eos, cached.assistant_eos)
         differ("tools_field", data.tools_field, cached.tools_field)
     differ("max_length", data.max_length, max_length)
     differ("heldout_fraction", data.heldout_fraction, cached.heldout_fraction)
+    ids = cached.num_examples + len(cached.skipped_examples) + len(cached.heldout_examples)  # the rows stage one read
+    if data.max_examples and data.max_examples < ids:
+        problems.append(f"data.max_examples: this config has {data.max_examples}, the cache was made from {ids} examples")
     return problems

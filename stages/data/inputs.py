@@ -22,7 +22,7 @@ from stages.common.checks import require
 from stages.data.chat_masks import ChatMaskError, StopSet, mask_conversation, stop_token_ids
 
 __all__ = ["DataConfig", "Example", "InputFormat", "InputReport", "FORMATS", "INPUT_RULES", "heldout_ids", "input_format",
-           "is_saved_dataset", "load_rows", "tokenize_rows", "source_files"]
+           "is_saved_dataset", "load_rows", "resolved_split", "tokenize_rows", "source_files"]
 
 FORMATS = ("text", "chat", "prompt-completion")
 # Bump a format's version when its tokenization or trained-token mask changes (cache identity): chat
@@ -200,9 +200,9 @@ def _check_text_files(files: list[Path]) -> None:
                     raise ValueError(f"{path}: line {number} is not valid UTF-8") from None
                 filled += bool(text.strip())
         if not filled:
-            raise ValueError(f"{path}: the file is empty (no rows); remove it or point data.path at the data")
+            raise ValueError(f"{path}: the file is empty (no rows); remove it, or point the path setting at the data")
         if path.suffix == ".csv" and filled == 1:
-            raise ValueError(f"{path}: a header line and no rows; remove it or point data.path at the data")
+            raise ValueError(f"{path}: a header line and no rows; remove it, or point the path setting at the data")
 
 
 def _json_problem(path: Path) -> str | None:
@@ -261,6 +261,15 @@ def load_rows(cfg: DataConfig, check_field: bool = True):
     if cfg.max_examples:
         rows = rows.select(range(min(cfg.max_examples, len(rows))))
     return rows
+
+
+def resolved_split(cfg: DataConfig) -> str:
+    """The split load_rows reads for `cfg`: a dataset folder's (cfg.split, or its only one), else
+    cfg.split or "train" (data files have one split, named train)."""
+    listing = Path(cfg.path) / "dataset_dict.json"
+    if listing.is_file():
+        return _split_of(cfg, list(json.loads(listing.read_text()).get("splits", [])))
+    return cfg.split or "train"
 
 
 def _split_of(cfg: DataConfig, splits: list[str]) -> str:

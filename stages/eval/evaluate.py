@@ -33,7 +33,16 @@ from tqdm.auto import tqdm
 
 from stages.common.stage_config import StageConfig
 from stages.common.tensorboard_log import log_scalars, reports_to_tensorboard, tensorboard_dir
-from stages.data.inputs import DataConfig, InputReport, heldout_ids, is_saved_dataset, load_rows, source_files, tokenize_rows
+from stages.data.inputs import (
+    DataConfig,
+    InputReport,
+    heldout_ids,
+    is_saved_dataset,
+    load_rows,
+    resolved_split,
+    source_files,
+    tokenize_rows,
+)
 from stages.eval.settings import EvalConfig
 from stages.student.lm_head import final_hidden_state, output_head
 from storage_schemas.fingerprints import files_sha256
@@ -45,12 +54,13 @@ _CHUNK_BUFFERS = 3              # alive at once at the peak: adapted log-probs, 
 _said: set[str] = set()
 
 
-def eval_data_config(path: str, data: DataConfig, settings: EvalConfig) -> DataConfig:
+def eval_data_config(path: str, data: DataConfig, settings: EvalConfig, split: str = "") -> DataConfig:
     """How an eval set is read: as stage one reads data (the same column names, chat settings,
     tokenization and masks), its format picked from its own columns (`data.format` is the training
     set's: a retention set of text beside chat training data is text). `settings` gives the
-    length and example caps. ValueError naming the set when no format fits."""
-    split = settings.split if is_saved_dataset(path) else ""  # a data file has one split; eval.split names a folder's
+    length and example caps; `split` the split of a dataset folder ("" = its only one). ValueError
+    naming the set when no format fits."""
+    split = split if is_saved_dataset(path) else ""  # a data file has one split; eval.*split names a folder's
     config = dataclasses.replace(data, path=path, format="auto", split=split, max_length=settings.max_length,
                                  max_examples=settings.max_examples, on_bad_example="refuse")
     load_rows(config)  # the format check, naming the set
@@ -58,13 +68,13 @@ def eval_data_config(path: str, data: DataConfig, settings: EvalConfig) -> DataC
 
 
 def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig,
-             only: list[int] | None = None) -> tuple[list[tuple[torch.Tensor, ...]], dict]:
+             only: list[int] | None = None, split: str = "") -> tuple[list[tuple[torch.Tensor, ...]], dict]:
     """(input_ids [B, T], attention_mask [B, T], scored [B, T-1] bool) batches of the eval set,
     right-padded (`scored` marks the positions stage one would train: all of a text row), and what
     the set is: {path, split, format, examples, scored_tokens, sha256} (eval.json "sets"). `only`:
     the example ids to read (the training data's held-out slice, read as stage one reads it)."""
     if only is None:
-        data = eval_data_config(path, data, settings)
+        data = eval_data_config(path, data, settings, split)
         rows = load_rows(data)
     else:
         data = dataclasses.replace(data, max_length=settings.max_length, on_bad_example="refuse")
@@ -72,8 +82,10 @@ def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig,
         rows = rows.select(only[:settings.max_examples] if settings.max_examples else only)
     report = InputReport()
     examples = tokenize_rows(rows, tokenizer, data, report=report)
-    shown = path if only is None else f"{path} (held out of the cache: data.heldout_fraction={data.heldout_fraction:g})"
-    about = {"path": shown, "split": str(rows.split) if rows.split else (data.split or "train"), "format": report.format.kind,
+    if not examples:
+        raise ValueError(f"eval set {path}: no example to score")
+    about = {"path": path, "heldout_fraction": data.heldout_fraction if only is not None else 0.0,
+             "split": resolved_split(data), "format": report.format.kind,
              "examples": len(examples), "scored_tokens": int(sum(e.loss_mask.sum() for e in examples)),
              "sha256": files_sha256(source_files(data.path))}
     out, size = [], settings.batch_size
@@ -196,7 +208,8 @@ _ROLE = {"target": "learning: held-out data of the trained task", "source": "for
 
 
 def _set_line(name: str, about: dict) -> str:
-    return (f"{name} ({_ROLE[name]}): {about['path']} [split {about['split']}, {about['format']}] "
+    held = f" (held out of the cache: data.heldout_fraction={about['heldout_fraction']:g})" if about.get("heldout_fraction") else ""
+    return (f"{name} ({_ROLE[name]}): {about['path']}{held} [split {about['split']}, {about['format']}] "
             f"{about['examples']:,} examples, {about['scored_tokens']:,} scored tokens")
 
 
@@ -210,7 +223,12 @@ def _heldout_target(config: StageConfig) -> list[int] | None:
     if manifest.exists():
         from storage_schemas import Manifest
 
-        return Manifest.load(config.cache.dir).dataset.heldout_examples
+        dataset = Manifest.load(config.cache.dir).dataset
+        if dataset.heldout_fraction != config.data.heldout_fraction or not dataset.heldout_examples:
+            raise ValueError(f"data.heldout_fraction={config.data.heldout_fraction:g}, but the cache {config.cache.dir} was made "
+                             f"with data.heldout_fraction={dataset.heldout_fraction:g} ({len(dataset.heldout_examples)} examples "
+                             "held out): set eval.target_path, or re-run stage one with this data.heldout_fraction")
+        return dataset.heldout_examples
     return heldout_ids(range(len(load_rows(config.data))), config.data.heldout_fraction)
 
 
@@ -220,12 +238,13 @@ def check_eval_sets(config: StageConfig) -> None:
     target set of the training data's held-out slice, data.heldout_fraction, is not a default)."""
     defaults, embedded = EvalConfig(), next(f.default for f in dataclasses.fields(StageConfig) if f.name == "model")
     keys = ("source_path",) if config.data.heldout_fraction else ("target_path", "source_path")
-    unset = [f"eval.{key}" for key in keys if getattr(config.eval, key) == getattr(defaults, key)]
+    unset = [key for key in keys if Path(getattr(config.eval, key)).resolve() == Path(getattr(defaults, key)).resolve()]
     if unset and Path(config.model).resolve() != Path(embedded).resolve():
-        raise ValueError(f"{' and '.join(unset)} not set: the default is the embedded demo's held-out set, which says "
-                         f"nothing about {config.model}; set eval.target_path (held-out data of the task you train: "
-                         "learning; or data.heldout_fraction, keeping a slice of the training data out of the cache) "
-                         "and eval.source_path (data the model must not forget: forgetting)")
+        what = {"target_path": "eval.target_path (held-out data of the task you train: learning; or data.heldout_fraction, "
+                               "keeping a slice of the training data out of the cache)",
+                "source_path": "eval.source_path (data the model must not forget: forgetting)"}
+        raise ValueError(f"{' and '.join(f'eval.{key}' for key in unset)} not set: the default is the embedded demo's held-out "
+                         f"set, which says nothing about {config.model}; set " + " and ".join(what[key] for key in unset))
 
 
 def _table(results: dict) -> str:
@@ -271,8 +290,10 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     heldout = _heldout_target(config)
     read = {"target": _batches(config.data.path, tokenizer, config.data, config.eval, only=heldout) if heldout is not None
-            else _batches(config.eval.target_path, tokenizer, config.data, config.eval),
-            "source": _batches(config.eval.source_path, tokenizer, config.data, config.eval)}
+            else _batches(config.eval.target_path, tokenizer, config.data, config.eval,
+                          split=config.eval.target_split or config.eval.split),
+            "source": _batches(config.eval.source_path, tokenizer, config.data, config.eval,
+                               split=config.eval.source_split or config.eval.split)}
     sets, about = {name: b for name, (b, _) in read.items()}, {name: a for name, (_, a) in read.items()}
     print("\n".join(_set_line(name, a) for name, a in about.items()))
     if base_results is None:

@@ -20,6 +20,8 @@ class EvalConfig:
     split: str = field(default="", metadata={"help": (
         "the split of each eval set that is a dataset folder with several splits (save_to_disk DatasetDict); "
         "\"\" = its only split (a folder with several is refused, naming them); data files have one split")})
+    target_split: str = field(default="", metadata={"help": "the target set's split, when its folder needs another than eval.split"})
+    source_split: str = field(default="", metadata={"help": "the source set's split, when its folder needs another than eval.split"})
     max_length: int = field(default=256, metadata={"help": "sequences are truncated to this many tokens"})
     max_examples: int = field(default=300, metadata={"help": "per set; 0 = all"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward"})

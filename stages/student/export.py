@@ -35,6 +35,8 @@ def export_merged(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike, 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (is it a finished run's adapter/?)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is a file; --out must be a new or empty directory")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose a new --out (an export never overwrites)")
     stored = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)

@@ -38,11 +38,12 @@ from stages.student.trainer import (
 from stages.student.variants import MUTATES_BASE
 from storage_schemas import FingerprintMismatch, Manifest
 
-__all__ = ["run_train", "resume_point"]
+__all__ = ["run_train", "resume_point", "check_finished"]
 
 # Config keys that may change between a run and its resumption (they do not change what is learned
 # up to the checkpoint); any other difference is refused.
 _RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps",
+                      "data.path",  # where the data lives: its bytes are checked against the cache either way
                       "train.fused_loss", "train.fused_chunk_size",  # the same loss and gradients, fused or not
                       "train.report_to"}  # where the logs go
 # train.trainer_args keys that may change on resume: memory/speed and bookkeeping switches that leave the
@@ -199,8 +200,8 @@ def _check_cache_data(config: StageConfig, manifest: Manifest) -> None:
     problems = data_differences(config.data, manifest.dataset, manifest.settings.max_length)
     if problems:
         raise FingerprintMismatch(f"{config.cache.dir}: the cache does not hold the data this config names:\n  "
-                                  + "\n  ".join(problems) + "\nRe-run stage one for this data (make cache-teacher, with this "
-                                  "config and its own cache.dir), or set data.* back to the cache's values")
+                                  + "\n  ".join(problems) + "\nRe-run stage one for this data (python -m pipeline cache-teacher "
+                                  "with this config and a cache.dir of its own), or set data.* back to the cache's values")
 
 
 def _cache_data_header(manifest: Manifest) -> str:
@@ -209,6 +210,22 @@ def _cache_data_header(manifest: Manifest) -> str:
             f"  source {d.source} (split {d.split}), files sha256 {d.source_sha256}\n"
             f"  format {d.format}, column(s) {d.field}, input rules {d.input_rules}, {d.num_examples} examples, "
             f"max_length {manifest.settings.max_length}")
+
+
+def check_finished(config: StageConfig, run_dir: str | Path) -> dict:
+    """metrics.json of the finished run in `run_dir` (its saved config: `config`; {} without one), or ValueError saying
+    what is unfinished: an adapter/ left by an earlier finish while a longer run (train --resume) has
+    not reached its train.max_steps describes a model the run's config.yaml does not."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").exists():  # an adapter/ put there by hand: nothing says how it was trained
+        return {}
+    done = finished_run_metrics(dataclasses.replace(config, train=dataclasses.replace(config.train, output_dir=str(run_dir))))
+    if done is None:
+        steps = json.loads((run_dir / "metrics.json").read_text()).get("steps", 0)
+        raise ValueError(f"{run_dir}: training has not finished ({steps} of train.max_steps={config.train.max_steps} steps in "
+                         "metrics.json; its adapter/ is from an earlier finish, if any); finish it with "
+                         "`python -m pipeline train --resume` and the same settings")
+    return done
 
 
 def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:

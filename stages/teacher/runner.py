@@ -121,6 +121,9 @@ def _manifest_lines(s: StageOneSummary, scaled: bool) -> list[str]:
         lines.append(f"  skipped examples {s.skipped:,} (data.on_bad_example=skip; ids in manifest.json dataset.skipped_examples)"
                      f"   duplicated leading BOS dropped {s.leading_bos_dropped:,}")
     dataset = s.manifest.dataset
+    if dataset.heldout_examples:
+        lines.append(f"  held out of the cache (data.heldout_fraction={dataset.heldout_fraction:g}, eval's default target set): "
+                     f"{len(dataset.heldout_examples):,} examples")
     if dataset.unclosed_assistant_turns:
         lines.append(f"  warning: {dataset.unclosed_assistant_turns:,} assistant turns "
                      + ("end with the EOS inserted by data.assistant_eos=append" if dataset.assistant_eos == "append" else

@@ -49,6 +49,13 @@ def test_a_changed_setting_reruns_exactly_the_runs_it_changes(tiny_model_dir, ti
     table = (out / "results.md").read_text()
     assert "±" not in table and "| tail | 1 | 1 |" in table
 
+    # records_dir added to a finished sweep: the reused runs' records are written too
+    records = tmp_path / "records"
+    run_sweep(load_config(None, overrides(tiny_model_dir, tiny_jsonl, tmp_path, "train.k=4", "eval.max_examples=6",
+                                          f"sweep.records_dir={records}")))
+    assert "sweep: reused 2" in capsys.readouterr().out
+    assert sorted(p.name for p in records.iterdir()) == ["base_eval.json", "none-l0-s0.json", "tail-l1-s0.json"]
+
 
 def sweep_cli(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--config", "", *args], cwd=REPO,

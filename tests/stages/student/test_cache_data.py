@@ -27,7 +27,8 @@ def train_with(tiny_model_dir, data, cache, out, *extra):
 @pytest.mark.parametrize("change, named", [
     ("other-file", r"data.path '.*other\.jsonl': its files are not the data the cache was made from"),
     ("data.max_length=64", r"data.max_length: this config has 64, the cache was made with 48"),
-    ("data.text_field=body", r"data.fields: this config has 'body', the cache was made with 'text'"),
+    ("data.text_field=body", r"data.text_field: this config has 'body', the cache was made with 'text'"),
+    ("data.max_examples=20", r"data.max_examples: this config has 20, the cache was made from 30 examples"),
     ("data.format=chat", r"data.format: this config has 'chat', the cache was made with 'text'"),
 ])
 def test_training_on_data_the_cache_does_not_hold_is_refused(change, named, tiny_model_dir, tiny_jsonl, small_cache, tmp_path):

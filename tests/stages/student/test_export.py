@@ -44,3 +44,16 @@ def test_the_merged_model_generates_what_the_adapter_does(tiny_model_dir, traine
                                    atol=1e-4, rtol=1e-4)
     assert cli_main(["export", "--run", str(trained_run), "--out", str(tmp_path / "merged")]) == 2  # never overwrites
     assert "exists and is not empty; choose a new --out" in capsys.readouterr().err
+
+
+def test_an_unfinished_run_is_not_exported_or_evaluated(trained_run, tmp_path, capsys):
+    """A run being extended (train --resume with a larger max_steps, not finished): its adapter/ is from
+    the earlier finish, not what its config.yaml describes."""
+    import shutil
+
+    run = tmp_path / "extended"
+    shutil.copytree(trained_run, run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("max_steps: 3", "max_steps: 300"))
+    for command in (["export", "--run", str(run), "--out", str(tmp_path / "out")], ["eval", "--run", str(run)]):
+        assert cli_main(command) == 2
+        assert "training has not finished (3 of train.max_steps=300 steps in metrics.json" in capsys.readouterr().err
