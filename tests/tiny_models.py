@@ -105,3 +105,16 @@ def tool_chat_bodies(chat: list[dict]) -> list[str]:
                             for c in m.get("tool_calls") or [])
             bodies.append((m["content"] + calls if m["content"] else calls.removeprefix("\n")) + "<|im_end|>")
     return bodies
+
+
+def decoded_runs(ids, trained, tokenizer) -> list[str]:
+    """The decoded text of each run of consecutive trained tokens (`trained[t]`: token t is a target;
+    for a cached row or an Example pass ids[1:] with the loss mask: position i trains token i + 1)."""
+    runs, current = [], []
+    for token, on in zip(list(ids), list(trained)):
+        if on:
+            current.append(int(token))
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    return [tokenizer.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]

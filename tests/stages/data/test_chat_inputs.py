@@ -6,7 +6,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from tiny_models import tool_chat_bodies, tool_conversations
+from tiny_models import decoded_runs, tool_chat_bodies, tool_conversations
 from tokenizers import processors
 from transformers import AutoTokenizer
 
@@ -26,15 +26,7 @@ def cached_rows(cache_dir) -> list[dict]:
 
 
 def trained_runs(row, tokenizer) -> list[str]:
-    """Decoded runs of consecutive trained target tokens (position i trains token i + 1)."""
-    runs, current = [], []
-    for token, on in zip(row["input_ids"][1:], row["loss_mask"]):
-        if on:
-            current.append(token)
-        elif current:
-            runs, current = runs + [current], []
-    runs += [current] if current else []
-    return [tokenizer.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]
+    return decoded_runs(row["input_ids"][1:], row["loss_mask"], tokenizer)
 
 
 def test_tool_call_turns_with_null_content_are_cached(tool_chat_model_dir, tool_chat_jsonl, tmp_path):

@@ -8,6 +8,7 @@ assistant turn's body, from after its header through the token that closes it, n
 import json
 
 import pytest
+from tiny_models import decoded_runs
 from transformers import AutoTokenizer
 
 from stages.data.chat_masks import ChatMaskError, assistant_body_mask
@@ -196,15 +197,7 @@ def family_tokenizer(base_dir, tmp_path, template, bos, eos, generation_eos):
 
 
 def trained_runs(ids, trained, tokenizer) -> list[str]:
-    runs, current = [], []
-    for token, on in zip(ids, trained):
-        if on:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    runs += [current] if current else []
-    return [tokenizer.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]
+    return decoded_runs(ids, trained, tokenizer)
 
 
 @pytest.mark.parametrize("name", list(CASES))

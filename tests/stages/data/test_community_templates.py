@@ -12,6 +12,7 @@ only for words of its training texts (" the", " return", " of"), so "\\n        
 saw ("Paris", "###") is a token of its own and is not trained.
 """
 import pytest
+from tiny_models import decoded_runs
 from transformers import AutoTokenizer
 
 from stages.data.chat_masks import ChatMaskError, mask_conversation
@@ -114,14 +115,7 @@ def with_template(base_dir, tmp_path, template, added=()):
 
 
 def trained_runs(ids, trained, tokenizer) -> list[str]:
-    runs, current = [], []
-    for token, on in zip(ids, trained):
-        if on:
-            current.append(token)
-        elif current:
-            runs, current = runs + [current], []
-    runs += [current] if current else []
-    return [tokenizer.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]
+    return decoded_runs(ids, trained, tokenizer)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -9,6 +9,7 @@ generation prompt "<|assistant|>\\n" (plain text, not special tokens).
 import json
 
 import pytest
+from tiny_models import decoded_runs
 from transformers import AutoTokenizer
 
 from stages.data.inputs import DataConfig, input_format, load_rows, tokenize_rows
@@ -44,14 +45,7 @@ def read(path, tokenizer, **settings):
 
 
 def trained_runs(example, tokenizer) -> list[str]:
-    runs, current = [], []
-    for token, on in zip(example.input_ids[1:].tolist(), example.loss_mask.tolist()):
-        if on:
-            current.append(token)
-        elif current:
-            runs, current = runs + [current], []
-    runs += [current] if current else []
-    return [tokenizer.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]
+    return decoded_runs(example.input_ids[1:], example.loss_mask, tokenizer)
 
 
 @pytest.mark.parametrize("name", list(CASES))
