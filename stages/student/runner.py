@@ -212,6 +212,14 @@ def _cache_data_header(manifest: Manifest) -> str:
             f"max_length {manifest.settings.max_length}")
 
 
+def _curvature_line(report: dict) -> str:
+    """lalora: `kfac curvature of 64 texts (3,210 positions): computed in 4.1 s, 1.2 MiB -> <file>` (or reused)."""
+    how = (f"reused (computed in {report['seconds']:.1f} s by an earlier run)" if report["reused"]
+           else f"computed in {report['seconds']:.1f} s")
+    return (f"lalora: {report['curvature']} curvature of {report['sequences']} texts ({report['positions']:,} positions): "
+            f"{how}, {report['bytes'] / 2**20:.2f} MiB -> {report['path']}")
+
+
 def check_finished(config: StageConfig, run_dir: str | Path) -> dict:
     """metrics.json of the finished run in `run_dir` (its saved config: `config`; {} without one), or ValueError saying
     what is unfinished: an adapter/ left by an earlier finish while a longer run (train --resume) has
@@ -252,6 +260,8 @@ def run_train(config: StageConfig, resume: bool = False, callbacks: Sequence[Tra
     # l2/lalora: anchor (and lalora's Fisher) at the init, on the device the Trainer placed the model;
     # a resume rebuilds the same seeded init, so the anchor matches before the checkpoint is loaded
     trainer.penalty = build_penalty(train, method, trainer.model, config.model)
+    if getattr(trainer.penalty, "report", None) and trainer.is_world_process_zero():
+        print(_curvature_line(trainer.penalty.report))
     initial = _initial_adapter(model, run_dir, train.lora.variant, resume_from) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
         # the run's one config.yaml, from the start: a resume is checked against it

@@ -8,7 +8,7 @@ from typing import Any
 from stages.common.checks import require
 from stages.student.methods import check_fused, get_method
 from stages.student.trainer_args import check_trainer_args, normalize_report_to
-from stages.student.variants import LORA_VARIANTS, MUTATES_BASE
+from stages.student.variants import LALORA_CURVATURES, LORA_VARIANTS, MUTATES_BASE, NO_KFAC
 
 __all__ = ["LoraSettings", "TrainConfig", "QUANTIZATIONS"]
 
@@ -74,10 +74,21 @@ class TrainConfig:
     fisher_data: str = field(default="", metadata={"help": (
         "lalora only (stages/student/weight_penalties.py): diagonal Fisher from SOURCE (retention) text, never the "
         "held-out retention set: jsonl/parquet/saved dataset with a \"text\" column; required for lalora")})
-    fisher_examples: int = field(default=64, metadata={"help": "lalora: the first N texts of fisher_data (one per-example gradient each)"})
+    fisher_examples: int = field(default=64, metadata={"help": (
+        "lalora: the first N texts of fisher_data (one per-example gradient each); see fisher_batches")})
+    fisher_batches: int = field(default=0, metadata={"help": (
+        "lalora: proxy data as batches: the first fisher_batches x batch_size texts of fisher_data (LaLoRA studies 1 or 2); "
+        "0 = fisher_examples texts (leave fisher_examples at 64 when this is set)")})
     fisher_max_length: int = field(default=256, metadata={"help": "lalora: tokens per Fisher text (truncated on the right)"})
     fisher_floor: float = field(default=0.1, metadata={"help": (
-        "lalora: F_i += fisher_floor * mean(F): anchors A, whose Fisher is 0 at B = 0")})
+        "lalora: F += fisher_floor * mean(diag F) * I, every curvature: anchors A, whose Fisher is 0 at B = 0")})
+    lalora_curvature: str = field(default="diag", metadata={"help": (
+        "lalora's curvature (stages/student/curvature.py): diag (the empirical Fisher's diagonal) | kfac (one "
+        "Kronecker block per lora_A / lora_B) | tri_kfac (kfac + each module's A-B cross block); not kfac/tri_kfac "
+        "with randlora/sinelora")})
+    curvature_dir: str = field(default="", metadata={"help": (
+        "lalora: where curvatures are kept, keyed by model, adapter init, proxy data and curvature, so runs "
+        "that differ only in lambda (or steps) compute it once; \"\" = <parent of output_dir>/curvature")})
     k: int = field(default=0, metadata={"help": "cached estimators: use the first k cached tokens (the teacher's top k); 0 = all"})
     quantization: str = field(default="none", metadata={"help": (
         "none | 4bit: QLoRA, the base's linear layers (not the output head) in NF4 through bitsandbytes (extra "
@@ -98,6 +109,11 @@ class TrainConfig:
         "true works with every LoRA variant (non-reentrant, same loss and gradients: tested). On --resume only the "
         "checkpointing, dataloader and save-count keys may change")})
 
+    @property
+    def fisher_texts(self) -> int:
+        """How many texts of fisher_data lalora's curvature reads: fisher_batches x batch_size, else fisher_examples."""
+        return self.fisher_batches * self.batch_size if self.fisher_batches else self.fisher_examples
+
     def __post_init__(self) -> None:
         method = get_method(self.method)
         for key in method.requires:
@@ -105,6 +121,15 @@ class TrainConfig:
         require(self.fisher_examples >= 1, f"train.fisher_examples: must be >= 1, got {self.fisher_examples}")
         require(self.fisher_max_length >= 2, f"train.fisher_max_length: must be >= 2, got {self.fisher_max_length}")
         require(self.fisher_floor >= 0, f"train.fisher_floor: must be >= 0, got {self.fisher_floor}")
+        require(self.fisher_batches >= 0, f"train.fisher_batches: must be >= 0 (0 = fisher_examples texts), got {self.fisher_batches}")
+        require(self.fisher_batches == 0 or self.fisher_examples == 64,
+                f"train.fisher_batches={self.fisher_batches} and train.fisher_examples={self.fisher_examples}: set one of them "
+                "(fisher_batches counts batches of batch_size texts; leave fisher_examples at 64)")
+        require(self.lalora_curvature in LALORA_CURVATURES,
+                f"train.lalora_curvature: {self.lalora_curvature!r} not in {'|'.join(LALORA_CURVATURES)}")
+        require(self.method != "lalora" or self.lalora_curvature == "diag" or self.lora.variant not in NO_KFAC,
+                f"train.lalora_curvature={self.lalora_curvature}: not with train.lora.variant={self.lora.variant} "
+                f"({NO_KFAC.get(self.lora.variant, '')}); use lalora_curvature=diag")
         require(self.k >= 0, f"train.k: must be >= 0 (0 = all cached tokens), got {self.k}")
         require(self.reg_weight >= 0, f"train.reg_weight: must be >= 0, got {self.reg_weight}")
         require(self.learning_rate > 0, f"train.learning_rate: must be > 0, got {self.learning_rate}")

@@ -281,6 +281,8 @@ def train_and_save(trainer: CacheTrainer, train: TrainConfig, manifest: Manifest
     metrics["fused_loss"] = trainer.fused_loss
     metrics["fused_loss_reason"] = getattr(trainer, "fused_loss_reason", "")
     metrics["quantization"] = train.quantization  # none | 4bit (QLoRA): the base the adapter trained on
+    if getattr(trainer.penalty, "report", None):  # lalora: its curvature's key, file and cost
+        metrics["curvature"] = trainer.penalty.report
     write_run_files(trainer, run_dir, manifest, metrics, initial_adapter)
     return metrics
 

@@ -7,10 +7,18 @@ Kept apart from adapters.py (peft, transformers) so that the settings and the me
 """
 from __future__ import annotations
 
-__all__ = ["LORA_VARIANTS", "MUTATES_BASE"]
+__all__ = ["LORA_VARIANTS", "MUTATES_BASE", "LALORA_CURVATURES", "NO_KFAC"]
 
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 
 # PiSSA and OLoRA move the principal part of every adapted weight into the adapter at init: the frozen
 # base becomes the residual W - BA, so `disable_adapter()` no longer runs the base model (adapters.py).
 MUTATES_BASE = frozenset({"pissa", "olora"})
+
+# LaLoRA's curvature forms (train.lalora_curvature; stages/student/curvature.py). K-FAC factors exist
+# only for weights applied as a Linear layer's `input @ W^T`; these variants' trainable tensors are not:
+LALORA_CURVATURES = ("diag", "kfac", "tri_kfac")
+NO_KFAC = {
+    "randlora": "its trainable tensors are scaling vectors over shared random bases, not a Linear layer's weight",
+    "sinelora": "its update sin(w * BA) / g is a non-linear function of A and B, not a Linear layer's input @ W^T",
+}

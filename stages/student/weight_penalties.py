@@ -40,11 +40,11 @@ carries the unweighted penalty R (the 1/2-sum above); runs before the method reg
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from stages.data.inputs import DataConfig, load_rows, tokenize_rows
+from stages.student.curvature import Curvature, estimate_curvature
 
-__all__ = ["WeightPenalty", "empirical_fisher", "fisher_examples", "l2_penalty", "lalora_penalty"]
+__all__ = ["WeightPenalty", "CurvaturePenalty", "empirical_fisher", "fisher_examples", "l2_penalty", "lalora_penalty"]
 
 
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -94,37 +94,34 @@ def empirical_fisher(model: torch.nn.Module, examples, floor: float = 0.1) -> di
     example at the current parameters, eval mode; the model's .grad fields are left as they were.
     Returns {name: F_i + floor * mean(F)} in float32 (see the module doc for why the floor).
     """
-    params = _trainable(model)
-    saved_grads = {n: p.grad for n, p in params}
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
-    device = params[0][1].device
-    was_training = model.training
-    model.eval()
-    count = 0
-    try:
-        for example in examples:
-            ids = torch.as_tensor(example.input_ids, dtype=torch.long, device=device)[None]
-            mask = torch.as_tensor(example.loss_mask, dtype=torch.bool, device=device)
-            if not bool(mask.any()):
-                continue
-            logits = model(input_ids=ids).logits[0, :-1][mask]
-            ce = F.cross_entropy(logits.float(), ids[0, 1:][mask])
-            grads = torch.autograd.grad(ce, [p for _, p in params], allow_unused=True)
-            for (n, _), g in zip(params, grads):
-                if g is not None:
-                    sums[n] += g.float() ** 2
-            count += 1
-    finally:
-        model.train(was_training)
-        for n, p in params:
-            p.grad = saved_grads[n]
-    if count == 0:
-        raise ValueError("train.fisher_data: no example with a trained position")
-    fisher = {n: s / count for n, s in sums.items()}
+    fisher = estimate_curvature(model, examples, "diag").diagonal
     total = sum(f.sum() for f in fisher.values())
     entries = sum(f.numel() for f in fisher.values())
     level = floor * float(total) / entries
-    return {n: f + level for n, f in fisher.items()}
+    return {n: f.float() + level for n, f in fisher.items()}
+
+
+class CurvaturePenalty:
+    """R(theta) = 1/2 * (vec(D)^T F vec(D) + level * |D|^2), D = theta - theta0, F a `Curvature` (kfac,
+    tri_kfac; stages/student/curvature.py), level = floor * mean diagonal of F. 0-dim float32 with
+    gradient to the live parameters. ValueError if R comes out negative (F must be PSD)."""
+
+    def __init__(self, model: torch.nn.Module, curvature: Curvature, floor: float) -> None:
+        self.params = _trainable(model)
+        if not self.params:
+            raise ValueError("weight penalty: the model has no trainable parameters")
+        self.anchor = {n: p.detach().clone() for n, p in self.params}
+        device = self.params[0][1].device
+        self.curvature = curvature.to(device, torch.float32)
+        self.level = floor * curvature.mean_diagonal()
+
+    def __call__(self) -> torch.Tensor:
+        deltas = {n: p.float() - self.anchor[n].float() for n, p in self.params}
+        value = self.curvature.quadratic(deltas) + self.level * sum((d * d).sum() for d in deltas.values())
+        if float(value) < -1e-6 * (1.0 + self.level):
+            raise ValueError(f"lalora: the curvature penalty is negative ({float(value):.3g}): the {self.curvature.kind} "
+                             "curvature is not positive semi-definite")
+        return 0.5 * value
 
 
 def l2_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
@@ -132,9 +129,29 @@ def l2_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
     return WeightPenalty(model)
 
 
-def lalora_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
-    """`lalora`: the floored diagonal Fisher of `train.fisher_data` (a TrainConfig) at the current weights."""
+def lalora_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty | CurvaturePenalty:
+    """`lalora`: the floored curvature `train.lalora_curvature` of `train.fisher_data` (a TrainConfig) at the
+    current weights, from the curvature store when an identical one was computed (stages/student/curvature_store.py).
+    The penalty's `report` says where it came from and what it cost."""
+    from stages.student.curvature_store import cached_curvature
+
     if not train.fisher_data:
         raise ValueError("train.fisher_data: required by method 'lalora'")
-    examples = fisher_examples(train.fisher_data, model_dir, train.fisher_examples, train.fisher_max_length)
-    return WeightPenalty(model, empirical_fisher(model, examples, train.fisher_floor))
+
+    def compute() -> Curvature:
+        examples = fisher_examples(train.fisher_data, model_dir, train.fisher_texts, train.fisher_max_length)
+        if len(examples) < train.fisher_texts:
+            what = (f"train.fisher_batches={train.fisher_batches} x train.batch_size={train.batch_size}" if train.fisher_batches
+                    else f"train.fisher_examples={train.fisher_examples}")
+            raise ValueError(f"train.fisher_data: {train.fisher_data} holds {len(examples)} texts; {what} asks for "
+                             f"{train.fisher_texts}: lower it or give more source text")
+        return estimate_curvature(model, examples, train.lalora_curvature)
+
+    curvature, report = cached_curvature(train, model, model_dir, compute)
+    if curvature.kind == "diag":
+        level = train.fisher_floor * curvature.mean_diagonal()
+        penalty = WeightPenalty(model, {n: f.float() + level for n, f in curvature.diagonal.items()})
+    else:
+        penalty = CurvaturePenalty(model, curvature, train.fisher_floor)
+    penalty.report = report
+    return penalty

@@ -107,3 +107,90 @@ def test_penalty_is_added_once_per_optimizer_step(tiny_model_dir, tiny_cache, tm
     for g_full, g_accum in zip(grads["full"], grads["accum"]):
         for n in g_full:
             torch.testing.assert_close(g_accum[n], g_full[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# --- LaLoRA's curvature forms, proxy batches and the curvature store ---------------------------------
+def _lalora(tiny_jsonl, tmp_path, **kw):
+    settings = dict(method="lalora", fisher_data=str(tiny_jsonl), fisher_examples=4, fisher_max_length=32,
+                    output_dir=str(tmp_path / "run"), curvature_dir=str(tmp_path / "store"))
+    return TrainConfig(**{**settings, **kw})
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_kfac_forms_on_a_real_model_are_psd_and_account_for_every_gradient(variant, tiny_model_dir, tiny_jsonl):
+    """All-linear LoRA / DoRA on the tiny Llama with B != 0: the hooks' check passes (every Linear's
+    gradient is its factors' product), DoRA's magnitudes keep a diagonal, and the penalty is >= 0 in
+    random directions, > 0 off the anchor, exactly 0 at it."""
+    from stages.student.curvature import estimate_curvature
+    from stages.student.weight_penalties import CurvaturePenalty
+
+    torch.manual_seed(0)
+    model = make_student(tiny_model_dir, LoraSettings(variant=variant, rank=4), torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    examples = fisher_examples(str(tiny_jsonl), str(tiny_model_dir), 3, 24)
+    tri = estimate_curvature(model, examples, "tri_kfac")
+    assert tri.kron and tri.cross and len(tri.cross) * 2 == len(tri.kron)
+    assert set(tri.diagonal) == {n for n, p in model.named_parameters() if p.requires_grad and "magnitude" in n}
+    assert bool(tri.diagonal) == (variant == "dora")
+    penalty = CurvaturePenalty(model, tri, floor=0.0)
+    assert penalty().item() == 0.0
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in penalty.params:
+                p.copy_(penalty.anchor[n] + 0.1 * torch.randn(p.shape, generator=g))
+        assert penalty().item() > 0
+
+
+def test_fisher_batches_count_batch_size_texts_and_too_few_texts_are_named(student, tiny_model_dir, tiny_jsonl, tmp_path):
+    train = _lalora(tiny_jsonl, tmp_path, fisher_batches=2, fisher_examples=64, batch_size=3)
+    penalty = build_penalty(train, get_method("lalora"), student, str(tiny_model_dir))
+    assert penalty.report["sequences"] == 6 and not penalty.report["reused"]
+    with pytest.raises(ValueError, match=r"holds 30 texts; train\.fisher_batches=20 x train\.batch_size=2 asks for 40"):
+        build_penalty(_lalora(tiny_jsonl, tmp_path, fisher_batches=20, fisher_examples=64, batch_size=2), get_method("lalora"), student,
+                      str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(fisher_batches=2, fisher_examples=8), r"set one of them"),
+    (dict(fisher_batches=2), r"set one of them"),  # _lalora's fisher_examples=4
+    (dict(fisher_batches=-1), r"train\.fisher_batches: must be >= 0"),
+    (dict(lalora_curvature="kron"), r"train\.lalora_curvature: 'kron' not in diag\|kfac\|tri_kfac"),
+])
+def test_curvature_settings_are_checked(bad, match, tiny_jsonl, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        _lalora(tiny_jsonl, tmp_path, **bad)
+
+
+def test_curvature_store_is_reused_across_lambdas_and_keyed_by_what_it_is_computed_from(tiny_model_dir, tiny_jsonl, tmp_path):
+    def penalty(seed=0, **kw):
+        torch.manual_seed(seed)
+        model = make_student(tiny_model_dir, LoraSettings(rank=4), torch.float32)
+        return build_penalty(_lalora(tiny_jsonl, tmp_path, seed=seed, **{"lalora_curvature": "kfac", **kw}), get_method("lalora"),
+                             model, str(tiny_model_dir))
+
+    first = penalty()
+    assert not first.report["reused"] and first.report["bytes"] > 0 and first.report["seconds"] >= 0
+    again = penalty(reg_weight=123.0, learning_rate=0.5, max_steps=7)  # what the curvature does not depend on
+    assert again.report["reused"] and again.report["path"] == first.report["path"]
+    for n, (s_in, s_out) in first.curvature.kron.items():
+        assert torch.equal(again.curvature.kron[n][0], s_in) and torch.equal(again.curvature.kron[n][1], s_out)
+    keys = {first.report["key"]}
+    for changed in (dict(seed=1), dict(fisher_examples=5), dict(fisher_max_length=16), dict(lalora_curvature="tri_kfac"),
+                    dict(lalora_curvature="diag")):
+        report = penalty(**changed).report
+        assert not report["reused"] and report["key"] not in keys, changed
+        keys.add(report["key"])
+    assert len(list((tmp_path / "store").glob("*.safetensors"))) == 6
+
+
+def test_kfac_lalora_trains_through_run_train_and_records_its_curvature(tiny_model_dir, tiny_cache, tiny_jsonl, tmp_path, capsys):
+    extra = dict(fisher_data=str(tiny_jsonl), fisher_examples=4, fisher_max_length=32, lalora_curvature="tri_kfac")
+    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / "a", method="lalora", reg_weight=10.0,
+                                    max_steps=2, save_steps=2, **extra))
+    assert metrics["final_penalty"] > 0 and metrics["curvature"]["curvature"] == "tri_kfac"
+    assert (tmp_path / "curvature").is_dir()  # beside the run: <parent of output_dir>/curvature
+    assert "lalora: tri_kfac curvature of 4 texts" in capsys.readouterr().out
