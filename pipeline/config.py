@@ -27,9 +27,22 @@ from stages.common.saved_config import check_current_keys, read_saved_config
 from stages.common.stage_config import StageConfig
 from stages.data.hub import resolve_hub_ids
 from stages.student.methods import method_names
-from stages.student.variants import LORA_VARIANTS
+from stages.student.variants import LALORA_CURVATURES, LORA_VARIANTS
 
 __all__ = ["SweepConfig", "ApproxConfig", "Config", "load_config", "config_for_run"]
+
+def _lambdas(key: str, weights) -> list[float]:
+    """A lambda grid as floats; YAML reads `1e4` (no dot) as a string, so numeric strings are taken too."""
+    def number(w):
+        try:
+            return float(w) if not isinstance(w, bool) else None
+        except (TypeError, ValueError):
+            return None
+    values = [number(w) for w in weights] if isinstance(weights, list) else []
+    _require(bool(values) and all(v is not None and v >= 0 for v in values),
+             f"{key}: expected a non-empty list of numbers >= 0, got {weights!r}")
+    return values
+
 
 # --- sections -----------------------------------------------------------------------------
 @dataclass
@@ -47,6 +60,13 @@ class SweepConfig:
         "optional axis: train.k values (<= cache.k; cached estimators only); [] = cache's k")})
     lora_variants: list[str] = field(default_factory=list, metadata={"help": (
         "optional axis: train.lora.variant values; [] = as configured")})
+    lalora_curvatures: list[str] = field(default_factory=list, metadata={"help": (
+        "optional axis for lalora only: train.lalora_curvature values (diag, kfac, tri_kfac); [] = as configured")})
+    curvature_reg_weights: dict[str, list[float]] = field(default_factory=dict, metadata={"help": (
+        "lalora's lambda grid per curvature, e.g. {diag: [1e4], kfac: [1e2]} (each form has its own scale); "
+        "replaces method_reg_weights.lalora for that curvature")})
+    fisher_batches: list[int] = field(default_factory=list, metadata={"help": (
+        "optional axis for lalora only: train.fisher_batches values (0 = fisher_examples texts); [] = as configured")})
     records_dir: str = field(default="", metadata={"help": (
         "a folder (tracked in git, e.g. under docs/) receiving each finished run's record as it finishes "
         "(<run>.json: its key, resolved config, eval.json and metrics.json; base_eval.json); a record whose key "
@@ -64,14 +84,19 @@ class SweepConfig:
         _require(not bad, f"sweep.methods / sweep.method_reg_weights: {bad} not in {method_names()}")
         _require(bool(self.methods) and bool(self.reg_weights) and bool(self.seeds),
                  "sweep: methods, reg_weights and seeds must be non-empty")
-        self.reg_weights = [float(w) for w in self.reg_weights]
-        for method, weights in self.method_reg_weights.items():
-            _require(isinstance(weights, list) and bool(weights) and all(isinstance(w, (int, float)) and w >= 0 for w in weights),
-                     f"sweep.method_reg_weights.{method}: expected a non-empty list of numbers >= 0, got {weights!r}")
-        self.method_reg_weights = {m: [float(w) for w in ws] for m, ws in self.method_reg_weights.items()}
+        self.reg_weights = _lambdas("sweep.reg_weights", self.reg_weights)
+        self.method_reg_weights = {m: _lambdas(f"sweep.method_reg_weights.{m}", ws) for m, ws in self.method_reg_weights.items()}
         _require(all(k >= 1 for k in self.ks), f"sweep.ks: every k must be >= 1, got {self.ks}")
         bad = [v for v in self.lora_variants if v not in LORA_VARIANTS]
         _require(not bad, f"sweep.lora_variants: {bad} not in {LORA_VARIANTS}")
+        bad = [c for c in [*self.lalora_curvatures, *self.curvature_reg_weights] if c not in LALORA_CURVATURES]
+        _require(not bad, f"sweep.lalora_curvatures / sweep.curvature_reg_weights: {bad} not in {LALORA_CURVATURES}")
+        self.curvature_reg_weights = {c: _lambdas(f"sweep.curvature_reg_weights.{c}", ws) for c, ws in self.curvature_reg_weights.items()}
+        _require(all(isinstance(b, int) and b >= 0 for b in self.fisher_batches),
+                 f"sweep.fisher_batches: every value must be an integer >= 0, got {self.fisher_batches}")
+        _require(len(set(self.fisher_batches)) == len(self.fisher_batches) and
+                 len(set(self.lalora_curvatures)) == len(self.lalora_curvatures),
+                 "sweep.fisher_batches / sweep.lalora_curvatures: a value listed twice would name two runs alike")
 
 
 @dataclass

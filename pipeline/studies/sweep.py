@@ -25,7 +25,11 @@ scales nothing (`none`) runs once per seed. `ks` (optional) multiplies the metho
 (tail/topk/full_kl) by `train.k`: such a run reads the first k columns of the same cache (the
 teacher's top k), so a k study never re-runs stage one; methods that read no teacher arrays get one
 run per seed whatever `ks` says. `lora_variants` (optional) multiplies every method; a variant a
-method refuses (`live` with pissa/olora) is an error before any run. What a method reads, scales and
+method refuses (`live` with pissa/olora) is an error before any run. For `lalora` only,
+`lalora_curvatures` (train.lalora_curvature) and `fisher_batches` (train.fisher_batches, its proxy
+data) are two more axes, with a lambda grid per curvature in `curvature_reg_weights`; the runs of one
+curvature and proxy size share one stored curvature (stages/student/curvature_store.py). Run names
+carry every axis given: `lalora-l100-s0-kfac-fb2`. What a method reads, scales and
 allows comes from its entry in stages/student/methods.py.
 """
 from __future__ import annotations
@@ -48,6 +52,7 @@ from stages.eval.evaluate import run_eval
 from stages.eval.settings import EvalConfig
 from stages.student.methods import get_method, method_names
 from stages.student.runner import run_train
+from stages.student.variants import NO_KFAC
 from stages.teacher.runner import run_cache_teacher
 from storage_schemas import Manifest
 from storage_schemas.fingerprints import files_sha256
@@ -65,17 +70,30 @@ class RunSpec:
     seed: int
     k: int = 0          # train.k; 0 = all the cache's columns (name unchanged)
     variant: str = ""   # train.lora.variant; "" = as configured (name unchanged)
+    curvature: str = ""  # lalora: train.lalora_curvature; "" = as configured (name unchanged)
+    fisher_batches: int | None = None  # lalora: train.fisher_batches; None = as configured (name unchanged)
 
     @property
     def name(self) -> str:
         suffix = (f"-k{self.k}" if self.k else "") + (f"-{self.variant}" if self.variant else "")
+        suffix += f"-{self.curvature}" if self.curvature else ""
+        suffix += f"-fb{self.fisher_batches}" if self.fisher_batches is not None else ""
         return f"{self.method}-l{self.reg_weight:g}-s{self.seed}{suffix}"
 
 
-def _weights(config: Config, method: str) -> list[float]:
+def _weights(config: Config, method: str, curvature: str = "") -> list[float]:
     if get_method(method, "sweep.methods").weight_scales == "nothing":  # lambda means nothing: one run per seed
         return [0.0]
+    if method == "lalora" and (curvature or config.train.lalora_curvature) in config.sweep.curvature_reg_weights:
+        return config.sweep.curvature_reg_weights[curvature or config.train.lalora_curvature]
     return config.sweep.method_reg_weights.get(method, config.sweep.reg_weights)
+
+
+def _lalora_axes(config: Config, method: str) -> list[tuple[str, int | None]]:
+    """(curvature, fisher_batches) pairs of `method`: the lalora axes' product, one empty pair for other methods."""
+    if method != "lalora":
+        return [("", None)]
+    return [(c, b) for c in (config.sweep.lalora_curvatures or [""]) for b in (config.sweep.fisher_batches or [None])]
 
 
 def _check_axes(config: Config) -> None:
@@ -89,16 +107,23 @@ def _check_axes(config: Config) -> None:
         if clash:
             raise ValueError(f"sweep: method {method.name!r} cannot run with sweep.lora_variants {clash} "
                              f"({method.refusal}); sweep them in a separate config without {method.name!r}")
+    if "lalora" in sweep.methods:
+        for variant in sweep.lora_variants or [config.train.lora.variant]:
+            kfac = [c for c in sweep.lalora_curvatures or [config.train.lalora_curvature] if c != "diag"]
+            if kfac and variant in NO_KFAC:
+                raise ValueError(f"sweep: lalora with curvature {kfac} cannot run with train.lora.variant={variant} "
+                                 f"({NO_KFAC[variant]}); sweep that variant with lalora_curvatures=[diag] in a separate config")
 
 
 def plan_runs(config: Config) -> list[RunSpec]:
     """Every run of the grid, in order: method, variant, k, lambda, seed."""
     _check_axes(config)
     sweep = config.sweep
-    return [RunSpec(m, w, s, k, v)
+    return [RunSpec(m, w, s, k, v, c, b)
             for m in sweep.methods for v in (sweep.lora_variants or [""])
             for k in (sweep.ks if get_method(m).reads_cache and sweep.ks else [0])
-            for w in _weights(config, m) for s in sweep.seeds]
+            for c, b in _lalora_axes(config, m)
+            for w in _weights(config, m, c) for s in sweep.seeds]
 
 
 def run_config(config: Config, spec: RunSpec, out: Path) -> Config:
@@ -109,7 +134,12 @@ def run_config(config: Config, spec: RunSpec, out: Path) -> Config:
     run.train.k = (spec.k or config.train.k) if get_method(spec.method).reads_cache else 0
     if spec.variant:
         run.train.lora.variant = spec.variant
+    if spec.curvature:
+        run.train.lalora_curvature = spec.curvature
+    if spec.fisher_batches is not None:
+        run.train.fisher_batches = spec.fisher_batches
     run.train.output_dir = str(out / spec.name)
+    run.train.__post_init__()  # the grid point's own combination is checked (e.g. kfac with sinelora)
     return run
 
 
@@ -117,7 +147,8 @@ def _record(spec: RunSpec, result: dict) -> dict:
     adapted, forgetting = result["adapted"], result["forgetting"]
     sets = result.get("sets", {})
     return {"name": spec.name, "method": spec.method, "reg_weight": spec.reg_weight, "seed": spec.seed,
-            "k": spec.k, "variant": spec.variant,
+            "k": spec.k, "variant": spec.variant, "curvature": spec.curvature,
+            "fisher_batches": spec.fisher_batches,
             "target_loss": adapted["target"]["loss"], "target_accuracy": adapted["target"]["accuracy"],
             "source_loss": adapted["source"]["loss"], "source_loss_increase": forgetting["source_loss_increase"],
             "drift_kl": adapted["source"]["drift_kl"],
@@ -291,7 +322,9 @@ def record_weight(record: dict) -> float:
 def curve_label(record: dict) -> str:
     """One curve / table block per method, k and LoRA variant: e.g. `tail`, `tail k=4`, `tail dora`."""
     k, variant = record.get("k", 0), record.get("variant", "")
-    return record["method"] + (f" k={k}" if k else "") + (f" {variant}" if variant else "")
+    curvature, batches = record.get("curvature", ""), record.get("fisher_batches")
+    return (record["method"] + (f" k={k}" if k else "") + (f" {variant}" if variant else "") + (f" {curvature}" if curvature else "")
+            + (f" fb={batches}" if batches is not None else ""))
 
 
 def _groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
@@ -335,7 +368,7 @@ def _weighted(method: str) -> bool:
     return method not in method_names() or get_method(method).weight_scales != "nothing"
 
 
-HPARAMS = ("method", "reg_weight", "seed", "k", "variant")
+HPARAMS = ("method", "reg_weight", "seed", "k", "variant", "curvature", "fisher_batches")
 SWEEP_METRICS = ("target_loss", "target_accuracy", "source_loss", "source_loss_increase", "drift_kl")
 
 
@@ -348,7 +381,7 @@ def log_sweep(records: list[dict], log_dir: Path) -> None:
     with SummaryWriter(log_dir=str(log_dir)) as writer:
         for r in records:
             if not (log_dir / r["name"]).exists():
-                writer.add_hparams({key: r.get(key, "") for key in HPARAMS},
+                writer.add_hparams({key: "" if r.get(key) is None else r[key] for key in HPARAMS},
                                    {f"sweep/{key}": r[key] for key in SWEEP_METRICS}, run_name=r["name"])
         writer.add_figure("sweep/frontier", _frontier_figure(records), global_step=len(records))
 

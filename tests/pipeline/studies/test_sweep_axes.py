@@ -1,12 +1,13 @@
 """Sweep axes: per-method lambdas, k read from the first columns of one cache, LoRA variants."""
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
-from pipeline.studies.sweep import plan_runs, run_sweep
+from pipeline.studies.sweep import plan_runs, run_config, run_sweep
 from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
 
@@ -25,6 +26,20 @@ def test_plan_multiplies_lambdas_per_method_k_and_variant():
     assert {r.reg_weight for r in plan_runs(config) if r.method == "l2"} == {0.01, 0.1}
 
 
+def test_lalora_axes_multiply_lalora_only_with_a_lambda_grid_per_curvature():
+    config = _grid("sweep.methods=[none, l2, lalora]", "sweep.reg_weights=[1]", "sweep.lalora_curvatures=[diag, kfac, tri_kfac]",
+                   "sweep.curvature_reg_weights={diag: [1e4, 1e5], kfac: [10]}", "sweep.fisher_batches=[1, 8]",
+                   "train.fisher_data=x.jsonl")
+    specs = plan_runs(config)
+    names = [r.name for r in specs]
+    # seeds x (none + l2 + lalora: diag 2 lambdas, kfac 1, tri_kfac the plain grid's 1) x 2 proxy sizes
+    assert len(names) == len(set(names)) == 3 * (1 + 1 + (2 + 1 + 1) * 2)
+    assert {"none-l0-s0", "l2-l1-s1", "lalora-l10000-s0-diag-fb1", "lalora-l100000-s2-diag-fb8", "lalora-l10-s1-kfac-fb8",
+            "lalora-l1-s0-tri_kfac-fb1"} <= set(names)
+    run = run_config(config, next(r for r in specs if r.name == "lalora-l10-s1-kfac-fb8"), Path("out"))
+    assert (run.train.lalora_curvature, run.train.fisher_batches, run.train.reg_weight, run.train.seed) == ("kfac", 8, 10.0, 1)
+
+
 def test_default_axes_keep_the_old_run_names():
     """Without ks / lora_variants a run is named as before, so finished sweeps are still skipped."""
     names = [r.name for r in plan_runs(_grid("sweep.methods=[none, tail]", "sweep.reg_weights=[0.3]"))]
@@ -34,6 +49,8 @@ def test_default_axes_keep_the_old_run_names():
 @pytest.mark.parametrize("overrides, message", [
     (["cache.k=8", "sweep.ks=[4, 16]"], r"sweep.ks: \[16\] > cache.k=8"),
     (["sweep.methods=[tail, live]", "sweep.lora_variants=[lora, pissa]"], r"'live' cannot run with sweep.lora_variants \['pissa'\]"),
+    (["sweep.methods=[lalora]", "train.fisher_data=x.jsonl", "sweep.lora_variants=[lora, sinelora]",
+      "sweep.lalora_curvatures=[diag, tri_kfac]"], r"curvature \['tri_kfac'\] cannot run with train.lora.variant=sinelora \(its update"),
 ])
 def test_impossible_axes_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -45,6 +62,10 @@ def test_impossible_axes_are_refused(overrides, message):
     ("sweep.method_reg_weights={l2: []}", r"sweep.method_reg_weights.l2: expected a non-empty list"),
     ("sweep.ks=[0]", r"sweep.ks: every k must be >= 1"),
     ("sweep.lora_variants=[qlora]", r"sweep.lora_variants: \['qlora'\]"),
+    ("sweep.lalora_curvatures=[kron]", r"sweep.lalora_curvatures / sweep.curvature_reg_weights: \['kron'\] not in"),
+    ("sweep.curvature_reg_weights={kfac: []}", r"sweep.curvature_reg_weights.kfac: expected a non-empty list"),
+    ("sweep.fisher_batches=[1, 1]", r"a value listed twice"),
+    ("sweep.fisher_batches=[-2]", r"sweep.fisher_batches: every value must be an integer >= 0"),
 ])
 def test_bad_sweep_keys_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
