@@ -125,14 +125,15 @@ def _merge(total: dict | None, part: dict) -> dict:
 @torch.no_grad()
 def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list[int]) -> dict:
     """Summed estimator statistics of one fixed student over the whole held-out cache."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from stages.student.adapters import load_adapter
 
     manifest = open_cache(cache_dir, config.model)
     dataset = load_cache_dataset(cache_dir, manifest)
     collate = CacheCollator(pad_token_id(config.model), manifest.settings.k, encoding=manifest.settings.encoding)
     base = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = load_adapter(base, adapter_dir).eval()
     total, size = None, config.approx.batch_size
     for start in tqdm(range(0, len(dataset), size), desc=f"approx {adapter_dir.parent.name}", unit="batch", leave=False):
         batch = collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])

@@ -197,11 +197,12 @@ def score_texts(model, batches, with_drift: bool = False, chunked: bool = True,
 
 
 def _load(model_dir: str, adapter_dir: Path | None):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from stages.student.adapters import load_adapter  # stock peft, or SineLoRA's layer registered first
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return PeftModel.from_pretrained(model, str(adapter_dir)).eval() if adapter_dir else model
+    return load_adapter(model, adapter_dir).eval() if adapter_dir else model
 
 
 _ROLE = {"target": "learning: held-out data of the trained task", "source": "forgetting: the retention set"}

@@ -3,8 +3,9 @@
     python -m pipeline export --run runs/demo/train --out exported/demo-merged
     export_merged("runs/demo/train/adapter", "build/default/base-model", "exported/demo-merged")
 
-The base is loaded in float32, the adapter applied with peft and merged (`merge_and_unload`: W + BA
-per adapted layer; DoRA's magnitude too), and the result saved in the base's own dtype with the
+The base is loaded in float32, the adapter applied with peft (`load_adapter`) and merged
+(`merge_and_unload`: W + BA per adapted layer; DoRA's magnitude too; RandLoRA's full-rank sum of scaled
+random bases; SineLoRA's sin(omega * B A) / g * scaling), and the result saved in the base's own dtype with the
 base's tokenizer, chat template and generation config, so transformers' `from_pretrained` and vLLM
 load it like any model directory. A run trained on a 4-bit base (train.quantization=4bit) merges
 into the full-precision base it was quantized from.
@@ -27,8 +28,9 @@ def export_merged(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike, 
     (which must not exist or be empty). dtype: the saved weights' dtype, "auto" = the base's
     `config.json` dtype (float32 if it names none). Returns out_dir. ValueError for an unknown
     dtype or a non-empty out_dir; FileNotFoundError for a missing adapter."""
-    from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from stages.student.adapters import load_adapter
 
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r} not in {sorted(_DTYPES)}")
@@ -42,7 +44,7 @@ def export_merged(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike, 
     stored = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
     target = _DTYPES[dtype] or (stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32))
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()  # merged in float32, then cast
+    merged = load_adapter(base, adapter_dir).merge_and_unload()  # merged in float32, then cast
     merged.to(target).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)  # tokenizer files and chat template
     try:

@@ -163,7 +163,8 @@ def _summary(metrics: dict[str, Any], config: StageConfig, method: Method) -> st
         f"({metrics['tokens_per_s']:,.0f} tok/s over {metrics['wall_time_s']:.1f} s this session)",
         f"  CE {_num(metrics['ce_start'], '.4f')} (step 1) -> {_num(metrics['final_ce'], '.4f')} (last window), "
         f"{_regularizer(metrics, method)} (last window), peak RSS {metrics['peak_rss_mib']:,.0f} MiB",
-        f"  adapter: {metrics['adapter_dir']}  (PeftModel.from_pretrained(base_model, that_dir))",
+        f"  adapter: {metrics['adapter_dir']}  (stages.student.adapters.load_adapter(base_model, that_dir); "
+        "stock PeftModel.from_pretrained for every variant but sinelora)",
         f"  adapted modules: {render_adapted(metrics['adapted_modules']) if 'adapted_modules' in metrics else 'n/a'}",
         f"  fused loss: {_fused(metrics)}",
         f"  metrics: {Path(train.output_dir) / 'metrics.json'}",

@@ -17,18 +17,33 @@ QUANTIZATIONS = ("none", "4bit")  # train.quantization: the base as stored | NF4
 
 @dataclass
 class LoraSettings:
-    variant: str = field(default="lora", metadata={"help": "lora | rslora | dora | pissa | olora (stages/student/variants.py)"})
-    rank: int = field(default=8, metadata={"help": "the adapter's rank r (peft `r`)"})
-    alpha: float = field(default=16.0, metadata={"help": "peft `lora_alpha`: the update is scaled by alpha / r (rslora: alpha / sqrt(r))"})
+    variant: str = field(default="lora", metadata={"help": (
+        "lora | rslora | dora | pissa | olora | randlora | sinelora (stages/student/variants.py; the families and "
+        "their mapping of rank and alpha: stages/student/adapters.py)")})
+    rank: int = field(default=8, metadata={"help": (
+        "the adapter's rank r (peft `r`); randlora: the LoRA rank whose trainable-parameter count its random-basis "
+        "rank is solved to match (stages/student/adapters.py randlora_basis_rank)")})
+    alpha: float = field(default=16.0, metadata={"help": (
+        "peft `lora_alpha`: the update is scaled by alpha / r (rslora: alpha / sqrt(r); randlora: alpha / rank too, "
+        "through randlora_alpha)")})
     dropout: float = field(default=0.0, metadata={"help": "peft `lora_dropout` on the adapted layers' inputs"})
     target_modules: str | list[str] = field(default="all-linear", metadata={"help": (
         "all-linear: every linear layer but the output head (peft; fused qkv_proj/gate_up_proj included), or a "
         "list of module names; the run summary and metrics.json list what was adapted")})
+    sine_frequency: float = field(default=0.0, metadata={"help": (
+        "sinelora only: omega in delta W = sin(omega * B A) / g * alpha / r (SineLoRA, Ji et al., \"Efficient Learning "
+        "With Sine-Activated Low-rank Matrices\", ICLR 2025, arXiv 2403.19243); 0 = 200, this project's default (the "
+        "authors' code requires it explicitly: stages/student/sine_lora.py)")})
+    sine_scale: float = field(default=0.0, metadata={"help": (
+        "sinelora only: g in sin(omega * B A) / g; 0 = sqrt(in_features) of each adapted layer, as the SineLoRA "
+        "authors' code does")})
 
     def __post_init__(self) -> None:
         require(self.variant in LORA_VARIANTS, f"train.lora.variant: {self.variant!r} not in {LORA_VARIANTS}")
         require(self.rank >= 1, f"train.lora.rank: must be >= 1, got {self.rank}")
         require(0.0 <= self.dropout < 1.0, f"train.lora.dropout: must be in [0, 1), got {self.dropout}")
+        require(self.sine_frequency >= 0, f"train.lora.sine_frequency: must be >= 0 (0 = the default, 200), got {self.sine_frequency}")
+        require(self.sine_scale >= 0, f"train.lora.sine_scale: must be >= 0 (0 = sqrt(in_features) per layer), got {self.sine_scale}")
         names = self.target_modules
         require(names == "all-linear" or (isinstance(names, list) and bool(names) and all(isinstance(n, str) and n for n in names)),
                  f"train.lora.target_modules: expected \"all-linear\" or a non-empty list of module names "

@@ -236,7 +236,8 @@ def _peak_memory_mib() -> dict[str, float]:
 
 def run_metrics(trainer: CacheTrainer, wall_s: float, resumed_from: Path | None) -> dict[str, Any]:
     """Final figures: the last logging window's CE/KL/loss, CE at step 1 (the base model on the first
-    batch; B = 0 there for lora/rslora/dora) vs at the end, counts, speed and peak memory."""
+    batch; B = 0 there for lora/rslora/dora/sinelora, lambda = 0 for randlora) vs at the end, counts, speed and
+    peak memory."""
     windows = [h for h in trainer.state.log_history if "ce" in h]
     first, last = (windows[0], windows[-1]) if windows else ({}, {})
     return {

@@ -1,7 +1,8 @@
 """Weight-space forgetting baselines: penalties on the LoRA parameters, no teacher, no KL.
 
     train.method = l2       loss = CE + reg_weight * 1/2 * sum_i (theta_i - theta0_i)^2
-    train.method = lalora   loss = CE + reg_weight * 1/2 * sum_i F_i (theta_i - theta0_i)^2
+    train.method = lalora   loss = CE + reg_weight * 1/2 * (vec(D)^T F vec(D) + level * |D|^2),  D = theta - theta0
+                            (train.lalora_curvature = diag: 1/2 sum_i (F_i + level) D_i^2)
 
 (registered in stages/student/methods.py with `l2_penalty` / `lalora_penalty` as their builders)
 
@@ -19,6 +20,10 @@ quadratic around the init. F is the empirical Fisher of the source CE, estimated
 `train.fisher_examples` texts of `train.fisher_data` (SOURCE / retention text, "text" column):
 F_i = mean over examples e of (d CE_e / d theta_i)^2, CE_e the mean token CE of example e (batch size
 one, one backward per example), at theta0, model in eval mode (no dropout).
+
+`train.lalora_curvature` kfac / tri_kfac replace the diagonal by K-FAC blocks of the same Fisher
+(stages/student/curvature.py; `CurvaturePenalty`), and the curvature is kept on disk
+(stages/student/curvature_store.py) so runs that differ only in lambda compute it once.
 
 The B = 0 problem, and the fix chosen here: at standard LoRA init B = 0, so dCE/dA = B^T(...) = 0 and
 F_A = 0 exactly: without a fix the A matrices would be free, and only B anchored. We compute the

@@ -194,3 +194,46 @@ def test_kfac_lalora_trains_through_run_train_and_records_its_curvature(tiny_mod
     assert metrics["final_penalty"] > 0 and metrics["curvature"]["curvature"] == "tri_kfac"
     assert (tmp_path / "curvature").is_dir()  # beside the run: <parent of output_dir>/curvature
     assert "lalora: tri_kfac curvature of 4 texts" in capsys.readouterr().out
+
+
+# --- the matrix: adapter family x curvature x {fused, unfused, gradient checkpointing} ---------------
+MATRIX_VARIANTS = ("lora", "dora", "randlora", "sinelora")
+
+
+@pytest.mark.parametrize("variant", MATRIX_VARIANTS)
+@pytest.mark.parametrize("curvature", ["diag", "kfac", "tri_kfac"])
+def test_every_adapter_and_curvature_trains_or_is_refused_by_name(variant, curvature, tiny_model_dir, tiny_cache, tiny_jsonl,
+                                                                   tmp_path):
+    """Each cell: lalora trains two steps (fused loss, gradient checkpointing on), or the config is refused
+    naming the variant and why K-FAC does not apply to it."""
+    train = dict(method="lalora", reg_weight=10.0, max_steps=2, save_steps=2, fisher_data=str(tiny_jsonl), fisher_examples=3,
+                 fisher_max_length=24, lalora_curvature=curvature, fused_loss="true",
+                 trainer_args={"gradient_checkpointing": True}, lora=LoraSettings(variant=variant, rank=4))
+    if curvature != "diag" and variant in ("randlora", "sinelora"):
+        with pytest.raises(ValueError, match=rf"lalora_curvature={curvature}: not with train.lora.variant={variant} \(its "):
+            make_config(tiny_model_dir, tiny_cache, tmp_path / "run", **train)
+        return
+    metrics = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / "run", **train))
+    assert metrics["steps"] == 2 and metrics["fused_loss"] is True
+    assert metrics["final_penalty"] > 0 and metrics["curvature"]["curvature"] == curvature
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_tri_kfac_lalora_is_the_same_fused_unfused_and_checkpointed(variant, tiny_model_dir, tiny_cache, tiny_jsonl, tmp_path):
+    """Three steps of tri_kfac lalora give the same adapter with the fused loss, the unfused one and
+    gradient checkpointing: the penalty does not depend on how the CE is computed."""
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for name, extra in (("fused", dict(fused_loss="true")), ("unfused", dict(fused_loss="false")),
+                        ("checkpointed", dict(fused_loss="false", trainer_args={"gradient_checkpointing": True}))):
+        run = run_train(make_config(tiny_model_dir, tiny_cache, tmp_path / name, method="lalora", reg_weight=1e3, max_steps=3,
+                                    save_steps=3, fisher_data=str(tiny_jsonl), fisher_examples=3, fisher_max_length=24,
+                                    lalora_curvature="tri_kfac", lora=LoraSettings(variant=variant, rank=4), **extra))
+        adapters[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+        assert run["final_penalty"] > 0
+    # Adam turns float-rounding differences of near-zero gradients into steps of up to lr: 2e-5 is <1% of
+    # the 3e-3 x 3 steps an entry can move, while a missing or doubled penalty moves them by ~lr
+    for name in ("unfused", "checkpointed"):
+        for key, value in adapters["fused"].items():
+            torch.testing.assert_close(adapters[name][key], value, rtol=0, atol=2e-5, msg=lambda m, k=key, n=name: f"{n} {k}: {m}")
