@@ -53,7 +53,8 @@ class LoraSettings:
 @dataclass
 class TrainConfig:
     output_dir: str = field(default="runs/demo/train", metadata={"help": (
-        "the run's files: adapter/ (load with PeftModel.from_pretrained), config.yaml, cache_fingerprint.json, "
+        "the run's files: adapter/ (load with stages.student.adapters.load_adapter; stock PeftModel.from_pretrained for "
+        "every variant but sinelora), config.yaml, cache_fingerprint.json, "
         "metrics.json, log.csv, tensorboard/, checkpoints/, and eval.json after eval")})
     method: str = field(default="tail", metadata={"help": (
         "the training method, one entry each in stages/student/methods.py (what it reads, scales, allows, logs): "
