@@ -341,6 +341,15 @@ _TABLE = (
             "    python -m pipeline approx-study --config configs/sweep_demo.yaml approx.examples=50",
             on_config("pipeline.studies.approx_study:run_approx_study"), STUDY_CONFIG_ARGS, keys="approx",
             instrument=True),
+    Command("frontier", "a sweep's curves against one reference curve at equal target loss (gap, 2 SE)",
+            "Each curve's points (seed means) against the reference's forgetting at the same target loss, "
+            "interpolated, never extrapolated (pipeline/studies/frontier.py).\n\n"
+            "    python -m pipeline frontier runs/lalora/sweep/results.json --reference tail\n"
+            "    python -m pipeline frontier runs/lalora/sweep/results.json --reference 'lalora diag' --out gaps.md",
+            call("pipeline.studies.frontier:frontier_report"),
+            (arg("results", help="a sweep's results.json"),
+             arg("--reference", default="tail", help="the curve compared against, as labelled in results.md (default: tail)"),
+             arg("--out", default=None, help="also write the markdown table here")), instrument=True),
     Command("encoding-study", "bytes/token vs D_k error of every cache encoding (BENCHMARKS.md \"Cache encodings\")",
             "Writes every candidate encoding as a real shard: bytes/token and the error it adds to D_k "
             "(pipeline/studies/encoding/).\n\n"
@@ -370,6 +379,17 @@ _TABLE = (
                  help="train.method rows, the first is the ratios' base (default: none tail live)"),
              arg("--fused", action="store_true", help="add the rows none+fused tail+fused"),
              arg("--chunk", type=int, default=0, help="fused rows per chunk (0 = auto from the vocabulary)")),
+            instrument=True),
+    Command("bench-penalty", "lalora's weight penalty per step: diag vs kfac vs tri_kfac vs CE-only",
+            "One LoRA step (CE + reg_weight * R, backward, AdamW) per curvature form on the same batch, interleaved; "
+            "ratios to `lalora diag` and to `none`, and R's own forward + backward (pipeline/bench/penalty.py).\n\n"
+            "    python -m pipeline bench-penalty --shape both --steps 7\n"
+            "    python -m pipeline bench-penalty --shape large --steps 10 --warmup 3",
+            call("pipeline.bench.penalty:bench_penalty"),
+            (arg("--shape", default="both", choices=["demo", "large", "both"],
+                 help="demo: tiny Llama (hidden 128, rank 8, 8 x 256); large: hidden 1024, rank 16, 2 x 128 (default: both)"),
+             arg("--steps", type=int, default=7, help="timed rounds, every row once per round (default 7)"),
+             arg("--warmup", type=int, default=2, help="untimed rounds first (default 2)")),
             instrument=True),
     Command("bench-teacher", "stage-one engines' throughput vs plain prefill on random models",
             "vLLM plain prefill vs the vLLM engine's score() (pooler, prompt_logprobs) vs the hf engine's "

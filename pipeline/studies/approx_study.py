@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.config import Config
+from pipeline.studies.frontier import frontier_gaps, render_gaps
 from pipeline.studies.sweep import plan_runs, record_weight, run_config
 from stages.student.collator import CacheCollator, pad_token_id
 from stages.student.loss import CachedTeacher, live_masked_kl
@@ -213,57 +214,6 @@ def tail_vs_live(records: list[dict]) -> list[dict]:
     return out
 
 
-def _curve(records: list[dict], method: str) -> list[tuple[float, dict]]:
-    """(lambda, {key: (mean, std, n)}) per lambda of `method` at the default k and variant, by lambda."""
-    by_weight: dict[float, list[dict]] = {}
-    for r in records:
-        if r["method"] == method and not r.get("k") and not r.get("variant"):
-            by_weight.setdefault(record_weight(r), []).append(r)
-    return [(w, {key: (*_stats([r[key] for r in runs]), len(runs)) for key in ("target_loss", "source_loss_increase")})
-            for w, runs in sorted(by_weight.items())]
-
-
-def _interpolate(points: list[tuple[float, float, float, float]], x: float) -> tuple[float, float] | None:
-    """Piecewise-linear (y, y_std) at x on points (x, y, y_std, x_std) sorted by x. Beyond an end, the
-    end segment is extended only as far as that end's x seed std (indistinguishable in x); else None."""
-    if len(points) < 2:
-        return None
-    if x < points[0][0]:
-        segment, inside = points[:2], points[0][0] - x <= points[0][3]
-    elif x > points[-1][0]:
-        segment, inside = points[-2:], x - points[-1][0] <= points[-1][3]
-    else:
-        segment = next([a, b] for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
-        inside = True
-    (x0, y0, s0, _), (x1, y1, s1, _) = segment
-    if not inside:
-        return None
-    t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
-    return y0 + t * (y1 - y0), max(s0 + t * (s1 - s0), 0.0)
-
-
-def frontier_gaps(records: list[dict], reference: str = "tail") -> list[dict]:
-    """Each (method, lambda) point against the reference method's frontier at the same target loss.
-
-    gap = forgetting of the point - forgetting of the reference frontier (linear between its lambda
-    points) at the point's mean target loss: < 0 = forgets less for the same learning. `two_se` =
-    2 sqrt(s_point^2/n + s_ref^2/n_ref) with s_ref interpolated; None where the point's target loss is
-    outside the reference's range by more than the end point's seed std (no real extrapolation)."""
-    curve = [c for _, c in _curve(records, reference)]
-    ref = sorted((c["target_loss"][0], c["source_loss_increase"][0], c["source_loss_increase"][1], c["target_loss"][1]) for c in curve)
-    n_ref = min((c["target_loss"][2] for c in curve), default=1)
-    out = []
-    for method in sorted({r["method"] for r in records} - {reference}):
-        for weight, c in _curve(records, method):
-            (x, _, n), (y, sy, _) = c["target_loss"], c["source_loss_increase"]
-            at = _interpolate(ref, x)
-            row = {"method": method, "reg_weight": weight, "seeds": n, "target_loss": x, "forgetting": y, "gap": None, "two_se": None}
-            if at is not None:
-                row.update(gap=y - at[0], two_se=2 * math.sqrt(sy ** 2 / n + at[1] ** 2 / n_ref))
-            out.append(row)
-    return out
-
-
 # --- report -------------------------------------------------------------------------------------
 def render_markdown(result: dict) -> str:
     lines = [f"Held-out target data: {result['positions']:,} positions of {result['examples']} sequences; "
@@ -290,17 +240,17 @@ def render_markdown(result: dict) -> str:
                      f"{'yes' if t['within_noise'] and f['within_noise'] else 'no'} |")
     if not result["tail_vs_live"]:
         lines.append("| – | 0 | the sweep has no lambda run by both tail and live | | |")
-    lines += ["", "### Every method against the `tail` frontier (forgetting minus tail's, at the same target loss)", "",
-              "| method | λ | seeds | target loss | forgetting | gap vs tail frontier (2 SE) | reading |", "|---|---|---|---|---|---|---|"]
-    for r in result["frontier_vs_tail"]:
-        if r["gap"] is None:
-            gap, reading = "outside tail's range", ""
-        else:
-            gap = f"{r['gap']:+.4f} ({r['two_se']:.4f})"
-            reading = "same" if abs(r["gap"]) <= r["two_se"] else ("better" if r["gap"] < 0 else "worse")
-        lines.append(f"| {r['method']} | {r['reg_weight']:g} | {r['seeds']} | {r['target_loss']:.4f} | "
-                     f"{r['forgetting']:.4f} | {gap} | {reading} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "### Every curve against the `tail` frontier (forgetting minus tail's, at the same target loss)", "",
+              render_gaps(result["frontier_vs_tail"], "tail") if result["frontier_vs_tail"] else "(no other curve on a `tail` frontier)\n"]
+    return "\n".join(lines)
+
+
+def _against_tail(records: list[dict]) -> list[dict]:
+    """frontier_gaps against tail, or [] when the sweep has no tail curve (nothing to place the points on)."""
+    try:
+        return frontier_gaps(records, "tail")
+    except ValueError:
+        return []
 
 
 def run_approx_study(config: Config) -> dict:
@@ -320,7 +270,7 @@ def run_approx_study(config: Config) -> dict:
     records = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
     result = {"examples": config.approx.examples, "positions": total["n"], "vocab_size": vocab_minus_one + 1,
               "ks": ks, "students": students, "tail_vs_live": tail_vs_live(records),
-              "frontier_vs_tail": frontier_gaps(records), "sweep_results": str(results_path)}
+              "frontier_vs_tail": _against_tail(records), "sweep_results": str(results_path)}
     (out / "approx_study.json").write_text(json.dumps(result, indent=2))
     (out / "approx_study.md").write_text(render_markdown(result))
     print(render_markdown(result))
