@@ -13,7 +13,9 @@ inputs as what it is compared with. Sections:
      sequence length and vocabulary size;
  (e) the demo, 32k and real-vocabulary (151,936-row) models: stage two's CE-only and `tail` steps,
      fused (the default) and unfused, tok/s and peak RSS; eval's peak RSS chunked vs unchunked
-     (each memory figure from a fresh process); stage one at 151,936 rows is a row of (a).
+     (each memory figure from a fresh process); stage one at 151,936 rows is a row of (a);
+ (f) lalora's weight penalty per step, per curvature form (diag, kfac, tri_kfac) vs CE-only, on the
+     tiny demo-width Llama and a hidden-1024 one (pipeline/bench/penalty.py, also `bench-penalty`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.bench.fixtures import build_large_vocab_model, write_long_texts
+from pipeline.bench.penalty import measure_penalty
 from pipeline.bench.reader import measure_reader
 from pipeline.bench.real_vocab import measure_real_vocab
 from pipeline.bench.report import render_markdown
@@ -85,8 +88,9 @@ def _measure(s: BenchSettings, tmp: Path) -> dict:
     models = {"demo": s.model, "large": large_model, "real": real_model}
     sizes = {"demo": demo["vocab_size"], "large": s.large.vocab_size, "real": s.real.vocab_size}
     vocab = measure_real_vocab({name: models[name] for name in s.by_vocab}, sizes, s)
+    penalty = measure_penalty(s.penalty, s.penalty_steps, s.penalty_warmup)
     return {"stage_one": {"demo": demo, "large": large, "real": real}, "stage_two": steps, "reader": reader,
-            "scaling": _scaling(demo, large, steps, tails, s), "real_vocab": vocab}
+            "scaling": _scaling(demo, large, steps, tails, s), "real_vocab": vocab, "penalty": penalty}
 
 
 def run_bench(quick: bool = False, out_dir: str | Path = "runs/bench", settings: BenchSettings | None = None,

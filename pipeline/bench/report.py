@@ -64,6 +64,22 @@ def _real_vocab(result: dict) -> list[str]:
                            "eval peak chunked / unchunked"], rows)
 
 
+def _penalty(result: dict) -> list[str]:
+    rows = []
+    for name, shape in result.get("penalty", {}).items():
+        s = shape["shape"]
+        label = f"{name} (h {s['hidden_size']}, r {s['rank']}, {s['batch']} x {s['seq']})"
+        for r in shape["rows"].values():
+            alone = "-" if r["penalty_s"] is None else f"{r['penalty_s'] * 1e3:.2f}"
+            rows.append([label, r["row"], f"{r['step_s'] * 1e3:.1f}", f"{r['step_min_s'] * 1e3:.1f}-{r['step_max_s'] * 1e3:.1f}",
+                         _x(r["ratio_to_diag"]), _x(r["ratio_to_none"]), alone])
+    if not rows:
+        return []
+    lines = ["### (f) Penalty step cost (lalora curvature forms): one LoRA step with CE + reg_weight * R, rows interleaved; "
+             "penalty alone = R forward + backward without the model", ""]
+    return lines + _table(["shape", "row", "median ms", "min-max ms", "ratio to diag", "ratio to none", "penalty alone ms"], rows)
+
+
 def _scaling(result: dict) -> list[str]:
     lines = []
     for key, label in (("k", "k"), ("length", "sequence length"), ("vocab", "vocabulary")):
@@ -80,4 +96,4 @@ def render_markdown(result: dict) -> str:
             f"`{meta['command']}` on {meta['machine']}; load average before {meta['load_before']}, after "
             f"{meta['load_after']}; {meta['wall_s']:.0f} s wall.", ""]
     return "\n".join(head + _stage_one(result) + _stage_two(result) + _reader(result) + _scaling(result)
-                     + _real_vocab(result))
+                     + _real_vocab(result) + _penalty(result))

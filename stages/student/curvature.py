@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from stages.student.variants import LALORA_CURVATURES
 
@@ -61,10 +62,31 @@ __all__ = ["CURVATURES", "Curvature", "estimate_curvature", "kron_quadratic", "c
 CURVATURES = LALORA_CURVATURES
 
 
+class _KronQuadratic(torch.autograd.Function):
+    """<D, G> with G = Sigma_out D Sigma_in, and its gradient 2 G (Sigma_in, Sigma_out symmetric): the d^2 r
+    products run once per step, in the forward, instead of again in autograd's backward of <Sigma_out D, D Sigma_in>
+    (a step's penalty reads each Sigma once: half the time at hidden 1024, rank 16; pipeline/bench/penalty.py)."""
+
+    @staticmethod
+    def forward(ctx, delta: torch.Tensor, sigma_in: torch.Tensor, sigma_out: torch.Tensor) -> torch.Tensor:
+        g = sigma_out @ delta @ sigma_in  # left to right: an r x r product first for lora_A, last for lora_B
+        ctx.save_for_backward(g)
+        return (delta * g).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        g, = ctx.saved_tensors
+        return 2 * grad * g, None, None
+
+
 def kron_quadratic(delta: torch.Tensor, sigma_in: torch.Tensor, sigma_out: torch.Tensor) -> torch.Tensor:
     """vec(D)^T (Sigma_in (x) Sigma_out) vec(D) = tr(D^T Sigma_out D Sigma_in) for D [d_out, d_in]
-    (column-major vec), Sigma_in [d_in, d_in], Sigma_out [d_out, d_out] symmetric. 0-dim tensor."""
-    return ((sigma_out @ delta) * (delta @ sigma_in)).sum()
+    (column-major vec), Sigma_in [d_in, d_in], Sigma_out [d_out, d_out] symmetric. 0-dim tensor; its gradient
+    to D (only: the Sigmas take none here) is 2 Sigma_out D Sigma_in."""
+    if sigma_in.requires_grad or sigma_out.requires_grad:
+        raise ValueError("kron_quadratic: Sigma_in and Sigma_out are constants (the curvature), not trainable")
+    return _KronQuadratic.apply(delta, sigma_in, sigma_out)
 
 
 def cross_term(delta_a: torch.Tensor, delta_b: torch.Tensor, sigma_in: torch.Tensor, sigma_out: torch.Tensor) -> torch.Tensor:

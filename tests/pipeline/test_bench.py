@@ -31,7 +31,7 @@ def test_quick_bench_writes_every_section(tiny_model_dir, tiny_jsonl, tmp_path):
     result, path = run_bench(quick=True, out_dir=tmp_path / "out", settings=settings)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [path.name, path.with_suffix(".md").name]
     saved = json.loads(path.read_text())
-    assert set(saved) == {"stage_one", "stage_two", "reader", "scaling", "real_vocab", "settings", "meta"}
+    assert set(saved) == {"stage_one", "stage_two", "reader", "scaling", "real_vocab", "penalty", "settings", "meta"}
     for model in ("demo", "large", "real"):
         main = saved["stage_one"][model]["main"]
         for variant in ("plain", "vllm_e2e", "vllm_score", "stock_e2e", "hf_e2e"):
@@ -51,8 +51,25 @@ def test_quick_bench_writes_every_section(tiny_model_dir, tiny_jsonl, tmp_path):
     assert not bad, bad
     markdown = path.with_suffix(".md").read_text()
     for title in ("(a) Stage one", "(b) Stage two", "(c) Cache reader", "(d) Cost vs k", "(d) Cost vs sequence length",
-                  "(d) Cost vs vocabulary", "(e) By vocabulary"):
+                  "(d) Cost vs vocabulary", "(e) By vocabulary", "Penalty step cost (lalora curvature forms)"):
         assert title in markdown
+
+
+def test_quick_penalty_bench_reports_every_row_with_consistent_ratios():
+    """Section (f) on QUICK's demo shape: every row, positive times, ratios of the medians; no timing judged."""
+    from pipeline.bench.penalty import ROWS, measure_penalty
+
+    (name, result), = measure_penalty(QUICK.penalty, QUICK.penalty_steps, QUICK.penalty_warmup).items()
+    assert name == "demo" and result["shape"]["hidden_size"] == 128 and result["trainable_params"] > 0
+    rows = result["rows"]
+    assert list(rows) == list(ROWS)
+    diag, none = rows["lalora diag"], rows["none"]
+    for r in rows.values():
+        assert 0 < r["step_min_s"] <= r["step_s"] <= r["step_max_s"], r
+        assert r["ratio_to_diag"] == pytest.approx(r["step_s"] / diag["step_s"])
+        assert r["ratio_to_none"] == pytest.approx(r["step_s"] / none["step_s"])
+    assert none["penalty_s"] is None and all(rows[r]["penalty_s"] > 0 for r in ROWS[1:])
+    assert diag["ratio_to_diag"] == 1.0 and none["ratio_to_none"] == 1.0
 
 
 def test_bench_help(capsys):
