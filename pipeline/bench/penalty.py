@@ -35,7 +35,7 @@ from stages.student.curvature import estimate_curvature
 from stages.student.loss_mixin import batch_loss
 from stages.student.methods import get_method
 from stages.student.settings import LoraSettings
-from stages.student.weight_penalties import CurvaturePenalty, WeightPenalty
+from stages.student.weight_penalties import CurvaturePenalty, WeightPenalty, penalty_from_curvature
 
 __all__ = ["ROWS", "measure_shape", "measure_penalty", "bench_penalty"]
 
@@ -83,11 +83,7 @@ def _penalties(model, shape: PenaltyShape) -> dict[str, WeightPenalty | Curvatur
     out: dict[str, WeightPenalty | CurvaturePenalty | None] = {"none": None}
     for row in ROWS[1:]:
         curvature = estimate_curvature(model, examples, row.removeprefix("lalora "))
-        if curvature.kind == "diag":
-            level = FISHER_FLOOR * curvature.mean_diagonal()
-            out[row] = WeightPenalty(model, {n: f.float() + level for n, f in curvature.diagonal.items()})
-        else:
-            out[row] = CurvaturePenalty(model, curvature, FISHER_FLOOR)
+        out[row] = penalty_from_curvature(model, curvature, FISHER_FLOOR)
     return out
 
 

@@ -49,7 +49,8 @@ import torch
 from stages.data.inputs import DataConfig, load_rows, tokenize_rows
 from stages.student.curvature import Curvature, estimate_curvature
 
-__all__ = ["WeightPenalty", "CurvaturePenalty", "empirical_fisher", "fisher_examples", "l2_penalty", "lalora_penalty"]
+__all__ = ["WeightPenalty", "CurvaturePenalty", "penalty_from_curvature", "empirical_fisher", "fisher_examples", "l2_penalty",
+           "lalora_penalty"]
 
 
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -123,8 +124,8 @@ class CurvaturePenalty:
     def __call__(self) -> torch.Tensor:
         deltas = {n: p.float() - self.anchor[n].float() for n, p in self.params}
         value = self.curvature.quadratic(deltas) + self.level * sum((d * d).sum() for d in deltas.values())
-        if float(value) < -1e-6 * (1.0 + self.level):
-            raise ValueError(f"lalora: the curvature penalty is negative ({float(value):.3g}): the {self.curvature.kind} "
+        if float(value.detach()) < -1e-6 * (1.0 + self.level):
+            raise ValueError(f"lalora: the curvature penalty is negative ({float(value.detach()):.3g}): the {self.curvature.kind} "
                              "curvature is not positive semi-definite")
         return 0.5 * value
 
@@ -153,10 +154,15 @@ def lalora_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenal
         return estimate_curvature(model, examples, train.lalora_curvature)
 
     curvature, report = cached_curvature(train, model, model_dir, compute)
-    if curvature.kind == "diag":
-        level = train.fisher_floor * curvature.mean_diagonal()
-        penalty = WeightPenalty(model, {n: f.float() + level for n, f in curvature.diagonal.items()})
-    else:
-        penalty = CurvaturePenalty(model, curvature, train.fisher_floor)
+    penalty = penalty_from_curvature(model, curvature, train.fisher_floor)
     penalty.report = report
     return penalty
+
+
+def penalty_from_curvature(model: torch.nn.Module, curvature: Curvature, floor: float) -> WeightPenalty | CurvaturePenalty:
+    """lalora's penalty for a raw `curvature`, anchored at the model's current weights: the floored diagonal
+    (`WeightPenalty`) for diag, `CurvaturePenalty` for kfac / tri_kfac."""
+    if curvature.kind == "diag":
+        level = floor * curvature.mean_diagonal()
+        return WeightPenalty(model, {n: f.float() + level for n, f in curvature.diagonal.items()})
+    return CurvaturePenalty(model, curvature, floor)
