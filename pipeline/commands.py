@@ -384,12 +384,14 @@ _TABLE = (
             "One LoRA step (CE + reg_weight * R, backward, AdamW) per curvature form on the same batch, interleaved; "
             "ratios to `lalora diag` and to `none`, and R's own forward + backward (pipeline/bench/penalty.py).\n\n"
             "    python -m pipeline bench-penalty --shape both --steps 7\n"
-            "    python -m pipeline bench-penalty --shape large --steps 10 --warmup 3",
+            "    python -m pipeline bench-penalty --shape large --batch 8 --seq 256",
             call("pipeline.bench.penalty:bench_penalty"),
             (arg("--shape", default="both", choices=["demo", "large", "both"],
                  help="demo: tiny Llama (hidden 128, rank 8, 8 x 256); large: hidden 1024, rank 16, 2 x 128 (default: both)"),
              arg("--steps", type=int, default=7, help="timed rounds, every row once per round (default 7)"),
-             arg("--warmup", type=int, default=2, help="untimed rounds first (default 2)")),
+             arg("--warmup", type=int, default=2, help="untimed rounds first (default 2)"),
+             arg("--batch", type=int, default=0, help="sequences per step instead of the shape's (the penalty's share falls with tokens)"),
+             arg("--seq", type=int, default=0, help="tokens per sequence instead of the shape's")),
             instrument=True),
     Command("bench-teacher", "stage-one engines' throughput vs plain prefill on random models",
             "vLLM plain prefill vs the vLLM engine's score() (pooler, prompt_logprobs) vs the hf engine's "

@@ -164,13 +164,17 @@ def _line(name: str, r: dict) -> str:
             f"(min {r['min_ratio_to_diag']:.3f}x)   {r['ratio_to_none']:.3f}x none{alone}")
 
 
-def bench_penalty(shape: str = "both", steps: int = 7, warmup: int = 2) -> dict:
-    """`python -m pipeline bench-penalty`: `measure_penalty` on `shape` (demo | large | both); prints one line
-    per row and the JSON."""
+def bench_penalty(shape: str = "both", steps: int = 7, warmup: int = 2, batch: int = 0, seq: int = 0) -> dict:
+    """`python -m pipeline bench-penalty`: `measure_penalty` on `shape` (demo | large | both), its batch and
+    sequence length replaced by `batch` / `seq` when > 0 (the penalty is a fixed cost per step, the rest grows
+    with tokens); prints one line per row and the JSON."""
+    from dataclasses import replace
+
     names = list(PENALTY_SHAPES) if shape == "both" else [shape]
     if any(n not in PENALTY_SHAPES for n in names):
         raise ValueError(f"bench-penalty: --shape {shape!r} not in demo | large | both")
-    results = measure_penalty([PENALTY_SHAPES[n] for n in names], steps, warmup)
+    shapes = [replace(PENALTY_SHAPES[n], batch=batch or PENALTY_SHAPES[n].batch, seq=seq or PENALTY_SHAPES[n].seq) for n in names]
+    results = measure_penalty(shapes, steps, warmup)
     for name, result in results.items():
         s = result["shape"]
         print(f"{name}: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, vocab {s['vocab_size']}, rank {s['rank']}, "
