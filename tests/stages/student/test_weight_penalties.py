@@ -116,7 +116,7 @@ def _lalora(tiny_jsonl, tmp_path, **kw):
     return TrainConfig(**{**settings, **kw})
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "olora"])
 def test_kfac_forms_on_a_real_model_are_psd_and_account_for_every_gradient(variant, tiny_model_dir, tiny_jsonl):
     """All-linear LoRA / DoRA on the tiny Llama with B != 0: the hooks' check passes (every Linear's
     gradient is its factors' product), DoRA's magnitudes keep a diagonal, and the penalty is >= 0 in
@@ -126,13 +126,15 @@ def test_kfac_forms_on_a_real_model_are_psd_and_account_for_every_gradient(varia
 
     torch.manual_seed(0)
     model = make_student(tiny_model_dir, LoraSettings(variant=variant, rank=4), torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    if variant != "olora":  # olora starts with B != 0 (its QR of W); the others at B = 0
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
     examples = fisher_examples(str(tiny_jsonl), str(tiny_model_dir), 3, 24)
     tri = estimate_curvature(model, examples, "tri_kfac")
     assert tri.kron and tri.cross and len(tri.cross) * 2 == len(tri.kron)
+    assert all(float(o.abs().max()) > 0 for _, o in tri.cross.values())  # B != 0: the cross blocks are not zero
     assert set(tri.diagonal) == {n for n, p in model.named_parameters() if p.requires_grad and "magnitude" in n}
     assert bool(tri.diagonal) == (variant == "dora")
     penalty = CurvaturePenalty(model, tri, floor=0.0)
