@@ -347,7 +347,7 @@ _TABLE = (
             "    python -m pipeline frontier runs/lalora/sweep/results.json --reference tail\n"
             "    python -m pipeline frontier runs/lalora/sweep/results.json --reference 'lalora diag' --out gaps.md",
             call("pipeline.studies.frontier:frontier_report"),
-            (arg("results", help="a sweep's results.json"),
+            (arg("results", nargs="+", help="a sweep's results.json (several: their runs pooled)"),
              arg("--reference", default="tail", help="the curve compared against, as labelled in results.md (default: tail)"),
              arg("--out", default=None, help="also write the markdown table here")), instrument=True),
     Command("encoding-study", "bytes/token vs D_k error of every cache encoding (BENCHMARKS.md \"Cache encodings\")",

@@ -2,7 +2,7 @@
 same target loss (the learning/forgetting trade-off), with the seed noise.
 
     python -m pipeline frontier runs/lalora/sweep/results.json --reference tail
-    python -m pipeline frontier runs/lalora/sweep/results.json --reference "lalora diag" --out gaps.md
+    python -m pipeline frontier runs/lalora/sweep/results.json runs/lalora/proxy/results.json --reference "lalora kfac"
 
 A curve is one method at one setting of the sweep's other axes (`sweep.curve_label`: `tail`,
 `tail k=4`, `lalora kfac`, `lalora kfac fb=8`), its points the lambdas, each the mean over seeds.
@@ -100,15 +100,18 @@ def render_gaps(rows: list[dict], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def frontier_report(results: str | Path, reference: str = "tail", out: str | Path | None = None) -> str:
-    """`python -m pipeline frontier`: the gap table of a sweep's results.json against `reference`; printed,
-    and written to `out` when given."""
-    path = Path(results)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no results.json (a sweep writes one into sweep.output_dir)")
-    stored = json.loads(path.read_text())
-    records = stored["runs"] if isinstance(stored, dict) else stored  # {"base", "runs", "pending"}; a bare list before
-    text = f"Against the `{reference}` frontier, from {path}:\n\n" + render_gaps(frontier_gaps(records, reference), reference)
+def frontier_report(results: list[str | Path] | str | Path, reference: str = "tail", out: str | Path | None = None) -> str:
+    """`python -m pipeline frontier`: the gap table of one or more sweeps' results.json (their runs pooled,
+    e.g. a grid and a later axis over the same cache) against `reference`; printed, and written to `out`."""
+    paths = [Path(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
+    records = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no results.json (a sweep writes one into sweep.output_dir)")
+        stored = json.loads(path.read_text())
+        records += stored["runs"] if isinstance(stored, dict) else stored  # {"base", "runs", "pending"}; a bare list before
+    names = ", ".join(map(str, paths))
+    text = f"Against the `{reference}` frontier, from {names}:\n\n" + render_gaps(frontier_gaps(records, reference), reference)
     if out:
         Path(out).write_text(text)
     print(text)
