@@ -101,22 +101,24 @@ def lora_config(settings: LoraSettings, model: torch.nn.Module | None = None) ->
     return LoraConfig(**common, use_rslora=settings.variant == "rslora", use_dora=settings.variant == "dora")
 
 
-def _targeted_shapes(model: torch.nn.Module, target_modules: str | list[str]) -> list[tuple[int, int]]:
-    """(in, out) of every linear layer `target_modules` names, as peft matches them: "all-linear" = every
+def _targeted(model: torch.nn.Module, target_modules: str | list[str]) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every linear layer `target_modules` names, as peft matches them: "all-linear" = every
     nn.Linear / Conv1D but the output head; a list = modules whose name is, or ends with ".", an entry."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shapes = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (torch.nn.Linear, Conv1D)) or module is head:
-            continue
-        if target_modules == "all-linear" or any(name == t or name.endswith("." + t) for t in target_modules):
-            shapes.append((module.in_features, module.out_features) if isinstance(module, torch.nn.Linear)
-                          else tuple(module.weight.shape))
-    if not shapes:
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+             and (target_modules == "all-linear" or any(name == t or name.endswith("." + t) for t in target_modules))]
+    if not found:
         raise ValueError(f"train.lora.target_modules={target_modules!r}: no linear layer of the model matches")
-    return shapes
+    return found
+
+
+def _targeted_shapes(model: torch.nn.Module, target_modules: str | list[str]) -> list[tuple[int, int]]:
+    """(in, out) of every targeted linear layer (`_targeted`)."""
+    return [(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else tuple(m.weight.shape)
+            for _, m in _targeted(model, target_modules)]
 
 
 def randlora_basis_rank(model: torch.nn.Module, settings: LoraSettings) -> int:
@@ -148,10 +150,23 @@ def make_student(model_dir: str | os.PathLike, settings: LoraSettings, dtype: to
     else:
         raise ValueError(f"quantization {quantization!r} not in {QUANTIZATIONS}")
     base.config.use_cache = False  # training never decodes; the KV cache would only cost memory
+    if settings.variant == "olora":
+        _check_no_conv1d(base, settings)
     model = get_peft_model(base, lora_config(settings, base))
     if settings.variant == "sinelora":
         check_sine_layers(model)
     return model
+
+
+def _check_no_conv1d(base: torch.nn.Module, settings: LoraSettings) -> None:
+    """OLoRA's init on GPT-2-style Conv1D layers (weights stored [in, out]) builds A and B for the transposed
+    shape in peft 0.21, and the first forward fails on a shape mismatch: refused here by name instead."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = [name for name, _ in _targeted(base, settings.target_modules) if isinstance(base.get_submodule(name), Conv1D)]
+    if conv:
+        raise ValueError(f"train.lora.variant=olora: not on Conv1D layers ({', '.join(conv[:3])}{' ...' if len(conv) > 3 else ''}: "
+                         "GPT-2-style weights stored [in, out], which peft's OLoRA init does not transpose); use pissa or lora")
 
 
 def load_adapter(base: torch.nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False) -> PeftModel:

@@ -45,6 +45,10 @@ def export_merged(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike, 
     target = _DTYPES[dtype] or (stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32))
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     merged = load_adapter(base, adapter_dir).merge_and_unload()  # merged in float32, then cast
+    bad = [n for n, p in merged.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"{adapter_dir}: the merged weights hold nan/inf in {len(bad)} tensor(s), e.g. {bad[0]}: the adapter "
+                         "diverged; nothing was written")
     merged.to(target).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)  # tokenizer files and chat template
     try:

@@ -88,8 +88,9 @@ class TrainConfig:
     allow_model_mismatch: bool = field(default=False, metadata={"help": (
         "train on a cache made by other weights (never other tokenizer)")})
     fisher_data: str = field(default="", metadata={"help": (
-        "lalora only (stages/student/weight_penalties.py): diagonal Fisher from SOURCE (retention) text, never the "
-        "held-out retention set: jsonl/parquet/saved dataset with a \"text\" column; required for lalora")})
+        "lalora only (stages/student/weight_penalties.py): the curvature's proxy data, SOURCE (retention) text, never "
+        "the held-out retention set: jsonl/parquet/saved dataset with a \"text\" column (a chat \"messages\" or "
+        "prompt/completion file counts only its trained parts); required for lalora")})
     fisher_examples: int = field(default=64, metadata={"help": (
         "lalora: the first N texts of fisher_data (one per-example gradient each); see fisher_batches")})
     fisher_batches: int = field(default=0, metadata={"help": (

@@ -57,6 +57,14 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _finite(value: torch.Tensor) -> torch.Tensor:
+    """`value`, or ValueError when it is nan/inf: training would go on and save a NaN adapter."""
+    if not bool(torch.isfinite(value.detach())):
+        raise ValueError(f"weight penalty: {float(value.detach())} (non-finite): the adapter weights or the curvature hold "
+                         "nan/inf; a lower learning rate or reg_weight may help")
+    return value
+
+
 class WeightPenalty:
     """R(theta) = 1/2 * sum_i w_i (theta_i - theta0_i)^2 over the model's trainable parameters.
 
@@ -78,17 +86,26 @@ class WeightPenalty:
             diff = p.float() - self.anchor[n].float()
             term = (diff * diff if self.weights is None else self.weights[n] * diff * diff).sum()
             total = term if total is None else total + term
-        return 0.5 * total
+        return _finite(0.5 * total)
 
 
 def fisher_examples(path: str, model_dir: str, examples: int, max_length: int):
-    """The first `examples` texts of `path`, tokenized with the student's tokenizer (stages.data.inputs)."""
+    """The first `examples` texts of `path`, tokenized with the student's tokenizer (stages.data.inputs).
+
+    A "text" column is read whole; a chat ("messages") or prompt-completion file counts only what training
+    would train (the assistant replies, the completion). ValueError naming train.fisher_data otherwise."""
     from transformers import AutoTokenizer
 
     cfg = DataConfig(path=path, max_length=max_length, max_examples=examples)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     try:
-        return tokenize_rows(load_rows(cfg), tokenizer, cfg)
+        rows = load_rows(cfg, check_field=False)
+        columns = set(rows.column_names)
+        if not ({cfg.text_field, cfg.messages_field} & columns or {cfg.prompt_field, cfg.completion_field} <= columns):
+            raise ValueError(f"{path}: no \"{cfg.text_field}\" column (nor chat \"{cfg.messages_field}\", nor "
+                             f"\"{cfg.prompt_field}\"/\"{cfg.completion_field}\"); its columns: {sorted(columns)}. Rename the "
+                             f"column holding the source text to \"{cfg.text_field}\"")
+        return tokenize_rows(rows, tokenizer, cfg)
     except (OSError, ValueError) as err:  # stages.data.inputs names "data.path": say which key it was
         raise ValueError(f"train.fisher_data: {err}") from err
 
@@ -127,7 +144,7 @@ class CurvaturePenalty:
         if float(value.detach()) < -1e-6 * (1.0 + self.level):
             raise ValueError(f"lalora: the curvature penalty is negative ({float(value.detach()):.3g}): the {self.curvature.kind} "
                              "curvature is not positive semi-definite")
-        return 0.5 * value
+        return _finite(0.5 * value)
 
 
 def l2_penalty(train, model: torch.nn.Module, model_dir: str) -> WeightPenalty:

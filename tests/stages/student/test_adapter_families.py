@@ -205,3 +205,15 @@ def test_randlora_trains_on_a_4bit_base(tiny_model_dir):
 def test_negative_sine_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=f"train.lora.{field}: must be >= 0"):
         LoraSettings(variant="sinelora", **{field: value})
+
+
+def test_olora_on_conv1d_layers_is_refused_by_name(tmp_path):
+    """peft's OLoRA init does not transpose GPT-2's [in, out] Conv1D weights: the first forward would fail on a
+    shape mismatch; make_student names the layers and the way out instead."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"train.lora.variant=olora: not on Conv1D layers \(transformer.h.0.attn.c_attn, "
+                                         r"transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc \.\.\.: .*use pissa or lora"):
+        make_student(tmp_path, LoraSettings(variant="olora", rank=2))
+    make_student(tmp_path, LoraSettings(variant="pissa", rank=2))  # PiSSA's init handles them

@@ -57,3 +57,22 @@ def test_an_unfinished_run_is_not_exported_or_evaluated(trained_run, tmp_path, c
     for command in (["export", "--run", str(run), "--out", str(tmp_path / "out")], ["eval", "--run", str(run)]):
         assert cli_main(command) == 2
         assert "training has not finished (3 of train.max_steps=300 steps in metrics.json" in capsys.readouterr().err
+
+
+def test_an_adapter_with_nan_weights_is_not_exported(trained_run, tiny_model_dir, tmp_path):
+    """A diverged adapter (nan in a lora_B) is refused by name and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    from stages.student.export import export_merged
+
+    broken = tmp_path / "adapter"
+    broken.mkdir()
+    for f in (trained_run / "adapter").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    name = next(n for n in tensors if "lora_B" in n)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"the merged weights hold nan/inf in 1 tensor\(s\), e.g. .*: the adapter diverged"):
+        export_merged(broken, tiny_model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,7 @@
 """Weight-space baselines `l2` and `lalora` (stages/student/weight_penalties.py) on the tiny model."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +241,81 @@ def test_tri_kfac_lalora_is_the_same_fused_unfused_and_checkpointed(variant, tin
     for name in ("unfused", "checkpointed"):
         for key, value in adapters["fused"].items():
             torch.testing.assert_close(adapters[name][key], value, rtol=0, atol=2e-5, msg=lambda m, k=key, n=name: f"{n} {k}: {m}")
+
+
+# --- the curvature store as a user meets it: damaged files, shared settings, a bad place ---------------
+def _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path, **kw):
+    torch.manual_seed(0)
+    model = make_student(tiny_model_dir, LoraSettings(rank=4), torch.float32)
+    return build_penalty(_lalora(tiny_jsonl, tmp_path, **{"lalora_curvature": "kfac", **kw}), get_method("lalora"), model,
+                         str(tiny_model_dir))
+
+
+def _nan_tensors(path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(path)).items()}, str(path))
+
+
+@pytest.mark.parametrize("damage,said", [
+    (_nan_tensors, "its bytes do not match the sha256 recorded"),
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "its bytes do not match the sha256 recorded"),
+    (lambda p: p.with_suffix(".json").write_text('{"key": "2edae8d4'), "is missing or not valid JSON"),
+    (lambda p: p.with_suffix(".json").write_text(p.with_suffix(".json").read_text().replace('"key": "', '"key": "0')),
+     "records another key"),
+    (lambda p: p.unlink(), "it cannot be read"),
+])
+def test_a_damaged_stored_curvature_is_recomputed_and_said(damage, said, tiny_model_dir, tiny_jsonl, tmp_path, capsys):
+    first = _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path)
+    path = Path(first.report["path"])
+    damage(path)
+    again = _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path)
+    out = capsys.readouterr().out
+    assert not again.report["reused"] and out.startswith(f"lalora: recomputing the stored curvature {path}: ") and said in out, out
+    for n, (s_in, s_out) in first.curvature.kron.items():
+        assert torch.equal(again.curvature.kron[n][0], s_in) and torch.equal(again.curvature.kron[n][1], s_out)
+    assert _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path).report["reused"]  # and stored whole again
+
+
+def test_the_recompute_line_names_the_reason(tiny_model_dir, tiny_jsonl, tmp_path, capsys):
+    path = Path(_store_penalty(tiny_model_dir, tiny_jsonl, tmp_path).report["path"])
+    _nan_tensors(path)
+    capsys.readouterr()
+    _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path)
+    assert capsys.readouterr().out.startswith(f"lalora: recomputing the stored curvature {path}: its bytes do not match the sha256")
+
+
+def test_the_same_texts_named_two_ways_share_one_curvature(tiny_model_dir, tiny_jsonl, tmp_path):
+    """fisher_examples=8 and fisher_batches=2 x batch_size=4 read the same 8 texts; dropout is off in eval mode."""
+    first = _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path, fisher_examples=8, lora=LoraSettings(rank=4))
+    assert _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path, fisher_batches=2, fisher_examples=64, batch_size=4,
+                          lora=LoraSettings(rank=4)).report["reused"]
+    torch.manual_seed(0)
+    model = make_student(tiny_model_dir, LoraSettings(rank=4, dropout=0.1), torch.float32)
+    train = _lalora(tiny_jsonl, tmp_path, fisher_examples=8, lalora_curvature="kfac", lora=LoraSettings(rank=4, dropout=0.1))
+    assert build_penalty(train, get_method("lalora"), model, str(tiny_model_dir)).report["path"] == first.report["path"]
+
+
+def test_an_unwritable_store_is_named_before_the_curvature_is_computed(tiny_model_dir, tiny_jsonl, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"train\.curvature_dir: cannot create the curvature store .*afile/sub"):
+        _store_penalty(tiny_model_dir, tiny_jsonl, tmp_path, curvature_dir=str(tmp_path / "afile" / "sub"))
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([{"body": "some prose"}], r"train\.fisher_data: .*no \"text\" column .*its columns: \['body'\]\. Rename"),
+    ([{"prompt": "a"}], r"train\.fisher_data: .*no \"text\" column .*its columns: \['prompt'\]"),
+])
+def test_proxy_data_without_a_text_column_names_the_key(rows, match, student, tiny_model_dir, tmp_path):
+    path = tmp_path / "proxy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=match):
+        fisher_examples(str(path), str(tiny_model_dir), 1, 16)
+
+
+def test_a_non_finite_penalty_stops_training(student):
+    penalty = WeightPenalty(student)
+    with torch.no_grad():
+        penalty.params[0][1].fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"weight penalty: nan \(non-finite\)"):
+        penalty()
