@@ -17,7 +17,7 @@ help:  ## list the targets
 .venv/.installed-$(EXTRA): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -e '.[$(EXTRA),test]'
+	$(PY) -m pip install -e '.[$(EXTRA),test,eval]'
 	@# PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch (ENVIRONMENT.md).
 	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
 	touch $@

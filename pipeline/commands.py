@@ -177,6 +177,12 @@ def cmd_eval(args) -> int:
     from stages.eval.evaluate import run_eval
 
     config = config_for_run(args.run, args.overrides) if args.run else _config(args)
+    if args.lm_eval:
+        config.eval.lm_eval.tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if config.eval.lm_eval.tasks:
+        from stages.eval.harness import harness_version
+
+        harness_version()  # ImportError naming the extra before any model is loaded
     if args.run:
         from stages.student.runner import check_finished
 
@@ -322,9 +328,14 @@ _TABLE = (
                  help="saved weights' dtype (default: the base's)"))),
     Command("eval", "learning (held-out target) vs forgetting (retention set, drift) of a run",
             "Learning vs forgetting of an adapter, or of the base model alone without --run; writes eval.json.\n\n"
-            "    python -m pipeline eval --run runs/demo/train", cmd_eval,
+            "    python -m pipeline eval --run runs/demo/train\n"
+            "    python -m pipeline eval --run runs/demo/train --lm-eval mtcache_source_heldout   (lm-evaluation-harness, extra `eval`)",
+            cmd_eval,
             (*CONFIG_ARGS,
-             arg("--run", default=None, help="a train.output_dir; its config.yaml is used (default: base model only)"))),
+             arg("--run", default=None, help="a train.output_dir; its config.yaml is used (default: base model only)"),
+             arg("--lm-eval", default=None, metavar="TASKS", help=(
+                 "comma-separated lm-evaluation-harness tasks run on the base and the adapted model (= eval.lm_eval.tasks; "
+                 "settings: eval.lm_eval.*), e.g. mtcache_source_heldout (the embedded default's) or wikitext")))),
     Command("demo", "build-default -> cache-teacher -> train -> eval on the embedded default",
             "The whole pipeline on the embedded default; a finished step is reused, a killed one resumed.\n\n"
             "    python -m pipeline demo --config configs/demo.yaml", cmd_demo,
@@ -349,7 +360,10 @@ _TABLE = (
             call("pipeline.studies.frontier:frontier_report"),
             (arg("results", nargs="+", help="a sweep's results.json (several: their runs pooled)"),
              arg("--reference", default="tail", help="the curve compared against, as labelled in results.md (default: tail)"),
-             arg("--out", default=None, help="also write the markdown table here")), instrument=True),
+             arg("--out", default=None, help="also write the markdown table here"),
+             arg("--forgetting", default="source_loss_increase", help=(
+                 "the forgetting axis: source_loss_increase (default) or lm_eval:TASK:METRIC (a sweep run with "
+                 "sweep.lm_eval_metric=TASK:METRIC)"))), instrument=True),
     Command("encoding-study", "bytes/token vs D_k error of every cache encoding (BENCHMARKS.md \"Cache encodings\")",
             "Writes every candidate encoding as a real shard: bytes/token and the error it adds to D_k "
             "(pipeline/studies/encoding/).\n\n"

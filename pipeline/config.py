@@ -67,6 +67,10 @@ class SweepConfig:
         "replaces method_reg_weights.lalora for that curvature")})
     fisher_batches: list[int] = field(default_factory=list, metadata={"help": (
         "optional axis for lalora only: train.fisher_batches values (0 = fisher_examples texts); [] = as configured")})
+    lm_eval_metric: str = field(default="", metadata={"help": (
+        "opt-in (costs a harness run per run): TASK:METRIC of lm-evaluation-harness, e.g. mtcache_source_heldout:bits_per_byte; "
+        "every run's eval runs that task (eval.lm_eval.*), its row gets the metric's change over the base "
+        "(lm_eval_change), and frontier_lm_eval.png plots it as the forgetting axis. \"\" = off")})
     records_dir: str = field(default="", metadata={"help": (
         "a folder (tracked in git, e.g. under docs/) receiving each finished run's record as it finishes "
         "(<run>.json: its key, resolved config, eval.json and metrics.json; base_eval.json); a record whose key "
@@ -89,6 +93,8 @@ class SweepConfig:
         _require(all(k >= 1 for k in self.ks), f"sweep.ks: every k must be >= 1, got {self.ks}")
         bad = [v for v in self.lora_variants if v not in LORA_VARIANTS]
         _require(not bad, f"sweep.lora_variants: {bad} not in {LORA_VARIANTS}")
+        _require(not self.lm_eval_metric or (self.lm_eval_metric.count(":") == 1 and all(self.lm_eval_metric.split(":"))),
+                 f"sweep.lm_eval_metric: expected TASK:METRIC (e.g. mtcache_source_heldout:bits_per_byte), got {self.lm_eval_metric!r}")
         bad = [c for c in [*self.lalora_curvatures, *self.curvature_reg_weights] if c not in LALORA_CURVATURES]
         _require(not bad, f"sweep.lalora_curvatures / sweep.curvature_reg_weights: {bad} not in {LALORA_CURVATURES}")
         self.curvature_reg_weights = {c: _lambdas(f"sweep.curvature_reg_weights.{c}", ws) for c, ws in self.curvature_reg_weights.items()}

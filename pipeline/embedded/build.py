@@ -36,6 +36,7 @@ def build_default(out_dir: str | Path = "build/default", force: bool = False,
     out_dir = Path(out_dir)
     digest = recipe_hash(recipe)
     if not force and _is_current(out_dir, digest):
+        _write_harness_task(out_dir)  # builds from before the harness task get it now (idempotent)
         return _summary(out_dir, skipped=True)
     _refuse_foreign(out_dir)
     # A fixed name: a build killed before its cleanup leaves one directory the next build reuses.
@@ -47,7 +48,18 @@ def build_default(out_dir: str | Path = "build/default", force: bool = False,
         _swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _write_harness_task(out_dir)
     return _summary(out_dir, skipped=False)
+
+
+def _write_harness_task(out_dir: Path) -> None:
+    """The lm-evaluation-harness task `mtcache_source_heldout` beside the model (stages/eval/harness.py): the
+    held-out source prose that fits eval.max_length tokens, scored by the harness as `eval` scores it."""
+    from stages.eval.harness import LOCAL_TASKS_DIR, write_local_task
+    from stages.eval.settings import EvalConfig
+
+    write_local_task(out_dir / LOCAL_TASKS_DIR, out_dir / "data" / "source_heldout.jsonl", out_dir / "base-model",
+                     EvalConfig().max_length)
 
 
 def _refuse_foreign(out_dir: Path) -> None:

@@ -23,7 +23,7 @@ import math
 import statistics
 from pathlib import Path
 
-from pipeline.studies.sweep import curve_label, record_weight
+from pipeline.studies.sweep import curve_label, forgetting_value, record_weight
 
 __all__ = ["curves", "frontier_gaps", "render_gaps", "frontier_report"]
 
@@ -32,12 +32,14 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def curves(records: list[dict]) -> dict[str, list[tuple[float, dict]]]:
-    """{curve label: [(lambda, {"target_loss" | "source_loss_increase": (mean, std, n)}), ...] by lambda}."""
+def curves(records: list[dict], forgetting: str = "source_loss_increase") -> dict[str, list[tuple[float, dict]]]:
+    """{curve label: [(lambda, {"target_loss" | "source_loss_increase": (mean, std, n)}), ...] by lambda}; the
+    forgetting entry holds `forgetting` (sweep.forgetting_value: the source loss increase or a harness metric's change)."""
     grouped: dict[str, dict[float, list[dict]]] = {}
     for r in records:
         grouped.setdefault(curve_label(r), {}).setdefault(record_weight(r), []).append(r)
-    return {label: [(w, {key: (*_stats([r[key] for r in runs]), len(runs)) for key in ("target_loss", "source_loss_increase")})
+    return {label: [(w, {"target_loss": (*_stats([r["target_loss"] for r in runs]), len(runs)),
+                         "source_loss_increase": (*_stats([forgetting_value(r, forgetting) for r in runs]), len(runs))})
                     for w, runs in sorted(by_weight.items())] for label, by_weight in grouped.items()}
 
 
@@ -60,11 +62,11 @@ def _interpolate(points: list[tuple[float, float, float, float]], x: float) -> t
     return y0 + t * (y1 - y0), max(s0 + t * (s1 - s0), 0.0)
 
 
-def frontier_gaps(records: list[dict], reference: str = "tail") -> list[dict]:
+def frontier_gaps(records: list[dict], reference: str = "tail", forgetting: str = "source_loss_increase") -> list[dict]:
     """Every other curve's points against `reference`'s frontier (rows: method = curve label, reg_weight,
     seeds, target_loss, forgetting, gap, two_se; gap/two_se None where not comparable). ValueError if
     the reference curve has no record."""
-    by_label = curves(records)
+    by_label = curves(records, forgetting)
     if reference not in by_label:
         raise ValueError(f"frontier: no curve {reference!r} in the results; curves: {sorted(by_label)}")
     ref_curve = [c for _, c in by_label[reference]]
@@ -100,7 +102,8 @@ def render_gaps(rows: list[dict], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def frontier_report(results: list[str | Path] | str | Path, reference: str = "tail", out: str | Path | None = None) -> str:
+def frontier_report(results: list[str | Path] | str | Path, reference: str = "tail", out: str | Path | None = None,
+                    forgetting: str = "source_loss_increase") -> str:
     """`python -m pipeline frontier`: the gap table of one or more sweeps' results.json (their runs pooled,
     e.g. a grid and a later axis over the same cache) against `reference`; printed, and written to `out`."""
     paths = [Path(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
@@ -111,7 +114,8 @@ def frontier_report(results: list[str | Path] | str | Path, reference: str = "ta
         stored = json.loads(path.read_text())
         records += stored["runs"] if isinstance(stored, dict) else stored  # {"base", "runs", "pending"}; a bare list before
     names = ", ".join(map(str, paths))
-    text = f"Against the `{reference}` frontier, from {names}:\n\n" + render_gaps(frontier_gaps(records, reference), reference)
+    text = (f"Against the `{reference}` frontier ({forgetting}), from {names}:\n\n"
+            + render_gaps(frontier_gaps(records, reference, forgetting), reference))
     if out:
         Path(out).write_text(text)
     print(text)

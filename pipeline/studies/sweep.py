@@ -139,6 +139,8 @@ def run_config(config: Config, spec: RunSpec, out: Path) -> Config:
     if spec.fisher_batches is not None:
         run.train.fisher_batches = spec.fisher_batches
     run.train.output_dir = str(out / spec.name)
+    if config.sweep.lm_eval_metric:  # the opt-in harness metric: its task in every run's eval
+        run.eval.lm_eval.tasks = [config.sweep.lm_eval_metric.split(":")[0]]
     run.train.__post_init__()  # the grid point's own combination is checked (e.g. kfac with sinelora)
     return run
 
@@ -152,7 +154,14 @@ def _record(spec: RunSpec, result: dict) -> dict:
             "target_loss": adapted["target"]["loss"], "target_accuracy": adapted["target"]["accuracy"],
             "source_loss": adapted["source"]["loss"], "source_loss_increase": forgetting["source_loss_increase"],
             "drift_kl": adapted["source"]["drift_kl"],
-            "eval_sets": {name: sets[name]["sha256"] for name in sets}}
+            "eval_sets": {name: sets[name]["sha256"] for name in sets}, **_lm_eval_fields(result)}
+
+
+def _lm_eval_fields(result: dict) -> dict:
+    """The harness metric of the run's eval (sweep.lm_eval_metric) as record fields, {} without one."""
+    rows = result.get("lm_eval", {}).get("rows", [])
+    return {f"lm_eval:{r['task']}:{r['metric']}": {"change": r["change"], "adapted": r["adapted"], "base": r["base"],
+                                                  "change_se": r["change_se"]} for r in rows}
 
 
 # --- keys: what a result was computed from ----------------------------------------------------------
@@ -295,11 +304,13 @@ def run_sweep(config: Config) -> list[dict]:
     pending = [name for name, result in results.items() if result is None]
     report = _run_report(notes, base_notes, pending)
     _write_json(out / "results.json", {"base": base, "runs": done, "pending": pending})
-    (out / "results.md").write_text(summarize(done, base))
+    (out / "results.md").write_text(summarize(done, base, config.sweep.lm_eval_metric))
     plot_frontier(done, out / "frontier.png")
+    if config.sweep.lm_eval_metric:
+        plot_frontier(done, out / "frontier_lm_eval.png", forgetting=f"lm_eval:{config.sweep.lm_eval_metric}")
     if reports_to_tensorboard(config.train.report_to):
         log_sweep(done, tensorboard_dir(out))
-    print(report + "\n" + summarize(done, base))
+    print(report + "\n" + summarize(done, base, config.sweep.lm_eval_metric))
     return done
 
 
@@ -347,15 +358,20 @@ def _check_one_eval_set(records: list[dict]) -> None:
                              "different eval sets; re-run them under one eval config")
 
 
-def summarize(records: list[dict], base: dict) -> str:
+def summarize(records: list[dict], base: dict, lm_eval_metric: str = "") -> str:
     """The markdown table: mean ± std over seeds per method (k, variant) and lambda; a row of one
-    seed shows its value alone (no spread to state)."""
+    seed shows its value alone (no spread to state). `lm_eval_metric` (TASK:METRIC): one more column, the
+    harness metric's change over the base."""
     _check_one_eval_set(records)
+    extra = f"lm_eval:{lm_eval_metric}" if lm_eval_metric else ""
     lines = [f"Base model: target loss {base['target']['loss']:.4f}, source loss {base['source']['loss']:.4f} (nats/token).", "",
-             "| method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL |",
-             "|---|---|---|---|---|---|"]
+             "| method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL |"
+             + (f" {lm_eval_metric} change |" if extra else ""),
+             "|---|---|---|---|---|---|" + ("---|" if extra else "")]
     for (method, weight), runs in sorted(_groups(records).items()):
         cells = [_mean_std([r[key] for r in runs]) for key in ("target_loss", "source_loss_increase", "drift_kl")]
+        if extra:
+            cells.append(_mean_std([forgetting_value(r, extra) for r in runs]))
         shown = [f"{m:.4f} ± {s:.4f}" if len(runs) > 1 else f"{m:.4f}" for m, s in cells]
         lines.append(f"| {method} | {weight:g} | {len(runs)} | " + " | ".join(shown) + " |")
     if any(len(runs) > 1 for runs in _groups(records).values()):
@@ -386,15 +402,25 @@ def log_sweep(records: list[dict], log_dir: Path) -> None:
         writer.add_figure("sweep/frontier", _frontier_figure(records), global_step=len(records))
 
 
-def plot_frontier(records: list[dict], path: Path) -> None:
+def forgetting_value(record: dict, forgetting: str = "source_loss_increase") -> float:
+    """A record's forgetting: `source_loss_increase`, or `lm_eval:TASK:METRIC` (the harness metric's change)."""
+    if forgetting.startswith("lm_eval:"):
+        if forgetting not in record:
+            raise ValueError(f"sweep: run {record.get('name')} has no {forgetting} (run the sweep with sweep.lm_eval_metric="
+                             f"{forgetting.removeprefix('lm_eval:')})")
+        return record[forgetting]["change"]
+    return record[forgetting]
+
+
+def plot_frontier(records: list[dict], path: Path, forgetting: str = "source_loss_increase") -> None:
     import matplotlib.pyplot as plt
 
-    fig = _frontier_figure(records)
+    fig = _frontier_figure(records, forgetting)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _frontier_figure(records: list[dict]):
+def _frontier_figure(records: list[dict], forgetting: str = "source_loss_increase"):
     """The learning/forgetting frontier as a matplotlib Figure (the caller saves or logs and closes it)."""
     import matplotlib
 
@@ -404,7 +430,7 @@ def _frontier_figure(records: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 5))
     by_method: dict[str, list] = {}
     for (method, weight), runs in sorted(_groups(records).items()):
-        x, y = _mean_std([r["target_loss"] for r in runs]), _mean_std([r["source_loss_increase"] for r in runs])
+        x, y = _mean_std([r["target_loss"] for r in runs]), _mean_std([forgetting_value(r, forgetting) for r in runs])
         by_method.setdefault(method, []).append((weight, x, y))
     offsets = [(4, 4), (4, -10), (-34, 4), (-34, -10)]  # curves that coincide keep readable labels
     for i, (method, points) in enumerate(by_method.items()):
@@ -416,7 +442,8 @@ def _frontier_figure(records: list[dict]):
                 ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=offsets[i % len(offsets)],
                             fontsize=7, color=bars[0].get_color())
     ax.set_xlabel("held-out target loss, nats/token (lower = learned more)")
-    ax.set_ylabel("retention loss increase over base, nats/token (lower = forgot less)")
+    ax.set_ylabel("retention loss increase over base, nats/token (lower = forgot less)" if forgetting == "source_loss_increase"
+                  else f"{forgetting.removeprefix('lm_eval:')}: adapted - base (lm-evaluation-harness)")
     seeds = sorted({len(runs) for runs in _groups(records).values()})
     ax.set_title("Learning vs forgetting: " + ("one seed per point (no error bars)" if seeds == [1] else
                                                f"mean over {'/'.join(map(str, seeds))} seeds, bars ±1 std"))

@@ -271,6 +271,8 @@ def eval_scalars(results: dict) -> dict[str, float]:
     out = {f"eval/{name}/{part}_{key}": value for name in ("base", "adapted") if name in results
            for part, figures in results[name].items() for key, value in figures.items()}
     out.update({f"eval/forgetting/{key}": value for key, value in results.get("forgetting", {}).items()})
+    for r in results.get("lm_eval", {}).get("rows", []):  # eval/lm_eval/<task>/<metric>_<base|adapted|change>
+        out.update({f"eval/lm_eval/{r['task']}/{r['metric']}_{part}": r[part] for part in ("base", "adapted", "change")})
     return out
 
 
@@ -311,8 +313,13 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
             "source_ppl_ratio": a["source"]["ppl"] / b["source"]["ppl"],
             "target_loss_change": a["target"]["loss"] - b["target"]["loss"],
         }
+    print(_table(results))
+    if config.eval.lm_eval.tasks:
+        from stages.eval.harness import harness_eval
+
+        results["lm_eval"] = harness_eval(config, run_dir)
+    if run_dir:
         (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
         if reports_to_tensorboard(config.train.report_to):
             log_eval_scalars(results, run_dir)
-    print(_table(results))
     return results
