@@ -10,7 +10,7 @@ import difflib
 
 from pipeline.config_docs import COMMAND, REFERENCE, TOP_LEVEL, config_sections, field_help, render_config_reference
 
-EXPECTED_SECTIONS = ["data", "cache", "train", "train.lora", "eval", "sweep", "approx", TOP_LEVEL]
+EXPECTED_SECTIONS = ["data", "cache", "train", "train.lora", "eval", "eval.lm_eval", "sweep", "approx", TOP_LEVEL]
 
 
 def test_sections_are_found():

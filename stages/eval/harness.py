@@ -78,7 +78,7 @@ def write_local_task(task_dir: str | Path, texts_path: str | Path, tokenizer_dir
     task_dir = Path(task_dir).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
     data = task_dir / f"{name}.jsonl"
-    yaml_text = (f"# Written by stages/eval/harness.py write_local_task from {texts_path}: {len(kept)} of {len(texts)} texts\n"
+    yaml_text = (f"# Written by stages/eval/harness.py write_local_task from {Path(texts_path).name}: {len(kept)} of {len(texts)} texts\n"
                  f"# (those of at most {max_length} tokens). Loaded with include_defaults=False.\n"
                  f"# data_files is relative to this file (run_harness resolves it): the build can move.\n"
                  f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.name}\n"

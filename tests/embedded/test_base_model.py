@@ -30,7 +30,7 @@ def _files(directory: Path) -> set[str]:
 def test_build_writes_exactly_these_files(tiny_build):
     out = Path(tiny_build["out_dir"])
     expected = {RECIPE_NAME} | {f"data/{f}" for f in SPLIT_FILES.values()} | {
-        f"base-model/{f}" for f in MODEL_FILES}
+        f"base-model/{f}" for f in MODEL_FILES} | {f"lm_eval_tasks/mtcache_source_heldout.{ext}" for ext in ("yaml", "jsonl")}
     assert _files(out) == expected
     assert not list(out.parent.glob(".default.*")), "temp directories left behind"
 

@@ -126,6 +126,10 @@ def test_eval_run_with_lm_eval_prints_the_table_writes_eval_json_and_reuses_the_
     assert result["harness_version"] == "0.4.13" and result["task_versions"] == {LOCAL_TASK: 1.0}
     assert result["same_first_token_context"] and not result["base_reused"]
     assert {r["metric"] for r in result["rows"]} == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    from stages.eval.evaluate import eval_scalars  # what goes to TensorBoard with train.report_to: tensorboard
+
+    scalars = eval_scalars(json.loads((tmp_path / "run" / "eval.json").read_text()))
+    assert {f"eval/lm_eval/{LOCAL_TASK}/bits_per_byte_{part}" for part in ("base", "adapted", "change")} <= set(scalars)
     assert main(args) == 0
     again = json.loads((tmp_path / "run" / "eval.json").read_text())["lm_eval"]
     assert again["base_reused"] and again["base"] == result["base"] and again["rows"] == result["rows"]
