@@ -171,8 +171,20 @@ def _sha(tree) -> str:
 
 def _eval_set_hashes(config: Config) -> dict[str, str]:
     heldout = config.data.heldout_fraction and config.eval.target_path == EvalConfig().target_path  # the data's slice
-    return {name: files_sha256(source_files(path)) for name, path in
+    return {name: _files_sha(tuple(source_files(path))) for name, path in
             (("target", config.data.path if heldout else config.eval.target_path), ("source", config.eval.source_path))}
+
+
+def _files_sha(files: tuple[Path, ...]) -> str:
+    """files_sha256, read once per sweep: every run of a grid keys on the same eval sets (a file changed
+    since, by size or mtime, is read again)."""
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stamp not in _FILE_SHAS:
+        _FILE_SHAS[stamp] = files_sha256(list(files))
+    return _FILE_SHAS[stamp]
+
+
+_FILE_SHAS: dict[tuple, str] = {}
 
 
 def run_key(config: Config, manifest: Manifest) -> str:
