@@ -12,6 +12,9 @@ published and never reaches the point again, so it runs to the end.
 Points (the only ones; an unknown name or a malformed value is a ValueError at the first `hit`):
     after_shard_published:I    shard index I (0-based, the `shard-IIIII.parquet` number)
     after_shard_renamed:I      shard I's file renamed into place, the manifest not yet saved listing it
+    pause_after_shard_published:I   not a kill: the process stops itself (SIGSTOP) once shard I is
+                               published, so a test can deliver a signal (Ctrl-C) to a run that is
+                               certainly still running, then SIGCONT it
 
 Unset, `hit` costs one environment lookup per shard. Never set it outside tests.
 """
@@ -23,7 +26,7 @@ import signal
 __all__ = ["ENV_VAR", "POINTS", "hit"]
 
 ENV_VAR = "MTCACHE_FAILPOINT"
-POINTS = ("after_shard_published", "after_shard_renamed")
+POINTS = ("after_shard_published", "after_shard_renamed", "pause_after_shard_published")
 
 
 def _parse(value: str) -> tuple[str, int]:
@@ -34,9 +37,13 @@ def _parse(value: str) -> tuple[str, int]:
 
 
 def hit(point: str, index: int) -> None:
-    """SIGKILL this process if MTCACHE_FAILPOINT names `point` at `index`; otherwise return."""
+    """SIGKILL this process if MTCACHE_FAILPOINT names `point` at `index` (SIGSTOP it for `pause_<point>`);
+    otherwise return."""
     value = os.environ.get(ENV_VAR)
     if not value:
         return
-    if _parse(value) == (point, index):
+    name, at = _parse(value)
+    if (name, at) == (point, index):
         os.kill(os.getpid(), signal.SIGKILL)
+    elif (name, at) == (f"pause_{point}", index):
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -14,12 +14,22 @@ from test_end_to_end import REPO
 
 from storage_schemas import Manifest
 
+# Stage one stops itself (SIGSTOP) once its first shard is published (stages/common/failpoints.py), so a
+# Ctrl-C reaches a run that is still running however loaded the machine is.
+PAUSE = {"MTCACHE_FAILPOINT": "pause_after_shard_published:0"}
 
-def start(model_dir, data, cache, *extra, output=subprocess.PIPE) -> subprocess.Popen:
+
+def start(model_dir, data, cache, *extra, output=subprocess.PIPE, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "cache-teacher", "--config", "", f"model={model_dir}",
                              f"data.path={data}", f"cache.dir={cache}", "cache.k=8", "cache.rows_per_shard=2",
                              "data.max_length=64", *extra], cwd=REPO, stdout=output, stderr=output,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def paused(run: subprocess.Popen):
+    """The run's process once it has stopped itself at the pause failpoint, else None."""
+    process = psutil.Process(run.pid)
+    return process if process.status() == psutil.STATUS_STOPPED else None
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -72,10 +82,11 @@ def test_ctrl_c_of_a_vllm_stage_one_prints_one_line_and_no_engine_dump(tiny_mode
     run = subprocess.Popen([sys.executable, "-m", "pipeline", "cache-teacher", "--config", "", f"model={tiny_model_dir}",
                             f"data.path={long_data}", f"cache.dir={cache}", "cache.k=8", "cache.rows_per_shard=2",
                             "data.max_length=64", "cache.vllm_kv_cache_gib=0.25"], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    wait_for(lambda: (cache / "manifest.json").exists() and Manifest.load(cache).shards, 180, "a first shard")
-    engine = [p for p in psutil.Process(run.pid).children(recursive=True) if p.name().startswith("VLLM")]
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **PAUSE}, start_new_session=True)
+    stopped = wait_for(lambda: paused(run), 180, "stage one to pause after its first shard")
+    engine = [p for p in stopped.children(recursive=True) if p.name().startswith("VLLM")]
     os.killpg(run.pid, signal.SIGINT)  # what the terminal does
+    stopped.resume()  # the signal is delivered to a run that is certainly still running
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
     assert "Traceback" not in err and "Error" not in err, err[-2000:]
@@ -85,9 +96,10 @@ def test_ctrl_c_of_a_vllm_stage_one_prints_one_line_and_no_engine_dump(tiny_mode
 
 def test_ctrl_c_says_the_cache_resumes_and_a_rerun_says_what_it_keeps(tiny_model_dir, long_data, tmp_path):
     cache = tmp_path / "cache"
-    run = start(tiny_model_dir, long_data, cache, "cache.engine=hf", "cache.batch_tokens=64")
-    wait_for(lambda: (cache / "manifest.json").exists() and Manifest.load(cache).shards, 120, "a first shard")
+    run = start(tiny_model_dir, long_data, cache, "cache.engine=hf", "cache.batch_tokens=64", env=PAUSE)
+    stopped = wait_for(lambda: paused(run), 120, "stage one to pause after its first shard")
     run.send_signal(signal.SIGINT)
+    stopped.resume()
     out, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == (f"interrupted: {cache} keeps every shard finished so far; rerun the same "
