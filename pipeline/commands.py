@@ -177,12 +177,12 @@ def cmd_eval(args) -> int:
     from stages.eval.evaluate import run_eval
 
     config = config_for_run(args.run, args.overrides) if args.run else _config(args)
-    if args.lm_eval:
+    if args.lm_eval is not None:  # --lm-eval '' turns off the config's tasks
         config.eval.lm_eval.tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     if config.eval.lm_eval.tasks:
-        from stages.eval.harness import harness_version
+        from stages.eval.harness import check_harness
 
-        harness_version()  # ImportError naming the extra before any model is loaded
+        check_harness(config)  # the extra, the task names, a chat template: before any model is evaluated
     if args.run:
         from stages.student.runner import check_finished
 
@@ -335,7 +335,7 @@ _TABLE = (
              arg("--run", default=None, help="a train.output_dir; its config.yaml is used (default: base model only)"),
              arg("--lm-eval", default=None, metavar="TASKS", help=(
                  "comma-separated lm-evaluation-harness tasks run on the base and the adapted model (= eval.lm_eval.tasks; "
-                 "settings: eval.lm_eval.*), e.g. mtcache_source_heldout (the embedded default's) or wikitext")))),
+                 "settings: eval.lm_eval.*), e.g. mtcache_source_heldout (the embedded default's) or wikitext; '' = none")))),
     Command("demo", "build-default -> cache-teacher -> train -> eval on the embedded default",
             "The whole pipeline on the embedded default; a finished step is reused, a killed one resumed.\n\n"
             "    python -m pipeline demo --config configs/demo.yaml", cmd_demo,

@@ -272,9 +272,20 @@ def _one_run(config: Config, spec: RunSpec, manifest: Manifest, base: dict, out:
         notes["ran"].append(spec.name)
     _write_json(run_dir / KEY_FILE, {"key": key, "config": to_dict(one)})  # before training: a killed run resumes under it
     run_train(one, resume=True)
-    run_eval(one, str(run_dir), base_results=base)
+    result = run_eval(one, str(run_dir), base_results=base)
+    _check_lm_eval_metric(config, result)  # a metric name the task does not have: said after the first run, not the last
     if records:
         _save_record(records, spec.name, key, one, run_dir)
+
+
+def _check_lm_eval_metric(config: Config, result: dict) -> None:
+    if not config.sweep.lm_eval_metric:
+        return
+    task, metric = config.sweep.lm_eval_metric.split(":")
+    have = sorted(r["metric"] for r in result.get("lm_eval", {}).get("rows", []) if r["task"] == task)
+    if metric not in have:
+        raise ValueError(f"sweep.lm_eval_metric={config.sweep.lm_eval_metric}: the task {task} reports {have}, not {metric!r}; "
+                         f"pick one of them (finished runs are kept and reused)")
 
 
 def _save_record(records: Path, name: str, key: str, config: Config, run_dir: Path) -> None:
@@ -418,9 +429,12 @@ def forgetting_value(record: dict, forgetting: str = "source_loss_increase") -> 
     """A record's forgetting: `source_loss_increase`, or `lm_eval:TASK:METRIC` (the harness metric's change)."""
     if forgetting.startswith("lm_eval:"):
         if forgetting not in record:
-            raise ValueError(f"sweep: run {record.get('name')} has no {forgetting} (run the sweep with sweep.lm_eval_metric="
-                             f"{forgetting.removeprefix('lm_eval:')})")
+            have = sorted(k for k in record if k.startswith("lm_eval:"))
+            raise ValueError(f"run {record.get('name')} has no {forgetting}; its harness metrics: {have or 'none'} "
+                             "(a sweep records them with sweep.lm_eval_metric=TASK:METRIC)")
         return record[forgetting]["change"]
+    if forgetting != "source_loss_increase":
+        raise ValueError(f"forgetting axis {forgetting!r}: expected source_loss_increase or lm_eval:TASK:METRIC")
     return record[forgetting]
 
 

@@ -40,7 +40,7 @@ from stages.eval.settings import HarnessConfig
 
 __all__ = ["HarnessConfig", "LOCAL_TASK", "LOCAL_TASKS_DIR", "write_local_task", "harness_version", "run_harness",
            "compare_harness", "render_harness", "harness_eval", "total_nll",
-           "first_token_context_matches"]
+           "first_token_context_matches", "check_harness"]
 
 LOCAL_TASK = "mtcache_source_heldout"
 LOCAL_TASKS_DIR = "lm_eval_tasks"   # beside the model: <build>/lm_eval_tasks/<task>.yaml + .jsonl
@@ -101,8 +101,33 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 # --- running the harness ------------------------------------------------------------------------------
 def _local_tasks(model_dir: str | Path) -> dict[str, Path]:
+    """{task name (its YAML's `task:`): YAML path} of the local tasks beside the model. ValueError naming a YAML
+    that is not a mapping with a `task:` name, or two YAMLs of one name."""
+    import yaml
+
     folder = Path(model_dir).parent / LOCAL_TASKS_DIR
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    found: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix or remove it") from err
+        if not isinstance(config, dict) or not isinstance(config.get("task"), str):
+            raise ValueError(f"{path}: a local lm-eval task needs a `task: NAME` line (the name --lm-eval uses)")
+        if config["task"] in found:
+            raise ValueError(f"{path} and {found[config['task']]}: both name the task {config['task']!r}; rename one")
+        found[config["task"]] = path
+    return found
+
+
+def _resolve_data_files(files, folder: Path):
+    """dataset_kwargs.data_files in any of datasets' forms (a path, a list, {split: path or list}), each relative
+    path taken beside the task's YAML."""
+    if isinstance(files, dict):
+        return {split: _resolve_data_files(value, folder) for split, value in files.items()}
+    if isinstance(files, list):
+        return [_resolve_data_files(value, folder) for value in files]
+    return str(folder / files) if isinstance(files, str) and not Path(files).is_absolute() else files
 
 
 def _tasks_and_manager(tasks: list[str], model_dir: str | Path) -> tuple[list, Any]:
@@ -117,8 +142,9 @@ def _tasks_and_manager(tasks: list[str], model_dir: str | Path) -> tuple[list, A
     for t in tasks:
         if t in local:
             config = yaml.safe_load(local[t].read_text())
-            files = config["dataset_kwargs"]["data_files"]
-            config["dataset_kwargs"]["data_files"] = {split: str(local[t].parent / name) for split, name in files.items()}
+            kwargs = config.get("dataset_kwargs") or {}
+            if "data_files" in kwargs:
+                kwargs["data_files"] = _resolve_data_files(kwargs["data_files"], local[t].parent)
             resolved.append(config)
         else:
             resolved.append(t)
@@ -229,13 +255,18 @@ def total_nll(harness: dict, task: str) -> float:
     return -sum(s[next(m for m in s if isinstance(s[m], list))][0] for s in harness["samples"][task].values())
 
 
+def _num(value: float, sign: str = "") -> str:
+    """10 characters: fixed point, or scientific where fixed would not fit (perplexities of random models)."""
+    return f"{value:{sign}10.4f}" if abs(value) < 1e5 else f"{value:{sign}10.3e}"
+
+
 def render_harness(rows: list[dict], version: str) -> str:
     lines = [f"lm-evaluation-harness {version}: base vs adapted (change ± paired SE over documents)",
              f"{'task':28s} {'metric':18s} {'base':>10s} {'adapted':>10s} {'change':>10s} {'change %':>9s} {'± SE':>9s} {'docs':>6s}"]
     for r in rows:
         pct = f"{r['change_pct']:+8.2f}%" if r["change_pct"] is not None else f"{'-':>9s}"
         se = f"{r['change_se']:9.4f}" if r["change_se"] is not None else f"{'-':>9s}"
-        lines.append(f"{r['task']:28s} {r['metric']:18s} {r['base']:10.4f} {r['adapted']:10.4f} {r['change']:+10.4f} {pct} {se} "
+        lines.append(f"{r['task']:28s} {r['metric']:18s} {_num(r['base'])} {_num(r['adapted'])} {_num(r['change'], '+')} {pct} {se} "
                      f"{r['docs']:6d}")
     return "\n".join(lines)
 
@@ -268,7 +299,7 @@ def harness_eval(config, run_dir: str | Path | None) -> dict[str, Any]:
         tmp.write_text(json.dumps({"key": key, "harness": version, "base": base}))
         tmp.replace(path)
     same_context = first_token_context_matches(tokenizer) and not settings.add_bos_token
-    if not same_context:
+    if not same_context and any(_is_rolling(base, t) for t in settings.tasks):
         print("lm-eval: `eval` and the harness score a text's first token after different contexts (this tokenizer adds no "
               "BOS, or eval.lm_eval.add_bos_token is set): their totals do not cover the same tokens")
     out = {"harness_version": version, "task_versions": base["versions"], "settings": asdict(settings), "base": base["results"],
@@ -298,6 +329,19 @@ def first_token_context_matches(tokenizer) -> bool:
     with_special = tokenizer("a b")["input_ids"]
     without = tokenizer("a b", add_special_tokens=False)["input_ids"]
     return with_special == [prefix, *without]
+
+
+def check_harness(config) -> None:
+    """Before any model is evaluated: the extra installed, every task known, and a chat template when
+    eval.lm_eval.apply_chat_template asks for one. ImportError / ValueError naming the key."""
+    from transformers import AutoTokenizer
+
+    settings = config.eval.lm_eval
+    harness_version()
+    _tasks_and_manager(settings.tasks, config.model)
+    if settings.apply_chat_template and not AutoTokenizer.from_pretrained(config.model).chat_template:
+        raise ValueError(f"eval.lm_eval.apply_chat_template: {config.model}'s tokenizer has no chat template; "
+                         "set eval.lm_eval.apply_chat_template=false")
 
 
 def _is_rolling(harness: dict, task: str) -> bool:

@@ -23,7 +23,8 @@ class HarnessConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per forward in the harness"})
     max_length: int = field(default=0, metadata={"help": (
         "the harness's context window (rolling windows for perplexity tasks); 0 = eval.max_length")})
-    limit: float = field(default=0, metadata={"help": "documents per task: > 1 a count, in (0, 1] a fraction; 0 = all"})
+    limit: float = field(default=0, metadata={"help": (
+        "documents per task: in (0, 1) a fraction, a whole number >= 1 a count; 0 = all")})
     device: str = field(default="", metadata={"help": "cpu | cuda | cuda:N; \"\" = cuda when available, else cpu"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16: both models' weights in the harness"})
     cache_dir: str = field(default="", metadata={"help": (
@@ -37,7 +38,8 @@ class HarnessConfig:
                 f"eval.lm_eval.tasks: expected a list of task names, got {self.tasks!r}")
         require(self.num_fewshot >= -1, f"eval.lm_eval.num_fewshot: must be >= 0 (or -1 = the task's), got {self.num_fewshot}")
         require(self.batch_size >= 1 and self.max_length >= 0, "eval.lm_eval.batch_size >= 1 and eval.lm_eval.max_length >= 0")
-        require(self.limit >= 0, f"eval.lm_eval.limit: must be >= 0, got {self.limit}")
+        require(self.limit >= 0 and (self.limit < 1 or float(self.limit).is_integer()),
+                f"eval.lm_eval.limit: a fraction in (0, 1), a whole count >= 1 or 0 (all), got {self.limit}")
         require(self.dtype in ("float32", "bfloat16", "float16"), f"eval.lm_eval.dtype: {self.dtype!r} not in float32|bfloat16|float16")
 
 

@@ -164,3 +164,43 @@ def test_a_sweep_can_carry_a_harness_metric_as_its_forgetting_axis(bos_model, ti
     assert len(list((tmp_path / "sweep" / "lm_eval_base").glob("*.json"))) == 1  # the base ran through the harness once
     rows = frontier_gaps(records, "tail", forgetting=f"lm_eval:{metric}")
     assert [r["method"] for r in rows] == ["none"]
+
+
+def test_hand_written_local_tasks_by_their_task_name_with_any_data_files_form(bos_model, tmp_path):
+    """A multiple-choice YAML named differently from its file, its data_files a plain relative string."""
+    model = tmp_path / "model"
+    model.symlink_to(bos_model / "model")
+    tasks = tmp_path / LOCAL_TASKS_DIR
+    tasks.mkdir()
+    rows = [{"q": f"{a} plus one is", "choices": [str(a + 1), str(a + 5)], "label": 0} for a in range(6)]
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "file_name.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs: {data_files: mc.jsonl}\noutput_type: multiple_choice\n"
+        "test_split: train\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list: [{metric: acc}]\n")
+    settings = HarnessConfig(tasks=["tiny_mc"], limit=4)
+    out = run_harness(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model), settings, model, 48)
+    assert out["n"] == {"tiny_mc": 4} and set(out["results"]["tiny_mc"]) == {"acc"}
+    (tasks / "other.yaml").write_text("task: tiny_mc\n")
+    with pytest.raises(ValueError, match=r"both name the task 'tiny_mc'; rename one"):
+        run_harness(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model), settings, model, 48)
+
+
+@pytest.mark.parametrize("bad,match", [({"limit": 2.5}, r"eval.lm_eval.limit: a fraction in \(0, 1\), a whole count"),
+                                       ({"limit": -1}, r"eval.lm_eval.limit"), ({"dtype": "float64"}, r"eval.lm_eval.dtype")])
+def test_harness_settings_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        HarnessConfig(tasks=[LOCAL_TASK], **bad)
+
+
+def test_a_sweep_metric_the_task_lacks_is_named_with_the_ones_it_has():
+    from pipeline.config import load_config
+    from pipeline.studies.sweep import _check_lm_eval_metric, forgetting_value
+
+    config = load_config(None, [f"sweep.lm_eval_metric={LOCAL_TASK}:acc"])
+    result = {"lm_eval": {"rows": [{"task": LOCAL_TASK, "metric": m} for m in ("bits_per_byte", "word_perplexity")]}}
+    with pytest.raises(ValueError, match=r"the task mtcache_source_heldout reports \['bits_per_byte', 'word_perplexity'\], not 'acc'"):
+        _check_lm_eval_metric(config, result)
+    with pytest.raises(ValueError, match=r"has no lm_eval:x:y; its harness metrics: none"):
+        forgetting_value({"name": "r"}, "lm_eval:x:y")
+    with pytest.raises(ValueError, match=r"forgetting axis 'source_loss': expected source_loss_increase or lm_eval:TASK:METRIC"):
+        forgetting_value({"source_loss": 4.0}, "source_loss")
