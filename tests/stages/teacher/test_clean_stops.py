@@ -19,11 +19,18 @@ from storage_schemas import Manifest
 PAUSE = {"MTCACHE_FAILPOINT": "pause_after_shard_published:0"}
 
 
+def as_from_a_shell() -> None:
+    """The child's SIGINT as a shell starts a command: the default action, unblocked. A library loaded in the
+    test process (C code, invisible to signal.getsignal) may have set it ignored, which a child would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start(model_dir, data, cache, *extra, output=subprocess.PIPE, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "cache-teacher", "--config", "", f"model={model_dir}",
                              f"data.path={data}", f"cache.dir={cache}", "cache.k=8", "cache.rows_per_shard=2",
                              "data.max_length=64", *extra], cwd=REPO, stdout=output, stderr=output,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, preexec_fn=as_from_a_shell)
 
 
 def paused(run: subprocess.Popen):
@@ -82,7 +89,8 @@ def test_ctrl_c_of_a_vllm_stage_one_prints_one_line_and_no_engine_dump(tiny_mode
     run = subprocess.Popen([sys.executable, "-m", "pipeline", "cache-teacher", "--config", "", f"model={tiny_model_dir}",
                             f"data.path={long_data}", f"cache.dir={cache}", "cache.k=8", "cache.rows_per_shard=2",
                             "data.max_length=64", "cache.vllm_kv_cache_gib=0.25"], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **PAUSE}, start_new_session=True)
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **PAUSE}, start_new_session=True,
+                           preexec_fn=as_from_a_shell)
     stopped = wait_for(lambda: paused(run), 180, "stage one to pause after its first shard")
     engine = [p for p in stopped.children(recursive=True) if p.name().startswith("VLLM")]
     os.killpg(run.pid, signal.SIGINT)  # what the terminal does
