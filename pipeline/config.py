@@ -70,7 +70,7 @@ class SweepConfig:
     lm_eval_metric: str = field(default="", metadata={"help": (
         "opt-in (costs a harness run per run): TASK:METRIC of lm-evaluation-harness, e.g. mtcache_source_heldout:bits_per_byte; "
         "every run's eval runs that task (eval.lm_eval.*), its row gets the metric's change over the base "
-        "(lm_eval_change), and frontier_lm_eval.png plots it as the forgetting axis. \"\" = off")})
+        "(lm_eval:TASK:METRIC), and frontier_lm_eval.png plots it as the forgetting axis. \"\" = off")})
     records_dir: str = field(default="", metadata={"help": (
         "a folder (tracked in git, e.g. under docs/) receiving each finished run's record as it finishes "
         "(<run>.json: its key, resolved config, eval.json and metrics.json; base_eval.json); a record whose key "
