@@ -353,8 +353,10 @@ _TABLE = (
             on_config("pipeline.studies.approx_study:run_approx_study"), STUDY_CONFIG_ARGS, keys="approx",
             instrument=True),
     Command("frontier", "a sweep's curves against one reference curve at equal target loss (gap, 2 SE)",
-            "Each curve's points (seed means) against the reference's forgetting at the same target loss, "
-            "interpolated, never extrapolated (pipeline/studies/frontier.py).\n\n"
+            "Each curve against the reference at equal target loss, both interpolated seed by seed between their own "
+            "points, never extrapolated: the gap at the midpoint of their overlap and the largest gap over it (2 SE), "
+            "the retention perplexity change; then each point (seed means) against the reference "
+            "(pipeline/studies/frontier.py).\n\n"
             "    python -m pipeline frontier runs/lalora/sweep/results.json --reference tail\n"
             "    python -m pipeline frontier runs/lalora/sweep/results.json --reference 'lalora diag' --out gaps.md",
             call("pipeline.studies.frontier:frontier_report"),

@@ -12,9 +12,22 @@ For a point at mean target loss x with mean forgetting y:
     two_se = 2 sqrt(s_y^2 / n + s_f(x)^2 / n_ref),   s = standard deviation over seeds (s_f interpolated)
 
 gap < 0: the point forgets less than the reference at the same learning. A point whose x lies outside
-the reference's range is not compared (no extrapolation), except within the end point's own seed std
-of x (indistinguishable from it). |gap| <= two_se reads "same"; with one seed on either side there is
-no spread, so no two_se and no reading.
+the reference's range is not compared: no extrapolation, not even by a seed std. |gap| <= two_se reads
+"same"; with one seed on either side there is no spread, so no two_se and no reading.
+
+Curve against curve (`curve_gaps`, the study's verdict rows): both curves interpolated piecewise-linearly
+between their own points, seed by seed, over the overlap of their target-loss ranges (every seed's range,
+so no seed is extrapolated):
+
+    gap(x) = mean_s [f_s(x) - r_s(x)]        (paired by seed when both curves ran the same seeds;
+                                              else mean_s f_s(x) - mean_t r_t(x))
+    two_se = 2 sd_s / sqrt(n)                 (paired; unpaired: 2 sqrt(sd_f^2/n_f + sd_r^2/n_r))
+
+at x* = the midpoint of the overlap and at the knot of largest |gap| (a difference of piecewise-linear
+curves peaks at a knot). The overlap is "in regime" when the reference's mean forgetting somewhere in it
+reaches half of plain LoRA's (`none`'s mean forgetting): a comparison where nothing was forgotten decides
+nothing. With forgetting = the source loss increase Δ (nats), the retention perplexity change is
+exp(Δ) - 1, per seed, then mean and SE.
 """
 from __future__ import annotations
 
@@ -25,7 +38,8 @@ from pathlib import Path
 
 from pipeline.studies.sweep import curve_label, forgetting_value, record_weight
 
-__all__ = ["curves", "frontier_gaps", "render_gaps", "frontier_report"]
+__all__ = ["curves", "frontier_gaps", "render_gaps", "seed_curves", "curve_gap", "curve_gaps", "render_curve_gaps",
+           "frontier_report"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -43,23 +57,14 @@ def curves(records: list[dict], forgetting: str = "source_loss_increase") -> dic
                     for w, runs in sorted(by_weight.items())] for label, by_weight in grouped.items()}
 
 
-def _interpolate(points: list[tuple[float, float, float, float]], x: float) -> tuple[float, float] | None:
-    """Piecewise-linear (y, y_std) at x on points (x, y, y_std, x_std) sorted by x. Beyond an end, the
-    end segment is extended only as far as that end's x seed std (indistinguishable in x); else None."""
-    if len(points) < 2:
+def _interpolate(points: list[tuple[float, ...]], x: float) -> tuple[float, ...] | None:
+    """Piecewise-linear values at x on points (x, v1, v2, ...) sorted by x; None outside [first x, last x]
+    (never extrapolated) or with fewer than two points."""
+    if len(points) < 2 or not points[0][0] <= x <= points[-1][0]:
         return None
-    if x < points[0][0]:
-        segment, inside = points[:2], points[0][0] - x <= points[0][3]
-    elif x > points[-1][0]:
-        segment, inside = points[-2:], x - points[-1][0] <= points[-1][3]
-    else:
-        segment = next([a, b] for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
-        inside = True
-    (x0, y0, s0, _), (x1, y1, s1, _) = segment
-    if not inside:
-        return None
-    t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
-    return y0 + t * (y1 - y0), max(s0 + t * (s1 - s0), 0.0)
+    a, b = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+    t = 0.0 if b[0] == a[0] else (x - a[0]) / (b[0] - a[0])
+    return tuple(va + t * (vb - va) for va, vb in zip(a[1:], b[1:]))
 
 
 def frontier_gaps(records: list[dict], reference: str = "tail", forgetting: str = "source_loss_increase") -> list[dict]:
@@ -70,8 +75,7 @@ def frontier_gaps(records: list[dict], reference: str = "tail", forgetting: str 
     if reference not in by_label:
         raise ValueError(f"frontier: no curve {reference!r} in the results; curves: {sorted(by_label)}")
     ref_curve = [c for _, c in by_label[reference]]
-    ref = sorted((c["target_loss"][0], c["source_loss_increase"][0], c["source_loss_increase"][1], c["target_loss"][1])
-                 for c in ref_curve)
+    ref = sorted((c["target_loss"][0], c["source_loss_increase"][0], c["source_loss_increase"][1]) for c in ref_curve)
     n_ref = min(c["target_loss"][2] for c in ref_curve)
     out = []
     for label in sorted(set(by_label) - {reference}):
@@ -80,9 +84,108 @@ def frontier_gaps(records: list[dict], reference: str = "tail", forgetting: str 
             at = _interpolate(ref, x)
             row = {"method": label, "reg_weight": weight, "seeds": n, "target_loss": x, "forgetting": y, "gap": None, "two_se": None}
             if at is not None:  # one seed on either side: no spread to judge the gap by
-                row.update(gap=y - at[0], two_se=2 * math.sqrt(sy ** 2 / n + at[1] ** 2 / n_ref) if min(n, n_ref) > 1 else None)
+                row.update(gap=y - at[0],
+                           two_se=2 * math.sqrt(sy ** 2 / n + max(at[1], 0.0) ** 2 / n_ref) if min(n, n_ref) > 1 else None)
             out.append(row)
     return out
+
+
+def seed_curves(records: list[dict], forgetting: str = "source_loss_increase") -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """{curve label: {seed: [(target loss, forgetting), ...] sorted by target loss}}: one curve per seed."""
+    out: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for r in records:
+        out.setdefault(curve_label(r), {}).setdefault(r.get("seed", 0), []).append(
+            (r["target_loss"], forgetting_value(r, forgetting)))
+    return {label: {seed: sorted(points) for seed, points in by_seed.items()} for label, by_seed in out.items()}
+
+
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (None with one value: no spread to state)."""
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def _difference(curve: dict[int, list], ref: dict[int, list], x: float, transform=lambda y: y) -> tuple[float, float | None]:
+    """Mean over seeds of transform(curve_s(x)) - transform(ref_s(x)) and its SE, paired by seed when both
+    ran the same seeds (the same LoRA init and batch order per seed), else unpaired."""
+    at = lambda points: transform(_interpolate(points, x)[0])  # noqa: E731  (x lies in every seed's range)
+    if set(curve) == set(ref):
+        return _mean_se([at(curve[s]) - at(ref[s]) for s in sorted(curve)])
+    (m1, se1), (m2, se2) = _mean_se([at(p) for p in curve.values()]), _mean_se([at(p) for p in ref.values()])
+    return m1 - m2, None if se1 is None or se2 is None else math.sqrt(se1 ** 2 + se2 ** 2)
+
+
+def curve_gap(curve: dict[int, list[tuple[float, float]]], ref: dict[int, list[tuple[float, float]]],
+              none_forgetting: float | None = None, perplexity: bool = True) -> dict:
+    """The gap of one curve's forgetting to a reference curve's at equal target loss (formulas: module docstring).
+
+    curve, ref: {seed: [(target loss, forgetting), ...]} (`seed_curves`), each seed with >= 2 points.
+    none_forgetting: plain LoRA's mean forgetting, for the regime check (None: not checked).
+    perplexity: forgetting is a loss increase in nats, so also report exp(.) - 1 in %.
+    Returns {"reason"} alone when not comparable (a seed with one point, or no overlap), else overlap (lo, hi),
+    x_mid, gap_mid, two_se_mid, x_max, gap_max, two_se_max (two_se None with one seed), paired, in_regime
+    (None without none_forgetting), and with perplexity ppl_mid / ppl_ref_mid (% change, means) and
+    gap_ppl_mid / two_se_ppl_mid (percentage points).
+    """
+    if any(len(points) < 2 for points in [*curve.values(), *ref.values()]):
+        return {"reason": "a seed with one point (no curve)"}
+    lo = max(points[0][0] for points in [*curve.values(), *ref.values()])
+    hi = min(points[-1][0] for points in [*curve.values(), *ref.values()])
+    if lo >= hi:
+        return {"reason": "target-loss ranges do not overlap"}
+    two = lambda se: None if se is None else 2 * se  # noqa: E731
+    x_mid = (lo + hi) / 2
+    gap_mid, se_mid = _difference(curve, ref, x_mid)
+    knots = sorted({lo, hi} | {x for points in [*curve.values(), *ref.values()] for x, _ in points if lo <= x <= hi})
+    x_max, (gap_max, se_max) = max(((x, _difference(curve, ref, x)) for x in knots), key=lambda item: abs(item[1][0]))
+    row = {"overlap": (lo, hi), "x_mid": x_mid, "gap_mid": gap_mid, "two_se_mid": two(se_mid), "x_max": x_max,
+           "gap_max": gap_max, "two_se_max": two(se_max), "paired": set(curve) == set(ref), "in_regime": None}
+    if none_forgetting is not None:
+        ref_mean = lambda x: statistics.fmean(_interpolate(p, x)[0] for p in ref.values())  # noqa: E731
+        row["in_regime"] = max(ref_mean(x) for x in knots) >= 0.5 * none_forgetting
+    if perplexity:
+        pct = lambda y: 100 * math.expm1(y)  # noqa: E731
+        mean_pct = lambda c: statistics.fmean(pct(_interpolate(p, x_mid)[0]) for p in c.values())  # noqa: E731
+        gap_ppl, se_ppl = _difference(curve, ref, x_mid, pct)
+        row.update(ppl_mid=mean_pct(curve), ppl_ref_mid=mean_pct(ref), gap_ppl_mid=gap_ppl, two_se_ppl_mid=two(se_ppl))
+    return row
+
+
+def curve_gaps(records: list[dict], reference: str = "tail", forgetting: str = "source_loss_increase") -> list[dict]:
+    """`curve_gap` of every curve with a lambda axis against `reference`, rows {"method", "seeds", ...}; none's
+    mean forgetting (method `none`) sets the regime check. ValueError if the reference curve has no record."""
+    by_label = seed_curves(records, forgetting)
+    if reference not in by_label:
+        raise ValueError(f"frontier: no curve {reference!r} in the results; curves: {sorted(by_label)}")
+    none = [forgetting_value(r, forgetting) for r in records if r["method"] == "none"]
+    none_forgetting = statistics.fmean(none) if none else None
+    return [{"method": label, "seeds": len(by_label[label]),
+             **curve_gap(by_label[label], by_label[reference], none_forgetting, forgetting == "source_loss_increase")}
+            for label in sorted(set(by_label) - {reference, "none"})]
+
+
+def _gap_cell(gap: float, two_se: float | None, digits: int = 4) -> str:
+    return f"{gap:+.{digits}f} " + ("(one seed: no SE)" if two_se is None else f"(± {two_se:.{digits}f})")
+
+
+def render_curve_gaps(rows: list[dict], reference: str) -> str:
+    """The markdown table of `curve_gaps` rows."""
+    ppl = any("ppl_mid" in r for r in rows)
+    lines = [f"| curve | seeds | overlap (target loss) | gap vs `{reference}` at x* = midpoint (2 SE) | largest \\|gap\\| (2 SE) at x | "
+             "in regime |" + (" retention ppl change at x*: curve / ref | ppl gap (2 SE) |" if ppl else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if ppl else "")]
+    for r in rows:
+        if "reason" in r:
+            lines.append(f"| {r['method']} | {r['seeds']} | {r['reason']} | | | |" + (" | |" if ppl else ""))
+            continue
+        regime = {None: "-", True: "yes", False: "no"}[r["in_regime"]]
+        line = (f"| {r['method']} | {r['seeds']}{'' if r['paired'] else ' (unpaired)'} | {r['overlap'][0]:.4f}-{r['overlap'][1]:.4f} | "
+                f"{_gap_cell(r['gap_mid'], r['two_se_mid'])} at {r['x_mid']:.4f} | {_gap_cell(r['gap_max'], r['two_se_max'])} at "
+                f"{r['x_max']:.4f} | {regime} |")
+        if ppl:
+            line += (f" {r['ppl_mid']:+.2f}% / {r['ppl_ref_mid']:+.2f}% | "
+                     f"{_gap_cell(r['gap_ppl_mid'], r['two_se_ppl_mid'], 2)} pp |")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def reading(row: dict) -> str:
@@ -114,7 +217,9 @@ def frontier_report(results: list[str | Path] | str | Path, reference: str = "ta
         stored = json.loads(path.read_text())
         records += stored["runs"] if isinstance(stored, dict) else stored  # {"base", "runs", "pending"}; a bare list before
     names = ", ".join(map(str, paths))
-    text = (f"Against the `{reference}` frontier ({forgetting}), from {names}:\n\n"
+    text = (f"Curves against the `{reference}` curve ({forgetting}), from {names}:\n\n"
+            + render_curve_gaps(curve_gaps(records, reference, forgetting), reference)
+            + f"\nEach point against the `{reference}` curve:\n\n"
             + render_gaps(frontier_gaps(records, reference, forgetting), reference))
     if out:
         Path(out).write_text(text)

@@ -1,6 +1,7 @@
 """`python -m pipeline frontier`: curves per axis setting, gaps at equal target loss, no extrapolation."""
 import json
 import math
+import statistics
 
 import pytest
 
@@ -39,3 +40,59 @@ def test_cli_prints_and_writes_the_table_and_names_a_missing_curve(tmp_path, cap
     assert "outside its range" in capsys.readouterr().out
     assert main(["frontier", str(results)]) != 0
     assert "no curve 'tail' in the results; curves: ['lalora diag', 'lalora kfac', 'lalora kfac fb=1']" in capsys.readouterr().err
+
+
+# Curve against curve. tail, seed s: (1.0, 0.6 + e_s) -> (3.0, 0.2 + e_s), slope -0.2; full_kl: (1.5, 0.7 + g_s) ->
+# (3.5, 0.5 + g_s), slope -0.1. Overlap [1.5, 3.0], x* = 2.25: tail 0.35 + e_s, full_kl 0.625 + g_s.
+E, G = (0.0, 0.01, 0.02), (0.03, 0.0, 0.0)
+
+
+def _run(method, weight, seed, target, forgetting):
+    return {"method": method, "reg_weight": weight, "seed": seed, "target_loss": target, "source_loss_increase": forgetting}
+
+
+def _study(none_forgetting=0.8, full_kl_seeds=(0, 1, 2)):
+    runs = [_run("none", 0.0, s, 0.5, none_forgetting) for s in range(3)]
+    runs += [r for s, e in enumerate(E) for r in (_run("tail", 1.0, s, 1.0, 0.6 + e), _run("tail", 3.0, s, 3.0, 0.2 + e))]
+    runs += [r for s in full_kl_seeds for r in (_run("full_kl", 1.0, s, 1.5, 0.7 + G[s]), _run("full_kl", 3.0, s, 3.5, 0.5 + G[s]))]
+    return runs
+
+
+def test_curve_gap_at_the_midpoint_and_its_largest_gap_at_a_knot_paired_by_seed():
+    from pipeline.studies.frontier import curve_gaps
+
+    (row,) = curve_gaps(_study(), "tail")
+    per_seed = [0.275 + g - e for e, g in zip(E, G)]  # 0.305, 0.265, 0.255
+    sd = math.sqrt(sum((v - 0.275) ** 2 for v in per_seed) / 2)
+    assert row["method"] == "full_kl" and row["paired"] and row["overlap"] == pytest.approx((1.5, 3.0))
+    assert row["x_mid"] == pytest.approx(2.25) and row["gap_mid"] == pytest.approx(0.275)
+    assert row["two_se_mid"] == pytest.approx(2 * sd / math.sqrt(3))
+    # full_kl - tail grows with x (0.2 at 1.5, 0.35 at 3.0): the largest gap is at the overlap's right end
+    assert row["x_max"] == pytest.approx(3.0) and row["gap_max"] == pytest.approx(0.35)
+    assert row["in_regime"] is True  # tail reaches 0.51 (mean at 1.5) >= 0.4 = half of none's 0.8
+    ppl = [100 * (math.exp(0.625 + g) - 1) for g in G]
+    ppl_ref = [100 * (math.exp(0.35 + e) - 1) for e in E]
+    assert row["ppl_mid"] == pytest.approx(sum(ppl) / 3) and row["ppl_ref_mid"] == pytest.approx(sum(ppl_ref) / 3)
+    assert row["gap_ppl_mid"] == pytest.approx(sum(a - b for a, b in zip(ppl, ppl_ref)) / 3)
+
+
+def test_curve_gap_out_of_regime_unpaired_and_not_comparable():
+    from pipeline.studies.frontier import curve_gaps, render_curve_gaps
+
+    assert curve_gaps(_study(none_forgetting=1.2), "tail")[0]["in_regime"] is False  # 0.51 < 0.6
+    (unpaired,) = curve_gaps(_study(full_kl_seeds=(0, 1)), "tail")
+    assert not unpaired["paired"] and unpaired["gap_mid"] == pytest.approx(0.625 + 0.015 - (0.35 + 0.01))
+    se = math.sqrt(statistics.variance([0.03, 0.0]) / 2 + statistics.variance(E) / 3)
+    assert unpaired["two_se_mid"] == pytest.approx(2 * se)
+    far = [r if r["method"] != "full_kl" else {**r, "target_loss": r["target_loss"] + 5} for r in _study()]
+    assert curve_gaps(far, "tail")[0] == {"method": "full_kl", "seeds": 3, "reason": "target-loss ranges do not overlap"}
+    one = [r for r in _study() if not (r["method"] == "full_kl" and r["seed"] == 2 and r["reg_weight"] == 3.0)]
+    assert curve_gaps(one, "tail")[0]["reason"] == "a seed with one point (no curve)"
+    table = render_curve_gaps(curve_gaps(_study(), "tail"), "tail")
+    assert "| full_kl | 3 | 1.5000-3.0000 | +0.2750 (± " in table and "at 2.2500 | +0.3500 (± " in table and "| yes |" in table
+
+
+def test_a_point_just_outside_the_reference_range_is_not_compared():
+    just_left = [_lalora("kfac", 1e2, s, 4.999, 0.3) for s in (0, 1)]  # diag's range starts at 5.0
+    rows = {r["reg_weight"]: r for r in frontier_gaps(RECORDS + just_left, "lalora diag") if r["method"] == "lalora kfac"}
+    assert rows[1e2]["gap"] is None
