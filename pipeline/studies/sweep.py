@@ -145,7 +145,9 @@ def run_config(config: Config, spec: RunSpec, out: Path) -> Config:
     return run
 
 
-def _record(spec: RunSpec, result: dict) -> dict:
+def _record(spec: RunSpec, result: dict, metrics: dict | None = None) -> dict:
+    """One results.json row from the run's eval.json (`result`) and training metrics.json (`metrics`, for the
+    binary term's share of the full KL in the last logging window: None for a method without a KL)."""
     adapted, forgetting = result["adapted"], result["forgetting"]
     sets = result.get("sets", {})
     return {"name": spec.name, "method": spec.method, "reg_weight": spec.reg_weight, "seed": spec.seed,
@@ -153,7 +155,7 @@ def _record(spec: RunSpec, result: dict) -> dict:
             "fisher_batches": spec.fisher_batches,
             "target_loss": adapted["target"]["loss"], "target_accuracy": adapted["target"]["accuracy"],
             "source_loss": adapted["source"]["loss"], "source_loss_increase": forgetting["source_loss_increase"],
-            "drift_kl": adapted["source"]["drift_kl"],
+            "drift_kl": adapted["source"]["drift_kl"], "binary_share": (metrics or {}).get("final_binary_share"),
             "eval_sets": {name: sets[name]["sha256"] for name in sets}, **_lm_eval_fields(result)}
 
 
@@ -293,14 +295,14 @@ def _save_record(records: Path, name: str, key: str, config: Config, run_dir: Pa
                                            "metrics": _read_json(run_dir / "metrics.json")})
 
 
-def _result(config: Config, spec: RunSpec, manifest: Manifest, out: Path, records: Path | None) -> dict | None:
-    """spec's eval.json contents under its current key (run directory or record), or None."""
+def _result(config: Config, spec: RunSpec, manifest: Manifest, out: Path, records: Path | None) -> tuple[dict, dict] | None:
+    """spec's (eval.json, metrics.json) contents under its current key (run directory or record), or None."""
     key = run_key(run_config(config, spec, out), manifest)
     stored = _read_json(out / spec.name / KEY_FILE)
     if stored and stored["key"] == key and (out / spec.name / "eval.json").exists():
-        return _read_json(out / spec.name / "eval.json")
+        return _read_json(out / spec.name / "eval.json"), _read_json(out / spec.name / "metrics.json") or {}
     record = _read_json(records / f"{spec.name}.json") if records else None
-    return record["eval"] if record and record["key"] == key else None
+    return (record["eval"], record.get("metrics") or {}) if record and record["key"] == key else None
 
 
 def run_sweep(config: Config) -> list[dict]:
@@ -323,7 +325,7 @@ def run_sweep(config: Config) -> list[dict]:
     for spec in tqdm(_shard_of(specs, config.sweep.shard), desc="sweep", unit="run"):
         _one_run(config, spec, manifest, base, out, records, notes)
     results = {spec.name: _result(config, spec, manifest, out, records) for spec in specs}
-    done = [_record(spec, results[spec.name]) for spec in specs if results[spec.name] is not None]
+    done = [_record(spec, *results[spec.name]) for spec in specs if results[spec.name] is not None]
     pending = [name for name, result in results.items() if result is None]
     report = _run_report(notes, base_notes, pending)
     _write_json(out / "results.json", {"base": base, "runs": done, "pending": pending})
@@ -384,21 +386,24 @@ def _check_one_eval_set(records: list[dict]) -> None:
 def summarize(records: list[dict], base: dict, lm_eval_metric: str = "") -> str:
     """The markdown table: mean ± std over seeds per method (k, variant) and lambda; a row of one
     seed shows its value alone (no spread to state). `lm_eval_metric` (TASK:METRIC): one more column, the
-    harness metric's change over the base."""
+    harness metric's change over the base. The last column: the binary term's share of the full KL in the
+    last training window (KL methods; `-` for the others and for runs from before it was logged)."""
     _check_one_eval_set(records)
     extra = f"lm_eval:{lm_eval_metric}" if lm_eval_metric else ""
     lines = [f"Base model: target loss {base['target']['loss']:.4f}, source loss {base['source']['loss']:.4f} (nats/token).", "",
              "| method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL |"
-             + (f" {lm_eval_metric} change |" if extra else ""),
-             "|---|---|---|---|---|---|" + ("---|" if extra else "")]
+             + (f" {lm_eval_metric} change |" if extra else "") + " binary share of full KL |",
+             "|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|"]
     for (method, weight), runs in sorted(_groups(records).items()):
         cells = [_mean_std([r[key] for r in runs]) for key in ("target_loss", "source_loss_increase", "drift_kl")]
         if extra:
             cells.append(_mean_std([forgetting_value(r, extra) for r in runs]))
         shown = [f"{m:.4f} ± {s:.4f}" if len(runs) > 1 else f"{m:.4f}" for m, s in cells]
+        shares = [r["binary_share"] for r in runs if r.get("binary_share") is not None]
+        shown.append(f"{statistics.fmean(shares):.3f}" if len(shares) == len(runs) else "-")
         lines.append(f"| {method} | {weight:g} | {len(runs)} | " + " | ".join(shown) + " |")
     if any(len(runs) > 1 for runs in _groups(records).values()):
-        lines += ["", "± is one standard deviation over the seeds of a row."]
+        lines += ["", "± is one standard deviation over the seeds of a row; the binary share is the mean over them."]
     return "\n".join(lines) + "\n"
 
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, StudentStats, kl_from_stats
+from stages.student.loss import CACHED_ESTIMATORS, CachedTeacher, LossParts, StudentStats, decomposition_sums, kl_from_stats
 
 __all__ = ["chunked_regularized_loss", "auto_chunk_size"]
 
@@ -96,9 +96,10 @@ def chunked_regularized_loss(
     spec = _Spec(estimator if teacher is not None else None, float(reg_weight), chunk_size,
                  _compute_dtype(hidden, lm_head_weight), torch.is_grad_enabled())
     arrays = (teacher.topk_ids.long(), teacher.topk_logprobs, teacher.target_logprob) if teacher is not None else (None,) * 3
-    loss, ce_sum, kl_sum = _ChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, targets, *arrays, denom, spec)
+    loss, ce_sum, kl_sum, decomposition = _ChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, targets, *arrays, denom, spec)
     count = max(n, 1)
-    return LossParts(loss=loss, ce=ce_sum / count, regularizer=kl_sum / count, penalty=ce_sum.new_zeros(()), n_tokens=n)
+    return LossParts(loss=loss, ce=ce_sum / count, regularizer=kl_sum / count, penalty=ce_sum.new_zeros(()), n_tokens=n,
+                     decomposition=decomposition if teacher is not None else None)
 
 
 def _check_inputs(hidden, weight, targets, teacher, estimator, chunk_size, bias) -> None:
@@ -135,7 +136,7 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want[1] else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want[2] else None
-        sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # CE, KL
+        sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)  # CE, KL, binary term, full KL
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(spec.compute_dtype)
             b = bias.to(spec.compute_dtype) if bias is not None else None
@@ -143,8 +144,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 rows = slice(start, start + spec.chunk_size)
                 x = hidden[rows].to(spec.compute_dtype)
                 teacher = CachedTeacher(ids[rows], a_S[rows], a_y[rows]) if ids is not None else None
-                ce, kl, grad = _chunk(x, w, b, targets[rows], teacher, denom, spec, any(want))
-                sums += torch.stack([ce, kl])
+                ce, kl, decomposition, grad = _chunk(x, w, b, targets[rows], teacher, denom, spec, any(want))
+                sums += torch.cat([torch.stack([ce, kl]), decomposition])
                 if grad is None:
                     continue
                 if grad_b is not None:
@@ -156,12 +157,12 @@ class _ChunkedLoss(torch.autograd.Function):
                     grad_w += (grad.t() @ x).float()
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.want, ctx.dtypes = want, (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ce_sum, kl_sum = sums[0].clone(), sums[1].clone()  # own tensors (not views): logging only
-        ctx.mark_non_differentiable(ce_sum, kl_sum)
-        return (ce_sum + spec.reg_weight * kl_sum) / denom, ce_sum, kl_sum
+        ce_sum, kl_sum, decomposition = sums[0].clone(), sums[1].clone(), sums[2:].clone()  # own tensors: logging only
+        ctx.mark_non_differentiable(ce_sum, kl_sum, decomposition)
+        return (ce_sum + spec.reg_weight * kl_sum) / denom, ce_sum, kl_sum, decomposition
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_decomposition):
         grads = [g.mul(grad_loss).to(dtype) if want else None
                  for g, want, dtype in zip(ctx.saved_tensors, ctx.want, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None)
@@ -169,7 +170,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
 # --- one chunk ------------------------------------------------------------------------------------
 def _chunk(x, w, b, targets, teacher, denom, spec: _Spec, want_grad: bool):
-    """(CE sum, KL sum, d loss / d logits [C, V] float32 or None) for one chunk of rows.
+    """(CE sum, KL sum, [binary term sum, full KL sum] (zeros without a teacher), d loss / d logits [C, V]
+    float32 or None) for one chunk of rows.
 
     One fp32 [C, V] buffer does everything: the logits, then exp(z - max) over the "rest" ids
     (not in S + {y}), then the gradient.
@@ -187,9 +189,14 @@ def _chunk(x, w, b, targets, teacher, denom, spec: _Spec, want_grad: bool):
     with torch.enable_grad():
         stats = _stats(*leaves, ids, targets, has_tail)
         ce = (stats.log_Z - stats.z_y).sum()
-        kl = kl_from_stats(stats, teacher, spec.estimator).sum() if teacher is not None else ce.new_zeros(())
+        per_token = kl_from_stats(stats, teacher, spec.estimator) if teacher is not None else None
+        kl = per_token.sum() if per_token is not None else ce.new_zeros(())
+        decomposition = ce.new_zeros(2)
+        if per_token is not None:
+            estimates = "full_kl" if spec.estimator == "full_kl" else "masked_kl"  # tail and topk estimate D
+            decomposition = decomposition_sums(per_token, (stats.z_y - stats.log_Z).detach(), teacher.target_logprob, estimates)
         if not want_grad:
-            return ce, kl, None
+            return ce, kl, decomposition, None
         # Scaled by 1/denom here, in fp32, so the compute-dtype cast sees the same values as unfused.
         g_S, g_y, g_rest = torch.autograd.grad((ce + spec.reg_weight * kl) / denom, leaves, allow_unused=True)
     # d/dz_v of log_Z_rest is exp(z_v - log_Z_rest) = e_v / rest_sum for v in the rest, 0 elsewhere.
@@ -199,7 +206,7 @@ def _chunk(x, w, b, targets, teacher, denom, spec: _Spec, want_grad: bool):
         grad.scatter_add_(-1, ids, g_S)
     if g_y is not None:
         grad.scatter_add_(-1, y, g_y[:, None])
-    return ce.detach(), kl.detach(), grad
+    return ce.detach(), kl.detach(), decomposition, grad
 
 
 def _rest_logsumexp_(z: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

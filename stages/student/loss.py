@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CachedTeacher", "log1mexp", "cached_kl", "live_masked_kl", "regularized_loss", "LossParts", "CACHED_ESTIMATORS",
-    "StudentStats", "student_stats", "kl_from_stats",
+    "StudentStats", "student_stats", "kl_from_stats", "binary_kl", "decomposition_sums",
 ]
 
 CACHED_ESTIMATORS = ("tail", "topk", "full_kl")
@@ -182,6 +182,30 @@ def live_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return _xlogy_ratio(lp, lq).sum(-1)
 
 
+def binary_kl(log_q_y: torch.Tensor, a_y: torch.Tensor) -> torch.Tensor:
+    """KL(Bern(p_y) || Bern(q_y)) per position: the target-vs-rest term of the decomposition
+
+        KL(p || q) = KL(Bern(p_y) || Bern(q_y)) + (1 - p_y) D        (docs/design.md; DKD, Zhao et al., CVPR 2022)
+
+    that masking the target drops. log_q_y, a_y: [N] student / teacher log-probs of the target -> [N] float32, >= 0.
+    """
+    a, b = a_y.float(), log_q_y.float()
+    return _xlogy_ratio(a, b) + _xlogy_ratio(log1mexp(a), log1mexp(b))
+
+
+def decomposition_sums(per_token: torch.Tensor, log_q_y: torch.Tensor, a_y: torch.Tensor, estimates: str) -> torch.Tensor | None:
+    """[2] float32, detached: (sum of the binary term, sum of the full KL) over N positions, for the logged
+    `binary_share` (the binary term's share of the full KL). The full KL is the regularizer itself when it
+    `estimates` "full_kl", else B + (1 - p_y) * regularizer ("masked_kl": the regularizer estimates D);
+    None for any other regularizer. per_token, log_q_y, a_y: [N]."""
+    if estimates not in ("masked_kl", "full_kl"):
+        return None
+    with torch.no_grad():
+        binary = binary_kl(log_q_y, a_y)
+        full = per_token.float() if estimates == "full_kl" else binary + log1mexp(a_y.float()).exp() * per_token.float()
+        return torch.stack([binary.sum(), full.sum()])
+
+
 @dataclass
 class LossParts:
     """What the loss of a micro-batch returns; everything but `loss` is detached, for logging.
@@ -191,6 +215,7 @@ class LossParts:
     regularizer  mean per-token regularizer (0 for a method without one)
     penalty      the unweighted weight penalty R(theta) of the step (0 for a method without one)
     n_tokens     labelled positions in the micro-batch
+    decomposition  [2]: sums of the binary term and of the full KL (`decomposition_sums`), or None
     """
 
     loss: torch.Tensor
@@ -198,6 +223,7 @@ class LossParts:
     regularizer: torch.Tensor
     penalty: torch.Tensor
     n_tokens: int
+    decomposition: torch.Tensor | None = None
 
 
 def regularized_loss(
@@ -206,13 +232,16 @@ def regularized_loss(
     kl_per_token: torch.Tensor | None,
     reg_weight: float,
     num_items: int | torch.Tensor | None = None,
+    teacher_target_logprob: torch.Tensor | None = None,
+    estimates: str = "",
 ) -> LossParts:
     """CE + reg_weight * regularizer over the N trained positions, normalized by the labelled-token count.
 
     student_logits [N, V], targets [N], kl_per_token [N] or None (plain LoRA).
     `num_items` is the labelled-token count of the whole optimizer step (all micro-batches): pass it
     under gradient accumulation so the accumulated gradient equals the full-batch one; it defaults
-    to N. Clamped to >= 1 so an all-prompt batch gives zero loss, not NaN.
+    to N. Clamped to >= 1 so an all-prompt batch gives zero loss, not NaN. `teacher_target_logprob` [N]
+    (a_y) and the regularizer's `estimates` ("masked_kl" / "full_kl") add the logged decomposition.
     """
     n = targets.numel()
     denom = torch.as_tensor(n if num_items is None else num_items, device=student_logits.device).clamp_min(1)
@@ -220,5 +249,11 @@ def regularized_loss(
     kl_sum = kl_per_token.sum() if kl_per_token is not None else ce_sum.new_zeros(())
     loss = (ce_sum + reg_weight * kl_sum) / denom
     count = max(n, 1)
+    decomposition = None
+    if kl_per_token is not None and teacher_target_logprob is not None:
+        with torch.no_grad():
+            z = student_logits.float()
+            log_q_y = z.gather(-1, targets[:, None]).squeeze(-1) - z.logsumexp(-1)
+        decomposition = decomposition_sums(kl_per_token, log_q_y, teacher_target_logprob, estimates)
     return LossParts(loss=loss, ce=ce_sum.detach() / count, regularizer=kl_sum.detach() / count,
-                     penalty=ce_sum.new_zeros(()), n_tokens=n)
+                     penalty=ce_sum.new_zeros(()), n_tokens=n, decomposition=decomposition)

@@ -89,11 +89,25 @@ def batch_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: 
         del teacher_full
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     student_logits, targets = labelled_positions(logits, labels)
-    per_token = None  # none, l2, lalora: no per-token term (CacheLossMixin adds a penalty)
+    per_token, a_y = None, None  # none, l2, lalora: no per-token term (CacheLossMixin adds a penalty)
     if method.regularizer is not None:
         teacher = teacher_logits if method.needs_live_teacher else _teacher(method, inputs, targets)
         per_token = method.regularizer(student_logits, targets, teacher)
-    return regularized_loss(student_logits, targets, per_token, reg_weight, num_items=num_items)
+        a_y = _target_logprob(teacher, targets)
+    return regularized_loss(student_logits, targets, per_token, reg_weight, num_items=num_items,
+                            teacher_target_logprob=a_y, estimates=method.estimates)
+
+
+def _target_logprob(teacher, targets: torch.Tensor) -> torch.Tensor | None:
+    """The teacher's log-prob of each target (a_y [N]), for the logged decomposition: cached, or from the
+    live teacher's logits [N, V]; None for a teacher of another kind (a registered method's own)."""
+    if isinstance(teacher, CachedTeacher):
+        return teacher.target_logprob
+    if isinstance(teacher, torch.Tensor) and teacher.dim() == 2:
+        with torch.no_grad():
+            z = teacher.float()
+            return z.gather(-1, targets[:, None]).squeeze(-1) - z.logsumexp(-1)
+    return None
 
 
 def _teacher(method: Method, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> CachedTeacher | None:
@@ -176,7 +190,9 @@ class CacheLossMixin:
         logged = self._logged(parts)
         if model.training:  # stays on device: no host sync per micro-batch
             n = parts.ce.new_tensor(parts.n_tokens, dtype=torch.float64)
-            update = torch.stack([parts.ce.double() * n, logged.double() * n, n, inputs["attention_mask"].sum().double()])
+            decomposition = parts.decomposition.double() if parts.decomposition is not None else n.new_zeros(2)
+            update = torch.cat([torch.stack([parts.ce.double() * n, logged.double() * n, n, inputs["attention_mask"].sum().double()]),
+                                decomposition])
             self._window = update if self._window is None else self._window + update
         return (loss, {"ce": parts.ce, self.method.log_key: logged}) if return_outputs else loss
 
@@ -190,15 +206,19 @@ class CacheLossMixin:
         super().log(logs, start_time)
 
     def _drain_window(self) -> dict[str, float]:
-        """Per-token CE, the regularizer (under `Method.log_key`) and input tokens/s since the last log;
-        summed over processes."""
-        window = self._window if self._window is not None else torch.zeros(4, dtype=torch.float64, device=self.args.device)
+        """Per-token CE, the regularizer (under `Method.log_key`), input tokens/s and, for a KL method, the binary
+        term's share of the full KL (`binary_share`, loss.py `decomposition_sums`) since the last log; summed over
+        processes."""
+        window = self._window if self._window is not None else torch.zeros(6, dtype=torch.float64, device=self.args.device)
         if self.accelerator.num_processes > 1:
             window = self.accelerator.reduce(window, reduction="sum")
-        ce_sum, kl_sum, n, tokens = window.tolist()
+        ce_sum, kl_sum, n, tokens, binary_sum, full_sum = window.tolist()
         now = time.time()
         elapsed, self._window_start = now - self._window_start, now
         self._window = None
         self.session_tokens += int(tokens)
-        return {"ce": ce_sum / max(n, 1.0), self.method.log_key: kl_sum / max(n, 1.0), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        logs = {"ce": ce_sum / max(n, 1.0), self.method.log_key: kl_sum / max(n, 1.0), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        if full_sum > 0:
+            logs["binary_share"] = binary_sum / full_sum
+        return logs
 

@@ -35,8 +35,10 @@ gradients without the [B, T, V] logits and their float32 copies.
 
 Logs (progress bar, trainer_state.json, log.csv): per logging window the Trainer's `loss` (mean of
 the step losses) plus `ce` and the method's regularizer (`Method.log_key`: `kl` per labelled token,
-or `penalty` per step, over the window, summed over processes) and `tokens_per_s` (non-padding
-input tokens). The model is always called without labels, so it never computes a loss of its own.
+or `penalty` per step, over the window, summed over processes), `tokens_per_s` (non-padding
+input tokens) and, for a KL method, `binary_share`: the share of the full KL that is the binary term
+KL(Bern(p_y) || Bern(q_y)), the part masking drops (loss.py `binary_kl`). The model is always called
+without labels, so it never computes a loss of its own.
 With `train.report_to: tensorboard` (the default) the same logs go to <run>/tensorboard as `train/<key>`
 scalars (`RunTensorBoardCallback`, transformers' own pointed there); wandb/mlflow when asked.
 
@@ -103,7 +105,8 @@ class CsvLogCallback(TrainerCallback):
     """Appends every training-window log to `log.csv`; on resume drops rows past the checkpoint
     (the killed run logged them; this run logs them again)."""
 
-    FIELDS = ("step", "epoch", "loss", "ce", "kl", "penalty", "learning_rate", "grad_norm", "tokens_per_s", "elapsed_s")
+    FIELDS = ("step", "epoch", "loss", "ce", "kl", "penalty", "binary_share", "learning_rate", "grad_norm", "tokens_per_s",
+              "elapsed_s")
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path, self.start = Path(path), time.time()
@@ -243,6 +246,7 @@ def run_metrics(trainer: CacheTrainer, wall_s: float, resumed_from: Path | None)
     return {
         "method": trainer.method.name, "reg_weight": trainer.reg_weight,
         "final_ce": last.get("ce"), "final_kl": last.get("kl"), "final_penalty": last.get("penalty"),
+        "final_binary_share": last.get("binary_share"),
         "final_loss": last.get("loss"),
         "ce_start": first.get("ce"), "ce_end": last.get("ce"),
         "steps": trainer.state.global_step, "tokens": int(trainer.state.num_input_tokens_seen),

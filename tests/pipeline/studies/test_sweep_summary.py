@@ -24,8 +24,9 @@ def _run(method, weight, seed, target, forgetting, drift, k=0):
 
 
 RECORDS = [
-    _run("tail", 1.0, 0, 5.0, 0.1, 0.01), _run("tail", 1.0, 1, 5.3, 0.2, 0.02), _run("tail", 1.0, 2, 5.6, 0.6, 0.03),
-    _run("tail", 3.0, 0, 5.5, 0.05, 0.004), _run("tail", 3.0, 1, 5.7, 0.07, 0.004),
+    {**_run("tail", 1.0, 0, 5.0, 0.1, 0.01), "binary_share": 0.2}, {**_run("tail", 1.0, 1, 5.3, 0.2, 0.02), "binary_share": 0.3},
+    {**_run("tail", 1.0, 2, 5.6, 0.6, 0.03), "binary_share": 0.7},
+    {**_run("tail", 3.0, 0, 5.5, 0.05, 0.004), "binary_share": 0.1}, _run("tail", 3.0, 1, 5.7, 0.07, 0.004),
     _run("none", 0.0, 0, 4.8, 0.5, 0.05),
     _run("tail", 1.0, 0, 6.0, 0.9, 0.07, k=4),  # same method and lambda, other k: its own row and curve
 ]
@@ -37,17 +38,18 @@ RECORDS = [
 # tail, lambda 3 (2 seeds): target 5.5, 5.7: mean 5.6, std sqrt(2 * 0.1^2 / 1) = 0.141421
 #   forgetting 0.05, 0.07: mean 0.06, std 0.014142; drift 0.004 twice: mean 0.004, std 0
 # none (1 seed): the values themselves, no ±. tail k=4 (1 seed): likewise.
+# binary share: tail lambda 1: (0.2 + 0.3 + 0.7) / 3 = 0.4; lambda 3: one seed has none (an older run): "-"; the rest: "-".
 EXPECTED_TABLE = """\
 Base model: target loss 4.9000, source loss 2.1000 (nats/token).
 
-| method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL |
-|---|---|---|---|---|---|
-| none | 0 | 1 | 4.8000 | 0.5000 | 0.0500 |
-| tail | 1 | 3 | 5.3000 ± 0.3000 | 0.3000 ± 0.2646 | 0.0200 ± 0.0100 |
-| tail | 3 | 2 | 5.6000 ± 0.1414 | 0.0600 ± 0.0141 | 0.0040 ± 0.0000 |
-| tail k=4 | 1 | 1 | 6.0000 | 0.9000 | 0.0700 |
+| method | lambda | seeds | target loss (learning) | source loss increase (forgetting) | drift KL | binary share of full KL |
+|---|---|---|---|---|---|---|
+| none | 0 | 1 | 4.8000 | 0.5000 | 0.0500 | - |
+| tail | 1 | 3 | 5.3000 ± 0.3000 | 0.3000 ± 0.2646 | 0.0200 ± 0.0100 | 0.400 |
+| tail | 3 | 2 | 5.6000 ± 0.1414 | 0.0600 ± 0.0141 | 0.0040 ± 0.0000 | - |
+| tail k=4 | 1 | 1 | 6.0000 | 0.9000 | 0.0700 | - |
 
-± is one standard deviation over the seeds of a row.
+± is one standard deviation over the seeds of a row; the binary share is the mean over them.
 """
 
 

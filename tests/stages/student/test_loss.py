@@ -124,3 +124,27 @@ def test_regularized_loss_normalizes_by_labelled_tokens_and_survives_empty(logit
     torch.testing.assert_close(halves, parts.loss)
     empty = regularized_loss(student[:0], targets[:0], kl[:0], 0.5)
     assert empty.loss.item() == 0.0
+
+
+def test_binary_term_and_masked_kl_add_up_to_the_full_kl():
+    """DKD's decomposition, checked in float64 on random distributions (one with q_y near 1): KL(p || q) by its
+    definition equals binary_kl + (1 - p_y) * live_masked_kl, and decomposition_sums shares it out so."""
+    from stages.student.loss import binary_kl, decomposition_sums, live_masked_kl
+
+    gen = torch.Generator().manual_seed(3)
+    za, zb = torch.randn(6, 11, generator=gen, dtype=torch.float64) * 2, torch.randn(6, 11, generator=gen, dtype=torch.float64) * 2
+    targets = torch.tensor([0, 3, 10, 5, 5, 7])
+    zb[1, 3] += 25.0  # the student all but certain of the target
+    p, q = za.softmax(-1), zb.softmax(-1)
+    full = (p * (p.log() - q.log())).sum(-1)
+    a_y, log_q_y = p.log().gather(-1, targets[:, None])[:, 0], q.log().gather(-1, targets[:, None])[:, 0]
+    b = binary_kl(log_q_y, a_y).double()
+    by_definition = torch.tensor([bp * math.log(bp / bq) + (1 - bp) * math.log((1 - bp) / (1 - bq))
+                                  for bp, bq in zip(a_y.exp().tolist(), log_q_y.exp().tolist())], dtype=torch.float64)
+    torch.testing.assert_close(b, by_definition, rtol=1e-5, atol=1e-6)
+    d = live_masked_kl(zb, za, targets).double()
+    torch.testing.assert_close(b + (1 - a_y.exp()) * d, full, rtol=1e-5, atol=1e-6)
+    sums = decomposition_sums(d, log_q_y, a_y, "masked_kl")
+    torch.testing.assert_close(sums.double(), torch.stack([b.sum(), full.sum()]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decomposition_sums(full, log_q_y, a_y, "full_kl")[1].double(), full.sum(), rtol=1e-5, atol=1e-6)
+    assert decomposition_sums(d, log_q_y, a_y, "") is None

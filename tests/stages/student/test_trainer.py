@@ -1,6 +1,7 @@
 """Stage two end to end on the tiny model: learning, files, kill-and-resume, accumulation, sharing a cache."""
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -143,9 +144,45 @@ def masked_kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, target: int)
     return (p * (p.log() - q.log())).sum()
 
 
+def bernoulli_kl(p: float, q: float) -> float:
+    """KL(Bern(p) || Bern(q)) in nats, float64, by its definition."""
+    return sum(a * math.log(a / b) for a, b in ((p, q), (1 - p, 1 - q)) if a > 0)
+
+
 def expected_step(method: str, rows: list[dict], student: list[torch.Tensor], base: list[torch.Tensor], weight: float):
-    """(loss, ce, kl) per labelled token over all rows: CE from the logits, KL from tests/reference_kl.py
-    (cached methods, the teacher from the cache) or by hand from the base model's logits (live)."""
+    """(loss, ce, kl, binary share) per labelled token over all rows: CE from the logits, KL from tests/reference_kl.py
+    (cached methods, the teacher from the cache) or by hand from the base model's logits (live). The binary share:
+    sum of KL(Bern(p_y) || Bern(q_y)) over the full KL, which is the method's own KL (full_kl), the live teacher's
+    full KL by its definition (live), or B + (1 - p_y) D (topk: its D estimate); None where the full KL is 0."""
+    binary, full = 0.0, 0.0
+    for row, logits, base_logits in zip(rows, student, base):
+        mask = torch.tensor(row["loss_mask"])
+        z, targets = logits[:-1][mask], torch.tensor(row["input_ids"][1:])[mask]
+        q = torch.softmax(z, -1)
+        if method in ("topk", "full_kl"):
+            p_y = torch.tensor(row["target_logprob"], dtype=torch.float64).exp()
+        else:
+            p_y = torch.softmax(base_logits[:-1][mask], -1).gather(-1, targets[:, None]).squeeze(-1)
+        q_y = q.gather(-1, targets[:, None]).squeeze(-1)
+        b = [bernoulli_kl(pv, qv) for pv, qv in zip(p_y.tolist(), q_y.tolist())]
+        binary += sum(b)
+        if method == "full_kl":
+            ids = torch.tensor(row["topk_ids"]).view(-1, 8)
+            values = torch.tensor(row["topk_logprobs"], dtype=torch.float64).view(-1, 8)
+            full += reference_kl(z, targets, ids, values, torch.tensor(row["target_logprob"], dtype=torch.float64), method).sum().item()
+        elif method == "topk":
+            ids = torch.tensor(row["topk_ids"]).view(-1, 8)
+            values = torch.tensor(row["topk_logprobs"], dtype=torch.float64).view(-1, 8)
+            d = reference_kl(z, targets, ids, values, torch.tensor(row["target_logprob"], dtype=torch.float64), method)
+            full += sum(bv + (1 - pv) * dv for bv, pv, dv in zip(b, p_y.tolist(), d.tolist()))
+        elif method == "live":
+            p = torch.softmax(base_logits[:-1][mask], -1)
+            full += (p * (p.log() - q.log())).sum().item()
+    ce_kl = _expected_ce_kl(method, rows, student, base, weight)
+    return (*ce_kl, binary / full if method != "none" and full > 1e-12 else None)
+
+
+def _expected_ce_kl(method: str, rows: list[dict], student: list[torch.Tensor], base: list[torch.Tensor], weight: float):
     ce, kl, n = 0.0, 0.0, 0
     for row, logits, base_logits in zip(rows, student, base):
         mask = torch.tensor(row["loss_mask"])
@@ -180,11 +217,15 @@ def test_logged_loss_ce_and_kl_equal_an_independent_computation(method, tiny_mod
     log = csv_rows(tmp_path / method / "log.csv")
     assert [int(r["step"]) for r in log] == [1, 2]
     expected = [expected_step(method, rows, student, base, weight) for student in (base, after_one.logits)]
-    for row, (loss, ce, kl) in zip(log, expected):
+    for row, (loss, ce, kl, share) in zip(log, expected):
         # float32 training forward (padded batch) vs float64 here on unpadded rows: seen 1e-7 relative
         assert float(row["ce"]) == pytest.approx(ce, rel=1e-5), row["step"]
         assert float(row["kl"]) == pytest.approx(kl, rel=1e-5, abs=1e-7), row["step"]
         assert float(row["loss"]) == pytest.approx(loss, rel=1e-5), row["step"]
+        if share is None:  # none; live at step 1 (student = teacher: no KL to share out)
+            assert row["binary_share"] == "", row["step"]
+        else:
+            assert 0 < share < 1 and float(row["binary_share"]) == pytest.approx(share, rel=1e-4), row["step"]
     assert (expected[0][2] > 0.1) == (method in ("topk", "full_kl"))  # other teacher: far from 0; live, none: 0 at step 1
     assert (expected[1][2] > 1e-4) == (method != "none")  # the student moved: live's KL is not 0 at step 2
 
@@ -355,6 +396,8 @@ def test_fused_loss_trains_like_the_unfused_loss(estimator, tiny_model_dir, tiny
     for ref, got in zip(log_ref, log_fused):
         for key in ("loss", "ce", "kl"):
             assert float(got[key]) == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-7), key
+        if ref["binary_share"] or got["binary_share"]:  # step 1 of tail: student = teacher, no KL to share out
+            assert float(got["binary_share"]) == pytest.approx(float(ref["binary_share"]), rel=1e-5)
     assert (float(log_ref[-1]["kl"]) > 0) == (estimator == "tail")
     for g_ref, g_got in zip(grads_ref, grads_fused):
         for n in g_ref:
