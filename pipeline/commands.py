@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.embedded.recipe import BACKBONES
+
 __all__ = ["Command", "COMMANDS", "arg", "call", "top_parser", "command_parser", "run_command", "settings_help"]
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -88,7 +90,15 @@ def on_config(target: str) -> Callable[[argparse.Namespace], int]:
 def cmd_build_default(args) -> int:
     from pipeline.embedded.build import main_build_default
 
-    main_build_default(args.out, force=args.force)
+    main_build_default(args.out, force=args.force, backbone=args.backbone)
+    return 0
+
+
+def _scenario_check(args) -> int:
+    config = _config(args)
+    from pipeline.studies.scenario_check import run_scenario_check
+
+    run_scenario_check(config, run=args.run, out=args.out)
     return 0
 
 
@@ -211,9 +221,9 @@ def cmd_sweep(args) -> int:
     config = _config(args)
     if args.shard:
         config.sweep = dataclasses.replace(config.sweep, shard=args.shard)  # re-checked as the key is
-    from pipeline.studies.sweep import run_sweep
+    from pipeline.studies.sweep import quick_config, run_sweep
 
-    run_sweep(config)
+    run_sweep(quick_config(config) if args.quick else config)
     return 0
 
 
@@ -262,10 +272,15 @@ def _study_args() -> tuple[Arg, ...]:
 # --- the table --------------------------------------------------------------------------------------
 _TABLE = (
     Command("build-default", "build the embedded tiny base model and corpora (cached, rebuilt on recipe change)",
-            "Builds the embedded default (pipeline/embedded/): corpora, tokenizer and the tiny base model.\n\n"
-            "    python -m pipeline build-default --out build/default", cmd_build_default,
-            (arg("--out", default="build/default", help="output directory (default: build/default)"),
-             arg("--force", action="store_true", help="rebuild even if the recipe is unchanged"))),
+            "Builds the embedded default (pipeline/embedded/): corpora, tokenizer, the tiny base model and the stubs\n"
+            "scenario's data. --backbone qwen2: the second backbone (Qwen2-shaped, ~2.3x the parameters, same recipe\n"
+            "and prose) into build/qwen2.\n\n"
+            "    python -m pipeline build-default --out build/default\n"
+            "    python -m pipeline build-default --backbone qwen2", cmd_build_default,
+            (arg("--out", default=None, help="output directory (default: build/default; build/BACKBONE for another backbone)"),
+             arg("--force", action="store_true", help="rebuild even if the recipe is unchanged"),
+             arg("--backbone", default="llama", choices=tuple(BACKBONES),
+                 help="llama: the default base model; qwen2: the second backbone (default: llama)"))),
     Command("cache-teacher", "stage one: teacher pass over the data into zstd Parquet shards + manifest",
             "Caches the teacher's top-k non-target log-probs per position (docs/design.md §3; docs/scale-out.md).\n\n"
             "    python -m pipeline cache-teacher --config configs/demo.yaml cache.k=64\n"
@@ -345,13 +360,24 @@ _TABLE = (
             "Trains and evaluates one run per grid point over one cache; writes results.json/.md, frontier.png.\n\n"
             "    python -m pipeline sweep --config configs/sweep_demo.yaml 'sweep.seeds=[0]'",
             cmd_sweep, (*STUDY_CONFIG_ARGS, arg("--shard", default="", metavar="i/N", help=(
-                "run only runs i, i+N, ... of the grid (= sweep.shard; N processes split one grid, cache built first)"))),
+                "run only runs i, i+N, ... of the grid (= sweep.shard; N processes split one grid, cache built first)")),
+                arg("--quick", action="store_true", help=(
+                    "the grid in miniature, to check it runs: 2 seeds, each lambda grid's two ends, <= 10 steps, <= 16 eval "
+                    "examples, into <output_dir>-quick, no records"))),
             keys="sweep", instrument=True),
     Command("approx-study", "cached estimators' D_k vs the exact masked KL for k up to |V|-1; tail vs live",
             "Scores fixed students (sweep runs) on held-out data: each cached estimator's D_k vs the exact D.\n\n"
             "    python -m pipeline approx-study --config configs/sweep_demo.yaml approx.examples=50",
             on_config("pipeline.studies.approx_study:run_approx_study"), STUDY_CONFIG_ARGS, keys="approx",
             instrument=True),
+    Command("scenario-check", "is a target in the learned regime, and how local is it (trigram, 16-grams)",
+            "The held-out target set's base and adapted loss, the share of positions where the adapted model is sure\n"
+            "(q_y > 0.9) and the base is not (p_y < 0.1), a trigram fitted on the training rows, and the held-out\n"
+            "16-grams found in train; per row group (first word) too (pipeline/studies/scenario_check.py).\n\n"
+            "    python -m pipeline scenario-check --config configs/stubs.yaml --run runs/stubs/sweep/none-l0-s0",
+            _scenario_check, CONFIG_ARGS + (
+                arg("--run", default=None, help="a finished run directory: its adapter is scored too"),
+                arg("--out", default=None, help="also write the figures as JSON here"))),
     Command("frontier", "a sweep's curves against one reference curve at equal target loss (gap, 2 SE)",
             "Each curve against the reference at equal target loss, both interpolated seed by seed between their own "
             "points, never extrapolated: the gap at the midpoint of their overlap and the largest gap over it (2 SE), "

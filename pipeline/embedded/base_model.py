@@ -1,6 +1,7 @@
 """Run: python -m pipeline build-default   (builds the whole embedded default; see build.py)
 
-The embedded default's base model: a tiny Llama pretrained on the source (prose) corpus only.
+The embedded default's base model: a tiny Llama (or, `build-default --backbone qwen2`, a Qwen2) pretrained
+on the source (prose) corpus only.
 
 Pretraining runs a fixed number of AdamW steps on packed sequences with seeded init, seeded batch
 order and deterministic kernels, so the same recipe on the same machine gives bit-identical
@@ -16,25 +17,29 @@ from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
-                          get_cosine_schedule_with_warmup)
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, get_cosine_schedule_with_warmup)
 
 from pipeline.embedded.recipe import DefaultRecipe
 
 __all__ = ["model_config", "pack", "eval_loss", "pretrain", "build_base_model"]
 
 
-def model_config(recipe: DefaultRecipe, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-    """The Llama shape of the recipe, sized to the tokenizer, float32, untied embeddings."""
-    return LlamaConfig(
+_FAMILY = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def model_config(recipe: DefaultRecipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
+    """The recipe's shape in its family's config class, sized to the tokenizer, float32."""
+    config_class, _ = _FAMILY[recipe.family]
+    return config_class(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden,
         intermediate_size=recipe.intermediate,
         num_hidden_layers=recipe.n_layers,
         num_attention_heads=recipe.heads,
-        num_key_value_heads=recipe.heads,
+        num_key_value_heads=recipe.kv_heads or recipe.heads,
         max_position_embeddings=recipe.max_positions,
-        tie_word_embeddings=False,
+        tie_word_embeddings=recipe.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -59,7 +64,7 @@ def pack(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int)
 
 
 @torch.no_grad()
-def eval_loss(model: LlamaForCausalLM, rows: torch.Tensor, batch_size: int = 32) -> float:
+def eval_loss(model: PreTrainedModel, rows: torch.Tensor, batch_size: int = 32) -> float:
     """Mean next-token cross-entropy (nats) over every predicted token of `rows` [n, seq_len]."""
     model.eval()
     total = 0.0
@@ -92,7 +97,7 @@ def _deterministic():
         torch.use_deterministic_algorithms(previous)
 
 
-def pretrain(model: LlamaForCausalLM, rows: torch.Tensor, recipe: DefaultRecipe,
+def pretrain(model: PreTrainedModel, rows: torch.Tensor, recipe: DefaultRecipe,
              progress: bool = True) -> list[float]:
     """AdamW with warmup + cosine decay for recipe.steps steps; returns the loss of every step."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -131,7 +136,7 @@ def build_base_model(recipe: DefaultRecipe, tokenizer: PreTrainedTokenizerBase,
                for name in ("source_heldout", "target_heldout")}
     with _deterministic(), torch.random.fork_rng():
         torch.manual_seed(recipe.seed)
-        model = LlamaForCausalLM(model_config(recipe, tokenizer))
+        model = _FAMILY[recipe.family][1](model_config(recipe, tokenizer))
         losses = pretrain(model, rows, recipe, progress)
     info = {
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -147,7 +152,7 @@ def build_base_model(recipe: DefaultRecipe, tokenizer: PreTrainedTokenizerBase,
     return info
 
 
-def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, max_length=model.config.max_position_embeddings)

@@ -1,11 +1,14 @@
-"""Run: python -m pipeline build-default [--out build/default] [--force]
+"""Run: python -m pipeline build-default [--out build/default] [--force] [--backbone llama|qwen2]
 
 Build the embedded default (corpora, tokenizer, base model) once, and reuse it while its recipe
-is unchanged.
+is unchanged. `--backbone qwen2` builds the second backbone (recipe.py BACKBONES) into build/qwen2.
 
 Layout of out_dir:
     data/source_train.jsonl, source_heldout.jsonl, target_train.jsonl, target_heldout.jsonl
-    base-model/     HF Llama (safetensors) + tokenizer + generation config + build_info.json
+    data/stubs_train.jsonl, stubs_heldout.jsonl   the second scenario (scenarios.py), not part of the recipe
+    base-model/     HF model (safetensors) + tokenizer + generation config + build_info.json (with the
+                    sha256 of every data file and of the weights)
+    lm_eval_tasks/  the lm-evaluation-harness task of the held-out source prose
     recipe.json     {"recipe_hash", "recipe"}; a build whose hash matches is skipped
 
 The build happens in a sibling temp directory renamed into place at the end, so a killed build
@@ -13,6 +16,7 @@ never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -20,7 +24,8 @@ from pathlib import Path
 
 from pipeline.embedded.base_model import build_base_model
 from pipeline.embedded.corpora import SPLIT_FILES, build_corpora, write_splits
-from pipeline.embedded.recipe import DefaultRecipe, recipe_dict, recipe_hash
+from pipeline.embedded.recipe import DefaultRecipe, backbone_recipe, recipe_dict, recipe_hash
+from pipeline.embedded.scenarios import write_stubs
 from pipeline.embedded.tokenizer import train_tokenizer
 
 __all__ = ["build_default", "main_build_default", "RECIPE_NAME", "BUILD_INFO_NAME"]
@@ -37,6 +42,7 @@ def build_default(out_dir: str | Path = "build/default", force: bool = False,
     digest = recipe_hash(recipe)
     if not force and _is_current(out_dir, digest):
         _write_harness_task(out_dir)  # builds from before the harness task get it now (idempotent)
+        write_stubs(out_dir / DATA_DIR)  # likewise the stubs scenario
         return _summary(out_dir, skipped=True)
     _refuse_foreign(out_dir)
     # A fixed name: a build killed before its cleanup leaves one directory the next build reuses.
@@ -49,6 +55,7 @@ def build_default(out_dir: str | Path = "build/default", force: bool = False,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _write_harness_task(out_dir)
+    write_stubs(out_dir / DATA_DIR)
     return _summary(out_dir, skipped=False)
 
 
@@ -88,8 +95,10 @@ def _build_into(tmp: Path, recipe: DefaultRecipe, digest: str, progress: bool) -
     splits, dropped = _drop_long(splits, tokenizer, recipe.max_example_tokens)
     counts = write_splits(splits, tmp / DATA_DIR)
     info = build_base_model(recipe, tokenizer, splits, model_dir, progress)
+    files = sorted((tmp / DATA_DIR).glob("*.jsonl")) + sorted(model_dir.glob("*.safetensors"))
     info = {"recipe_hash": digest, "steps": recipe.steps, **info, "corpus_counts": counts,
-            "dropped_too_long": dropped, "wall_time_s": round(time.perf_counter() - start, 1)}
+            "dropped_too_long": dropped, "wall_time_s": round(time.perf_counter() - start, 1),
+            "sha256": {f.relative_to(tmp).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}}
     (model_dir / BUILD_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     # Written last: its presence with the right hash is what marks a build complete.
     (tmp / RECIPE_NAME).write_text(json.dumps(
@@ -127,9 +136,13 @@ def _summary(out_dir: Path, skipped: bool) -> dict:
     }
 
 
-def main_build_default(out_dir: str = "build/default", force: bool = False) -> dict:
-    """CLI entry: build (or reuse) the default and print a readable summary."""
-    summary = build_default(out_dir, force)
+def main_build_default(out_dir: str | None = "build/default", force: bool = False, backbone: str = "llama") -> dict:
+    """CLI entry: build (or reuse) the default, or another backbone (out_dir None: build/default for llama,
+    build/<backbone> otherwise), and print a readable summary."""
+    if out_dir is None:
+        out_dir = "build/default" if backbone == "llama" else f"build/{backbone}"
+    # The default through build_default's own default recipe (what a caller that rebinds it, as the tests do, sets).
+    summary = build_default(out_dir, force) if backbone == "llama" else build_default(out_dir, force, recipe=backbone_recipe(backbone))
     state = "up to date, reused" if summary["skipped"] else f"built in {summary['wall_time_s']} s"
     print(f"embedded default in {summary['out_dir']}: {state} (recipe {summary['recipe_hash'][:12]})")
     print(f"  base model: {summary['base_model']} ({summary['parameters']:,} parameters, "

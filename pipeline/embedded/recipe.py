@@ -14,11 +14,14 @@ from pathlib import Path
 
 from pipeline.embedded.corpora import CorpusCaps
 
-__all__ = ["DefaultRecipe", "recipe_hash", "recipe_dict"]
+__all__ = ["DefaultRecipe", "BACKBONES", "backbone_recipe", "recipe_hash", "recipe_dict"]
 
 # The modules whose code decides the build; editing any of them invalidates old builds.
 _EMBEDDED_DIR = Path(__file__).resolve().parent
 _SOURCE_FILES = ("corpora.py", "tokenizer.py", "base_model.py", "recipe.py", "build.py")
+
+
+FAMILIES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,11 @@ class DefaultRecipe:
     max_example_tokens: drop examples longer than this many tokens (with <s> and </s>) so every
         one fits the model's context, prompt template included.
     vocab_size: BPE vocabulary size, the 4 special tokens included.
-    n_layers, hidden, heads, intermediate: Llama shape; hidden // heads must be 64, the smallest
+    family: "llama" (LlamaForCausalLM, the default) or "qwen2" (Qwen2ForCausalLM: biased q/k/v, grouped KV).
+    n_layers, hidden, heads, intermediate: the shape; hidden // heads must be 64, the smallest
         head size vLLM's CPU attention accepts.
+    kv_heads: key/value heads (grouped-query attention); 0 means `heads`.
+    tie_embeddings: share the input embedding and the output head.
     max_positions: max_position_embeddings, the model's context length.
     seq_len: length of the packed pretraining sequences.
     batch_size: sequences per optimizer step.
@@ -44,10 +50,13 @@ class DefaultRecipe:
     stdlib_dir: str = ""
     max_example_tokens: int = 480
     vocab_size: int = 2048
+    family: str = "llama"
     n_layers: int = 4
     hidden: int = 128
     heads: int = 2
     intermediate: int = 512
+    kv_heads: int = 0
+    tie_embeddings: bool = False
     max_positions: int = 512
     seq_len: int = 256
     batch_size: int = 16
@@ -59,6 +68,10 @@ class DefaultRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r}: expected one of {FAMILIES}")
+        if self.kv_heads < 0 or self.kv_heads and self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads must divide heads ({self.heads}), got {self.kv_heads}")
         if self.hidden % self.heads or self.hidden // self.heads != 64:
             raise ValueError(f"hidden / heads must be 64 (vLLM CPU attention), got {self.hidden}/{self.heads}")
         if not 0 < self.seq_len <= self.max_positions:
@@ -71,6 +84,22 @@ class DefaultRecipe:
             raise ValueError(f"need 0 <= warmup_steps < steps, got {self.warmup_steps}, {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+# `build-default --backbone NAME`: the default, and a second backbone of another family and ~2.3x the parameters
+# (Qwen2-shaped: tied embeddings, grouped KV heads, head size 64), pretrained by the same recipe on the same prose.
+BACKBONES = {
+    "llama": DefaultRecipe(),
+    "qwen2": DefaultRecipe(family="qwen2", n_layers=6, hidden=192, heads=3, kv_heads=1, intermediate=768,
+                           tie_embeddings=True),
+}
+
+
+def backbone_recipe(name: str) -> DefaultRecipe:
+    """The recipe of a named backbone (`BACKBONES`); ValueError naming the choices."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone {name!r}: expected one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
 
 
 def recipe_dict(recipe: DefaultRecipe) -> dict:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pipeline.studies.sweep import curve_label, forgetting_value, record_weight
 
-__all__ = ["curves", "frontier_gaps", "render_gaps", "seed_curves", "curve_gap", "curve_gaps", "render_curve_gaps",
+__all__ = ["curves", "frontier_gaps", "render_gaps", "seed_curves", "curve_gap", "curve_gaps", "cell_gaps", "render_curve_gaps",
            "frontier_report"]
 
 
@@ -158,9 +158,26 @@ def curve_gaps(records: list[dict], reference: str = "tail", forgetting: str = "
         raise ValueError(f"frontier: no curve {reference!r} in the results; curves: {sorted(by_label)}")
     none = [forgetting_value(r, forgetting) for r in records if r["method"] == "none"]
     none_forgetting = statistics.fmean(none) if none else None
+    no_axis = {curve_label(r) for r in records if r["method"] == "none"}  # plain LoRA: one point, no lambda
     return [{"method": label, "seeds": len(by_label[label]),
              **curve_gap(by_label[label], by_label[reference], none_forgetting, forgetting == "source_loss_increase")}
-            for label in sorted(set(by_label) - {reference, "none"})]
+            for label in sorted(set(by_label) - {reference} - no_axis)]
+
+
+def cell_gaps(records: list[dict], reference: str = "tail", forgetting: str = "source_loss_increase") -> list[dict]:
+    """`curve_gaps` within each cell: the records of one setting of the other axes (LoRA family, k, curvature:
+    the curve label less its method, e.g. `dora`), each curve against that cell's `reference` method; the `none`
+    of the same cell sets its regime. Rows as `curve_gaps`' with "cell" added; a cell without the reference is
+    skipped."""
+    cells: dict[str, list[dict]] = {}
+    for r in records:
+        cells.setdefault(curve_label(r)[len(r["method"]):].strip(), []).append(r)
+    rows = []
+    for cell, runs in sorted(cells.items()):
+        ref = f"{reference} {cell}".strip()
+        if any(curve_label(r) == ref for r in runs):
+            rows += [{**row, "cell": cell} for row in curve_gaps(runs, ref, forgetting)]
+    return rows
 
 
 def _gap_cell(gap: float, two_se: float | None, digits: int = 4) -> str:
@@ -218,9 +235,13 @@ def frontier_report(results: list[str | Path] | str | Path, reference: str = "ta
         records += stored["runs"] if isinstance(stored, dict) else stored  # {"base", "runs", "pending"}; a bare list before
     names = ", ".join(map(str, paths))
     text = (f"Curves against the `{reference}` curve ({forgetting}), from {names}:\n\n"
-            + render_curve_gaps(curve_gaps(records, reference, forgetting), reference)
-            + f"\nEach point against the `{reference}` curve:\n\n"
-            + render_gaps(frontier_gaps(records, reference, forgetting), reference))
+            + render_curve_gaps(curve_gaps(records, reference, forgetting), reference))
+    by_cell = [row for row in cell_gaps(records, reference, forgetting) if row["cell"]]
+    if by_cell:  # several LoRA families (or k, curvatures): each against its own cell's reference
+        text += (f"\nWithin each cell (LoRA family, k, curvature), against that cell's `{reference}`:\n\n"
+                 + render_curve_gaps(by_cell, f"{reference} <cell>"))
+    text += (f"\nEach point against the `{reference}` curve:\n\n"
+             + render_gaps(frontier_gaps(records, reference, forgetting), reference))
     if out:
         Path(out).write_text(text)
     print(text)

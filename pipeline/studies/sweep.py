@@ -35,6 +35,7 @@ allows comes from its entry in stages/student/methods.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -57,8 +58,8 @@ from stages.teacher.runner import run_cache_teacher
 from storage_schemas import Manifest
 from storage_schemas.fingerprints import files_sha256
 
-__all__ = ["RunSpec", "plan_runs", "run_config", "run_key", "base_key", "run_sweep", "summarize", "plot_frontier", "log_sweep",
-           "curve_label", "record_weight"]
+__all__ = ["RunSpec", "plan_runs", "quick_config", "run_config", "run_key", "base_key", "run_sweep", "summarize", "plot_frontier",
+           "log_sweep", "curve_label", "record_weight"]
 
 KEY_FILE = "run_key.json"  # in each run directory: the key it was computed under and its resolved config
 
@@ -113,6 +114,28 @@ def _check_axes(config: Config) -> None:
             if kfac and variant in NO_KFAC:
                 raise ValueError(f"sweep: lalora with curvature {kfac} cannot run with train.lora.variant={variant} "
                                  f"({NO_KFAC[variant]}); sweep that variant with lalora_curvatures=[diag] in a separate config")
+
+
+QUICK_STEPS, QUICK_EXAMPLES = 10, 16
+
+
+def _ends(weights: list[float]) -> list[float]:
+    return sorted({min(weights), max(weights)}) if weights else weights
+
+
+def quick_config(config: Config) -> Config:
+    """`sweep --quick`: the same grid in miniature, to check that every axis runs (figures mean nothing):
+    the first two seeds, the two ends of every lambda grid, at most QUICK_STEPS steps and QUICK_EXAMPLES eval
+    examples per set, into `<output_dir>-quick` and never into the records."""
+    sweep = dataclasses.replace(
+        config.sweep, seeds=config.sweep.seeds[:2], reg_weights=_ends(config.sweep.reg_weights),
+        method_reg_weights={m: _ends(w) for m, w in config.sweep.method_reg_weights.items()},
+        curvature_reg_weights={c: _ends(w) for c, w in config.sweep.curvature_reg_weights.items()},
+        output_dir=config.sweep.output_dir.rstrip("/") + "-quick", records_dir="")
+    steps = min(config.train.max_steps, QUICK_STEPS) if config.train.max_steps > 0 else QUICK_STEPS
+    train = dataclasses.replace(config.train, max_steps=steps, save_steps=steps, logging_steps=min(config.train.logging_steps, steps))
+    examples = min(config.eval.max_examples, QUICK_EXAMPLES) if config.eval.max_examples else QUICK_EXAMPLES
+    return dataclasses.replace(config, sweep=sweep, train=train, eval=dataclasses.replace(config.eval, max_examples=examples))
 
 
 def plan_runs(config: Config) -> list[RunSpec]:

@@ -47,7 +47,8 @@ from stages.eval.settings import EvalConfig
 from stages.student.lm_head import final_hidden_state, output_head
 from storage_schemas.fingerprints import files_sha256
 
-__all__ = ["run_eval", "score_texts", "eval_scalars", "log_eval_scalars", "eval_data_config", "eval_chunk_rows", "EVAL_CHUNK_BYTES"]
+__all__ = ["run_eval", "score_texts", "eval_scalars", "log_eval_scalars", "eval_data_config", "eval_chunk_rows", "EVAL_CHUNK_BYTES",
+           "eval_batches", "load_eval_model"]
 
 EVAL_CHUNK_BYTES = 256 * 2**20  # all [rows, V] float32 buffers of one chunk together
 _CHUNK_BUFFERS = 3              # alive at once at the peak: adapted log-probs, base logits, base log-probs
@@ -67,7 +68,7 @@ def eval_data_config(path: str, data: DataConfig, settings: EvalConfig, split: s
     return config
 
 
-def _batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig,
+def eval_batches(path: str, tokenizer, data: DataConfig, settings: EvalConfig,
              only: list[int] | None = None, split: str = "") -> tuple[list[tuple[torch.Tensor, ...]], dict]:
     """(input_ids [B, T], attention_mask [B, T], scored [B, T-1] bool) batches of the eval set,
     right-padded (`scored` marks the positions stage one would train: all of a text row), and what
@@ -196,7 +197,8 @@ def score_texts(model, batches, with_drift: bool = False, chunked: bool = True,
     return metrics
 
 
-def _load(model_dir: str, adapter_dir: Path | None):
+def load_eval_model(model_dir: str, adapter_dir: Path | None = None):
+    """The base model in float32, eval mode; with `adapter_dir`, the run's adapter loaded on it."""
     from transformers import AutoModelForCausalLM
 
     from stages.student.adapters import load_adapter  # stock peft, or SineLoRA's layer registered first
@@ -292,19 +294,19 @@ def run_eval(config: StageConfig, run_dir: str | None = None, base_results: dict
     check_eval_sets(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     heldout = _heldout_target(config)
-    read = {"target": _batches(config.data.path, tokenizer, config.data, config.eval, only=heldout) if heldout is not None
-            else _batches(config.eval.target_path, tokenizer, config.data, config.eval,
+    read = {"target": eval_batches(config.data.path, tokenizer, config.data, config.eval, only=heldout) if heldout is not None
+            else eval_batches(config.eval.target_path, tokenizer, config.data, config.eval,
                           split=config.eval.target_split or config.eval.split),
-            "source": _batches(config.eval.source_path, tokenizer, config.data, config.eval,
+            "source": eval_batches(config.eval.source_path, tokenizer, config.data, config.eval,
                                split=config.eval.source_split or config.eval.split)}
     sets, about = {name: b for name, (b, _) in read.items()}, {name: a for name, (_, a) in read.items()}
     print("\n".join(_set_line(name, a) for name, a in about.items()))
     if base_results is None:
-        base = _load(config.model, None)
+        base = load_eval_model(config.model, None)
         base_results = {name: score_texts(base, b, chunked=config.eval.chunked) for name, b in sets.items()}
     results = {"sets": about, "base": base_results}
     if run_dir:
-        adapted = _load(config.model, Path(run_dir) / "adapter")
+        adapted = load_eval_model(config.model, Path(run_dir) / "adapter")
         results["adapted"] = {"target": score_texts(adapted, sets["target"], chunked=config.eval.chunked),
                               "source": score_texts(adapted, sets["source"], with_drift=True, chunked=config.eval.chunked)}
         b, a = results["base"], results["adapted"]

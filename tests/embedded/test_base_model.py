@@ -5,6 +5,7 @@ the exact files written, and the build cache (skip when unchanged, rebuild when 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.embedded import build as build_module
 from pipeline.embedded.build import BUILD_INFO_NAME, RECIPE_NAME, build_default
 from pipeline.embedded.corpora import SPLIT_FILES, read_jsonl
+from pipeline.embedded.scenarios import STUBS_FILES
 
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja", BUILD_INFO_NAME}
@@ -29,7 +31,7 @@ def _files(directory: Path) -> set[str]:
 
 def test_build_writes_exactly_these_files(tiny_build):
     out = Path(tiny_build["out_dir"])
-    expected = {RECIPE_NAME} | {f"data/{f}" for f in SPLIT_FILES.values()} | {
+    expected = {RECIPE_NAME} | {f"data/{f}" for f in [*SPLIT_FILES.values(), *STUBS_FILES.values()]} | {
         f"base-model/{f}" for f in MODEL_FILES} | {f"lm_eval_tasks/mtcache_source_heldout.{ext}" for ext in ("yaml", "jsonl")}
     assert _files(out) == expected
     assert not list(out.parent.glob(".default.*")), "temp directories left behind"
@@ -62,6 +64,23 @@ def test_loads_with_auto_classes(tiny_build, tiny_recipe):
     assert math.isfinite(loss)
 
 
+def test_a_qwen2_backbone_builds_on_the_same_corpora_and_tokenizer(tiny_build, tiny_recipe, tmp_path):
+    """The second backbone's family: Qwen2 with tied embeddings and grouped KV heads, the same data and tokenizer."""
+    recipe = dataclasses.replace(tiny_recipe, family="qwen2", kv_heads=1, tie_embeddings=True)
+    built = build_default(tmp_path / "qwen2", recipe=recipe, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(built["base_model"])
+    config = model.config
+    assert config.model_type == "qwen2" and config.tie_word_embeddings and config.num_key_value_heads == 1
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert config.hidden_size // config.num_attention_heads == 64
+    assert built["recipe_hash"] != tiny_build["recipe_hash"]
+    for name in SPLIT_FILES.values():  # the corpora do not depend on the backbone
+        assert (tmp_path / "qwen2" / "data" / name).read_bytes() == (Path(tiny_build["out_dir"]) / "data" / name).read_bytes()
+    tokenizer_json = "base-model/tokenizer.json"
+    assert (tmp_path / "qwen2" / tokenizer_json).read_bytes() == (Path(tiny_build["out_dir"]) / tokenizer_json).read_bytes()
+    assert math.isfinite(built["source_heldout_loss"]) and built["final_train_loss"] < built["chance_loss"]
+
+
 def test_build_info_and_summary(tiny_build, tiny_recipe):
     assert tiny_build["skipped"] is False
     assert tiny_build["steps"] == tiny_recipe.steps
@@ -74,6 +93,11 @@ def test_build_info_and_summary(tiny_build, tiny_recipe):
     counts = tiny_build["corpus_counts"]
     for name, path in tiny_build["data"].items():
         assert counts[name]["examples"] == len(read_jsonl(path))
+    # the sha256 of every file the build wrote into data/ and of the weights, by an independent hashing
+    out = Path(tiny_build["out_dir"])
+    hashed = {f"data/{f}" for f in SPLIT_FILES.values()} | {"base-model/model.safetensors"}
+    assert set(tiny_build["sha256"]) == hashed
+    assert all(tiny_build["sha256"][f] == hashlib.sha256((out / f).read_bytes()).hexdigest() for f in hashed)
 
 
 def test_skips_when_unchanged_and_rebuilds_when_changed(tiny_build, tiny_recipe, tmp_path):
@@ -121,3 +145,20 @@ def test_recipe_validation():
         DefaultRecipe(hidden=128, heads=8)
     with pytest.raises(ValueError, match="seq_len"):
         DefaultRecipe(seq_len=1024)
+    with pytest.raises(ValueError, match="family 'gpt2'"):
+        DefaultRecipe(family="gpt2")
+    with pytest.raises(ValueError, match="kv_heads must divide heads"):
+        DefaultRecipe(hidden=192, heads=3, kv_heads=2)
+
+
+def test_named_backbones_and_the_cli_choices():
+    from pipeline.commands import COMMANDS, command_parser
+    from pipeline.embedded.recipe import BACKBONES, DefaultRecipe, backbone_recipe
+
+    assert backbone_recipe("llama") == DefaultRecipe()
+    qwen2 = backbone_recipe("qwen2")
+    assert qwen2.family == "qwen2" and qwen2.tie_embeddings and qwen2.hidden // qwen2.heads == 64
+    with pytest.raises(ValueError, match="backbone 'gpt2': expected one of \\['llama', 'qwen2'\\]"):
+        backbone_recipe("gpt2")
+    parser = command_parser(COMMANDS["build-default"])
+    assert parser.parse_args(["--backbone", "qwen2"]).backbone == "qwen2" and set(BACKBONES) == {"llama", "qwen2"}
