@@ -491,6 +491,10 @@ def _frontier_figure(records: list[dict], forgetting: str = "source_loss_increas
         points.sort()
         bars = ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
                            yerr=[p[2][1] for p in points], marker="o", capsize=3, label=method)
+        own = [r for r in records if curve_label(r) == method]
+        if any(len(runs) > 1 for (label, _), runs in _groups(records).items() if label == method):  # each seed's own point
+            ax.scatter([r["target_loss"] for r in own], [forgetting_value(r, forgetting) for r in own], s=9, alpha=0.35,
+                       color=bars[0].get_color(), linewidths=0)
         for weight, x, y in points:
             if _weighted(method.split()[0]):
                 ax.annotate(f"λ={weight:g}", (x[0], y[0]), textcoords="offset points", xytext=offsets[i % len(offsets)],
@@ -500,7 +504,7 @@ def _frontier_figure(records: list[dict], forgetting: str = "source_loss_increas
                   else f"{forgetting.removeprefix('lm_eval:')}: adapted - base (lm-evaluation-harness)")
     seeds = sorted({len(runs) for runs in _groups(records).values()})
     ax.set_title("Learning vs forgetting: " + ("one seed per point (no error bars)" if seeds == [1] else
-                                               f"mean over {'/'.join(map(str, seeds))} seeds, bars ±1 std"))
+                                               f"mean over {'/'.join(map(str, seeds))} seeds, bars ±1 std, dots the seeds"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -81,3 +81,8 @@ def test_frontier_plot_points_and_error_bars_are_the_seed_means_and_stds(tmp_pat
         got = curves[label]
         for got_values, want in zip(got, (xs, ys, xerr, yerr)):
             assert got_values == pytest.approx(want, abs=1e-6), label
+    # and each seed of a curve with several seeds as its own dot: tail's five runs, not the one-seed curves
+    dots = sorted(v for collection in ax.collections if not hasattr(collection, "get_segments")
+                  for xy in collection.get_offsets() for v in [tuple(map(float, xy))])
+    want = sorted((r["target_loss"], r["source_loss_increase"]) for r in RECORDS[:5])
+    assert [x for xy in dots for x in xy] == pytest.approx([x for xy in want for x in xy])
