@@ -360,10 +360,11 @@ _TABLE = (
             "Trains and evaluates one run per grid point over one cache; writes results.json/.md, frontier.png.\n\n"
             "    python -m pipeline sweep --config configs/sweep_demo.yaml 'sweep.seeds=[0]'",
             cmd_sweep, (*STUDY_CONFIG_ARGS, arg("--shard", default="", metavar="i/N", help=(
-                "run only runs i, i+N, ... of the grid (= sweep.shard; N processes split one grid, cache built first)")),
+                "run only runs i, i+N, ... of the grid, i from 0 (= sweep.shard; N processes split one grid, cache built first)")),
                 arg("--quick", action="store_true", help=(
-                    "the grid in miniature, to check it runs: 2 seeds, each lambda grid's two ends, <= 10 steps, <= 16 eval "
-                    "examples, into <output_dir>-quick, no records"))),
+                    "the grid in miniature, to check it runs: the first two seeds, each lambda grid's two ends, 10 steps "
+                    "(fewer if train.max_steps is lower), <= 16 eval examples, into <output_dir>-quick, no records; the cache "
+                    "is the configured one"))),
             keys="sweep", instrument=True),
     Command("approx-study", "cached estimators' D_k vs the exact masked KL for k up to |V|-1; tail vs live",
             "Scores fixed students (sweep runs) on held-out data: each cached estimator's D_k vs the exact D.\n\n"

@@ -38,8 +38,8 @@ from pathlib import Path
 
 from pipeline.studies.sweep import curve_label, forgetting_value, record_weight
 
-__all__ = ["curves", "frontier_gaps", "render_gaps", "seed_curves", "curve_gap", "curve_gaps", "cell_gaps", "render_curve_gaps",
-           "frontier_report"]
+__all__ = ["load_records", "curves", "frontier_gaps", "render_gaps", "seed_curves", "curve_gap", "curve_gaps",
+           "cell_gaps", "render_curve_gaps", "frontier_report"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -94,7 +94,7 @@ def seed_curves(records: list[dict], forgetting: str = "source_loss_increase") -
     """{curve label: {seed: [(target loss, forgetting), ...] sorted by target loss}}: one curve per seed."""
     out: dict[str, dict[int, list[tuple[float, float]]]] = {}
     for r in records:
-        out.setdefault(curve_label(r), {}).setdefault(r.get("seed", 0), []).append(
+        out.setdefault(curve_label(r), {}).setdefault(r["seed"], []).append(
             (r["target_loss"], forgetting_value(r, forgetting)))
     return {label: {seed: sorted(points) for seed, points in by_seed.items()} for label, by_seed in out.items()}
 
@@ -156,6 +156,10 @@ def curve_gaps(records: list[dict], reference: str = "tail", forgetting: str = "
     by_label = seed_curves(records, forgetting)
     if reference not in by_label:
         raise ValueError(f"frontier: no curve {reference!r} in the results; curves: {sorted(by_label)}")
+    if all(len(points) < 2 for points in by_label[reference].values()):
+        curves_ = sorted(label for label, c in by_label.items() if any(len(points) > 1 for points in c.values()))
+        raise ValueError(f"frontier: the reference {reference!r} has one point per seed (no lambda axis): nothing to "
+                         f"interpolate; pick a curve with >= 2 lambdas: {curves_}")
     none = [forgetting_value(r, forgetting) for r in records if r["method"] == "none"]
     none_forgetting = statistics.fmean(none) if none else None
     no_axis = {curve_label(r) for r in records if r["method"] == "none"}  # plain LoRA: one point, no lambda
@@ -222,17 +226,51 @@ def render_gaps(rows: list[dict], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_records(paths: list[Path], forgetting: str = "source_loss_increase") -> list[dict]:
+    """The runs of several results.json, checked before any gap is computed: every run names its method,
+    lambda and seed and has finite losses; a run listed twice (same name) counts once, and twice with other
+    values is refused; runs scored on other eval sets (another scenario) are refused, naming both files."""
+    records: list[dict] = []
+    seen: dict[str, tuple[Path, dict]] = {}
+    sets: dict[str, tuple[Path, str]] = {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no results.json (a sweep writes one into sweep.output_dir)")
+        stored = json.loads(path.read_text())
+        for i, r in enumerate(stored["runs"] if isinstance(stored, dict) else stored):  # a bare list before
+            where = f"{path}: run {r.get('name', f'#{i}')}"
+            missing = [key for key in ("method", "seed", "target_loss") if key not in r]
+            missing += [] if "reg_weight" in r or "kl_weight" in r else ["reg_weight"]
+            if missing:
+                raise ValueError(f"{where} has no {', '.join(missing)} (a sweep's results.json records each run's "
+                                 "method, reg_weight, seed and losses)")
+            values = {"target_loss": r["target_loss"], forgetting: forgetting_value(r, forgetting)}
+            bad = {k: v for k, v in values.items() if not isinstance(v, (int, float)) or not math.isfinite(v)}
+            if bad:
+                raise ValueError(f"{where}: {bad} is not a finite number; re-run it or drop it from the file")
+            name = r.get("name")
+            if name in seen:
+                if seen[name][1] != r:
+                    raise ValueError(f"{where} is also in {seen[name][0]} with other values; pass each sweep once")
+                continue  # the same run listed twice counts once
+            if name is not None:
+                seen[name] = (path, r)
+            if r.get("eval_sets"):
+                scored = json.dumps(r["eval_sets"], sort_keys=True)
+                first = sets.setdefault("eval_sets", (path, scored))
+                if first[1] != scored:
+                    raise ValueError(f"{where} was scored on other eval sets than the runs of {first[0]} ({r['eval_sets']} vs "
+                                     f"{json.loads(first[1])}): another scenario; compare each on its own")
+            records.append(r)
+    return records
+
+
 def frontier_report(results: list[str | Path] | str | Path, reference: str = "tail", out: str | Path | None = None,
                     forgetting: str = "source_loss_increase") -> str:
     """`python -m pipeline frontier`: the gap table of one or more sweeps' results.json (their runs pooled,
     e.g. a grid and a later axis over the same cache) against `reference`; printed, and written to `out`."""
     paths = [Path(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
-    records = []
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no results.json (a sweep writes one into sweep.output_dir)")
-        stored = json.loads(path.read_text())
-        records += stored["runs"] if isinstance(stored, dict) else stored  # {"base", "runs", "pending"}; a bare list before
+    records = load_records(paths, forgetting)
     names = ", ".join(map(str, paths))
     text = (f"Curves against the `{reference}` curve ({forgetting}), from {names}:\n\n"
             + render_curve_gaps(curve_gaps(records, reference, forgetting), reference))

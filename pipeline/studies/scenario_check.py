@@ -99,6 +99,7 @@ def _target_logprobs(model, batches) -> list[list[float]]:
 
 
 def _group(tokenizer, ids: list[int]) -> str:
+    """A row's first whitespace-separated word (its template or generator in a synthetic scenario)."""
     text = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return text.split()[0] if text else ""
 
@@ -111,7 +112,7 @@ def scenario_figures(train_rows, heldout_rows, tokenizer, base_lp: list[list[flo
     overlap, n_grams = ngram_overlap([ids for ids, _ in train_rows], [ids for ids, _ in heldout_rows])
     sums: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for k, (ids, targets) in enumerate(heldout_rows):
-        group = _group(tokenizer, ids[:4])
+        group = _group(tokenizer, ids)
         for j, t in enumerate(targets):
             cells = {"positions": 1, "trigram": -trigram.logprob(ids[:t], ids[t]), "base": -base_lp[k][j]}
             if adapted_lp is not None:
@@ -122,7 +123,7 @@ def scenario_figures(train_rows, heldout_rows, tokenizer, base_lp: list[list[flo
     names = {"trigram": "trigram_loss", "base": "base_loss", "adapted": "adapted_loss", "confident": "confident_share"}
     table = {group: {names[key]: value / cells["positions"] for key, value in cells.items() if key in names}
              | {"positions": int(cells["positions"])} for group, cells in sums.items()}
-    return {**table.pop("all"), "overlap_16gram": overlap, "heldout_16grams": n_grams,
+    return {**table.pop("all"), "overlap_16gram": overlap, "heldout_16grams": n_grams, "uniform_loss": math.log(len(tokenizer)),
             "train_rows": len(train_rows), "heldout_rows": len(heldout_rows), "groups": table}
 
 
@@ -135,6 +136,12 @@ def run_scenario_check(config: Config, run: str | None = None, out: str | None =
 
     if not config.eval.target_path:
         raise ValueError("scenario-check: set eval.target_path, the held-out rows of the scenario")
+    if not Path(config.eval.target_path).exists():
+        raise FileNotFoundError(f"scenario-check: eval.target_path {config.eval.target_path!r} does not exist "
+                                "(the held-out rows of the scenario; build-default writes the stubs scenario's)")
+    if run and not (Path(run) / "adapter" / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"scenario-check: --run {run!r} holds no finished run (no adapter/adapter_config.json); "
+                                "pass a run directory that `train` finished, or leave --run out for the base alone")
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     settings = config.eval
     train_batches, _ = eval_batches(config.data.path, tokenizer, config.data, _all_rows(settings))
@@ -169,5 +176,6 @@ def render_scenario(figures: dict) -> str:
             line += f" {cells['adapted_loss']:.3f} | {cells['confident_share']:.1%} |"
         lines.append(line)
     lines += ["", f"held-out 16-grams also in train: {figures['overlap_16gram']:.1%} of {figures['heldout_16grams']:,}"
-                  " (losses in nats/token; groups: a row's first word)"]
+                  f" (losses in nats/token; a uniform guess over the vocabulary: {figures['uniform_loss']:.3f}, which the"
+                  " smoothed trigram can exceed on text unlike its training rows; groups: a row's first word)"]
     return "\n".join(lines)

@@ -96,3 +96,26 @@ def test_a_point_just_outside_the_reference_range_is_not_compared():
     just_left = [_lalora("kfac", 1e2, s, 4.999, 0.3) for s in (0, 1)]  # diag's range starts at 5.0
     rows = {r["reg_weight"]: r for r in frontier_gaps(RECORDS + just_left, "lalora diag") if r["method"] == "lalora kfac"}
     assert rows[1e2]["gap"] is None
+
+
+def test_pooled_results_are_checked_before_any_gap(tmp_path):
+    from pipeline.studies.frontier import curve_gaps, load_records
+
+    runs = [{**r, "name": f"{r['method']}-{r['reg_weight']}-{r['seed']}", "eval_sets": {"target": "aaa", "source": "bbb"}}
+            for r in _study()]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"runs": runs}))
+    assert len(load_records([a, a])) == len(runs)  # one sweep passed twice: each run counts once
+    b.write_text(json.dumps({"runs": [{**runs[0], "target_loss": 9.0}]}))
+    with pytest.raises(ValueError, match="is also in .*a.json with other values"):
+        load_records([a, b])
+    b.write_text(json.dumps({"runs": [{**runs[0], "name": "other", "eval_sets": {"target": "ccc", "source": "bbb"}}]}))
+    with pytest.raises(ValueError, match="b.json: run other was scored on other eval sets than the runs of .*a.json"):
+        load_records([a, b])
+    for broken, message in [({k: v for k, v in runs[0].items() if k != "seed"}, "has no seed"),
+                            ({**runs[0], "source_loss_increase": float("nan")}, "is not a finite number")]:
+        b.write_text(json.dumps({"runs": [broken]}))
+        with pytest.raises(ValueError, match=f"b.json: run {runs[0]['name']} {message}|b.json: run {runs[0]['name']}: .*{message}"):
+            load_records([b])
+    with pytest.raises(ValueError, match="the reference 'none' has one point per seed .* \\['full_kl', 'tail'\\]"):
+        curve_gaps(_study(), "none")
