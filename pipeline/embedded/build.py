@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.embedded.base_model import build_base_model
+from pipeline.embedded.base_model import build_base_model, model_config
 from pipeline.embedded.corpora import SPLIT_FILES, build_corpora, write_splits
 from pipeline.embedded.recipe import DefaultRecipe, backbone_recipe, recipe_dict, recipe_hash
 from pipeline.embedded.scenarios import write_stubs
@@ -92,7 +92,9 @@ def _build_into(tmp: Path, recipe: DefaultRecipe, digest: str, progress: bool) -
     # One tokenizer for both domains, as a real base model's tokenizer would be.
     tokenizer = train_tokenizer(splits["source_train"] + splits["target_train"], model_dir,
                                 recipe.vocab_size)
+    # The corpora are the same for every backbone: the length filter counts the trained tokenizer's tokens.
     splits, dropped = _drop_long(splits, tokenizer, recipe.max_example_tokens)
+    tokenizer = _as_loaded(tokenizer, recipe, model_dir)
     counts = write_splits(splits, tmp / DATA_DIR)
     info = build_base_model(recipe, tokenizer, splits, model_dir, progress)
     files = sorted((tmp / DATA_DIR).glob("*.jsonl")) + sorted(model_dir.glob("*.safetensors"))
@@ -103,6 +105,17 @@ def _build_into(tmp: Path, recipe: DefaultRecipe, digest: str, progress: bool) -
     # Written last: its presence with the right hash is what marks a build complete.
     (tmp / RECIPE_NAME).write_text(json.dumps(
         {"recipe_hash": digest, "recipe": recipe_dict(recipe)}, indent=2) + "\n")
+
+
+def _as_loaded(tokenizer, recipe: DefaultRecipe, model_dir: Path):
+    """The trained tokenizer as every later stage will load it beside this model. transformers' AutoTokenizer
+    picks the class by the model's type, not by tokenizer_config.json: a qwen2 model gets Qwen2Tokenizer, whose
+    pre-tokenizer splits digits off (" 2" -> " ", "2"). Pretraining on the trained object instead would teach
+    the model a tokenization it never sees again. For llama the class and the tokenization are unchanged."""
+    from transformers import AutoTokenizer
+
+    model_config(recipe, tokenizer).save_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def _drop_long(splits: dict[str, list[str]], tokenizer, max_tokens: int):

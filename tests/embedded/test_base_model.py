@@ -76,8 +76,15 @@ def test_a_qwen2_backbone_builds_on_the_same_corpora_and_tokenizer(tiny_build, t
     assert built["recipe_hash"] != tiny_build["recipe_hash"]
     for name in SPLIT_FILES.values():  # the corpora do not depend on the backbone
         assert (tmp_path / "qwen2" / "data" / name).read_bytes() == (Path(tiny_build["out_dir"]) / "data" / name).read_bytes()
-    tokenizer_json = "base-model/tokenizer.json"
-    assert (tmp_path / "qwen2" / tokenizer_json).read_bytes() == (Path(tiny_build["out_dir"]) / tokenizer_json).read_bytes()
+    # the same trained vocabulary and merges; each family's own tokenizer class around them, as AutoTokenizer
+    # loads it (qwen2: Qwen2Tokenizer, digits split off), and the model pretrained on exactly that tokenization
+    qwen2_tok, llama_tok = AutoTokenizer.from_pretrained(built["base_model"]), AutoTokenizer.from_pretrained(tiny_build["base_model"])
+    assert qwen2_tok.get_vocab() == llama_tok.get_vocab() and type(qwen2_tok).__name__ == "Qwen2Tokenizer"
+    assert qwen2_tok.tokenize("n = 6") == ["n", "Ġ=", "Ġ", "6"]  # the digit split off its space
+    from pipeline.embedded.base_model import eval_loss, pack
+
+    heldout = pack(qwen2_tok, read_jsonl(built["data"]["source_heldout"]), recipe.seq_len)  # as the build scored it
+    assert eval_loss(model.eval(), heldout) == pytest.approx(built["source_heldout_loss"], rel=1e-6)
     assert math.isfinite(built["source_heldout_loss"]) and built["final_train_loss"] < built["chance_loss"]
 
 
