@@ -226,10 +226,19 @@ def render_gaps(rows: list[dict], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _base_losses(stored) -> dict | None:
+    """The base model's eval losses of a results.json ({"base": {"target": {"loss"}, "source": {"loss"}}}), or None."""
+    base = stored.get("base") if isinstance(stored, dict) else None
+    if not base or not all(isinstance(base.get(k), dict) and "loss" in base[k] for k in ("target", "source")):
+        return None
+    return {k: base[k]["loss"] for k in ("target", "source")}
+
+
 def load_records(paths: list[Path], forgetting: str = "source_loss_increase") -> list[dict]:
     """The runs of several results.json, checked before any gap is computed: every run names its method,
     lambda and seed and has finite losses; a run listed twice (same name) counts once, and twice with other
-    values is refused; runs scored on other eval sets (another scenario) are refused, naming both files."""
+    values is refused; runs scored on other eval sets (another scenario), or files whose base model scores
+    otherwise on them (another backbone), are refused, naming both files."""
     records: list[dict] = []
     seen: dict[str, tuple[Path, dict]] = {}
     sets: dict[str, tuple[Path, str]] = {}
@@ -237,6 +246,12 @@ def load_records(paths: list[Path], forgetting: str = "source_loss_increase") ->
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no results.json (a sweep writes one into sweep.output_dir)")
         stored = json.loads(path.read_text())
+        base = _base_losses(stored)
+        if base is not None:
+            first_base = sets.setdefault("base", (path, json.dumps(base)))
+            if first_base[1] != json.dumps(base):
+                raise ValueError(f"{path}: its base model scores {base} on the eval sets, the base of {first_base[0]} "
+                                 f"{json.loads(first_base[1])}: another base model (backbone); compare each on its own")
         for i, r in enumerate(stored["runs"] if isinstance(stored, dict) else stored):  # a bare list before
             where = f"{path}: run {r.get('name', f'#{i}')}"
             missing = [key for key in ("method", "seed", "target_loss") if key not in r]

@@ -112,6 +112,11 @@ def test_pooled_results_are_checked_before_any_gap(tmp_path):
     b.write_text(json.dumps({"runs": [{**runs[0], "name": "other", "eval_sets": {"target": "ccc", "source": "bbb"}}]}))
     with pytest.raises(ValueError, match="b.json: run other was scored on other eval sets than the runs of .*a.json"):
         load_records([a, b])
+    base = {"target": {"loss": 7.35}, "source": {"loss": 4.14}}
+    a.write_text(json.dumps({"base": base, "runs": runs}))
+    b.write_text(json.dumps({"base": {**base, "target": {"loss": 7.27}}, "runs": [{**runs[0], "name": "other"}]}))
+    with pytest.raises(ValueError, match="b.json: its base model scores .* another base model"):
+        load_records([a, b])  # the same eval sets, another backbone
     for broken, message in [({k: v for k, v in runs[0].items() if k != "seed"}, "has no seed"),
                             ({**runs[0], "source_loss_increase": float("nan")}, "is not a finite number")]:
         b.write_text(json.dumps({"runs": [broken]}))

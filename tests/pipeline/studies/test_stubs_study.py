@@ -21,7 +21,7 @@ def test_quick_preset_runs_every_adapter_family_on_the_stubs_scenario(tiny_model
     config = load_config("configs/stubs_adapters.yaml", [
         f"model={tiny_model_dir}", f"data.path={data / STUBS_FILES['train']}", f"cache.dir={tmp_path / 'cache'}",
         "cache.engine=hf", "cache.k=8", f"eval.target_path={data / STUBS_FILES['heldout']}", f"eval.source_path={tiny_jsonl}",
-        f"sweep.output_dir={tmp_path / 'adapters'}", f"sweep.lora_variants=[{', '.join(FAMILIES)}]"])
+        f"sweep.output_dir={tmp_path / 'adapters'}", f"sweep.lora_variants=[{', '.join(FAMILIES)}]", "train.batch_size=4"])
     quick = quick_config(config)
     assert quick.train.max_steps == QUICK_STEPS == 10 and quick.sweep.seeds == [0, 1] and not quick.sweep.records_dir
     assert quick.sweep.reg_weights == [0.1, 1.0] and quick.sweep.method_reg_weights == {"full_kl": [0.1, 0.3]}
