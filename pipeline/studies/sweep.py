@@ -494,6 +494,8 @@ def _frontier_figure(records: list[dict], forgetting: str = "source_loss_increas
         x, y = _mean_std([r["target_loss"] for r in runs]), _mean_std([forgetting_value(r, forgetting) for r in runs])
         by_method.setdefault(method, []).append((weight, x, y))
     offsets = [(4, 4), (4, -10), (-34, 4), (-34, -10)]  # curves that coincide keep readable labels
+    if len(by_method) > 10:  # the default cycle repeats after 10: two curves would share a colour
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for i, (method, points) in enumerate(by_method.items()):
         points.sort()
         bars = ax.errorbar([p[1][0] for p in points], [p[2][0] for p in points], xerr=[p[1][1] for p in points],
