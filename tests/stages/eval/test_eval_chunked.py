@@ -24,7 +24,7 @@ def adapted_model(model_dir):
 
 def eval_batches(model_dir, data_path, max_length=32):
     config = load_config(None, [f"model={model_dir}", f"eval.max_length={max_length}", "eval.max_examples=12", "eval.batch_size=5"])
-    return evaluate._batches(str(data_path), AutoTokenizer.from_pretrained(model_dir), config.data, config.eval)[0]
+    return evaluate.eval_batches(str(data_path), AutoTokenizer.from_pretrained(model_dir), config.data, config.eval)[0]
 
 
 def lm_head_positions(model):

@@ -9,7 +9,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.data.inputs import DataConfig
-from stages.eval.evaluate import _batches, score_texts
+from stages.eval.evaluate import eval_batches, score_texts
 from stages.eval.harness import (
     LOCAL_TASK,
     LOCAL_TASKS_DIR,
@@ -50,7 +50,8 @@ def bos_model(tiny_model_dir, tiny_jsonl, tmp_path_factory):
 def _eval_nll(model, model_dir, texts_path, max_length):
     """eval's own total NLL over the texts (stages/eval/evaluate.py), nats."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batches, _ = _batches(str(texts_path), tokenizer, DataConfig(path=str(texts_path)), EvalConfig(max_length=max_length, max_examples=0))
+    batches, _ = eval_batches(str(texts_path), tokenizer, DataConfig(path=str(texts_path)),
+                              EvalConfig(max_length=max_length, max_examples=0))
     scored = score_texts(model, batches)
     return scored["loss"] * scored["tokens"]
 
