@@ -154,8 +154,7 @@ def main_build_default(out_dir: str | None = "build/default", force: bool = Fals
     build/<backbone> otherwise), and print a readable summary."""
     if out_dir is None:
         out_dir = "build/default" if backbone == "llama" else f"build/{backbone}"
-    # The default through build_default's own default recipe (what a caller that rebinds it, as the tests do, sets).
-    summary = build_default(out_dir, force) if backbone == "llama" else build_default(out_dir, force, recipe=backbone_recipe(backbone))
+    summary = build_default(out_dir, force, recipe=backbone_recipe(backbone))
     state = "up to date, reused" if summary["skipped"] else f"built in {summary['wall_time_s']} s"
     print(f"embedded default in {summary['out_dir']}: {state} (recipe {summary['recipe_hash'][:12]})")
     print(f"  base model: {summary['base_model']} ({summary['parameters']:,} parameters, "

@@ -101,7 +101,8 @@ def seed_curves(records: list[dict], forgetting: str = "source_loss_increase") -
 
 def _mean_se(values: list[float]) -> tuple[float, float | None]:
     """Mean and standard error (None with one value: no spread to state)."""
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    mean, std = _stats(values)
+    return mean, std / math.sqrt(len(values)) if len(values) > 1 else None
 
 
 def _difference(curve: dict[int, list], ref: dict[int, list], x: float, transform=lambda y: y) -> tuple[float, float | None]:
@@ -241,14 +242,14 @@ def load_records(paths: list[Path], forgetting: str = "source_loss_increase") ->
     otherwise on them (another backbone), are refused, naming both files."""
     records: list[dict] = []
     seen: dict[str, tuple[Path, dict]] = {}
-    sets: dict[str, tuple[Path, str]] = {}
+    first: dict[str, tuple[Path, str]] = {}  # "base" / "eval_sets": the first file's, as JSON
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no results.json (a sweep writes one into sweep.output_dir)")
         stored = json.loads(path.read_text())
         base = _base_losses(stored)
         if base is not None:
-            first_base = sets.setdefault("base", (path, json.dumps(base)))
+            first_base = first.setdefault("base", (path, json.dumps(base)))
             if first_base[1] != json.dumps(base):
                 raise ValueError(f"{path}: its base model scores {base} on the eval sets, the base of {first_base[0]} "
                                  f"{json.loads(first_base[1])}: another base model (backbone); compare each on its own")
@@ -272,10 +273,10 @@ def load_records(paths: list[Path], forgetting: str = "source_loss_increase") ->
                 seen[name] = (path, r)
             if r.get("eval_sets"):
                 scored = json.dumps(r["eval_sets"], sort_keys=True)
-                first = sets.setdefault("eval_sets", (path, scored))
-                if first[1] != scored:
-                    raise ValueError(f"{where} was scored on other eval sets than the runs of {first[0]} ({r['eval_sets']} vs "
-                                     f"{json.loads(first[1])}): another scenario; compare each on its own")
+                first_sets = first.setdefault("eval_sets", (path, scored))
+                if first_sets[1] != scored:
+                    raise ValueError(f"{where} was scored on other eval sets than the runs of {first_sets[0]} ({r['eval_sets']} vs "
+                                     f"{json.loads(first_sets[1])}): another scenario; compare each on its own")
             records.append(r)
     return records
 

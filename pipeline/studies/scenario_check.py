@@ -19,6 +19,7 @@ scored exactly as `eval` scores them (stages/eval/evaluate.py `eval_batches`), a
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -158,8 +159,6 @@ def run_scenario_check(config: Config, run: str | None = None, out: str | None =
 
 
 def _all_rows(settings):
-    import dataclasses
-
     return dataclasses.replace(settings, max_examples=0)  # the trigram and the 16-grams see all of train
 
 

@@ -245,15 +245,13 @@ def regularized_loss(
     """
     n = targets.numel()
     denom = torch.as_tensor(n if num_items is None else num_items, device=student_logits.device).clamp_min(1)
-    ce_sum = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    ce_per_token = F.cross_entropy(student_logits.float(), targets, reduction="none")  # -log q_y, also the decomposition's
+    ce_sum = ce_per_token.sum()
     kl_sum = kl_per_token.sum() if kl_per_token is not None else ce_sum.new_zeros(())
     loss = (ce_sum + reg_weight * kl_sum) / denom
     count = max(n, 1)
     decomposition = None
     if kl_per_token is not None and teacher_target_logprob is not None:
-        with torch.no_grad():
-            z = student_logits.float()
-            log_q_y = z.gather(-1, targets[:, None]).squeeze(-1) - z.logsumexp(-1)
-        decomposition = decomposition_sums(kl_per_token, log_q_y, teacher_target_logprob, estimates)
+        decomposition = decomposition_sums(kl_per_token, -ce_per_token.detach(), teacher_target_logprob, estimates)
     return LossParts(loss=loss, ce=ce_sum.detach() / count, regularizer=kl_sum.detach() / count,
                      penalty=ce_sum.new_zeros(()), n_tokens=n, decomposition=decomposition)

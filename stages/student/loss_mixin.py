@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from stages.student.collator import IGNORE_INDEX
 from stages.student.fused_loss import auto_chunk_size, chunked_regularized_loss
@@ -104,9 +105,8 @@ def _target_logprob(teacher, targets: torch.Tensor) -> torch.Tensor | None:
     if isinstance(teacher, CachedTeacher):
         return teacher.target_logprob
     if isinstance(teacher, torch.Tensor) and teacher.dim() == 2:
-        with torch.no_grad():
-            z = teacher.float()
-            return z.gather(-1, targets[:, None]).squeeze(-1) - z.logsumexp(-1)
+        with torch.no_grad():  # computed as the student's log q_y is (regularized_loss): equal logits give equal values
+            return -F.cross_entropy(teacher.float(), targets, reduction="none")
     return None
 
 

@@ -18,9 +18,9 @@ from storage_schemas import Manifest
 
 @pytest.fixture
 def tiny_default(tiny_build, tiny_recipe, tmp_path, monkeypatch) -> Path:
-    """A copy of the tiny build, and the CLI's builder told that the tiny recipe is the default."""
-    monkeypatch.setattr(embedded_build, "build_default",
-                        functools.partial(embedded_build.build_default, recipe=tiny_recipe, progress=False))
+    """A copy of the tiny build, and the CLI's builder told that the tiny recipe is the default backbone's."""
+    monkeypatch.setattr(embedded_build, "backbone_recipe", lambda name: tiny_recipe)
+    monkeypatch.setattr(embedded_build, "build_default", functools.partial(embedded_build.build_default, progress=False))
     copy = tmp_path / "default"
     shutil.copytree(tiny_build["out_dir"], copy)
     return copy
