@@ -6,6 +6,8 @@ nothing else in the project spells a column name or a version number.
 """
 from storage_schemas.cache_schema import (
     DEFAULT_ENCODING,
+    DRAW_COLUMNS,
+    DRAW_IDS_COLUMN,
     ENCODINGS,
     EXAMPLE_ID_COLUMN,
     INPUT_IDS_COLUMN,
@@ -16,6 +18,7 @@ from storage_schemas.cache_schema import (
     SEQUENCE_COLUMNS,
     SHARD_COLUMNS,
     SUPPORTED_SCHEMA_VERSIONS,
+    TAIL_ENTROPY_COLUMN,
     TARGET_LOGPROB_COLUMN,
     TEACHER_COLUMNS,
     TOPK_IDS_COLUMN,
@@ -41,7 +44,8 @@ from storage_schemas.manifest import (
 
 __all__ = [
     "DEFAULT_ENCODING", "ENCODINGS", "LEGACY_ENCODINGS", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "SHARD_COLUMNS",
-    "MASS_COLUMN", "Encoding", "get_encoding", "shard_columns", "shard_file_name", "shard_schema",
+    "MASS_COLUMN", "DRAW_COLUMNS", "DRAW_IDS_COLUMN", "TAIL_ENTROPY_COLUMN",
+    "Encoding", "get_encoding", "shard_columns", "shard_file_name", "shard_schema",
     "teacher_columns", "SEQUENCE_COLUMNS", "TEACHER_COLUMNS", "EXAMPLE_ID_COLUMN", "INPUT_IDS_COLUMN", "LOSS_MASK_COLUMN",
     "TARGET_LOGPROB_COLUMN", "TOPK_IDS_COLUMN", "TOPK_LOGPROBS_COLUMN",
     "MANIFEST_NAME", "CacheSettings", "DatasetFingerprint", "EngineInfo", "FingerprintMismatch",

@@ -12,6 +12,11 @@ Row layout (T = sequence length, n = number of trained positions, k = cached tok
                                        renormalized), stored as the encoding's `value_codec` says
     topk_mass         list<int32> [n]  only in encodings with a `mass_codec`: the share of the
                                        non-target mass the k cached tokens hold, coded (see below)
+    tail_draw_ids     list<int32> [n*m] only in encodings with `tail_draws` m > 0: m ids drawn from the
+                                       teacher's tail (non-target ids outside the k), sorted ascending
+                                       per position and delta-coded (first = the id; repeats are 0)
+    tail_entropy      list<float16> [n] with them: the entropy of the teacher's within-tail distribution
+                                       (nats); stages/teacher/tail_draws.py says how the draws are made
 
 Only trained positions carry teacher arrays: prompt tokens of chat data cost no bytes. Flat lists
 (not nested) keep decoding a reshape plus a few numpy ops, with no per-token Python work.
@@ -43,6 +48,7 @@ __all__ = [
     "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "LEGACY_ENCODINGS", "DEFAULT_ENCODING", "Encoding", "ENCODINGS",
     "SHARD_COLUMNS", "SEQUENCE_COLUMNS", "TEACHER_COLUMNS", "EXAMPLE_ID_COLUMN", "INPUT_IDS_COLUMN", "LOSS_MASK_COLUMN",
     "TARGET_LOGPROB_COLUMN", "TOPK_IDS_COLUMN", "TOPK_LOGPROBS_COLUMN", "MASS_COLUMN", "ID_ORDERS",
+    "DRAW_IDS_COLUMN", "TAIL_ENTROPY_COLUMN", "DRAW_COLUMNS",
     "get_encoding", "shard_schema", "shard_columns", "teacher_columns", "shard_file_name", "encoding_of_schema",
 ]
 
@@ -59,6 +65,9 @@ TARGET_LOGPROB_COLUMN = "target_logprob"
 TOPK_IDS_COLUMN = "topk_ids"
 TOPK_LOGPROBS_COLUMN = "topk_logprobs"
 MASS_COLUMN = "topk_mass"  # the seventh column, present only in encodings with a mass codec
+DRAW_IDS_COLUMN = "tail_draw_ids"      # present only in encodings with tail draws
+TAIL_ENTROPY_COLUMN = "tail_entropy"   # ditto
+DRAW_COLUMNS = (DRAW_IDS_COLUMN, TAIL_ENTROPY_COLUMN)
 SEQUENCE_COLUMNS = (EXAMPLE_ID_COLUMN, INPUT_IDS_COLUMN, LOSS_MASK_COLUMN)  # stored exactly, whatever the encoding
 TEACHER_COLUMNS = (TARGET_LOGPROB_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN)
 SHARD_COLUMNS = SEQUENCE_COLUMNS + TEACHER_COLUMNS
@@ -80,8 +89,9 @@ ID_ORDERS = ("prob", "id_delta")
 class Encoding:
     """How the per-position teacher values are stored, and how the shard file is laid out.
 
-    `selection` says which tokens are cached at each position ("topk_nontarget" today; a sampled
-    estimator would register e.g. "sampled_nontarget" with its own weight column).
+    `selection` says which tokens are cached at each position: "topk_nontarget" (the k largest), or
+    "topk_nontarget+tail_draws" (those, plus `tail_draws` ids drawn from the rest with the generator
+    seed `draw_seed`, and the rest's entropy: the `sampled_tail` estimator's columns).
     """
 
     name: str
@@ -102,6 +112,8 @@ class Encoding:
     data_page_bytes: int | None = None       # Parquet data page size (None: pyarrow's 1 MiB); zstd and
                                              # byte-stream-split work per page, so one page per column
                                              # chunk compresses better (1 to 1.5 bytes/token here)
+    tail_draws: int = 0              # m ids drawn from the tail per position (0: no draw columns)
+    draw_seed: int = 0               # the draws' seed (stages/teacher/tail_draws.py `uniforms`)
 
     def __post_init__(self) -> None:
         where = f"encoding {self.name!r}"
@@ -129,8 +141,13 @@ class Encoding:
             raise ValueError(f"{where}: data_page_bytes must be >= 1024 (or None), got {self.data_page_bytes}")
         if self.mass_codec != "none" and not self.mass_step > 0:
             raise ValueError(f"{where}: mass_codec {self.mass_codec!r} needs mass_step > 0")
+        if self.tail_draws < 0 or not 0 <= self.draw_seed < 2**32:
+            raise ValueError(f"{where}: need tail_draws >= 0 and 0 <= draw_seed < 2^32")
+        if (self.tail_draws > 0) != (self.selection == "topk_nontarget+tail_draws"):
+            raise ValueError(f"{where}: selection 'topk_nontarget+tail_draws' goes with tail_draws > 0, "
+                             f"got {self.selection!r} and {self.tail_draws}")
         for column in (*self.byte_stream_split, *self.dictionary):
-            if column not in (*SHARD_COLUMNS, MASS_COLUMN):
+            if column not in (*SHARD_COLUMNS, MASS_COLUMN, *DRAW_COLUMNS):
                 raise ValueError(f"{where}: unknown column {column!r} in its Parquet options")
 
     @property
@@ -148,6 +165,11 @@ class Encoding:
         return self.mass_codec != "none"
 
     @property
+    def has_draws(self) -> bool:
+        """Whether shards of this encoding carry the tail-draw columns (`DRAW_COLUMNS`)."""
+        return self.tail_draws > 0
+
+    @property
     def mass_max_code(self) -> int:
         return int(round(2 * MASS_LOGIT_RANGE / self.mass_step)) if self.has_mass else 0
 
@@ -163,6 +185,8 @@ class Encoding:
     def spec_json(self) -> str:
         """Everything that decides the bytes of a shard (the description is left out)."""
         spec = {key: value for key, value in asdict(self).items() if key != "description"}
+        if not self.has_draws:  # the draw fields came later: an encoding without draws keeps its old spec (and bytes)
+            del spec["tail_draws"], spec["draw_seed"]
         return json.dumps(spec, sort_keys=True)
 
     @classmethod
@@ -216,6 +240,17 @@ ENCODINGS: dict[str, Encoding] = {
                  target_codec="f32", byte_stream_split=_BSS_ALL),
     )
 }
+# The `sampled_tail` estimator's caches (issue 27): the default's codecs plus m tail draws per position.
+for _m in (4, 8, 16, 32):
+    _base = ENCODINGS["topk_idd_rel4q112"]
+    ENCODINGS[f"topk_idd_rel4q112_draws{_m}"] = Encoding(
+        f"topk_idd_rel4q112_draws{_m}", "topk_nontarget+tail_draws",
+        f"topk_idd_rel4q112 plus {_m} ids per position drawn from the teacher's tail (sorted, delta-coded) and the "
+        "tail's entropy (float16): the sampled_tail estimator's columns", id_order=_base.id_order,
+        value_codec=_base.value_codec, value_step=_base.value_step, value_max_code=_base.value_max_code,
+        value_power=_base.value_power, mass_codec=_base.mass_codec, mass_step=_base.mass_step,
+        target_codec=_base.target_codec, byte_stream_split=(*_BSS_MASS, *DRAW_COLUMNS),
+        data_page_bytes=_base.data_page_bytes, tail_draws=_m)
 DEFAULT_ENCODING = "topk_idd_rel4q112"
 
 
@@ -230,14 +265,18 @@ def _resolve(encoding: str | Encoding) -> Encoding:
     return encoding if isinstance(encoding, Encoding) else get_encoding(encoding)
 
 
+def _extra_columns(enc: Encoding) -> tuple[str, ...]:
+    return ((MASS_COLUMN,) if enc.has_mass else ()) + (DRAW_COLUMNS if enc.has_draws else ())
+
+
 def teacher_columns(encoding: str | Encoding) -> tuple[str, ...]:
     """The columns holding the teacher arrays in shards of `encoding` (what the collator decodes)."""
-    return TEACHER_COLUMNS + ((MASS_COLUMN,) if _resolve(encoding).has_mass else ())
+    return TEACHER_COLUMNS + _extra_columns(_resolve(encoding))
 
 
 def shard_columns(encoding: str | Encoding) -> tuple[str, ...]:
     """Every column of a shard of `encoding`, in file order."""
-    return SHARD_COLUMNS + ((MASS_COLUMN,) if _resolve(encoding).has_mass else ())
+    return SHARD_COLUMNS + _extra_columns(_resolve(encoding))
 
 
 def shard_schema(encoding: str | Encoding) -> pa.Schema:
@@ -245,6 +284,9 @@ def shard_schema(encoding: str | Encoding) -> pa.Schema:
     object: the study's candidates) has, exactly; its metadata carries the full spec."""
     enc = _resolve(encoding)
     mass = [pa.field(MASS_COLUMN, pa.list_(pa.int32()), nullable=False)] if enc.has_mass else []
+    if enc.has_draws:
+        mass += [pa.field(DRAW_IDS_COLUMN, pa.list_(pa.int32()), nullable=False),
+                 pa.field(TAIL_ENTROPY_COLUMN, pa.list_(pa.float16()), nullable=False)]
     return pa.schema(
         [
             pa.field(EXAMPLE_ID_COLUMN, pa.int64(), nullable=False),

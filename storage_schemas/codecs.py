@@ -20,7 +20,7 @@ import numpy as np
 from storage_schemas.cache_schema import Encoding
 from storage_schemas.codec_registry import teacher_codecs
 
-__all__ = ["StoredTeacher", "encode_teacher", "decode_teacher"]
+__all__ = ["StoredTeacher", "encode_teacher", "decode_teacher", "encode_draws", "decode_draws"]
 
 
 class StoredTeacher(NamedTuple):
@@ -67,3 +67,20 @@ def decode_teacher(enc: Encoding, ids: np.ndarray, values: np.ndarray, target: n
         order = np.argsort(-logprobs, axis=1, kind="stable")  # back to descending probability
         ids, logprobs = np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
     return ids, np.ascontiguousarray(logprobs, np.float32), target
+
+
+# --- the tail draws (encodings with tail_draws > 0) ----------------------------------------------
+def encode_draws(enc: Encoding, draw_ids: np.ndarray, tail_entropy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ids [n, m] (any order) and tail entropies [n] (nats) -> the stored arrays: each position's ids
+    sorted ascending and delta-coded (first = the id itself; a repeated draw is a 0), int32 [n, m], and
+    the entropies as float16 [n] (relative error <= 2^-11; they enter only the estimator's value)."""
+    ids = np.sort(np.asarray(draw_ids).astype(np.int64, copy=False).reshape(-1, enc.tail_draws), axis=1)
+    return np.diff(ids, axis=1, prepend=0).astype(np.int32), np.asarray(tail_entropy, np.float32).astype(np.float16)
+
+
+def decode_draws(enc: Encoding, ids: np.ndarray, tail_entropy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat stored arrays (n*m, n) -> draw ids int64 [n, m] (ascending) and tail entropies float32 [n]."""
+    if not enc.has_draws:
+        raise ValueError(f"encoding {enc.name!r} has no tail draws (its selection is {enc.selection!r})")
+    ids = np.cumsum(np.asarray(ids).astype(np.int64, copy=False).reshape(-1, enc.tail_draws), axis=1)
+    return ids, np.asarray(tail_entropy).astype(np.float32)

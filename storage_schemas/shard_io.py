@@ -18,12 +18,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage_schemas.cache_schema import MASS_COLUMN, Encoding, encoding_of_schema, get_encoding, shard_file_name, shard_schema
-from storage_schemas.codecs import decode_teacher, encode_teacher
+from storage_schemas.cache_schema import (
+    DRAW_IDS_COLUMN,
+    MASS_COLUMN,
+    TAIL_ENTROPY_COLUMN,
+    Encoding,
+    encoding_of_schema,
+    get_encoding,
+    shard_file_name,
+    shard_schema,
+)
+from storage_schemas.codecs import decode_draws, decode_teacher, encode_draws, encode_teacher
 from storage_schemas.fingerprints import files_sha256
 from storage_schemas.manifest import Manifest, ShardRecord
 
-__all__ = ["ShardRow", "rows_to_table", "decode_table", "parquet_options", "write_shard", "read_shard",
+__all__ = ["ShardRow", "rows_to_table", "decode_table", "decode_draw_columns", "parquet_options", "write_shard", "read_shard",
            "token_ids_sha256", "verify_cache"]
 
 
@@ -37,8 +46,10 @@ class ShardRow:
     target_logprob: np.ndarray   # [n] float32
     topk_ids: np.ndarray         # [n, k] int32
     topk_logprobs: np.ndarray    # [n, k] float32, descending (the encoding codes them on write)
+    tail_draw_ids: np.ndarray | None = None   # [n, m] ids drawn from the tail (encodings with tail draws)
+    tail_entropy: np.ndarray | None = None    # [n] float32, nats (with them)
 
-    def check(self, k: int) -> None:
+    def check(self, k: int, draws: int = 0) -> None:
         """Raise ValueError naming the example if the arrays disagree in shape."""
         t, n = len(self.input_ids), int(self.loss_mask.sum())
         problems = []
@@ -49,6 +60,12 @@ class ShardRow:
         for name in ("topk_ids", "topk_logprobs"):
             if getattr(self, name).shape != (n, k):
                 problems.append(f"{name} shape {getattr(self, name).shape}, want ({n}, {k})")
+        for name, shape in (("tail_draw_ids", (n, draws)), ("tail_entropy", (n,))):
+            value = getattr(self, name)
+            if draws and (value is None or np.shape(value) != shape):
+                problems.append(f"{name} {'missing' if value is None else f'shape {np.shape(value)}'}, want {shape}")
+            if not draws and value is not None:
+                problems.append(f"{name} given, but the encoding stores no tail draws")
         if problems:
             raise ValueError(f"example {self.example_id}: " + "; ".join(problems))
 
@@ -86,6 +103,10 @@ def _teacher_columns(rows: list[ShardRow], enc: Encoding, k: int) -> list[pa.Lis
                _flat_list_array(stored.values, n * k, enc.value_type)]
     if stored.mass is not None:
         columns.append(_flat_list_array(stored.mass, n, pa.int32()))
+    if enc.has_draws:
+        m = enc.tail_draws
+        draw_ids, entropy = encode_draws(enc, stack("tail_draw_ids", m, np.int64), stack("tail_entropy", 1, np.float32)[:, 0])
+        columns += [_flat_list_array(draw_ids, n * m, pa.int32()), _flat_list_array(entropy, n, pa.float16())]
     return columns
 
 
@@ -94,7 +115,7 @@ def rows_to_table(rows: list[ShardRow], encoding: str | Encoding, k: int) -> pa.
     schema = shard_schema(encoding)
     enc = get_encoding(encoding) if isinstance(encoding, str) else encoding
     for row in rows:
-        row.check(k)
+        row.check(k, enc.tail_draws)
     columns = [pa.array([r.example_id for r in rows], type=pa.int64())]
     for name in ("input_ids", "loss_mask"):
         value_type = schema.field(name).type.value_type
@@ -103,6 +124,14 @@ def rows_to_table(rows: list[ShardRow], encoding: str | Encoding, k: int) -> pa.
                                    value_type))
     columns.extend(_teacher_columns(rows, enc, k))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def decode_draw_columns(table: pa.Table, encoding: str | Encoding) -> tuple[np.ndarray, np.ndarray]:
+    """A shard table's tail-draw columns, decoded: draw ids int64 [n, m] (ascending) and tail entropies float32 [n]."""
+    enc = get_encoding(encoding) if isinstance(encoding, str) else encoding
+    flat = [table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            for name in (DRAW_IDS_COLUMN, TAIL_ENTROPY_COLUMN)]
+    return decode_draws(enc, *flat)
 
 
 def decode_table(table: pa.Table, encoding: str | Encoding, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,17 +21,19 @@ import numpy as np
 import torch
 
 from storage_schemas import (
+    DRAW_IDS_COLUMN,
     EXAMPLE_ID_COLUMN,
     INPUT_IDS_COLUMN,
     LOSS_MASK_COLUMN,
     MASS_COLUMN,
+    TAIL_ENTROPY_COLUMN,
     TARGET_LOGPROB_COLUMN,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
     Encoding,
     get_encoding,
 )
-from storage_schemas.codecs import decode_teacher
+from storage_schemas.codecs import decode_draws, decode_teacher
 
 __all__ = ["CacheCollator", "pad_token_id", "IGNORE_INDEX"]
 
@@ -106,6 +108,8 @@ class CacheCollator:
         teacher_topk_ids        [N, k]    long   (only when `with_teacher`)
         teacher_topk_logprobs   [N, k]    float32
         teacher_target_logprob  [N]       float32
+        teacher_draw_ids        [N, m]    long   (encodings with tail draws only)
+        teacher_tail_entropy    [N]       float32 (ditto)
     `with_teacher=False` (estimators `none` and `live`) skips the cached arrays entirely.
     `encoding` must be the cache's (`manifest.settings.encoding`); the float default decodes only
     `topk_f32`/`topk_f16` caches and refuses integer codes with a message saying so.
@@ -156,5 +160,13 @@ class CacheCollator:
             )
         ids, logprobs, target = decode_teacher(self.encoding, topk_ids, topk_logprobs, target, self.k, mass)
         _check_finite(rows, logprobs, target, self.encoding)
-        return {"teacher_topk_ids": ids[:, :self.use_k], "teacher_topk_logprobs": logprobs[:, :self.use_k],
-                "teacher_target_logprob": target}
+        arrays = {"teacher_topk_ids": ids[:, :self.use_k], "teacher_topk_logprobs": logprobs[:, :self.use_k],
+                  "teacher_target_logprob": target}
+        if self.encoding.has_draws:
+            draw_ids, entropy = decode_draws(self.encoding, _concat(rows, DRAW_IDS_COLUMN, np.int64),
+                                             _concat(rows, TAIL_ENTROPY_COLUMN, None))
+            if draw_ids.shape[0] != n or entropy.shape[0] != n:
+                raise ValueError(f"cached tail draws do not match the loss mask: {n} trained positions, {draw_ids.shape[0]} "
+                                 f"x {self.encoding.tail_draws} draws and {entropy.shape[0]} tail entropies")
+            arrays.update(teacher_draw_ids=draw_ids, teacher_tail_entropy=entropy)
+        return arrays

@@ -95,7 +95,8 @@ def chunked_regularized_loss(
     denom = torch.as_tensor(n if num_items is None else num_items, device=hidden.device).clamp_min(1).float()
     spec = _Spec(estimator if teacher is not None else None, float(reg_weight), chunk_size,
                  _compute_dtype(hidden, lm_head_weight), torch.is_grad_enabled())
-    arrays = (teacher.topk_ids.long(), teacher.topk_logprobs, teacher.target_logprob) if teacher is not None else (None,) * 3
+    arrays = ((teacher.topk_ids.long(), teacher.topk_logprobs, teacher.target_logprob, teacher.draw_ids, teacher.tail_entropy)
+              if teacher is not None else (None,) * 5)
     loss, ce_sum, kl_sum, decomposition = _ChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, targets, *arrays, denom, spec)
     count = max(n, 1)
     return LossParts(loss=loss, ce=ce_sum / count, regularizer=kl_sum / count, penalty=ce_sum.new_zeros(()), n_tokens=n,
@@ -131,7 +132,7 @@ class _ChunkedLoss(torch.autograd.Function):
     """Forward: loss, CE sum, KL sum, with the input gradients computed on the way; backward: scale them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ids, a_S, a_y, denom, spec: _Spec):
+    def forward(ctx, hidden, weight, bias, targets, ids, a_S, a_y, draw_ids, tail_entropy, denom, spec: _Spec):
         want = [spec.need_grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
         grad_h = torch.empty_like(hidden) if want[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want[1] else None
@@ -143,7 +144,8 @@ class _ChunkedLoss(torch.autograd.Function):
             for start in range(0, hidden.shape[0], spec.chunk_size):
                 rows = slice(start, start + spec.chunk_size)
                 x = hidden[rows].to(spec.compute_dtype)
-                teacher = CachedTeacher(ids[rows], a_S[rows], a_y[rows]) if ids is not None else None
+                teacher = None if ids is None else CachedTeacher(
+                    ids[rows], a_S[rows], a_y[rows], *(t[rows] if t is not None else None for t in (draw_ids, tail_entropy)))
                 ce, kl, decomposition, grad = _chunk(x, w, b, targets[rows], teacher, denom, spec, any(want))
                 sums += torch.cat([torch.stack([ce, kl]), decomposition])
                 if grad is None:
@@ -165,7 +167,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_decomposition):
         grads = [g.mul(grad_loss).to(dtype) if want else None
                  for g, want, dtype in zip(ctx.saved_tensors, ctx.want, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 # --- one chunk ------------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def _chunk(x, w, b, targets, teacher, denom, spec: _Spec, want_grad: bool):
     z = logits.float()
     del logits  # the fp32 copy is all we need (the same tensor when the compute dtype is float32)
     y = targets[:, None]
-    ids = teacher.topk_ids if teacher is not None else targets.new_zeros(targets.shape[0], 0)
+    ids = teacher.gathered_ids(spec.estimator) if teacher is not None else targets.new_zeros(targets.shape[0], 0)
     has_tail = ids.shape[-1] < z.shape[-1] - 1
     z_S, z_y = z.gather(-1, ids), z.gather(-1, y).squeeze(-1)
     rest_ids = torch.cat([ids, y], -1)

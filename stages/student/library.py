@@ -34,7 +34,7 @@ from stages.student.loss_mixin import CacheLossMixin, batch_loss
 from stages.student.methods import Method, as_method, build_penalty
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import CacheTrainer, dataset_columns
-from storage_schemas import Manifest
+from storage_schemas import ENCODINGS, Manifest, get_encoding
 from storage_schemas.remote import local_cache_copy
 
 __all__ = ["CachedExamples", "load_cache", "CacheLossMixin", "CacheTrainer", "batch_loss", "build_penalty"]
@@ -55,6 +55,24 @@ class CachedExamples:
     allow_model_mismatch: bool = False
 
 
+def check_draws(method: Method, manifest, k: int, where: str) -> None:
+    """Refuse a method that reads tail draws on a cache without them, or with train.k below the cache's k
+    (the draws come from outside the cache's k tokens: a smaller head would leave tokens in neither)."""
+    if not method.needs_draws:
+        return
+    encoding = get_encoding(manifest.settings.encoding)
+    if not encoding.has_draws:
+        drawn = sorted(name for name, e in ENCODINGS.items() if e.has_draws)
+        raise ValueError(f"{where}: train.method={method.name!r} reads the teacher's tail draws, but this cache's "
+                         f"encoding {encoding.name!r} has none. Write a cache with one that has (cache.encoding: "
+                         f"{', '.join(drawn)}) in its own cache.dir, e.g. `cache-teacher --config F cache.dir=runs/drawn/cache "
+                         f"cache.encoding={drawn[0]}`.")
+    if k not in (0, manifest.settings.k):
+        raise ValueError(f"{where}: train.k={k} with train.method={method.name!r}: the cache's draws come from outside "
+                         f"its k={manifest.settings.k} tokens, so the head cannot be cut; use train.k=0 (all) or a "
+                         "cache written with the k you want.")
+
+
 def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, method: Method | str = "tail", *, k: int = 0,
                streaming: bool = False, allow_model_mismatch: bool = False, local_dir: str = "") -> CachedExamples:
     """The cached examples of `cache_dir` for training the base model in `model_dir` with `method`.
@@ -68,6 +86,7 @@ def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, metho
     method = as_method(method)
     local = local_cache_copy(str(cache_dir), local_dir)
     manifest = open_cache(local, model_dir, allow_model_mismatch=allow_model_mismatch)
+    check_draws(method, manifest, k, str(cache_dir))
     dataset = load_cache_dataset(local, manifest, streaming=streaming,
                                  columns=dataset_columns(method, manifest.settings.encoding))
     collator = CacheCollator(pad_token_id(model_dir), manifest.settings.k, with_teacher=method.reads_cache,

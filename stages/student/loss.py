@@ -19,10 +19,12 @@ import torch.nn.functional as F
 
 __all__ = [
     "CachedTeacher", "log1mexp", "cached_kl", "live_masked_kl", "regularized_loss", "LossParts", "CACHED_ESTIMATORS",
-    "StudentStats", "student_stats", "kl_from_stats", "binary_kl", "decomposition_sums",
+    "StudentStats", "student_stats", "kl_from_stats", "binary_kl", "decomposition_sums", "sampled_tail_kl",
+    "DRAW_ESTIMATORS",
 ]
 
-CACHED_ESTIMATORS = ("tail", "topk", "full_kl")
+CACHED_ESTIMATORS = ("tail", "topk", "full_kl", "sampled_tail")
+DRAW_ESTIMATORS = ("sampled_tail",)  # the estimators that read the tail draws (caches of an encoding with tail_draws)
 _LN_HALF = -math.log(2.0)
 
 
@@ -33,14 +35,29 @@ class CachedTeacher:
     topk_ids:       [N, k] long   non-target ids, descending teacher probability
     topk_logprobs:  [N, k] float  their teacher log-probs a_S (full-vocabulary, not renormalized)
     target_logprob: [N]    float  teacher log-prob of the target, a_y
+    draw_ids:       [N, m] long   ids drawn i.i.d. from the teacher's tail p(v) / R_T, v not in S + {y}
+                                  (caches with tail draws; `sampled_tail`), else None
+    tail_entropy:   [N]    float  the entropy of that within-tail distribution, nats (with draw_ids)
     """
 
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     target_logprob: torch.Tensor
+    draw_ids: torch.Tensor | None = None
+    tail_entropy: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "CachedTeacher":
-        return CachedTeacher(*(t.to(device, non_blocking=True) for t in (self.topk_ids, self.topk_logprobs, self.target_logprob)))
+        return CachedTeacher(*(t.to(device, non_blocking=True) if t is not None else None for t in
+                               (self.topk_ids, self.topk_logprobs, self.target_logprob, self.draw_ids, self.tail_entropy)))
+
+    def gathered_ids(self, estimator: str | None) -> torch.Tensor:
+        """[N, k (+ m)] long: the ids whose student logits `estimator` reads (the head, then the draws)."""
+        if estimator in DRAW_ESTIMATORS:
+            if self.draw_ids is None or self.tail_entropy is None:
+                raise ValueError(f"estimator {estimator!r} needs the cache's tail draws: a cache written with an encoding "
+                                 "that has tail_draws (e.g. cache.encoding=topk_idd_rel4q112_draws16)")
+            return torch.cat([self.topk_ids.long(), self.draw_ids.long()], -1)
+        return self.topk_ids.long()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +103,7 @@ class StudentStats:
     (stages/student/fused_loss.py) can differentiate them on small tensors and expand the gradient
     to the logits itself: d/dz of a log-sum-exp is a softmax over the same ids.
 
-    z_S         [N, k] the logits of the cached ids S
+    z_S         [N, k] the logits of the cached ids S (sampled_tail: [N, k + m], S then the draws)
     z_y         [N]    the target's logit
     log_Z       [N]    log-sum-exp over the whole vocabulary (full_kl, CE), else None
     log_Z_S     [N]    log-sum-exp over v != y, the non-target normalizer (tail, topk), else None
@@ -112,12 +129,12 @@ def student_stats(z: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, est
         raise ValueError(f"estimator {estimator!r} is not a cache estimator; choose from {CACHED_ESTIMATORS}")
     y = targets[:, None]
     has_tail = ids.shape[-1] < z.shape[-1] - 1
-    need_rest = has_tail and estimator in ("tail", "full_kl")
+    need_rest = has_tail and estimator in ("tail", "full_kl")  # sampled_tail reads log_Z_S only
     return StudentStats(
         z_S=z.gather(-1, ids), z_y=z.gather(-1, y).squeeze(-1),
         log_Z=z.logsumexp(-1) if with_log_Z or estimator == "full_kl" else None,
         # Student non-target normalizer straight from the logits: exact even when q_y rounds to 1.
-        log_Z_S=_logsumexp_without(z, y) if estimator in ("tail", "topk") else None,
+        log_Z_S=_logsumexp_without(z, y) if estimator in ("tail", "topk", "sampled_tail") else None,
         log_Z_rest=_logsumexp_without(z, torch.cat([ids, y], -1)) if need_rest else None,
         has_tail=has_tail,
     )
@@ -132,8 +149,10 @@ def cached_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher: Cach
             and a lower bound of the exact masked KL otherwise (log-sum inequality).
     topk    masked KL with both distributions renormalized over S alone (biased; for comparison).
     full_kl ordinary, unmasked KL(p || q) over the categories S + {y} + rest.
+    sampled_tail  masked KL over S exactly, plus the tail term estimated from the m cached draws (unbiased:
+            `sampled_tail_kl`); needs a cache with tail draws.
     """
-    stats = student_stats(student_logits.float(), targets, teacher.topk_ids.long(), estimator)
+    stats = student_stats(student_logits.float(), targets, teacher.gathered_ids(estimator), estimator)
     return kl_from_stats(stats, teacher, estimator)
 
 
@@ -144,6 +163,9 @@ def kl_from_stats(s: StudentStats, teacher: CachedTeacher, estimator: str) -> to
         return _full_kl(s, a_S, a_y)
     lq_S = s.z_S - s.log_Z_S[:, None]
     lp_S = a_S - _teacher_nontarget_logmass(a_S, a_y)[:, None]
+    if estimator == "sampled_tail":
+        k = a_S.shape[-1]
+        return sampled_tail_kl(lp_S, lq_S[:, :k], lq_S[:, k:], teacher.tail_entropy.float())
     if estimator == "topk":
         lp_hat = lp_S - lp_S.logsumexp(-1, keepdim=True)
         lq_hat = lq_S - lq_S.logsumexp(-1, keepdim=True)
@@ -154,6 +176,29 @@ def kl_from_stats(s: StudentStats, teacher: CachedTeacher, estimator: str) -> to
     log_R_T = log1mexp(lp_S.logsumexp(-1))
     log_R_S = s.log_Z_rest - s.log_Z_S
     return kl_S + _xlogy_ratio(log_R_T, log_R_S)
+
+
+def sampled_tail_kl(lp_S: torch.Tensor, lq_S: torch.Tensor, lq_draws: torch.Tensor, tail_entropy: torch.Tensor) -> torch.Tensor:
+    """The masked KL D with its tail term estimated from draws: exact over S, unbiased over the tail.
+
+    lp_S, lq_S [N, k]: teacher / student log p~ of the cached ids (renormalized over v != y); lq_draws
+    [N, m]: student log q~ of m ids drawn i.i.d. from the teacher's within-tail distribution p_T(v) =
+    p~_v / R_T (v outside S + {y}, R_T = 1 - sum_S p~); tail_entropy [N]: H_T = -sum_T p_T log p_T (nats).
+    Returns [N] float32:
+
+        D^ = sum_S p~ log(p~ / q~) + R_T (log R_T - H_T - (1/m) sum_j log q~_{v_j})
+
+    Since sum_T p~ log p~ = R_T (log R_T - H_T), E[D^] = D exactly (for the teacher as cached: a quantized
+    head's R_T = 1 - sum_S p~ is the cached one, the tail's shape the engine's); its gradient w.r.t. the student
+    logits is q~ - w with w = p~ on S and R_T x (draw count / m) on the draws, so the tail gets the teacher's
+    shape in expectation where the `tail` bucket only fixes its total. Variance over the draws, for a fixed
+    student: R_T^2 Var_{v ~ p_T}(log q~_v) / m. (Sparse-logit sampling: Anshumann et al., ACL 2025.)
+    """
+    kl_S = _xlogy_ratio(lp_S, lq_S).sum(-1)
+    log_R_T = log1mexp(lp_S.logsumexp(-1))
+    R_T = log_R_T.exp()
+    inner = torch.where(R_T > 0, log_R_T - tail_entropy, torch.zeros_like(R_T)) - lq_draws.mean(-1)
+    return kl_S + R_T * inner
 
 
 def _full_kl(s: StudentStats, a_S: torch.Tensor, a_y: torch.Tensor) -> torch.Tensor:

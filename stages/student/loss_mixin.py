@@ -63,7 +63,8 @@ def labelled_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 
 def _cached_teacher(inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> CachedTeacher:
-    teacher = CachedTeacher(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"], inputs["teacher_target_logprob"])
+    teacher = CachedTeacher(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"], inputs["teacher_target_logprob"],
+                            inputs.get("teacher_draw_ids"), inputs.get("teacher_tail_entropy"))
     if teacher.target_logprob.shape[0] != targets.shape[0]:
         raise ValueError(f"{targets.shape[0]} labelled positions but {teacher.target_logprob.shape[0]} cached ones")
     return teacher

@@ -16,6 +16,7 @@ a reverse KL that way, and trains and sweeps it).
     tail     cache    per-token masked KL, tail bucket (default)  kl         a lower bound; exact at k = |V|-1
     topk     cache    per-token KL renormalized over the k ids    kl         biased; for comparison
     full_kl  cache    per-token unmasked KL(p || q)               kl
+    sampled_tail cache per-token masked KL, S exact + tail drawn  kl         unbiased; needs a cache with tail draws
     live     live     per-token exact masked KL                   kl         not with pissa/olora; no fused loss
     none     -        nothing (plain LoRA)                        kl (= 0)
     l2       -        1/2 sum (theta - theta0)^2, once per step   penalty
@@ -66,6 +67,7 @@ class Method:
     requires          train.* settings that must be set (non-empty) for it
     estimates         what the regularizer equals at k = |V|-1: "masked_kl" (D), "full_kl" (unmasked
                       KL), or "" (anything else); the approximation study measures the first two
+    needs_draws       reads the cache's tail draws: needs a cache of an encoding with tail_draws (and all its k)
     """
 
     name: str
@@ -77,6 +79,7 @@ class Method:
     refusal: str = ""
     requires: tuple[str, ...] = ()
     estimates: str = ""
+    needs_draws: bool = False
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:
@@ -191,9 +194,9 @@ def _cached_kl(student_logits: torch.Tensor, targets: torch.Tensor, teacher: Any
     return cached_kl(student_logits, targets, teacher, estimator=estimator)
 
 
-def _cached(estimator: str, estimates: str) -> Method:
+def _cached(estimator: str, estimates: str, needs_draws: bool = False) -> Method:
     return Method(estimator, teacher="cache", regularizer=functools.partial(_cached_kl, estimator=estimator),
-                  fused_estimator=estimator, estimates=estimates)
+                  fused_estimator=estimator, estimates=estimates, needs_draws=needs_draws)
 
 
 def _l2_penalty(train: Any, model: torch.nn.Module, model_dir: str) -> WeightPenalty:
@@ -216,6 +219,7 @@ for _method in (
     _cached("tail", "masked_kl"),
     _cached("topk", "masked_kl"),
     _cached("full_kl", "full_kl"),
+    _cached("sampled_tail", "masked_kl", needs_draws=True),
     Method("none"),
     Method("live", teacher="live", regularizer=_live_masked_kl, refused_variants=MUTATES_BASE,
            refusal=_LIVE_REFUSAL, estimates="masked_kl"),

@@ -31,7 +31,7 @@ __all__ = ["open_cache", "load_cache_dataset", "check_tokenizer", "check_teacher
 
 # Which token selections this reader (and the collator's layout) understands; a cache written with
 # another selection (e.g. a future "sampled_nontarget" with weights) is refused by name.
-SUPPORTED_SELECTIONS = ("topk_nontarget",)
+SUPPORTED_SELECTIONS = ("topk_nontarget", "topk_nontarget+tail_draws")
 
 
 def _differences(group: str, cached: dict, student: dict, keys: Sequence[str]) -> list[str]:

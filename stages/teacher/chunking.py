@@ -70,20 +70,33 @@ def chunk_rows(vocab_size: int, device: torch.device | str, budget_bytes: int | 
 
 
 def pooled_topk_rows(hidden: torch.Tensor, targets: torch.Tensor, compute_logits: Callable[[torch.Tensor], torch.Tensor],
-                     num_top: int, rows: int) -> torch.Tensor:
+                     num_top: int, rows: int, draws: int = 0, draw_seed: int = 0, keys: torch.Tensor | None = None,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """The vLLM top-k pooler's chunk loop (stages/teacher/vllm_topk_model.py).
 
     hidden [N, H]: final hidden states, one per scored position; targets [N] (integer): the token each
     position predicts; compute_logits: [n, H] -> [n, V] logits; rows: positions per chunk. Returns [N,
     2*num_top+1] float32 on hidden's device: per position the top `num_top` ids (int32 bits), their
-    float32 log-softmax values (descending), and the target's log-softmax value."""
+    float32 log-softmax values (descending), and the target's log-softmax value. With `draws` m > 0, m + 1
+    more columns: the ids drawn from the tail outside the num_top - 1 largest non-target tokens (int32
+    bits) and the tail's entropy (stages/teacher/tail_draws.py; keys, positions [N]: each position's draw
+    key and index in its sequence)."""
+    from stages.teacher.select import select_nontarget_topk_torch
+    from stages.teacher.tail_draws import tail_draws
+
     parts = []
     for start in range(0, hidden.shape[0], rows):
         stop = min(start + rows, hidden.shape[0])
         logprobs = compute_logits(hidden[start:stop]).log_softmax(-1, dtype=torch.float32)
         values, ids = logprobs.topk(num_top, dim=-1)
-        target = logprobs.gather(-1, targets[start:stop, None].long())
-        parts.append(torch.cat([ids.to(torch.int32).view(torch.float32), values, target], dim=1))
+        chunk_targets = targets[start:stop].long()
+        target = logprobs.gather(-1, chunk_targets[:, None])
+        part = [ids.to(torch.int32).view(torch.float32), values, target]
+        if draws:
+            head, _ = select_nontarget_topk_torch(ids, values, chunk_targets, num_top - 1)
+            draw_ids, entropy = tail_draws(logprobs, chunk_targets, head, keys[start:stop], positions[start:stop], draws, draw_seed)
+            part += [draw_ids.view(torch.float32), entropy[:, None]]
+        parts.append(torch.cat(part, dim=1))
     if not parts:
-        return hidden.new_zeros((0, 2 * num_top + 1), dtype=torch.float32)
+        return hidden.new_zeros((0, 2 * num_top + 1 + (draws + 1 if draws else 0)), dtype=torch.float32)
     return torch.cat(parts)

@@ -36,7 +36,8 @@ class TeacherEngine(Protocol):
     name: str
     vocab_size: int  # rows of the output layer (may exceed the tokenizer's length)
 
-    def score(self, sequences: list[np.ndarray]) -> list[PositionScores]: ...
+    # keys: one integer per sequence (the example id), the tail draws' key; required when opened with draws
+    def score(self, sequences: list[np.ndarray], keys: list[int] | None = None) -> list[PositionScores]: ...
 
     def close(self) -> None: ...
 
@@ -48,6 +49,8 @@ def open_engine(
     dtype: str = "float32",
     max_length: int = 512,
     batch_tokens: int = 32768,
+    draws: int = 0,
+    draw_seed: int = 0,
     **engine_kwargs,
 ) -> TeacherEngine:
     """Validate the request, then start engine `name` on the model in `model_dir`.
@@ -55,7 +58,8 @@ def open_engine(
     Raises ValueError (naming the problem) for an unknown engine or dtype, a k outside
     1..vocab_size-1 (k = vocab_size-1 is the exact mode: every non-target token), or a max_length
     beyond the model's positions; FileNotFoundError / ValueError naming the path for a missing or
-    unreadable model directory.
+    unreadable model directory. `draws` > 0: each position also gets that many ids drawn from the
+    teacher's tail with seed `draw_seed` (stages/teacher/tail_draws.py; `score` then needs `keys`).
     """
     if name not in ENGINES:
         raise ValueError(f"unknown teacher engine {name!r}; known engines: {', '.join(ENGINES)}")
@@ -77,4 +81,8 @@ def open_engine(
                          f"{max_positions} ({model_dir})")
     module_name, class_name = ENGINES[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
+    if draws < 0:
+        raise ValueError(f"draws: must be >= 0, got {draws}")
+    if draws:
+        engine_kwargs.update(draws=draws, draw_seed=draw_seed)
     return cls(str(model_dir), k, dtype, max_length, batch_tokens, vocab_size=vocab_size, **engine_kwargs)

@@ -20,6 +20,7 @@ import torch
 from stages.teacher.chunking import chunk_rows, element_bytes
 from stages.teacher.scores import PositionScores, check_sequences
 from stages.teacher.select import select_nontarget_topk_torch
+from stages.teacher.tail_draws import DRAW_ELEMENT_BYTES, check_keys, tail_draws
 from stages.teacher.topk_kernel import kernel_available, topk_logsumexp
 
 __all__ = ["HFEngine"]
@@ -34,10 +35,11 @@ class HFEngine:
 
     def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
                  batch_tokens: int = 32768, *, vocab_size: int, device: str | None = None,
-                 chunk_bytes: int | None = None, topk_kernel: bool | None = None):
+                 chunk_bytes: int | None = None, topk_kernel: bool | None = None, draws: int = 0, draw_seed: int = 0):
         from transformers import AutoModelForCausalLM
 
         self.k, self.max_length, self.batch_tokens = k, max_length, batch_tokens
+        self.draws, self.draw_seed = draws, draw_seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_TORCH_DTYPES[dtype])
         self.model.to(self.device).eval()
@@ -54,8 +56,9 @@ class HFEngine:
         # Positions per output-layer chunk: `chunk_bytes` (default: the device's budget) over the bytes
         # per position of the [chunk, vocab] buffers: the logits, plus off the kernel a float32 copy
         # and the float32 log-softmax; the kernel reads the model-dtype logits alone.
+        per_element = element_bytes(_TORCH_DTYPES[dtype], log_softmax=not self.use_kernel or draws > 0)
         self.chunk_positions = chunk_rows(self.vocab_size, self.device, chunk_bytes,
-                                          element_bytes(_TORCH_DTYPES[dtype], log_softmax=not self.use_kernel))
+                                          per_element + (DRAW_ELEMENT_BYTES if draws else 0))
         self._check_split_forward(dtype)
 
     def close(self) -> None:
@@ -63,12 +66,14 @@ class HFEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def score(self, sequences: list[np.ndarray]) -> list[PositionScores]:
-        """One PositionScores per sequence, in input order."""
+    def score(self, sequences: list[np.ndarray], keys: list[int] | None = None) -> list[PositionScores]:
+        """One PositionScores per sequence, in input order; `keys` (one per sequence, e.g. the example id)
+        key the tail draws of an engine opened with draws."""
         sequences = check_sequences(sequences, self.max_length, self.vocab_size)
+        keys = check_keys(keys, len(sequences), self.draws)
         results: list[PositionScores | None] = [None] * len(sequences)
         for batch in self._batches(sequences):
-            for i, scores in zip(batch, self._score_batch([sequences[i] for i in batch])):
+            for i, scores in zip(batch, self._score_batch([sequences[i] for i in batch], [keys[i] for i in batch])):
                 results[i] = scores
         return results
 
@@ -86,7 +91,7 @@ class HFEngine:
         return batches
 
     @torch.no_grad()
-    def _score_batch(self, sequences: list[np.ndarray]) -> list[PositionScores]:
+    def _score_batch(self, sequences: list[np.ndarray], keys: list[int]) -> list[PositionScores]:
         lengths = [len(s) for s in sequences]
         ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
         for row, seq in enumerate(sequences):
@@ -104,9 +109,12 @@ class HFEngine:
             hidden, targets = hidden[scored], torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]
         else:  # row-major either way; slicing avoids the boolean index (a device sync)
             hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
-        ids_k, lp_k, target_lp = self._top_logprobs(hidden, targets)
+        # Each position's draw key and index within its sequence, in the same row-major order.
+        position_keys = torch.tensor(np.repeat(keys, [n - 1 for n in lengths]), dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n - 1, device=self.device) for n in lengths])
+        arrays = self._top_logprobs(hidden, targets, position_keys, positions)
         bounds = np.cumsum([0] + [n - 1 for n in lengths])
-        return [PositionScores(ids_k[a:b], lp_k[a:b], target_lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [PositionScores(*(x[a:b] if x is not None else None for x in arrays)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     # --- output layer in chunks ----------------------------------------------------------------
 
@@ -120,11 +128,12 @@ class HFEngine:
         scale = getattr(self.model, "logit_scale", None)  # e.g. Cohere
         return logits.float() * scale if isinstance(scale, (int, float)) else logits
 
-    def _top_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor):
-        """The k largest non-target (ids int32, log-probs) [N, k] and the target log-probs [N] as
-        numpy arrays, one chunk of positions at a time. Selection happens on the device and results
-        stay there until the end: one transfer, no synchronization per chunk."""
-        top_ids, top_lp, target_lp = [], [], []
+    def _top_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor):
+        """The k largest non-target (ids int32, log-probs) [N, k], the target log-probs [N], and with draws
+        the tail draws [N, m] and tail entropies [N] (else None, None), as numpy arrays, one chunk of positions
+        at a time. Selection happens on the device and results stay there until the end: one transfer, no
+        synchronization per chunk."""
+        top_ids, top_lp, target_lp, draw_ids, entropy = [], [], [], [], []
         for start in range(0, hidden.shape[0], self.chunk_positions):
             chunk = slice(start, start + self.chunk_positions)
             logits = self._logits(hidden[chunk])
@@ -133,6 +142,7 @@ class HFEngine:
                 values, indices, lse = topk_logsumexp(logits, self.k + 1)
                 values = values - lse[:, None]
                 target_lp.append(logits.gather(1, chunk_targets)[:, 0].float() - lse)
+                logprobs = logits.float() - lse[:, None] if self.draws else None
             else:
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 values, indices = logprobs.topk(self.k + 1, dim=-1, sorted=True)
@@ -140,9 +150,15 @@ class HFEngine:
             ids_k, lp_k = select_nontarget_topk_torch(indices, values, chunk_targets[:, 0], self.k)
             top_ids.append(ids_k)
             top_lp.append(lp_k)
+            if self.draws:
+                ids_d, h_d = tail_draws(logprobs, chunk_targets[:, 0], ids_k, keys[chunk], positions[chunk], self.draws, self.draw_seed)
+                draw_ids.append(ids_d)
+                entropy.append(h_d)
         if not top_ids:
-            return np.empty((0, self.k), np.int32), np.empty((0, self.k), np.float32), np.empty(0, np.float32)
-        return tuple(torch.cat(parts).cpu().numpy() for parts in (top_ids, top_lp, target_lp))
+            empty = (np.empty((0, self.draws), np.int32), np.empty(0, np.float32)) if self.draws else (None, None)
+            return np.empty((0, self.k), np.int32), np.empty((0, self.k), np.float32), np.empty(0, np.float32), *empty
+        parts = (top_ids, top_lp, target_lp) + ((draw_ids, entropy) if self.draws else ())
+        return (*(torch.cat(p).cpu().numpy() for p in parts), *((None, None) if not self.draws else ()))
 
     @torch.no_grad()
     def _check_split_forward(self, dtype: str) -> None:

@@ -21,6 +21,8 @@ class PositionScores:
     topk_ids: np.ndarray        # [T-1, k] int32, non-target ids, descending teacher probability
     topk_logprobs: np.ndarray   # [T-1, k] float32, full-vocabulary log-softmax (not renormalized)
     target_logprob: np.ndarray  # [T-1] float32, log p(token i+1) at position i
+    tail_draw_ids: np.ndarray | None = None  # [T-1, m] int32, ids drawn from the tail (engines opened with draws)
+    tail_entropy: np.ndarray | None = None   # [T-1] float32, nats: the within-tail distribution's entropy
 
 
 def read_model_config(model_dir: str) -> dict:

@@ -27,7 +27,7 @@ from stages.teacher.scores import PositionScores
 from stages.teacher.settings import CacheConfig
 from stages.teacher.shard_writer import ShardWriter
 from stages.teacher.value_checks import check_teacher_scores
-from storage_schemas import CacheSettings, DatasetFingerprint, EngineInfo, Manifest
+from storage_schemas import CacheSettings, DatasetFingerprint, EngineInfo, Manifest, get_encoding
 from storage_schemas.fingerprints import files_sha256, model_vocab_size, teacher_fingerprint, tokenizer_fingerprint
 from storage_schemas.shard_io import ShardRow
 
@@ -169,6 +169,8 @@ def _to_row(example: Example, scores: PositionScores, source: str) -> ShardRow:
     row = ShardRow(
         example_id=example.example_id, input_ids=example.input_ids, loss_mask=keep,
         target_logprob=scores.target_logprob[keep], topk_ids=scores.topk_ids[keep], topk_logprobs=scores.topk_logprobs[keep],
+        tail_draw_ids=scores.tail_draw_ids[keep] if scores.tail_draw_ids is not None else None,
+        tail_entropy=scores.tail_entropy[keep] if scores.tail_entropy is not None else None,
     )
     check_teacher_scores(row, source)  # before the writer sees it: a NaN (fp16 overflow) is never stored
     return row
@@ -177,7 +179,7 @@ def _to_row(example: Example, scores: PositionScores, source: str) -> ShardRow:
 def score_shard(engine, examples: list[Example], batch_tokens: int, bar: tqdm, source: str) -> list[ShardRow]:
     rows = []
     for batch in _batches_by_tokens(examples, batch_tokens):
-        scores = engine.score([e.input_ids for e in batch])
+        scores = engine.score([e.input_ids for e in batch], keys=[e.example_id for e in batch])
         rows.extend(_to_row(e, s, source) for e, s in zip(batch, scores))
         bar.update(sum(len(e.input_ids) for e in batch))
         bar.set_postfix(examples=f"{rows[-1].example_id + 1}", refresh=False)
@@ -190,8 +192,10 @@ def open_teacher_engine(job: TeacherJob):
              "gpu_memory_utilization": cache.gpu_memory_utilization} if cache.engine == "vllm" else {}
     if cache.engine == "vllm":  # teachers larger than one GPU: passed to vllm.LLM as is
         extra.update(tensor_parallel_size=cache.tensor_parallel_size, pipeline_parallel_size=cache.pipeline_parallel_size)
+    encoding = get_encoding(cache.encoding)
     return open_engine(cache.engine, job.model, k=cache.k, dtype=cache.dtype, max_length=job.data.max_length,
-                       batch_tokens=max(cache.batch_tokens, job.data.max_length), **extra)
+                       batch_tokens=max(cache.batch_tokens, job.data.max_length), draws=encoding.tail_draws,
+                       draw_seed=encoding.draw_seed, **extra)
 
 
 def write_shards(engine, job: TeacherJob, examples: list[Example], todo: list[int], manifest: Manifest) -> tuple[int, float]:

@@ -17,7 +17,9 @@ is reported, at its first failing position):
 5. the k log-probs non-increasing (descending teacher probability; ties allowed);
 6. p(target) + sum of the k top-k probabilities <= 1 + MASS_TOLERANCE (1e-4): probabilities of
    distinct tokens; float32 log-probs of k+1 tokens sum to 1 within ~1e-6, so 1e-4 only catches
-   values not normalized over the vocabulary.
+   values not normalized over the vocabulary;
+7. (encodings with tail draws) no draw equal to the target;
+8. (ditto) the tail entropy finite and >= 0.
 """
 from __future__ import annotations
 
@@ -64,7 +66,17 @@ def _failures(row: ShardRow) -> list[tuple[str, np.ndarray, str]]:
             (f"p(target) + sum of top-k p above 1 + {MASS_TOLERANCE:g}",
              np.exp(target) + np.exp(topk).sum(axis=1) > 1 + MASS_TOLERANCE,
              "the log-probs are not normalized over the vocabulary"),
+            *_draw_failures(row, targets),
         ]
+
+
+def _draw_failures(row: ShardRow, targets: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
+    """Checks 7-8, for encodings with tail draws: no draw equal to the target; a finite tail entropy >= 0."""
+    if row.tail_draw_ids is None:
+        return []
+    entropy = np.asarray(row.tail_entropy, np.float64)
+    return [("a tail draw equal to the target", (np.asarray(row.tail_draw_ids) == targets[:, None]).any(axis=1), _ENGINE_HINT),
+            ("a tail entropy that is not finite and >= 0", ~(np.isfinite(entropy) & (entropy >= 0)), _ENGINE_HINT)]
 
 
 def check_teacher_scores(row: ShardRow, source: str) -> None:
@@ -81,7 +93,8 @@ def check_teacher_scores(row: ShardRow, source: str) -> None:
         `source`, the example id, the position (token index i, predicting token i+1), the values
         there, how many of the example's trained positions fail, and a hint.
     """
-    row.check(np.asarray(row.topk_ids).shape[-1])
+    draws = np.shape(row.tail_draw_ids)[-1] if row.tail_draw_ids is not None else 0
+    row.check(np.asarray(row.topk_ids).shape[-1], draws)
     positions = np.flatnonzero(np.asarray(row.loss_mask, bool))
     for what, bad, hint in _failures(row):
         if bad.any():

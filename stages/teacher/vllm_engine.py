@@ -35,6 +35,7 @@ import numpy as np
 from stages.teacher.orphan_guard import guard_descendants
 from stages.teacher.scores import PositionScores, check_sequences, read_model_config
 from stages.teacher.select import select_nontarget_topk
+from stages.teacher.tail_draws import check_keys
 
 __all__ = ["VLLMEngine", "OUTPUTS", "llm_kwargs", "topk_from_prompt_logprobs", "topk_from_pooler"]
 
@@ -55,7 +56,12 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, k: int, dtype: str = "float32", max_length: int = 512,
                  batch_tokens: int = 32768, *, vocab_size: int, output: str = "pooler", kv_cache_gib: float = 1.0,
-                 gpu_memory_utilization: float = 0.85, chunk_bytes: int | None = None, **extra_llm_kwargs):
+                 gpu_memory_utilization: float = 0.85, chunk_bytes: int | None = None, draws: int = 0,
+                 draw_seed: int = 0, **extra_llm_kwargs):
+        if draws and output != "pooler":
+            raise ValueError(f"cache.vllm_output={output!r} cannot make tail draws (an encoding with tail_draws: the "
+                             "sampled_tail columns): vLLM's prompt_logprobs returns the top entries only, not the whole "
+                             "distribution the draws come from. Use cache.vllm_output=pooler (the default) or cache.engine=hf.")
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:
@@ -63,7 +69,7 @@ class VLLMEngine:
                               f"'gpu') or use the 'hf' engine") from err
 
         self.k, self.max_length, self.batch_tokens, self.output = k, max_length, batch_tokens, output
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes, self.draws, self.draw_seed = chunk_bytes, draws, draw_seed
         kwargs = {**llm_kwargs(model_dir, output, k, dtype, max_length, kv_cache_gib, gpu_memory_utilization),
                   **extra_llm_kwargs}
         # vLLM refuses a prompt as long as max_model_len (it must leave room for the one token it
@@ -85,25 +91,30 @@ class VLLMEngine:
         self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k + 1,
                                      detokenize=False, flat_logprobs=True)
 
-    def score(self, sequences: list[np.ndarray]) -> list[PositionScores]:
-        """One PositionScores per sequence, in input order; ~batch_tokens tokens per generate call."""
+    def score(self, sequences: list[np.ndarray], keys: list[int] | None = None) -> list[PositionScores]:
+        """One PositionScores per sequence, in input order; ~batch_tokens tokens per generate call. `keys`
+        (one per sequence, e.g. the example id) key the tail draws of an engine opened with draws."""
         from vllm.inputs import TokensPrompt
 
         sequences = check_sequences(sequences, self.max_length, self.vocab_size)
+        keys = check_keys(keys, len(sequences), self.draws)
         results: list[PositionScores] = []
+        start = 0
         for group in _groups(sequences, self.batch_tokens):
+            group_keys, start = keys[start:start + len(group)], start + len(group)
             prompts = [TokensPrompt(prompt_token_ids=seq.tolist()) for seq in group]
             if self.output == "pooler":
                 from stages.teacher.vllm_topk_model import POOLING_TASK, pooling_params
 
-                outputs = self.llm.encode(prompts, pooling_params(self.k + 1, self.chunk_bytes), pooling_task=POOLING_TASK, use_tqdm=False)
-                tops = [topk_from_pooler(out.outputs.data, seq, self.k + 1) for seq, out in zip(group, outputs)]
+                params = [pooling_params(self.k + 1, self.chunk_bytes, self.draws, self.draw_seed, key) for key in group_keys]
+                outputs = self.llm.encode(prompts, params, pooling_task=POOLING_TASK, use_tqdm=False)
+                tops = [topk_from_pooler(out.outputs.data, seq, self.k + 1, self.draws) for seq, out in zip(group, outputs)]
             else:
                 outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
                 tops = [topk_from_prompt_logprobs(out.prompt_logprobs, seq, self.k + 1) for seq, out in zip(group, outputs)]
-            for seq, (top_ids, top_lp, target_lp) in zip(group, tops):
+            for seq, (top_ids, top_lp, target_lp, *draws) in zip(group, tops):
                 ids, lp = select_nontarget_topk(top_ids, top_lp, seq[1:], self.k)
-                results.append(PositionScores(ids, lp, target_lp))
+                results.append(PositionScores(ids, lp, target_lp, *draws))
         return results
 
     def close(self) -> None:
@@ -118,16 +129,17 @@ class VLLMEngine:
         gc.collect()
 
 
-def topk_from_pooler(packed, sequence: np.ndarray, num_top: int):
+def topk_from_pooler(packed, sequence: np.ndarray, num_top: int, draws: int = 0):
     """(top ids [T-1, num_top] int64, log-probs float32, target log-probs [T-1] float32) from the
-    top-k twin's pooler output for one sequence; ValueError if it does not cover every position."""
+    top-k twin's pooler output for one sequence, with `draws` also (draw ids [T-1, draws], tail
+    entropies [T-1]); ValueError if it does not cover every position."""
     from stages.teacher.vllm_topk_model import unpack
 
-    top_ids, top_lp, target_lp = unpack(packed, num_top)
-    if top_ids.shape[0] != len(sequence) - 1:
-        raise ValueError(f"vLLM's top-k pooler returned {top_ids.shape[0]} positions for a sequence of "
+    arrays = unpack(packed, num_top, draws)
+    if arrays[0].shape[0] != len(sequence) - 1:
+        raise ValueError(f"vLLM's top-k pooler returned {arrays[0].shape[0]} positions for a sequence of "
                          f"{len(sequence)} tokens (want {len(sequence) - 1})")
-    return top_ids, top_lp, target_lp
+    return arrays
 
 
 def topk_from_prompt_logprobs(prompt_logprobs, sequence: np.ndarray, num_top: int):

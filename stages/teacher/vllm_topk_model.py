@@ -31,6 +31,7 @@ from vllm import ModelRegistry
 from vllm.model_executor.layers.pooler.abstract import Pooler
 
 from stages.teacher.chunking import chunk_rows, element_bytes, pooled_topk_rows
+from stages.teacher.tail_draws import DRAW_ELEMENT_BYTES
 
 __all__ = ["PREFIX", "POOLING_TASK", "TopKWorkerExtension", "pooling_llm_kwargs", "pooling_params", "unpack"]
 
@@ -53,26 +54,35 @@ def pooling_llm_kwargs(architecture: str) -> dict:
     )
 
 
-def pooling_params(num_top: int, chunk_bytes: int | None = None):
+def pooling_params(num_top: int, chunk_bytes: int | None = None, draws: int = 0, draw_seed: int = 0, draw_key: int = 0):
     """Per-request parameters asking the twin's pooler for the top `num_top` entries; `chunk_bytes`:
-    the output layer's chunk budget (stages.teacher.chunking.chunk_rows; None: the device's default)."""
+    the output layer's chunk budget (stages.teacher.chunking.chunk_rows; None: the device's default);
+    `draws` > 0: also that many tail draws per position, keyed by (`draw_seed`, `draw_key`, position)."""
     from vllm import PoolingParams
 
     extra = {"num_top": int(num_top)}
+    if draws:
+        extra.update(draws=int(draws), draw_seed=int(draw_seed), draw_key=int(draw_key))
     if chunk_bytes is not None:
         extra["chunk_bytes"] = int(chunk_bytes)
     return PoolingParams(task=POOLING_TASK, extra_kwargs=extra)
 
 
-def unpack(packed: torch.Tensor, num_top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[P, 2*num_top+1] float32 pooler rows -> (top ids [P, num_top] int64, log-probs float32,
-    target log-probs [P] float32), as `topk_from_prompt_logprobs` returns them."""
+def unpack(packed: torch.Tensor, num_top: int, draws: int = 0) -> tuple[np.ndarray, ...]:
+    """[P, 2*num_top+1 (+ draws+1)] float32 pooler rows -> (top ids [P, num_top] int64, log-probs float32,
+    target log-probs [P] float32), as `topk_from_prompt_logprobs` returns them; with `draws` also
+    (tail draw ids [P, draws] int32, tail entropies [P] float32)."""
     packed = packed.contiguous()
-    if packed.ndim != 2 or packed.shape[1] != 2 * num_top + 1 or packed.dtype != torch.float32:
+    width = 2 * num_top + 1 + (draws + 1 if draws else 0)
+    if packed.ndim != 2 or packed.shape[1] != width or packed.dtype != torch.float32:
         raise ValueError(f"unexpected top-k pooler output: {tuple(packed.shape)} {packed.dtype}, "
-                         f"want [positions, {2 * num_top + 1}] float32")
+                         f"want [positions, {width}] float32")
     ids = packed[:, :num_top].view(torch.int32).numpy().astype(np.int64)
-    return ids, packed[:, num_top:2 * num_top].numpy(), packed[:, 2 * num_top].numpy()
+    out = (ids, packed[:, num_top:2 * num_top].numpy(), packed[:, 2 * num_top].numpy())
+    if not draws:
+        return out
+    first = 2 * num_top + 1
+    return (*out, packed[:, first:first + draws].contiguous().view(torch.int32).numpy(), packed[:, first + draws].numpy())
 
 
 class TopKWorkerExtension:
@@ -133,18 +143,26 @@ class TopKPooler(Pooler):
         # vLLM's runner fills only the CPU copy of the prompt ids (requires_token_ids above).
         token_ids = pooling_metadata.get_prompt_token_ids_cpu()
         out: list[torch.Tensor | None] = [None] * len(states)
-        groups: dict[int, list[int]] = {}  # num_top -> finished requests asking for it
+        groups: dict[tuple[int, int, int], list[int]] = {}  # (num_top, draws, seed) -> finished requests asking for it
         for i, (h, params) in enumerate(zip(states, pooling_metadata.pooling_params)):
             if h is not None:
-                groups.setdefault(_num_top(params), []).append(i)
-        for num_top, members in groups.items():
+                extra = params.extra_kwargs or {}
+                groups.setdefault((_num_top(params), int(extra.get("draws", 0)), int(extra.get("draw_seed", 0))), []).append(i)
+        for (num_top, draws, seed), members in groups.items():
             budgets = [(pooling_metadata.pooling_params[i].extra_kwargs or {}).get("chunk_bytes") for i in members]
             budget = min((b for b in budgets if b is not None), default=None)
             # Position t of a request predicts its token t+1: each contributes its first T-1 positions.
             hidden = torch.cat([states[i][:-1] for i in members])
             targets = torch.cat([token_ids[i][1:states[i].shape[0]] for i in members]).to(hidden.device)
             rows = chunk_rows(self.vocab_size, hidden.device, budget, element_bytes(hidden.dtype))
-            packed = pooled_topk_rows(hidden, targets, self.compute_logits, num_top, rows).cpu()
+            keys = positions = None
+            if draws:  # each position's draw key (its request's) and index within its request
+                lengths = [states[i].shape[0] - 1 for i in members]
+                keys = torch.cat([torch.full((n,), int(pooling_metadata.pooling_params[i].extra_kwargs["draw_key"]),
+                                             dtype=torch.long) for i, n in zip(members, lengths)]).to(hidden.device)
+                positions = torch.cat([torch.arange(n) for n in lengths]).to(hidden.device)
+                rows = chunk_rows(self.vocab_size, hidden.device, budget, element_bytes(hidden.dtype) + DRAW_ELEMENT_BYTES)
+            packed = pooled_topk_rows(hidden, targets, self.compute_logits, num_top, rows, draws, seed, keys, positions).cpu()
             for i, part in zip(members, packed.split([states[i].shape[0] - 1 for i in members])):
                 out[i] = part.clone()  # its own storage: a view would carry the whole batch along
         return out

@@ -2,19 +2,22 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from codec_promises import promise_violations, value_promise
 
+from stages.teacher.tail_draws import tail_draws
 from storage_schemas import DEFAULT_ENCODING, ENCODINGS, Encoding, get_encoding, shard_file_name
 from storage_schemas.codec_registry import VALUE_CODECS, RelativePowerGridCodec
 from storage_schemas.codecs import decode_teacher, encode_teacher
-from storage_schemas.shard_io import ShardRow, decode_table, parquet_options, read_shard, rows_to_table, write_shard
+from storage_schemas.shard_io import ShardRow, decode_draw_columns, decode_table, parquet_options, read_shard, rows_to_table, write_shard
 
 K = 16
 _BSS = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs")
 
 
-def teacher_rows(k: int = K, vocab: int = 300, seed: int = 0, scale: float = 3.0) -> list[ShardRow]:
-    """Rows with real log-softmax values (peaked at `scale` = 3, flat at 0.1), some positions untrained."""
+def teacher_rows(k: int = K, vocab: int = 300, seed: int = 0, scale: float = 3.0, draws: int = 0) -> list[ShardRow]:
+    """Rows with real log-softmax values (peaked at `scale` = 3, flat at 0.1), some positions untrained; with
+    `draws`, also that many tail draws per position and the tail entropies (stage one's own function)."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(7):
@@ -27,8 +30,15 @@ def teacher_rows(k: int = K, vocab: int = 300, seed: int = 0, scale: float = 3.0
         a_y = lp[np.arange(n), target].copy()
         lp[np.arange(n), target] = -np.inf
         top = np.argsort(-lp, 1, kind="stable")[:, :k]
+        drawn = {}
+        if draws:
+            full = torch.from_numpy(lp).float().clone()
+            full[torch.arange(n), torch.from_numpy(target)] = torch.from_numpy(a_y).float()
+            draw_ids, entropy = tail_draws(full, torch.from_numpy(target), torch.from_numpy(top), torch.full((n,), i),
+                                           torch.arange(n), draws, seed)
+            drawn = {"tail_draw_ids": draw_ids.numpy(), "tail_entropy": entropy.numpy()}
         rows.append(ShardRow(i, rng.integers(0, vocab, t).astype(np.int32), mask, a_y.astype(np.float32),
-                             top.astype(np.int32), np.take_along_axis(lp, top, 1).astype(np.float32)))
+                             top.astype(np.int32), np.take_along_axis(lp, top, 1).astype(np.float32), **drawn))
     return rows
 
 
@@ -66,8 +76,13 @@ def _decoded_shard(enc: Encoding, rows: list[ShardRow], tmp_path):
 def test_round_trip_keeps_the_documented_promise(enc, scale, tmp_path):
     """Each value, target and mass within what docs/design.md §8 promises for the encoding's codecs,
     checked by tests/codec_promises.py from the promise itself."""
-    rows = teacher_rows(scale=scale)
+    rows = teacher_rows(scale=scale, draws=enc.tail_draws)
     table, ids, values, target = _decoded_shard(enc, rows, tmp_path)
+    if enc.has_draws:  # the draws exactly (each position's multiset, ascending), the entropy to float16
+        draw_ids, entropy = decode_draw_columns(table, enc)
+        np.testing.assert_array_equal(draw_ids, np.sort(np.concatenate([r.tail_draw_ids for r in rows]), axis=1))
+        want_entropy = np.concatenate([r.tail_entropy for r in rows])
+        assert draw_ids.dtype == np.int64 and np.all(np.abs(entropy - want_entropy) <= 2.0**-11 * np.abs(want_entropy) + 1e-7)
     want_ids = np.concatenate([r.topk_ids for r in rows]).astype(np.int64)
     want_values = np.concatenate([r.topk_logprobs for r in rows])
     want_target = np.concatenate([r.target_logprob for r in rows])

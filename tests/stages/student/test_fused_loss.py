@@ -9,6 +9,7 @@ from stages.student.loss import CachedTeacher, cached_kl, regularized_loss
 from stages.student.loss_mixin import batch_loss
 from stages.student.methods import get_method, methods
 from stages.student.settings import LoraSettings
+from stages.teacher.tail_draws import tail_draws
 
 N, H, V, K = 37, 24, 50, 6
 ESTIMATORS = ["tail", "topk", "full_kl", None]  # None: CE only
@@ -217,8 +218,11 @@ def lora_batch(model, k: int = 8) -> dict[str, torch.Tensor]:
     mask = labels[:, 1:] != -100
     a, targets = logp[mask], labels[:, 1:][mask]
     cache = cache_from_logits(a, targets, k)
+    # The tail draws too (read by sampled_tail only): 6 per position, keyed by the position's index.
+    draw_ids, entropy = tail_draws(a, targets, cache.topk_ids, torch.zeros_like(targets), torch.arange(len(targets)), 6, 0)
     return {"input_ids": ids, "attention_mask": attention, "labels": labels, "teacher_topk_ids": cache.topk_ids,
-            "teacher_topk_logprobs": cache.topk_logprobs, "teacher_target_logprob": cache.target_logprob}
+            "teacher_topk_logprobs": cache.topk_logprobs, "teacher_target_logprob": cache.target_logprob,
+            "teacher_draw_ids": draw_ids.long(), "teacher_tail_entropy": entropy}
 
 
 @pytest.mark.parametrize("estimator", [m.name for m in methods() if m.supports_fused])  # every method fused covers

@@ -70,7 +70,8 @@ def test_every_registered_method_says_what_it_reads_scales_and_logs():
     assert table == {"tail": ("cache", "per_token", "kl"), "topk": ("cache", "per_token", "kl"),
                      "full_kl": ("cache", "per_token", "kl"), "none": ("none", "nothing", "kl"),
                      "live": ("live", "per_token", "kl"), "l2": ("none", "penalty", "penalty"),
-                     "lalora": ("none", "penalty", "penalty")}
+                     "lalora": ("none", "penalty", "penalty"), "sampled_tail": ("cache", "per_token", "kl")}
+    assert [m for m in method_names() if get_method(m).needs_draws] == ["sampled_tail"]
     assert [m for m in method_names() if not get_method(m).allows("pissa")] == ["live"]
     assert [m for m in method_names() if not get_method(m).supports_fused] == ["live"]
 

@@ -16,6 +16,7 @@ from stages.teacher.engine import open_engine
 from stages.teacher.vllm_engine import topk_from_prompt_logprobs
 
 K = 8
+DRAWS, DRAW_SEED = 6, 3  # the hf engine and vLLM's pooler also make tail draws (stages/teacher/tail_draws.py)
 MAX_LENGTH = 512  # = the tiny model's max_position_embeddings: exercises the vLLM +1 slot
 LENGTHS = (1, 2, 3, 17, 64, 200, 333, MAX_LENGTH)
 ATOL = 1e-5
@@ -43,9 +44,9 @@ def reference(tiny_model_dir, sequences):
 def hf_scores(tiny_model_dir, sequences):
     # Small batches and output-layer chunks so packing and chunking are both exercised.
     engine = open_engine("hf", str(tiny_model_dir), k=K, max_length=MAX_LENGTH, batch_tokens=1024,
-                         device="cpu", chunk_bytes=392 * 50 * 8)  # 50 positions a chunk
+                         device="cpu", chunk_bytes=392 * 50 * 20, draws=DRAWS, draw_seed=DRAW_SEED)  # 50 positions a chunk
     try:
-        return engine.score(sequences)
+        return engine.score(sequences, keys=list(range(100, 100 + len(sequences))))
     finally:
         engine.close()
 
@@ -53,10 +54,11 @@ def hf_scores(tiny_model_dir, sequences):
 @pytest.fixture(scope="module", params=["pooler", "prompt_logprobs"])
 def vllm_scores(request, tiny_model_dir, sequences):
     """Both ways out of vLLM: the top-k pooler twin (default) and the stock prompt log-probs."""
+    draws = dict(draws=DRAWS, draw_seed=DRAW_SEED) if request.param == "pooler" else {}
     engine = open_engine("vllm", str(tiny_model_dir), k=K, max_length=MAX_LENGTH, batch_tokens=700,
-                         output=request.param)
+                         output=request.param, **draws)
     try:
-        yield engine.score(sequences)
+        yield engine.score(sequences, keys=list(range(100, 100 + len(sequences))) if draws else None)
     finally:
         engine.close()
 
@@ -131,6 +133,47 @@ def test_vllm_matches_hf_and_full_forward(vllm_scores, hf_scores, sequences, ref
     for v, h in zip(vllm_scores, hf_scores):
         np.testing.assert_allclose(v.target_logprob, h.target_logprob, rtol=0, atol=ATOL)
         np.testing.assert_allclose(v.topk_logprobs, h.topk_logprobs, rtol=0, atol=ATOL)
+
+
+def check_draws(scores, sequences, reference):
+    """The tail draws: never the target or a head id, H_T = the within-tail entropy of the reference (float64)."""
+    for seq, got, ref in zip(sequences, scores, reference):
+        P = len(seq) - 1
+        assert got.tail_draw_ids.shape == (P, DRAWS) and got.tail_draw_ids.dtype == np.int32
+        assert not (got.tail_draw_ids == seq[1:, None]).any()
+        assert not (got.tail_draw_ids[:, :, None] == got.topk_ids[:, None, :]).any()
+        p = np.exp(ref.astype(np.float64))
+        p[np.arange(P), seq[1:]] = 0
+        np.put_along_axis(p, got.topk_ids.astype(np.int64), 0.0, 1)
+        p_T = p / p.sum(1, keepdims=True)
+        entropy = -(np.where(p_T > 0, p_T * np.log(np.where(p_T > 0, p_T, 1)), 0)).sum(1)
+        np.testing.assert_allclose(got.tail_entropy, entropy, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_tail_draws(hf_scores, sequences, reference):
+    check_draws(hf_scores, sequences, reference)
+
+
+@pytest.mark.vllm
+def test_vllm_pooler_draws_equal_the_hf_engines(vllm_scores, hf_scores, sequences, reference):
+    """The same (seed, key, position) uniforms in both engines, batched differently: the same draws, but for
+    a draw whose uniform falls within float rounding of a CDF boundary (none expected at this size)."""
+    if vllm_scores[0].tail_draw_ids is None:
+        pytest.skip("prompt_logprobs makes no draws (refused: test_prompt_logprobs_refuses_draws)")
+    check_draws(vllm_scores, sequences, reference)
+    same = np.concatenate([(v.tail_draw_ids == h.tail_draw_ids).ravel() for v, h in zip(vllm_scores, hf_scores)])
+    assert same.size == DRAWS * sum(len(s) - 1 for s in sequences) and same.mean() >= 0.99, same.mean()
+
+
+def test_prompt_logprobs_refuses_draws(tiny_model_dir):
+    with pytest.raises(ValueError, match="vllm_output='prompt_logprobs' cannot make tail draws"):
+        open_engine("vllm", str(tiny_model_dir), k=4, output="prompt_logprobs", draws=4)
+    engine = open_engine("hf", str(tiny_model_dir), k=4, max_length=16, device="cpu", draws=2)
+    try:
+        with pytest.raises(ValueError, match="needs one key per sequence"):
+            engine.score([np.array([1, 2, 3])])
+    finally:
+        engine.close()
 
 
 def flat(positions):
