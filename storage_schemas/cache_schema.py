@@ -37,6 +37,7 @@ are refused by name, and a reader that predates an encoding refuses it by name (
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
@@ -240,6 +241,12 @@ ENCODINGS: dict[str, Encoding] = {
                  target_codec="f32", byte_stream_split=_BSS_ALL),
     )
 }
+# More k per byte (issue 27's deterministic candidate): the default's layout on a 4x coarser (p / p_1)^(1/4) grid,
+# so a larger k fits the same bytes; the tail stays one bucket.
+ENCODINGS["topk_idd_rel4q28"] = dataclasses.replace(
+    ENCODINGS["topk_idd_rel4q112"], name="topk_idd_rel4q28", value_step=1 / 28, value_max_code=28,
+    description="as topk_idd_rel4q112 with values round((1 - (p / p_1)^(1/4)) * 28): ~2 bits fewer per value, for a "
+                "larger k in the same bytes")
 # The `sampled_tail` estimator's caches (issue 27): the default's codecs plus m tail draws per position.
 for _m in (4, 8, 16, 32):
     _base = ENCODINGS["topk_idd_rel4q112"]

@@ -39,7 +39,7 @@ from pathlib import Path
 from pipeline.studies.sweep import curve_label, forgetting_value, record_weight
 
 __all__ = ["load_records", "curves", "frontier_gaps", "render_gaps", "seed_curves", "curve_gap", "curve_gaps",
-           "cell_gaps", "render_curve_gaps", "frontier_report"]
+           "cell_gaps", "render_curve_gaps", "frontier_report", "reference_point_gaps", "render_reference_point_gaps"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -169,6 +169,38 @@ def curve_gaps(records: list[dict], reference: str = "tail", forgetting: str = "
             for label in sorted(set(by_label) - {reference} - no_axis)]
 
 
+def reference_point_gaps(records: list[dict], reference: str, forgetting: str = "source_loss_increase") -> list[dict]:
+    """Each curve against `reference` at the reference's own points: for each reference lambda, x = its mean
+    target loss over seeds, and the curve minus the reference there (`_difference`: both interpolated per seed,
+    paired by seed when they share seeds). Rows {"method", "reg_weight", "x", "gap", "two_se"}; gap None where x
+    lies outside some seed's range of either curve (no extrapolation)."""
+    by_label = seed_curves(records, forgetting)
+    ref = by_label.get(reference)
+    if ref is None:
+        raise ValueError(f"frontier: no curve {reference!r} in the results; curves: {sorted(by_label)}")
+    ref_points = [(w, stats["target_loss"][0]) for w, stats in curves(records, forgetting)[reference]]
+    no_axis = {curve_label(r) for r in records if r["method"] == "none"}
+    rows = []
+    for label in sorted(set(by_label) - {reference} - no_axis):
+        curve = by_label[label]
+        lo = max(points[0][0] for points in [*curve.values(), *ref.values()])
+        hi = min(points[-1][0] for points in [*curve.values(), *ref.values()])
+        for weight, x in ref_points:
+            gap, se = _difference(curve, ref, x) if lo <= x <= hi else (None, None)
+            rows.append({"method": label, "reg_weight": weight, "x": x, "gap": gap,
+                         "two_se": None if se is None else 2 * se})
+    return rows
+
+
+def render_reference_point_gaps(rows: list[dict], reference: str) -> str:
+    """The markdown table of `reference_point_gaps` rows."""
+    lines = [f"| curve | at `{reference}` λ | its target loss | curve − `{reference}` in forgetting (2 SE) |", "|---|---|---|---|"]
+    for r in rows:
+        gap = "outside the curve's range" if r["gap"] is None else _gap_cell(r["gap"], r["two_se"])
+        lines.append(f"| {r['method']} | {r['reg_weight']:g} | {r['x']:.4f} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
 def cell_gaps(records: list[dict], reference: str = "tail", forgetting: str = "source_loss_increase") -> list[dict]:
     """`curve_gaps` within each cell: the records of one setting of the other axes (LoRA family, k, curvature:
     the curve label less its method, e.g. `dora`), each curve against that cell's `reference` method; the `none`
@@ -294,6 +326,8 @@ def frontier_report(results: list[str | Path] | str | Path, reference: str = "ta
     if by_cell:  # several LoRA families (or k, curvatures): each against its own cell's reference
         text += (f"\nWithin each cell (LoRA family, k, curvature), against that cell's `{reference}`:\n\n"
                  + render_curve_gaps(by_cell, f"{reference} <cell>"))
+    text += (f"\nEach curve at the `{reference}` curve's own points:\n\n"
+             + render_reference_point_gaps(reference_point_gaps(records, reference, forgetting), reference))
     text += (f"\nEach point against the `{reference}` curve:\n\n"
              + render_gaps(frontier_gaps(records, reference, forgetting), reference))
     if out:

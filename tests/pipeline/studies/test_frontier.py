@@ -124,3 +124,15 @@ def test_pooled_results_are_checked_before_any_gap(tmp_path):
             load_records([b])
     with pytest.raises(ValueError, match="the reference 'none' has one point per seed .* \\['full_kl', 'tail'\\]"):
         curve_gaps(_study(), "none")
+
+
+def test_gaps_at_the_reference_curves_own_points():
+    from pipeline.studies.frontier import reference_point_gaps
+
+    rows = reference_point_gaps(_study(), "full_kl")
+    # full_kl's points: x = 1.5 and 3.5; tail spans [1, 3]: 0.6 + e at 1 down to 0.2 + e at 3, so 0.5 + e at 1.5
+    assert [(r["method"], r["reg_weight"], r["x"]) for r in rows] == [("tail", 1.0, 1.5), ("tail", 3.0, 3.5)]
+    per_seed = [(0.5 + e) - (0.7 + g) for e, g in zip(E, G)]
+    assert rows[0]["gap"] == pytest.approx(statistics.fmean(per_seed))
+    assert rows[0]["two_se"] == pytest.approx(2 * statistics.stdev(per_seed) / math.sqrt(3))
+    assert rows[1]["gap"] is None and rows[1]["two_se"] is None  # 3.5 is beyond tail's range: not extrapolated
