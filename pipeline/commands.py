@@ -436,6 +436,16 @@ _TABLE = (
              arg("--batch", type=int, default=0, help="sequences per step instead of the shape's (the penalty's share falls with tokens)"),
              arg("--seq", type=int, default=0, help="tokens per sequence instead of the shape's")),
             instrument=True),
+    Command("bench-estimators", "the cached estimators' candidates vs today's tail: bytes, stage one tok/s, fused step",
+            "Stage one end to end (one vLLM pooler engine, k and draws set per candidate) and one fused LoRA step per "
+            "candidate, interleaved; medians and ratios to `tail` k=32 (pipeline/bench/estimators.py).\n\n"
+            "    python -m pipeline bench-estimators --repeats 7",
+            call("pipeline.bench.estimators:bench_estimators"),
+            (arg("--repeats", type=int, default=7, help="timed repetitions, every candidate once each (default 7)"),
+             arg("--sequences", type=int, default=64, help="training rows stage one scores per pass (default 64)"),
+             arg("--length", type=int, default=256, help="data.max_length and the step's sequence length (default 256)"),
+             arg("--batch", type=int, default=8, help="sequences per training step (default 8)")),
+            instrument=True),
     Command("bench-teacher", "stage-one engines' throughput vs plain prefill on random models",
             "vLLM plain prefill vs the vLLM engine's score() (pooler, prompt_logprobs) vs the hf engine's "
             "(pipeline/bench/throughput.py).\n\n"

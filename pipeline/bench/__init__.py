@@ -15,7 +15,10 @@ inputs as what it is compared with. Sections:
      fused (the default) and unfused, tok/s and peak RSS; eval's peak RSS chunked vs unchunked
      (each memory figure from a fresh process); stage one at 151,936 rows is a row of (a);
  (f) lalora's weight penalty per step, per curvature form (diag, kfac, tri_kfac) vs CE-only, on the
-     tiny demo-width Llama and a hidden-1024 one (pipeline/bench/penalty.py, also `bench-penalty`).
+     tiny demo-width Llama and a hidden-1024 one (pipeline/bench/penalty.py, also `bench-penalty`);
+ (g) the cached estimators' candidates (issue 27) vs today's `tail` at k = 32: bytes per trained position,
+     stage one's tok/s and the fused step, medians of interleaved repetitions (pipeline/bench/estimators.py,
+     also `bench-estimators`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.bench.estimators import CANDIDATES, measure_estimators
 from pipeline.bench.fixtures import build_large_vocab_model, write_long_texts
 from pipeline.bench.penalty import measure_penalty
 from pipeline.bench.reader import measure_reader
@@ -89,8 +93,10 @@ def _measure(s: BenchSettings, tmp: Path) -> dict:
     sizes = {"demo": demo["vocab_size"], "large": s.large.vocab_size, "real": s.real.vocab_size}
     vocab = measure_real_vocab({name: models[name] for name in s.by_vocab}, sizes, s)
     penalty = measure_penalty(s.penalty, s.penalty_steps, s.penalty_warmup)
+    estimators = measure_estimators(s.model, s.data, CANDIDATES, s.length, s.estimator_sequences, s.batch, s.estimator_repeats)
     return {"stage_one": {"demo": demo, "large": large, "real": real}, "stage_two": steps, "reader": reader,
-            "scaling": _scaling(demo, large, steps, tails, s), "real_vocab": vocab, "penalty": penalty}
+            "scaling": _scaling(demo, large, steps, tails, s), "real_vocab": vocab, "penalty": penalty,
+            "estimators": estimators}
 
 
 def run_bench(quick: bool = False, out_dir: str | Path = "runs/bench", settings: BenchSettings | None = None,

@@ -90,10 +90,20 @@ def _scaling(result: dict) -> list[str]:
     return lines
 
 
+def _estimators(result: dict) -> list[str]:
+    rows = [[r["candidate"], f"{r['bytes_per_position']:.1f}", f"{_tok(r['tok_s'])} ({r['stage_one_ratio']:.3f})",
+             f"{r['step_s'] * 1e3:.1f} ({r['step_ratio']:.3f})"] for r in result.get("estimators", [])]
+    if not rows:
+        return []
+    repeats = result["estimators"][0]["repeats"]
+    lines = [f"### (g) Estimator candidates: medians of {repeats} interleaved repetitions, ratios to the first", ""]
+    return lines + _table(["candidate", "bytes / trained position", "stage one tok/s (/ first)", "fused step ms (/ first)"], rows)
+
+
 def render_markdown(result: dict) -> str:
     meta = result["meta"]
     head = [f"## Bench {meta['timestamp']}{' (quick: tiny shapes, numbers meaningless)' if meta['quick'] else ''}", "",
             f"`{meta['command']}` on {meta['machine']}; load average before {meta['load_before']}, after "
             f"{meta['load_after']}; {meta['wall_s']:.0f} s wall.", ""]
     return "\n".join(head + _stage_one(result) + _stage_two(result) + _reader(result) + _scaling(result)
-                     + _real_vocab(result) + _penalty(result))
+                     + _real_vocab(result) + _penalty(result) + _estimators(result))

@@ -61,6 +61,8 @@ class BenchSettings:
     penalty: tuple[PenaltyShape, ...] = tuple(PENALTY_SHAPES.values())  # section (f): lalora's penalty per step
     penalty_steps: int = 5             # section (f): timed rounds after `penalty_warmup`
     penalty_warmup: int = 2
+    estimator_repeats: int = 7         # section (g): interleaved repetitions per estimator candidate (medians)
+    estimator_sequences: int = 64      # section (g): training rows stage one scores per pass
 
     def __post_init__(self) -> None:
         if self.k not in self.ks:
@@ -79,4 +81,5 @@ QUICK = BenchSettings(large=LargeVocabShape(vocab_size=4096, hidden_size=128, nu
                       by_vocab=("real",),
                       sequences=8, length=64, rows_per_shard=4, repeats=1, batch=2, steps=1, warmup=1,
                       reader_passes=1, ks=(8, 32), lengths=(32, 64),
-                      penalty=(replace(PENALTY_SHAPES["demo"], batch=2, seq=32),), penalty_steps=2, penalty_warmup=1)
+                      penalty=(replace(PENALTY_SHAPES["demo"], batch=2, seq=32),), penalty_steps=2, penalty_warmup=1,
+                      estimator_repeats=1, estimator_sequences=8)

@@ -56,26 +56,36 @@ def tail_draws(logprobs: torch.Tensor, targets: torch.Tensor, head_ids: torch.Te
     (the cached non-target ids), keys / positions [n] (see `uniforms`). Returns draw ids [n, m] int32,
     sorted ascending (repeats kept: each draw counts once), and H_T [n] float32 in nats (0 when the
     tail is empty or has no mass in float32; the draws are then the position's first head id and
-    the estimator gives them weight P_T = 0)."""
-    weights = logprobs.float().exp()
+    the estimator gives them weight R_T = 0).
+
+    Cost: three float32 passes over [n, V] (exp, cumulative sum, sum of p log p), the inverse CDF by
+    binary search; the CDF is float32, so a draw's probability is p_T(v) to float32 rounding of the
+    cumulative sums (relative ~1e-7 x the number of tokens before v)."""
+    weights = logprobs.exp()
     weights.scatter_(-1, head_ids.long(), 0.0)
     weights.scatter_(-1, targets.long()[:, None], 0.0)
-    cdf = weights.cumsum(-1, dtype=torch.float64)
-    mass = cdf[:, -1]
+    # sum_T p log p: a row product (no [n, V] temporary); a -inf log-prob (a masked token, p = 0) makes it NaN,
+    # and only then the masked sum runs.
+    plogp = torch.einsum("nv,nv->n", weights, logprobs)
+    bad = ~torch.isfinite(plogp)
+    if bad.any():
+        plogp[bad] = torch.where(weights[bad] > 0, weights[bad] * logprobs[bad], 0.0).sum(-1)
+    cdf = weights.cumsum_(-1)  # in place: the weights are not needed any more
+    mass = cdf[:, -1].clone()
     u = uniforms(seed, keys, positions, draws).to(cdf.device)
-    ids = torch.searchsorted(cdf, u * mass[:, None], right=True).clamp_(max=weights.shape[-1] - 1)
+    ids = torch.searchsorted(cdf, (u * mass[:, None].double()).float(), right=True).clamp_(max=cdf.shape[-1] - 1)
     empty = mass <= 0
     if empty.any():
         ids[empty] = head_ids[empty, :1].long().expand(-1, draws)
-    # H_T = log P_T - sum_T p log p / P_T (the within-tail distribution's entropy), in float64.
-    plogp = torch.where(weights > 0, weights.double() * logprobs.double(), 0.0).sum(-1)
-    entropy = torch.where(empty, 0.0, mass.clamp_min(1e-300).log() - plogp / mass.clamp_min(1e-300))
-    return ids.sort(-1).values.to(torch.int32), entropy.clamp_min(0.0).float()
+    # H_T = log R_T - sum_T p log p / R_T (the within-tail distribution's entropy).
+    safe = mass.clamp_min(torch.finfo(torch.float32).tiny)
+    entropy = torch.where(empty, 0.0, safe.log() - plogp / safe)
+    return ids.sort(-1).values.to(torch.int32), entropy.clamp_min(0.0)
 
 
-# Bytes per [row, vocabulary] element the draws add to an output-layer chunk: the float32 weights and
-# their float64 cumulative sum (stages/teacher/chunking.py sizes chunks by these).
-DRAW_ELEMENT_BYTES = 12
+# Bytes per [row, vocabulary] element the draws add to an output-layer chunk: the float32 weights, summed
+# in place (stages/teacher/chunking.py sizes chunks by these).
+DRAW_ELEMENT_BYTES = 4
 
 
 def check_keys(keys, count: int, draws: int) -> list[int]:

@@ -31,7 +31,9 @@ def test_quick_bench_writes_every_section(tiny_model_dir, tiny_jsonl, tmp_path):
     result, path = run_bench(quick=True, out_dir=tmp_path / "out", settings=settings)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [path.name, path.with_suffix(".md").name]
     saved = json.loads(path.read_text())
-    assert set(saved) == {"stage_one", "stage_two", "reader", "scaling", "real_vocab", "penalty", "settings", "meta"}
+    assert set(saved) == {"stage_one", "stage_two", "reader", "scaling", "real_vocab", "penalty", "estimators", "settings", "meta"}
+    assert [r["method"] for r in saved["estimators"]] == ["tail", "sampled_tail", "tail"]
+    assert all(r["tok_s"] > 0 and r["step_s"] > 0 and r["bytes_per_position"] > 0 for r in saved["estimators"])
     for model in ("demo", "large", "real"):
         main = saved["stage_one"][model]["main"]
         for variant in ("plain", "vllm_e2e", "vllm_score", "stock_e2e", "hf_e2e"):
@@ -51,7 +53,8 @@ def test_quick_bench_writes_every_section(tiny_model_dir, tiny_jsonl, tmp_path):
     assert not bad, bad
     markdown = path.with_suffix(".md").read_text()
     for title in ("(a) Stage one", "(b) Stage two", "(c) Cache reader", "(d) Cost vs k", "(d) Cost vs sequence length",
-                  "(d) Cost vs vocabulary", "(e) By vocabulary", "Penalty step cost (lalora curvature forms)"):
+                  "(d) Cost vs vocabulary", "(e) By vocabulary", "Penalty step cost (lalora curvature forms)",
+                  "(g) Estimator candidates"):
         assert title in markdown
 
 

@@ -1,0 +1,148 @@
+"""Bench section (g): the cached estimators' candidates against today's `tail`, side by side (issue 27).
+
+    python -m pipeline bench-estimators                  # demo model, 7 interleaved repetitions
+    python -m pipeline bench-estimators --repeats 5 --sequences 32
+
+Each candidate is a (method, cache k, encoding) triple. Measured in one process, round-robin (so load
+drifting on a shared machine hits every candidate alike), medians of `repeats` repetitions:
+- stage one: `run_cache_teacher` end to end with ONE vLLM pooler engine whose k and draws are set per
+  candidate before each pass (both are per-request pooling parameters), tok/s and bytes per trained
+  position (all shard bytes / trained positions);
+- stage two: one fused LoRA step (forward, CE + the estimator, backward, AdamW) on the same synthetic
+  batch, whose teacher columns (top-k and tail draws) come from the base model's own log-softmax.
+Ratios are to the first candidate, today's `tail` at k = 32 in the default encoding.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.stage_one import _config, _sequences
+from stages.student.adapters import make_student
+from stages.student.loss_mixin import batch_loss
+from stages.student.methods import get_method
+from stages.student.settings import LoraSettings
+from stages.teacher.engine import open_engine
+from stages.teacher.runner import run_cache_teacher
+from stages.teacher.tail_draws import tail_draws
+from storage_schemas import DEFAULT_ENCODING, get_encoding
+
+__all__ = ["Candidate", "CANDIDATES", "measure_estimators", "bench_estimators"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    method: str
+    k: int
+    encoding: str
+
+    @property
+    def draws(self) -> int:
+        return get_encoding(self.encoding).tail_draws
+
+
+CANDIDATES = (
+    Candidate("tail k=32", "tail", 32, DEFAULT_ENCODING),
+    Candidate("sampled_tail k=16 m=16", "sampled_tail", 16, "topk_idd_rel4q112_draws16"),
+    Candidate("tail k=48 rel4q28", "tail", 48, "topk_idd_rel4q28"),
+)
+
+
+def _stage_one(model: str, data: str, work: Path, candidates, length: int, sequences: int, repeats: int) -> dict:
+    configs = {c.name: _config(model, Path(data), work / str(i), "vllm", c.k, length, sequences, 16,
+                               extra=(f"cache.encoding={c.encoding}",)) for i, c in enumerate(candidates)}
+    tokens = sum(len(x) for x in _sequences(configs[candidates[0].name]))
+    engine = open_engine("vllm", model, k=max(c.k for c in candidates), max_length=length, output="pooler")
+    rates: dict[str, list[float]] = {c.name: [] for c in candidates}
+    sizes: dict[str, float] = {}
+    try:
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for c in candidates:
+                engine.k, engine.draws, engine.draw_seed = c.k, c.draws, get_encoding(c.encoding).draw_seed
+                summary = run_cache_teacher(configs[c.name], overwrite=True, engine=engine)
+                sizes[c.name] = summary.bytes / max(summary.positions, 1)
+                if round_:
+                    rates[c.name].append(summary.tokens_per_second)
+    finally:
+        engine.close()
+    return {c.name: {"tok_s": statistics.median(rates[c.name]), "bytes_per_position": sizes[c.name], "tokens": tokens}
+            for c in candidates}
+
+
+@torch.no_grad()
+def _batch(model, batch: int, seq: int, candidates) -> dict[str, dict[str, torch.Tensor]]:
+    """One synthetic batch (random tokens, every position trained) with each candidate's teacher columns."""
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    with model.disable_adapter():
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1).flatten(0, 1)
+    targets = ids[:, 1:].reshape(-1)
+    out = {}
+    for c in candidates:
+        vals, top = logp.scatter(-1, targets[:, None], float("-inf")).topk(c.k, -1)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "teacher_topk_ids": top,
+                  "teacher_topk_logprobs": vals, "teacher_target_logprob": logp.gather(-1, targets[:, None])[:, 0]}
+        if c.draws:
+            draw_ids, entropy = tail_draws(logp, targets, top, torch.zeros_like(targets), torch.arange(len(targets)), c.draws, 0)
+            inputs.update(teacher_draw_ids=draw_ids.long(), teacher_tail_entropy=entropy)
+        out[c.name] = inputs
+    return out
+
+
+def _stage_two(model_dir: str, candidates, batch: int, seq: int, repeats: int, warmup: int = 2) -> dict:
+    torch.manual_seed(0)
+    model = make_student(model_dir, LoraSettings(rank=8), torch.float32)
+    inputs = _batch(model, batch, seq, candidates)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    for round_ in range(warmup + repeats):
+        for c in candidates:
+            start = time.perf_counter()
+            batch_loss(model, inputs[c.name], get_method(c.method), reg_weight=1.0, fused=True).loss.backward()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            if round_ >= warmup:
+                times[c.name].append(time.perf_counter() - start)
+    return {c.name: {"step_s": statistics.median(times[c.name])} for c in candidates}
+
+
+def measure_estimators(model: str, data: str, candidates=CANDIDATES, length: int = 256, sequences: int = 64,
+                       batch: int = 8, repeats: int = 7) -> list[dict]:
+    """One row per candidate: stage-one tok/s and bytes per trained position, the fused step's seconds, and
+    their ratios to the first candidate (medians of `repeats` interleaved repetitions)."""
+    with tempfile.TemporaryDirectory(prefix="mtcache-estimators-") as tmp:
+        one = _stage_one(model, data, Path(tmp), candidates, length, sequences, repeats)
+    two = _stage_two(model, candidates, batch, length, repeats)
+    base = candidates[0].name
+    return [{"candidate": c.name, "method": c.method, "k": c.k, "draws": c.draws, "encoding": c.encoding,
+             **one[c.name], **two[c.name], "repeats": repeats,
+             "stage_one_ratio": one[c.name]["tok_s"] / one[base]["tok_s"],
+             "step_ratio": two[c.name]["step_s"] / two[base]["step_s"]} for c in candidates]
+
+
+def render_estimators(rows: list[dict]) -> str:
+    """The markdown table of `measure_estimators` rows."""
+    lines = ["| candidate | bytes / trained position | stage one tok/s (/ first) | fused step ms (/ first) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['candidate']} | {r['bytes_per_position']:.1f} | {r['tok_s']:,.0f} ({r['stage_one_ratio']:.3f}) | "
+                     f"{r['step_s'] * 1e3:.1f} ({r['step_ratio']:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_estimators(model: str = "build/default/base-model", data: str = "build/default/data/target_train.jsonl",
+                     repeats: int = 7, sequences: int = 64, length: int = 256, batch: int = 8) -> list[dict]:
+    """`python -m pipeline bench-estimators`: prints the table and the JSON."""
+    rows = measure_estimators(model, data, CANDIDATES, length, sequences, batch, repeats)
+    print(render_estimators(rows))
+    print(json.dumps(rows))
+    return rows
