@@ -114,9 +114,13 @@ class ApproxConfig:
     examples: int = field(default=200, metadata={"help": "held-out target sequences (eval.target_path, eval.max_length)"})
     ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64], metadata={"help": "|V|-1 (exact) is always added"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward"})
+    tail_draws: int = field(default=16, metadata={"help": (
+        "draws per position for estimators that read tail draws (sampled_tail), made from the full cache's teacher "
+        "distribution outside each k as stage one makes them")})
 
     def __post_init__(self) -> None:
         _require(bool(self.runs), "approx.runs: empty")
+        _require(self.tail_draws >= 1, f"approx.tail_draws: must be >= 1, got {self.tail_draws}")
         _require(self.examples >= 1 and self.batch_size >= 1, "approx.examples and approx.batch_size must be >= 1")
         _require(all(k >= 1 for k in self.ks), f"approx.ks: every k must be >= 1, got {self.ks}")
 

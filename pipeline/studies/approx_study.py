@@ -39,6 +39,7 @@ from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
 from stages.teacher.settings import CacheConfig
+from stages.teacher.tail_draws import tail_draws
 from storage_schemas import Manifest
 from storage_schemas.fingerprints import files_sha256, model_vocab_size
 
@@ -83,11 +84,13 @@ def studied_methods() -> list[Method]:
 
 
 def estimator_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                   cached, ks: list[int]) -> dict:
+                   cached, ks: list[int], draws: int = 16, key: int = 0) -> dict:
     """Sums over the N positions of one batch: the exact D and full KL, and per k and estimator
-    sum D_k, sum |D_k - D|, and the tail's lower-bound violations (count, largest excess).
+    sum D_k, sum |D_k - D|, sum (D_k - D)^2, and the tail's lower-bound violations (count, largest excess).
 
-    student_logits, teacher_logits [N, V]; targets [N]; cached: a CachedTeacher with k = |V|-1.
+    student_logits, teacher_logits [N, V]; targets [N]; cached: a CachedTeacher with k = |V|-1. An estimator
+    that reads tail draws gets `draws` per position from the teacher's distribution outside each k
+    (stages/teacher/tail_draws.py, keyed by `key` and the position's index in the batch).
     """
     exact = live_masked_kl(student_logits, teacher_logits, targets).double()
     lp, lq = F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)
@@ -95,12 +98,16 @@ def estimator_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     out = {"n": targets.numel(), "exact": exact.sum().item(), "exact_full_kl": full.sum().item(), "k": {}}
     for k in ks:
         part = CachedTeacher(cached.topk_ids[:, :k], cached.topk_logprobs[:, :k], cached.target_logprob)
+        if any(m.needs_draws for m in studied_methods()):
+            part.draw_ids, part.tail_entropy = tail_draws(lp, targets, part.topk_ids, torch.full_like(targets, key),
+                                                          torch.arange(len(targets)), draws, 0)
         row = {}
         for method in studied_methods():
             estimator = method.name
             d_k = method.regularizer(student_logits, targets, part).double()
             reference = full if method.estimates == "full_kl" else exact
             row[estimator] = {"sum": d_k.sum().item(), "abs_gap_sum": (d_k - exact).abs().sum().item(),
+                              "sq_gap_sum": (d_k - exact).square().sum().item(),
                               "own_abs_gap_sum": (d_k - reference).abs().sum().item()}
             if estimator == "tail":
                 excess = d_k - exact
@@ -145,7 +152,8 @@ def measure_student(config: Config, cache_dir: Path, adapter_dir: Path, ks: list
             teacher = model(**args).logits[:, :-1][mask]
         cached = CachedTeacher(batch["teacher_topk_ids"], batch["teacher_topk_logprobs"], batch["teacher_target_logprob"])
         _check_cache_matches(teacher, batch["labels"][:, 1:][mask], cached)
-        total = _merge(total, estimator_sums(student, teacher, batch["labels"][:, 1:][mask], cached, ks))
+        total = _merge(total, estimator_sums(student, teacher, batch["labels"][:, 1:][mask], cached, ks,
+                                             config.approx.tail_draws, key=start))
     return total
 
 
@@ -154,7 +162,7 @@ def _measured(config: Config, cache_dir: Path, adapter_dir: Path, ks: list[int],
     (re-running the study after more sweep runs only redoes the cheap frontier part)."""
     key = {"adapter_sha256": files_sha256([adapter_dir / "adapter_model.safetensors"], with_names=False),
            "cache_token_ids_sha256": Manifest.load(cache_dir).token_ids_sha256, "ks": ks,
-           "methods": [m.name for m in studied_methods()]}
+           "methods": [m.name for m in studied_methods()], "tail_draws": config.approx.tail_draws}
     path = out / f"measured-{adapter_dir.parent.name}.json"
     if path.exists() and (saved := json.loads(path.read_text())).get("key") == key:
         return {**saved["total"], "k": {int(k): v for k, v in saved["total"]["k"].items()}}
@@ -180,6 +188,7 @@ def gap_table(total: dict) -> list[dict]:
             reference = full if get_method(estimator).estimates == "full_kl" else exact
             rows.append({"k": k, "estimator": estimator, "limit": get_method(estimator).estimates, "mean_d_k": v["sum"] / n,
                          "rel_gap_vs_masked_d": v["sum"] / exact - 1, "mean_abs_gap_vs_masked_d": v["abs_gap_sum"] / exact,
+                         "mean_gap_vs_masked_d": (v["sum"] - exact) / n, "rmse_vs_masked_d": math.sqrt(v["sq_gap_sum"] / n),
                          "rel_gap_vs_own_limit": v["sum"] / reference - 1, "mean_abs_gap_vs_own_limit": v["own_abs_gap_sum"] / reference,
                          **({"bound_violations": v["violations"], "max_excess": v["max_excess"]} if estimator == "tail" else {})})
     return rows
@@ -221,13 +230,15 @@ def render_markdown(result: dict) -> str:
     for name, student in result["students"].items():
         lines += [f"### Student `{name}`: exact masked D = {student['mean_exact_d']:.4f}, "
                   f"unmasked KL = {student['mean_exact_full_kl']:.4f} nats/position", "",
-                  "| k | estimator | mean D_k | D_k/D - 1 | mean abs(D_k - D) / D | vs own limit | tail bound violations |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| k | estimator | mean D_k | D_k/D - 1 | mean D_k - D (nats) | RMSE of D_k - D (nats) | mean abs(D_k - D) / D "
+                  "| vs own limit | tail bound violations |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in student["table"]:
             bound = f"{r['bound_violations']} (max excess {r['max_excess']:.1e})" if "bound_violations" in r else ""
             own = f"{r['rel_gap_vs_own_limit']:+.4f}" if r.get("limit") == "full_kl" else ""
             k = f"{r['k']} (= abs(V)-1)" if r["k"] == result["vocab_size"] - 1 else r["k"]
             lines.append(f"| {k} | {r['estimator']} | {r['mean_d_k']:.4f} | {r['rel_gap_vs_masked_d']:+.4f} | "
+                         f"{r['mean_gap_vs_masked_d']:+.4f} | {r['rmse_vs_masked_d']:.4f} | "
                          f"{r['mean_abs_gap_vs_masked_d']:.4f} | {own} | {bound} |")
         lines.append("")
     lines += ["### Cached `tail` vs `live` on the sweep (seed means; within noise = abs(diff) <= 2 SE)", "",

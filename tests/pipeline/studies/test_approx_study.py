@@ -80,6 +80,13 @@ def test_study_is_exact_at_full_k_and_tail_is_a_lower_bound(tiny_model_dir, tiny
         gaps = [r["rel_gap_vs_masked_d"] for r in tails]
         assert all(g <= 1e-6 for g in gaps) and gaps == sorted(gaps)  # below D, closing as k grows
         assert gaps[0] < -1e-3
+        # sampled_tail: exact at k = |V|-1 (no tail left); below it unbiased, so its mean gap is within a few of its
+        # own per-position spreads / sqrt(N) of 0, and the tail bucket's mean gap (a lower bound) is not
+        n = result["positions"]
+        assert abs(rows[vocab - 1, "sampled_tail"]["mean_gap_vs_masked_d"]) < 1e-4
+        for k in result["ks"][:-1]:
+            sampled = rows[k, "sampled_tail"]
+            assert sampled["rmse_vs_masked_d"] > 0 and abs(sampled["mean_gap_vs_masked_d"]) <= 4 * sampled["rmse_vs_masked_d"] / n ** 0.5
     reused = [*(tmp_path / "approx").glob("measured-*.json"), *(tmp_path / "approx" / "cache-full").glob("shard-*")]
     stamps = files_state(reused)  # inode, size, mtime, sha256: a rewrite keeping the mtime shows too
     assert len([p for p in stamps if "measured-" in p]) == 2 and run_approx_study(config) == result  # reused, not redone
