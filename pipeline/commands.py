@@ -390,6 +390,9 @@ _TABLE = (
             (arg("results", nargs="+", help="a sweep's results.json (several: their runs pooled)"),
              arg("--reference", default="tail", help="the curve compared against, as labelled in results.md (default: tail)"),
              arg("--out", default=None, help="also write the markdown table here"),
+             arg("--goal", default=None, help=(
+                 "LAMBDAS:GAP:BOUND, e.g. 1,3:0.005:0.010: per curve, is its gap at the reference's points of these "
+                 "lambdas and its largest gap over the overlap <= GAP, with gap + 2 SE <= BOUND (issue 27's test)")),
              arg("--forgetting", default="source_loss_increase", help=(
                  "the forgetting axis: source_loss_increase (default) or lm_eval:TASK:METRIC (a sweep run with "
                  "sweep.lm_eval_metric=TASK:METRIC)"))), instrument=True),

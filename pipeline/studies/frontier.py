@@ -39,7 +39,8 @@ from pathlib import Path
 from pipeline.studies.sweep import curve_label, forgetting_value, record_weight
 
 __all__ = ["load_records", "curves", "frontier_gaps", "render_gaps", "seed_curves", "curve_gap", "curve_gaps",
-           "cell_gaps", "render_curve_gaps", "frontier_report", "reference_point_gaps", "render_reference_point_gaps"]
+           "cell_gaps", "render_curve_gaps", "frontier_report", "reference_point_gaps", "render_reference_point_gaps",
+           "goal_rows", "render_goal"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -170,25 +171,30 @@ def curve_gaps(records: list[dict], reference: str = "tail", forgetting: str = "
 
 
 def reference_point_gaps(records: list[dict], reference: str, forgetting: str = "source_loss_increase") -> list[dict]:
-    """Each curve against `reference` at the reference's own points: for each reference lambda, x = its mean
-    target loss over seeds, and the curve minus the reference there (`_difference`: both interpolated per seed,
-    paired by seed when they share seeds). Rows {"method", "reg_weight", "x", "gap", "two_se"}; gap None where x
-    lies outside some seed's range of either curve (no extrapolation)."""
+    """Each curve against `reference` at the reference's own points: for each reference lambda and seed s, the
+    curve's seed-s forgetting interpolated at that point's target loss x_s, minus the point's forgetting; then
+    the mean over seeds and its SE (paired: the curve's seeds must include the reference's). Rows {"method",
+    "reg_weight", "x" (mean x_s), "gap", "two_se"}; gap None where some x_s lies outside the curve's seed-s range
+    (no extrapolation) or a seed is missing."""
     by_label = seed_curves(records, forgetting)
-    ref = by_label.get(reference)
-    if ref is None:
+    if reference not in by_label:
         raise ValueError(f"frontier: no curve {reference!r} in the results; curves: {sorted(by_label)}")
-    ref_points = [(w, stats["target_loss"][0]) for w, stats in curves(records, forgetting)[reference]]
+    points: dict[float, dict[int, tuple[float, float]]] = {}
+    for r in records:
+        if curve_label(r) == reference:
+            points.setdefault(record_weight(r), {})[r["seed"]] = (r["target_loss"], forgetting_value(r, forgetting))
     no_axis = {curve_label(r) for r in records if r["method"] == "none"}
     rows = []
     for label in sorted(set(by_label) - {reference} - no_axis):
         curve = by_label[label]
-        lo = max(points[0][0] for points in [*curve.values(), *ref.values()])
-        hi = min(points[-1][0] for points in [*curve.values(), *ref.values()])
-        for weight, x in ref_points:
-            gap, se = _difference(curve, ref, x) if lo <= x <= hi else (None, None)
-            rows.append({"method": label, "reg_weight": weight, "x": x, "gap": gap,
-                         "two_se": None if se is None else 2 * se})
+        for weight, by_seed in sorted(points.items()):
+            x = statistics.fmean(xy[0] for xy in by_seed.values())
+            at = {s: _interpolate(curve[s], xy[0]) if s in curve else None for s, xy in by_seed.items()}
+            if any(v is None for v in at.values()):
+                rows.append({"method": label, "reg_weight": weight, "x": x, "gap": None, "two_se": None})
+                continue
+            gap, se = _mean_se([at[s][0] - xy[1] for s, xy in sorted(by_seed.items())])
+            rows.append({"method": label, "reg_weight": weight, "x": x, "gap": gap, "two_se": None if se is None else 2 * se})
     return rows
 
 
@@ -198,6 +204,61 @@ def render_reference_point_gaps(rows: list[dict], reference: str) -> str:
     for r in rows:
         gap = "outside the curve's range" if r["gap"] is None else _gap_cell(r["gap"], r["two_se"])
         lines.append(f"| {r['method']} | {r['reg_weight']:g} | {r['x']:.4f} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def goal_rows(records: list[dict], reference: str, at: list[float], gap_max: float, bound_max: float,
+              forgetting: str = "source_loss_increase") -> list[dict]:
+    """Per curve, whether it is as good as `reference`: its gap at the reference's points of lambda in `at`
+    (`reference_point_gaps`) and its largest gap over the overlap (`curve_gaps`), each needing gap <= gap_max and
+    gap + 2 SE <= bound_max (a curve below the reference passes). Rows {"method", "checks": [(what, gap, two_se,
+    ok)], "meets"}; a check that cannot be made (outside the range, no SE) fails."""
+    at_points = [r for r in reference_point_gaps(records, reference, forgetting) if r["reg_weight"] in at]
+    by_label = seed_curves(records, forgetting)
+    none = [forgetting_value(r, forgetting) for r in records if r["method"] == "none"]
+    floor = 0.5 * statistics.fmean(none) if none else 0.0
+    no_axis = {curve_label(r) for r in records if r["method"] == "none"}
+    ok = lambda gap, se: gap is not None and se is not None and gap <= gap_max and gap + se <= bound_max  # noqa: E731
+    rows = []
+    for label in sorted(set(by_label) - {reference} - no_axis):
+        checks = [(f"at {reference} λ = {r['reg_weight']:g} (x = {r['x']:.4f})", r["gap"], r["two_se"], ok(r["gap"], r["two_se"]))
+                  for r in at_points if r["method"] == label]
+        worst = _worst_gap(by_label[label], by_label[reference], floor)
+        if worst is None:
+            checks.append((f"largest over the overlap (none in regime: {reference} never forgets >= {floor:.3f} there)",
+                           None, None, False))
+        else:
+            x, gap, se = worst
+            checks.append((f"largest over the overlap, in regime (at x = {x:.4f})", gap, se, ok(gap, se)))
+        rows.append({"method": label, "checks": checks, "meets": all(c[3] for c in checks)})
+    return rows
+
+
+def _worst_gap(curve: dict[int, list], ref: dict[int, list], floor: float) -> tuple[float, float, float | None] | None:
+    """(x, gap, 2 SE) at the knot of the overlap where curve - ref is largest (signed: the curve's worst place; a
+    difference of piecewise-linear curves peaks at a knot); None without an overlap, or when the reference's mean
+    forgetting never reaches `floor` (half of plain LoRA's) in it: out of regime."""
+    if any(len(points) < 2 for points in [*curve.values(), *ref.values()]):
+        return None
+    lo = max(points[0][0] for points in [*curve.values(), *ref.values()])
+    hi = min(points[-1][0] for points in [*curve.values(), *ref.values()])
+    knots = sorted({lo, hi} | {x for points in [*curve.values(), *ref.values()] for x, _ in points if lo <= x <= hi})
+    ref_mean = lambda x: statistics.fmean(_interpolate(p, x)[0] for p in ref.values())  # noqa: E731
+    if lo >= hi or max(ref_mean(x) for x in knots) < floor:
+        return None
+    gaps = [(x, *_difference(curve, ref, x)) for x in knots]
+    x, gap, se = max(gaps, key=lambda item: item[1])
+    return x, gap, None if se is None else 2 * se
+
+
+def render_goal(rows: list[dict], reference: str, gap_max: float, bound_max: float) -> str:
+    """The markdown table of `goal_rows`."""
+    lines = [f"| curve | check | gap vs `{reference}` (2 SE) | gap <= {gap_max:g} and gap + 2 SE <= {bound_max:g} |", "|---|---|---|---|"]
+    for r in rows:
+        for what, gap, two_se, ok in r["checks"]:
+            cell = "not measurable" if gap is None else _gap_cell(gap, two_se)
+            lines.append(f"| {r['method']} | {what} | {cell} | {'yes' if ok else 'no'} |")
+        lines.append(f"| {r['method']} | **all** | | **{'meets' if r['meets'] else 'does not meet'}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +375,7 @@ def load_records(paths: list[Path], forgetting: str = "source_loss_increase") ->
 
 
 def frontier_report(results: list[str | Path] | str | Path, reference: str = "tail", out: str | Path | None = None,
-                    forgetting: str = "source_loss_increase") -> str:
+                    forgetting: str = "source_loss_increase", goal: str | None = None) -> str:
     """`python -m pipeline frontier`: the gap table of one or more sweeps' results.json (their runs pooled,
     e.g. a grid and a later axis over the same cache) against `reference`; printed, and written to `out`."""
     paths = [Path(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
@@ -326,6 +387,11 @@ def frontier_report(results: list[str | Path] | str | Path, reference: str = "ta
     if by_cell:  # several LoRA families (or k, curvatures): each against its own cell's reference
         text += (f"\nWithin each cell (LoRA family, k, curvature), against that cell's `{reference}`:\n\n"
                  + render_curve_gaps(by_cell, f"{reference} <cell>"))
+    if goal:  # "LAMBDAS:GAP:BOUND", e.g. "1,3:0.005:0.010"
+        lambdas, gap_max, bound_max = goal.split(":")
+        text += (f"\nAs good as `{reference}`? (gap <= {gap_max}, gap + 2 SE <= {bound_max}):\n\n"
+                 + render_goal(goal_rows(records, reference, [float(x) for x in lambdas.split(",")], float(gap_max),
+                                         float(bound_max), forgetting), reference, float(gap_max), float(bound_max)))
     text += (f"\nEach curve at the `{reference}` curve's own points:\n\n"
              + render_reference_point_gaps(reference_point_gaps(records, reference, forgetting), reference))
     text += (f"\nEach point against the `{reference}` curve:\n\n"

@@ -136,3 +136,21 @@ def test_gaps_at_the_reference_curves_own_points():
     assert rows[0]["gap"] == pytest.approx(statistics.fmean(per_seed))
     assert rows[0]["two_se"] == pytest.approx(2 * statistics.stdev(per_seed) / math.sqrt(3))
     assert rows[1]["gap"] is None and rows[1]["two_se"] is None  # 3.5 is beyond tail's range: not extrapolated
+
+
+def test_the_goal_holds_for_a_curve_within_the_bound_everywhere_and_fails_elsewhere():
+    from pipeline.studies.frontier import goal_rows
+
+    def curve(method, shift, seeds=(0, 1, 2)):  # points at x = 1, 2, 3 (+ a seed offset), forgetting falling
+        return [_run(method, w, s, x + 0.01 * s, y + shift + E[s]) for s in seeds
+                for w, x, y in ((0.3, 1.0, 0.6), (1.0, 2.0, 0.4), (3.0, 3.0, 0.2))]
+
+    runs = [_run("none", 0.0, s, 0.5, 0.8) for s in range(3)] + curve("live", 0.0)
+    runs += curve("close", 0.003) + curve("far", 0.02)
+    rows = {r["method"]: r for r in goal_rows(runs, "live", [1.0, 3.0], 0.005, 0.010)}
+    assert rows["close"]["meets"] and not rows["far"]["meets"]
+    for what, gap, two_se, ok in rows["close"]["checks"]:
+        assert gap == pytest.approx(0.003) and two_se == pytest.approx(0.0, abs=1e-12) and ok
+    assert [c[0].split(" (")[0] for c in rows["far"]["checks"]] == ["at live λ = 1", "at live λ = 3",
+                                                                     "largest over the overlap, in regime"]
+    assert all(not ok and gap == pytest.approx(0.02) for _, gap, _, ok in rows["far"]["checks"])
