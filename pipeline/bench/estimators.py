@@ -51,7 +51,7 @@ class Candidate:
 CANDIDATES = (
     Candidate("tail k=32", "tail", 32, DEFAULT_ENCODING),
     Candidate("sampled_tail k=16 m=16", "sampled_tail", 16, "topk_idd_rel4q112_draws16"),
-    Candidate("tail k=48 rel4q28", "tail", 48, "topk_idd_rel4q28"),
+    Candidate("tail k=40 rel4q28", "tail", 40, "topk_idd_rel4q28"),
 )
 
 

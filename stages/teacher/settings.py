@@ -25,7 +25,10 @@ class CacheConfig:
         "the cached share of the non-target mass in its own column (topk_mass), so rounding never moves mass into "
         "or out of the tail; target float16; 47.2 bytes/token at k = 32, mean D_k within 7e-4. Others: "
         "topk_idd_logq7 (the previous default, 63.8 bytes/token, 9e-5), topk_idd_f16, topk_idd_sqrtp10, "
-        "topk_f32 (exact), topk_f16. Chosen by `make encoding-study` (BENCHMARKS.md)")})
+        "topk_f32 (exact), topk_f16, topk_idd_rel4q28 (a 4x coarser value grid: more k per byte). Chosen by `make "
+        "encoding-study` (BENCHMARKS.md). topk_idd_rel4q112_draws{4,8,16,32}: the default plus that many ids drawn "
+        "per position from the teacher's tail, for train.method=sampled_tail (docs/design.md; with cache.k=16 and 16 "
+        "draws: 46 bytes per trained position on the demo's code, as good as the live teacher there)")})
     rows_per_shard: int = field(default=256, metadata={"help": "sequences per Parquet shard"})
     zstd_level: int = field(default=9, metadata={"help": "Parquet zstd level (9: ~2 bytes/token below 3 at ~0.5x its write speed)"})
     dtype: str = field(default="float32", metadata={"help": "teacher compute dtype: float32 | bfloat16 | float16"})
