@@ -1,7 +1,8 @@
 """`python -m pipeline inspect CACHE --example N --position P`: what one cached position holds.
 
 Shows the target token and its teacher probability, the top cached non-target tokens with their
-probabilities (raw and renormalized over the non-target vocabulary), and the tail mass R_T.
+probabilities (raw and renormalized over the non-target vocabulary), the tail mass R_T, and in a cache with
+tail draws (sampled_tail) the drawn ids and the tail's entropy.
 """
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import math
 import numpy as np
 
 from storage_schemas import (
+    DRAW_IDS_COLUMN,
     EXAMPLE_ID_COLUMN,
     INPUT_IDS_COLUMN,
     LOSS_MASK_COLUMN,
+    TAIL_ENTROPY_COLUMN,
     TARGET_LOGPROB_COLUMN,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
     Manifest,
+    get_encoding,
 )
-from storage_schemas.shard_io import decode_table, read_shard
+from storage_schemas.shard_io import decode_draw_columns, decode_table, read_shard
 
 __all__ = ["describe_position"]
 
@@ -37,8 +41,12 @@ def _find_row(cache_dir: str, manifest: Manifest, example: int) -> dict:
             row = table.slice(int(where[0]), 1)
             ids, logprobs, target = decode_table(row, manifest.settings.encoding, manifest.settings.k)
             plain = row.select([INPUT_IDS_COLUMN, LOSS_MASK_COLUMN]).to_pylist()[0]
+            draws = {}
+            if get_encoding(manifest.settings.encoding).has_draws:
+                draw_ids, entropy = decode_draw_columns(row, manifest.settings.encoding)
+                draws = {DRAW_IDS_COLUMN: draw_ids, TAIL_ENTROPY_COLUMN: entropy}
             return {**plain, TOPK_IDS_COLUMN: ids.reshape(-1).tolist(), TOPK_LOGPROBS_COLUMN: logprobs.reshape(-1),
-                    TARGET_LOGPROB_COLUMN: target}
+                    TARGET_LOGPROB_COLUMN: target, **draws}
     raise ValueError(f"example {example} is not in {cache_dir} ({manifest.num_rows} examples cached)")
 
 
@@ -82,4 +90,8 @@ def describe_position(cache_dir: str, example: int, position: int, model_dir: st
         lines.append(f"  {rank:>4}  {tid:>6}  {p:8.4f}  {p / nontarget if nontarget > 0 else float('nan'):11.4f}  {tok.decode([tid])!r}")
     lines.append(f"  non-target mass 1 - p_y = {nontarget:.4f}; mass outside the cached {k} = {tail:.4g} "
                  f"(R_T = {tail / nontarget if nontarget > 0 else 0.0:.4g} of the non-target mass)")
+    if DRAW_IDS_COLUMN in row:  # encodings with tail draws (sampled_tail)
+        drawn = [int(t) for t in row[DRAW_IDS_COLUMN][slot]]
+        lines.append(f"  {len(drawn)} draws from the tail (entropy H_T = {float(row[TAIL_ENTROPY_COLUMN][slot]):.4f} nats): "
+                     + ", ".join(f"{t} {tok.decode([t])!r}" for t in drawn))
     return "\n".join(lines)

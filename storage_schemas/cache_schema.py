@@ -264,7 +264,7 @@ DEFAULT_ENCODING = "topk_idd_rel4q112"
 def get_encoding(name: str) -> Encoding:
     """The registered encoding called `name`; a clear error listing the known ones otherwise."""
     if name not in ENCODINGS:
-        raise ValueError(f"unknown value encoding {name!r}; supported: {sorted(ENCODINGS)}")
+        raise ValueError(f"unknown value encoding {name!r}; supported: {list(ENCODINGS)}")
     return ENCODINGS[name]
 
 

@@ -62,7 +62,7 @@ def check_draws(method: Method, manifest, k: int, where: str) -> None:
         return
     encoding = get_encoding(manifest.settings.encoding)
     if not encoding.has_draws:
-        drawn = sorted(name for name, e in ENCODINGS.items() if e.has_draws)
+        drawn = [name for name, e in ENCODINGS.items() if e.has_draws]
         raise ValueError(f"{where}: train.method={method.name!r} reads the teacher's tail draws, but this cache's "
                          f"encoding {encoding.name!r} has none. Write a cache with one that has (cache.encoding: "
                          f"{', '.join(drawn)}) in its own cache.dir, e.g. `cache-teacher --config F cache.dir=runs/drawn/cache "

@@ -59,7 +59,8 @@ class TrainConfig:
     method: str = field(default="tail", metadata={"help": (
         "the training method, one entry each in stages/student/methods.py (what it reads, scales, allows, logs): "
         "tail, topk, full_kl (cached KL estimators), sampled_tail (cached, unbiased: the top-k exact + tail draws; needs "
-        "a cache.encoding with draws, e.g. topk_idd_rel4q112_draws16), none (plain LoRA), live (exact "
+        "a cache.encoding with draws, e.g. topk_idd_rel4q112_draws16; its logged kl is a noisy estimate, can dip below "
+        "0 near the start), none (plain LoRA), live (exact "
         "masked KL, live teacher; not with pissa/olora), l2 (distance of the LoRA weights from init), lalora "
         "(Fisher-weighted distance, Laplace approximation)")})
     reg_weight: float = field(default=1.0, metadata={"help": (

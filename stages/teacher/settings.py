@@ -35,7 +35,7 @@ class CacheConfig:
     batch_tokens: int = field(default=32768, metadata={"help": "hf engine: tokens per forward; vllm: tokens per generate() call"})
     vllm_output: str = field(default="pooler", metadata={"help": (
         "vllm: pooler (top-k as tensors from vLLM's worker, computed there by a pooling twin of the model; fast) | "
-        "prompt_logprobs (stock API, fallback; the same cache)")})
+        "prompt_logprobs (stock API, fallback; the same cache, but no tail draws: refused with a draws encoding)")})
     vllm_kv_cache_gib: float = field(default=1.0, metadata={"help": "VLLM_CPU_KVCACHE_SPACE on CPU"})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM on CUDA"})
     tensor_parallel_size: int = field(default=1, metadata={"help": (
@@ -49,7 +49,14 @@ class CacheConfig:
         require(self.engine in ENGINES, f"cache.engine: {self.engine!r} not in {ENGINES}")
         require(self.k >= 1, f"cache.k: must be >= 1, got {self.k}")
         require(self.vllm_output in VLLM_OUTPUTS, f"cache.vllm_output: {self.vllm_output!r} not in {VLLM_OUTPUTS}")
-        get_encoding(self.encoding)
+        try:
+            encoding = get_encoding(self.encoding)
+        except ValueError as error:
+            raise ValueError(f"cache.encoding: {error}") from None
+        require(not (encoding.has_draws and self.engine == "vllm" and self.vllm_output != "pooler"),
+                f"cache.vllm_output={self.vllm_output!r} cannot make tail draws (cache.encoding={self.encoding!r}): vLLM's "
+                "prompt_logprobs returns the top entries only, not the whole distribution the draws come from. Use "
+                "cache.vllm_output=pooler (the default) or cache.engine=hf.")
         require(self.rows_per_shard >= 1, f"cache.rows_per_shard: must be >= 1, got {self.rows_per_shard}")
         require(1 <= self.zstd_level <= 22, f"cache.zstd_level: must be in 1..22, got {self.zstd_level}")
         require(self.dtype in ("float32", "bfloat16", "float16"), f"cache.dtype: {self.dtype!r} unsupported")

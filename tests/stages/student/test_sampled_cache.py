@@ -57,8 +57,23 @@ def test_sampled_tail_trains_from_it(drawn_cache, tiny_model_dir, tmp_path):
     assert math.isfinite(metrics["final_kl"]) and metrics["fused_loss"] is True
 
 
+def test_settings_that_cannot_draw_are_refused_when_the_config_loads(tiny_model_dir, tiny_jsonl, tmp_path):
+    with pytest.raises(ValueError, match="cache.vllm_output='prompt_logprobs' cannot make tail draws"):
+        cache_config(tiny_model_dir, tiny_jsonl, tmp_path / "c", "cache.engine=vllm", "cache.vllm_output=prompt_logprobs")
+    with pytest.raises(ValueError, match="cache.encoding: unknown value encoding 'topk_idd_rel4q112_draws7'"):
+        cache_config(tiny_model_dir, tiny_jsonl, tmp_path / "c", "cache.encoding=topk_idd_rel4q112_draws7")
+    assert not (tmp_path / "c").exists()
+
+
 def test_sampled_tail_is_refused_without_draws_or_with_a_cut_head(drawn_cache, tiny_cache, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="reads the teacher's tail draws, but this cache's encoding 'topk_f32' has none"):
         run_train(make_train_config(tiny_model_dir, tiny_cache, tmp_path / "a", method="sampled_tail", max_steps=1))
     with pytest.raises(ValueError, match="train.k=4 with train.method='sampled_tail'"):
         run_train(make_train_config(tiny_model_dir, drawn_cache, tmp_path / "b", method="sampled_tail", max_steps=1, k=4))
+
+
+def test_inspect_shows_a_positions_draws(drawn_cache, tiny_model_dir):
+    from pipeline.inspect_cache import describe_position
+
+    text = describe_position(str(drawn_cache), 0, 3, model_dir=str(tiny_model_dir))
+    assert "8 draws from the tail (entropy H_T = " in text
