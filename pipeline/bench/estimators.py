@@ -3,8 +3,9 @@
     python -m pipeline bench-estimators                  # demo model, 7 interleaved repetitions
     python -m pipeline bench-estimators --repeats 5 --sequences 32
 
-Each candidate is a (method, cache k, encoding) triple. Measured in one process, round-robin (so load
-drifting on a shared machine hits every candidate alike), medians of `repeats` repetitions:
+Each candidate is a (method, cache k, encoding) triple. Measured in one process, round-robin with the order
+rotated each round (so load drifting on a shared machine, and a slot's position, hit every candidate alike),
+medians of `repeats` repetitions:
 - stage one: `run_cache_teacher` end to end with ONE vLLM pooler engine whose k and draws are set per
   candidate before each pass (both are per-request pooling parameters), tok/s and bytes per trained
   position (all shard bytes / trained positions);
@@ -64,7 +65,7 @@ def _stage_one(model: str, data: str, work: Path, candidates, length: int, seque
     sizes: dict[str, float] = {}
     try:
         for round_ in range(repeats + 1):  # round 0 warms up
-            for c in candidates:
+            for c in candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]:  # rotated: no slot bias
                 engine.k, engine.draws, engine.draw_seed = c.k, c.draws, get_encoding(c.encoding).draw_seed
                 summary = run_cache_teacher(configs[c.name], overwrite=True, engine=engine)
                 sizes[c.name] = summary.bytes / max(summary.positions, 1)
@@ -106,7 +107,7 @@ def _stage_two(model_dir: str, candidates, batch: int, seq: int, repeats: int, w
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     for round_ in range(warmup + repeats):
-        for c in candidates:
+        for c in candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]:
             start = time.perf_counter()
             batch_loss(model, inputs[c.name], get_method(c.method), reg_weight=1.0, fused=True).loss.backward()
             optim.step()
