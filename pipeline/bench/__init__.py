@@ -93,7 +93,8 @@ def _measure(s: BenchSettings, tmp: Path) -> dict:
     sizes = {"demo": demo["vocab_size"], "large": s.large.vocab_size, "real": s.real.vocab_size}
     vocab = measure_real_vocab({name: models[name] for name in s.by_vocab}, sizes, s)
     penalty = measure_penalty(s.penalty, s.penalty_steps, s.penalty_warmup)
-    estimators = measure_estimators(s.model, s.data, CANDIDATES, s.length, s.estimator_sequences, s.batch, s.estimator_repeats)
+    estimators = measure_estimators(s.model, s.data, CANDIDATES, s.length, s.estimator_sequences, s.batch, s.estimator_repeats,
+                                    engine=s.estimator_engine)
     return {"stage_one": {"demo": demo, "large": large, "real": real}, "stage_two": steps, "reader": reader,
             "scaling": _scaling(demo, large, steps, tails, s), "real_vocab": vocab, "penalty": penalty,
             "estimators": estimators}

@@ -56,11 +56,13 @@ CANDIDATES = (
 )
 
 
-def _stage_one(model: str, data: str, work: Path, candidates, length: int, sequences: int, repeats: int) -> dict:
-    configs = {c.name: _config(model, Path(data), work / str(i), "vllm", c.k, length, sequences, 16,
+def _stage_one(model: str, data: str, work: Path, candidates, length: int, sequences: int, repeats: int,
+               engine_name: str = "vllm") -> dict:
+    configs = {c.name: _config(model, Path(data), work / str(i), engine_name, c.k, length, sequences, 16,
                                extra=(f"cache.encoding={c.encoding}",)) for i, c in enumerate(candidates)}
     tokens = sum(len(x) for x in _sequences(configs[candidates[0].name]))
-    engine = open_engine("vllm", model, k=max(c.k for c in candidates), max_length=length, output="pooler")
+    pooler = {"output": "pooler"} if engine_name == "vllm" else {}
+    engine = open_engine(engine_name, model, k=max(c.k for c in candidates), max_length=length, **pooler)
     rates: dict[str, list[float]] = {c.name: [] for c in candidates}
     sizes: dict[str, float] = {}
     try:
@@ -118,11 +120,12 @@ def _stage_two(model_dir: str, candidates, batch: int, seq: int, repeats: int, w
 
 
 def measure_estimators(model: str, data: str, candidates=CANDIDATES, length: int = 256, sequences: int = 64,
-                       batch: int = 8, repeats: int = 7) -> list[dict]:
+                       batch: int = 8, repeats: int = 7, engine: str = "vllm") -> list[dict]:
     """One row per candidate: stage-one tok/s and bytes per trained position, the fused step's seconds, and
-    their ratios to the first candidate (medians of `repeats` interleaved repetitions)."""
+    their ratios to the first candidate (medians of `repeats` interleaved repetitions). `engine`: stage one's
+    ("vllm": its pooler, the default path; "hf": the transformers engine, both make the draws)."""
     with tempfile.TemporaryDirectory(prefix="mtcache-estimators-") as tmp:
-        one = _stage_one(model, data, Path(tmp), candidates, length, sequences, repeats)
+        one = _stage_one(model, data, Path(tmp), candidates, length, sequences, repeats, engine)
     two = _stage_two(model, candidates, batch, length, repeats)
     base = candidates[0].name
     return [{"candidate": c.name, "method": c.method, "k": c.k, "draws": c.draws, "encoding": c.encoding,

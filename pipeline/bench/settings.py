@@ -63,6 +63,7 @@ class BenchSettings:
     penalty_warmup: int = 2
     estimator_repeats: int = 7         # section (g): interleaved repetitions per estimator candidate (medians)
     estimator_sequences: int = 64      # section (g): training rows stage one scores per pass
+    estimator_engine: str = "vllm"     # section (g): stage one's engine (QUICK: hf, no second vLLM start in the test)
 
     def __post_init__(self) -> None:
         if self.k not in self.ks:
@@ -82,4 +83,4 @@ QUICK = BenchSettings(large=LargeVocabShape(vocab_size=4096, hidden_size=128, nu
                       sequences=8, length=64, rows_per_shard=4, repeats=1, batch=2, steps=1, warmup=1,
                       reader_passes=1, ks=(8, 32), lengths=(32, 64),
                       penalty=(replace(PENALTY_SHAPES["demo"], batch=2, seq=32),), penalty_steps=2, penalty_warmup=1,
-                      estimator_repeats=1, estimator_sequences=8)
+                      estimator_repeats=1, estimator_sequences=8, estimator_engine="hf")
