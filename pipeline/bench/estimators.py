@@ -24,14 +24,16 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.interleave import rotated
+from pipeline.bench.report import estimators_section
 from pipeline.bench.stage_one import _config, _sequences
+from pipeline.bench.step import synthetic_batch
 from stages.student.adapters import make_student
 from stages.student.loss_mixin import batch_loss
 from stages.student.methods import get_method
 from stages.student.settings import LoraSettings
 from stages.teacher.engine import open_engine
 from stages.teacher.runner import run_cache_teacher
-from stages.teacher.tail_draws import tail_draws
 from storage_schemas import DEFAULT_ENCODING, get_encoding
 
 __all__ = ["Candidate", "CANDIDATES", "measure_estimators", "bench_estimators"]
@@ -67,7 +69,7 @@ def _stage_one(model: str, data: str, work: Path, candidates, length: int, seque
     sizes: dict[str, float] = {}
     try:
         for round_ in range(repeats + 1):  # round 0 warms up
-            for c in candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]:  # rotated: no slot bias
+            for c in rotated(candidates, round_):
                 engine.k, engine.draws, engine.draw_seed = c.k, c.draws, get_encoding(c.encoding).draw_seed
                 summary = run_cache_teacher(configs[c.name], overwrite=True, engine=engine)
                 sizes[c.name] = summary.bytes / max(summary.positions, 1)
@@ -79,37 +81,14 @@ def _stage_one(model: str, data: str, work: Path, candidates, length: int, seque
             for c in candidates}
 
 
-@torch.no_grad()
-def _batch(model, batch: int, seq: int, candidates) -> dict[str, dict[str, torch.Tensor]]:
-    """One synthetic batch (random tokens, every position trained) with each candidate's teacher columns."""
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    labels = ids.clone()
-    labels[:, 0] = -100
-    with model.disable_adapter():
-        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1).flatten(0, 1)
-    targets = ids[:, 1:].reshape(-1)
-    out = {}
-    for c in candidates:
-        vals, top = logp.scatter(-1, targets[:, None], float("-inf")).topk(c.k, -1)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "teacher_topk_ids": top,
-                  "teacher_topk_logprobs": vals, "teacher_target_logprob": logp.gather(-1, targets[:, None])[:, 0]}
-        if c.draws:
-            draw_ids, entropy = tail_draws(logp, targets, top, torch.zeros_like(targets), torch.arange(len(targets)), c.draws, 0)
-            inputs.update(teacher_draw_ids=draw_ids.long(), teacher_tail_entropy=entropy)
-        out[c.name] = inputs
-    return out
-
-
 def _stage_two(model_dir: str, candidates, batch: int, seq: int, repeats: int, warmup: int = 2) -> dict:
     torch.manual_seed(0)
     model = make_student(model_dir, LoraSettings(rank=8), torch.float32)
-    inputs = _batch(model, batch, seq, candidates)
+    inputs = {c.name: synthetic_batch(model, batch, seq, c.k, draws=c.draws) for c in candidates}
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     for round_ in range(warmup + repeats):
-        for c in candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]:
+        for c in rotated(candidates, round_):
             start = time.perf_counter()
             batch_loss(model, inputs[c.name], get_method(c.method), reg_weight=1.0, fused=True).loss.backward()
             optim.step()
@@ -135,12 +114,8 @@ def measure_estimators(model: str, data: str, candidates=CANDIDATES, length: int
 
 
 def render_estimators(rows: list[dict]) -> str:
-    """The markdown table of `measure_estimators` rows."""
-    lines = ["| candidate | bytes / trained position | stage one tok/s (/ first) | fused step ms (/ first) |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['candidate']} | {r['bytes_per_position']:.1f} | {r['tok_s']:,.0f} ({r['stage_one_ratio']:.3f}) | "
-                     f"{r['step_s'] * 1e3:.1f} ({r['step_ratio']:.3f}) |")
-    return "\n".join(lines) + "\n"
+    """The markdown table of `measure_estimators` rows (the bench report's section (g))."""
+    return "\n".join(estimators_section({"estimators": rows})) + "\n"
 
 
 def bench_estimators(model: str = "build/default/base-model", data: str = "build/default/data/target_train.jsonl",

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline.bench.interleave import rotated
 from pipeline.bench.models import build_random_llama
 from pipeline.bench.settings import PENALTY_SHAPES, PenaltyShape
 from stages.student.adapters import make_student
@@ -134,7 +135,7 @@ def measure_shape(shape: PenaltyShape, steps: int = 7, warmup: int = 2) -> dict:
     step: dict[str, list[float]] = {r: [] for r in ROWS}
     alone: dict[str, list[float]] = {r: [] for r in ROWS}
     for round_ in range(warmup + steps):
-        order = ROWS[round_ % len(ROWS):] + ROWS[:round_ % len(ROWS)]  # no row always first after the warm-up
+        order = rotated(ROWS, round_)
         times = {r: _step(model, inputs, optim, penalties[r], device) for r in order}
         times_alone = {r: _penalty_alone(penalties[r], device) for r in order if penalties[r] is not None}
         if round_ >= warmup:

@@ -1,7 +1,7 @@
 """The bench's markdown tables, from its JSON result (so a saved JSON can be re-rendered)."""
 from __future__ import annotations
 
-__all__ = ["render_markdown"]
+__all__ = ["render_markdown", "estimators_section"]
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -90,7 +90,7 @@ def _scaling(result: dict) -> list[str]:
     return lines
 
 
-def _estimators(result: dict) -> list[str]:
+def estimators_section(result: dict) -> list[str]:
     rows = [[r["candidate"], f"{r['bytes_per_position']:.1f}", f"{_tok(r['tok_s'])} ({r['stage_one_ratio']:.3f})",
              f"{r['step_s'] * 1e3:.1f} ({r['step_ratio']:.3f})"] for r in result.get("estimators", [])]
     if not rows:
@@ -106,4 +106,4 @@ def render_markdown(result: dict) -> str:
             f"`{meta['command']}` on {meta['machine']}; load average before {meta['load_before']}, after "
             f"{meta['load_after']}; {meta['wall_s']:.0f} s wall.", ""]
     return "\n".join(head + _stage_one(result) + _stage_two(result) + _reader(result) + _scaling(result)
-                     + _real_vocab(result) + _penalty(result) + _estimators(result))
+                     + _real_vocab(result) + _penalty(result) + estimators_section(result))

@@ -37,6 +37,7 @@ from stages.student.loss import CachedTeacher
 from stages.student.loss_mixin import batch_loss
 from stages.student.methods import get_method
 from stages.student.settings import LoraSettings
+from stages.teacher.tail_draws import tail_draws
 
 __all__ = ["tiny_llama", "synthetic_batch", "measure_time", "measure_memory", "compare", "bench_step"]
 
@@ -51,8 +52,10 @@ def tiny_llama(out_dir: Path, vocab: int, layers: int = 2, hidden: int = 128) ->
 
 
 @torch.no_grad()
-def synthetic_batch(model, batch: int, seq: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tokens, every position trained, and the base model's own top-k cache for them."""
+def synthetic_batch(model, batch: int, seq: int, k: int, seed: int = 0, draws: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens, every position trained, and the base model's own top-k cache for them; with `draws`
+    > 0 also that many tail draws per position and the tail entropies (stages/teacher/tail_draws.py, key 0,
+    the position's flat index)."""
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -64,9 +67,14 @@ def synthetic_batch(model, batch: int, seq: int, k: int, seed: int = 0) -> dict[
     targets = ids[:, 1:].reshape(-1)
     vals, top = logp.scatter(-1, targets[:, None], float("-inf")).topk(k, -1)
     cache = CachedTeacher(top, vals, logp.gather(-1, targets[:, None])[:, 0])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "teacher_topk_ids": cache.topk_ids, "teacher_topk_logprobs": cache.topk_logprobs,
-            "teacher_target_logprob": cache.target_logprob}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+              "teacher_topk_ids": cache.topk_ids, "teacher_topk_logprobs": cache.topk_logprobs,
+              "teacher_target_logprob": cache.target_logprob}
+    if draws:
+        positions = torch.arange(len(targets), device=device)
+        draw_ids, entropy = tail_draws(logp, targets, top, torch.zeros_like(targets), positions, draws, 0)
+        inputs.update(teacher_draw_ids=draw_ids.long(), teacher_tail_entropy=entropy)
+    return inputs
 
 
 def _rss_kib(field: str) -> int:

@@ -81,21 +81,21 @@ def pooled_topk_rows(hidden: torch.Tensor, targets: torch.Tensor, compute_logits
     more columns: the ids drawn from the tail outside the num_top - 1 largest non-target tokens (int32
     bits) and the tail's entropy (stages/teacher/tail_draws.py; keys, positions [N]: each position's draw
     key and index in its sequence)."""
-    from stages.teacher.select import select_nontarget_topk_torch
-    from stages.teacher.tail_draws import tail_draws
+    from stages.teacher.tail_draws import topk_and_tail_draws
 
     parts = []
     for start in range(0, hidden.shape[0], rows):
         stop = min(start + rows, hidden.shape[0])
-        logprobs = compute_logits(hidden[start:stop]).log_softmax(-1, dtype=torch.float32)
-        values, ids = logprobs.topk(num_top, dim=-1)
+        logits = compute_logits(hidden[start:stop])
         chunk_targets = targets[start:stop].long()
-        target = logprobs.gather(-1, chunk_targets[:, None])
-        part = [ids.to(torch.int32).view(torch.float32), values, target]
         if draws:
-            head, _ = select_nontarget_topk_torch(ids, values, chunk_targets, num_top - 1)
-            draw_ids, entropy = tail_draws(logprobs, chunk_targets, head, keys[start:stop], positions[start:stop], draws, draw_seed)
-            part += [draw_ids.view(torch.float32), entropy[:, None]]
+            values, ids, target, draw_ids, entropy = topk_and_tail_draws(
+                logits, chunk_targets, num_top, keys[start:stop], positions[start:stop], draws, draw_seed)
+            part = [ids.to(torch.int32).view(torch.float32), values, target[:, None], draw_ids.view(torch.float32), entropy[:, None]]
+        else:
+            logprobs = logits.log_softmax(-1, dtype=torch.float32)
+            values, ids = logprobs.topk(num_top, dim=-1)
+            part = [ids.to(torch.int32).view(torch.float32), values, logprobs.gather(-1, chunk_targets[:, None])]
         parts.append(torch.cat(part, dim=1))
     if not parts:
         return hidden.new_zeros((0, 2 * num_top + 1 + (draws + 1 if draws else 0)), dtype=torch.float32)

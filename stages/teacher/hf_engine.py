@@ -10,7 +10,8 @@ the right. The model body runs once per batch; the output layer and the top-(k+1
 sized by bytes (stages/teacher/chunking.py: `chunk_bytes`, default 64 MiB of [rows, vocab] buffers on
 CPU, 1 GiB on a GPU), so a [positions, vocab] tensor is never built for the whole batch. On a GPU
 the top-(k+1) and the log-sum-exp come from one Triton pass over the model-dtype logits
-(stages/teacher/topk_kernel.py); elsewhere from float32 log_softmax + topk.
+(stages/teacher/topk_kernel.py); elsewhere from float32 log_softmax + topk; for an encoding with tail draws,
+on either device, from one float32 softmax (stages/teacher/tail_draws.py `topk_and_tail_draws`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from stages.teacher.chunking import chunk_rows, element_bytes
 from stages.teacher.scores import PositionScores, check_sequences
 from stages.teacher.select import select_nontarget_topk_torch
-from stages.teacher.tail_draws import DRAW_ELEMENT_BYTES, check_keys, tail_draws
+from stages.teacher.tail_draws import check_keys, topk_and_tail_draws
 from stages.teacher.topk_kernel import kernel_available, topk_logsumexp
 
 __all__ = ["HFEngine"]
@@ -56,10 +57,15 @@ class HFEngine:
         # Positions per output-layer chunk: `chunk_bytes` (default: the device's budget) over the bytes
         # per position of the [chunk, vocab] buffers: the logits, plus off the kernel a float32 copy
         # and the float32 log-softmax; the kernel reads the model-dtype logits alone.
-        per_element = element_bytes(_TORCH_DTYPES[dtype], log_softmax=not self.use_kernel or draws > 0)
-        self.chunk_positions = chunk_rows(self.vocab_size, self.device, chunk_bytes,
-                                          per_element + (DRAW_ELEMENT_BYTES if draws else 0))
+        self._dtype, self._chunk_bytes = _TORCH_DTYPES[dtype], chunk_bytes
         self._check_split_forward(dtype)
+
+    @property
+    def chunk_positions(self) -> int:
+        """Positions per output-layer chunk for the draws set now (callers may change `draws` between
+        passes: a bench does, and the draws need a log-softmax and their own buffer)."""
+        return chunk_rows(self.vocab_size, self.device, self._chunk_bytes,
+                          element_bytes(self._dtype, log_softmax=not self.use_kernel or self.draws > 0))
 
     def close(self) -> None:
         self.model = None
@@ -134,15 +140,21 @@ class HFEngine:
         at a time. Selection happens on the device and results stay there until the end: one transfer, no
         synchronization per chunk."""
         top_ids, top_lp, target_lp, draw_ids, entropy = [], [], [], [], []
-        for start in range(0, hidden.shape[0], self.chunk_positions):
-            chunk = slice(start, start + self.chunk_positions)
+        rows = self.chunk_positions
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
             logits = self._logits(hidden[chunk])
             chunk_targets = targets[chunk, None]
-            if self.use_kernel:
+            if self.draws:  # the draws need every probability: one softmax, no kernel
+                values, indices, target, ids_d, h_d = topk_and_tail_draws(
+                    logits, chunk_targets[:, 0], self.k + 1, keys[chunk], positions[chunk], self.draws, self.draw_seed)
+                target_lp.append(target)
+                draw_ids.append(ids_d)
+                entropy.append(h_d)
+            elif self.use_kernel:
                 values, indices, lse = topk_logsumexp(logits, self.k + 1)
                 values = values - lse[:, None]
                 target_lp.append(logits.gather(1, chunk_targets)[:, 0].float() - lse)
-                logprobs = logits.float() - lse[:, None] if self.draws else None
             else:
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 values, indices = logprobs.topk(self.k + 1, dim=-1, sorted=True)
@@ -150,10 +162,6 @@ class HFEngine:
             ids_k, lp_k = select_nontarget_topk_torch(indices, values, chunk_targets[:, 0], self.k)
             top_ids.append(ids_k)
             top_lp.append(lp_k)
-            if self.draws:
-                ids_d, h_d = tail_draws(logprobs, chunk_targets[:, 0], ids_k, keys[chunk], positions[chunk], self.draws, self.draw_seed)
-                draw_ids.append(ids_d)
-                entropy.append(h_d)
         if not top_ids:
             empty = (np.empty((0, self.draws), np.int32), np.empty(0, np.float32)) if self.draws else (None, None)
             return np.empty((0, self.k), np.int32), np.empty((0, self.k), np.float32), np.empty(0, np.float32), *empty

@@ -6,10 +6,18 @@ from dataclasses import dataclass, field
 from stages.common.checks import require
 from storage_schemas import DEFAULT_ENCODING, get_encoding
 
-__all__ = ["CacheConfig", "ENGINES", "VLLM_OUTPUTS"]
+__all__ = ["CacheConfig", "ENGINES", "VLLM_OUTPUTS", "no_draws_message"]
 
 ENGINES = ("vllm", "hf")
 VLLM_OUTPUTS = ("pooler", "prompt_logprobs")  # stages/teacher/vllm_engine.py OUTPUTS
+
+
+def no_draws_message(output: str, asked_by: str) -> str:
+    """Why a vLLM output other than the pooler refuses tail draws (`asked_by`: what asks for them), and what to
+    set instead: raised when the config loads, and by VLLMEngine itself for callers of the engine API."""
+    return (f"cache.vllm_output={output!r} cannot make tail draws ({asked_by}, for sampled_tail): vLLM's "
+            "prompt_logprobs returns the top entries only, not the whole distribution the draws "
+            "come from. Use cache.vllm_output=pooler (the default) or cache.engine=hf.")
 
 
 @dataclass
@@ -54,9 +62,7 @@ class CacheConfig:
         except ValueError as error:
             raise ValueError(f"cache.encoding: {error}") from None
         require(not (encoding.has_draws and self.engine == "vllm" and self.vllm_output != "pooler"),
-                f"cache.vllm_output={self.vllm_output!r} cannot make tail draws (cache.encoding={self.encoding!r}): vLLM's "
-                "prompt_logprobs returns the top entries only, not the whole distribution the draws come from. Use "
-                "cache.vllm_output=pooler (the default) or cache.engine=hf.")
+                no_draws_message(self.vllm_output, f"cache.encoding={self.encoding!r} has them"))
         require(self.rows_per_shard >= 1, f"cache.rows_per_shard: must be >= 1, got {self.rows_per_shard}")
         require(1 <= self.zstd_level <= 22, f"cache.zstd_level: must be in 1..22, got {self.zstd_level}")
         require(self.dtype in ("float32", "bfloat16", "float16"), f"cache.dtype: {self.dtype!r} unsupported")

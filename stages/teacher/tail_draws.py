@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["uniforms", "tail_draws", "hash32", "check_keys", "DRAW_ELEMENT_BYTES"]
+__all__ = ["uniforms", "tail_draws", "topk_and_tail_draws", "hash32", "check_keys"]
 
 _MASK = 0xFFFFFFFF
 
@@ -58,18 +58,66 @@ def tail_draws(logprobs: torch.Tensor, targets: torch.Tensor, head_ids: torch.Te
     tail is empty or has no mass in float32; the draws are then the position's first head id and
     the estimator gives them weight R_T = 0).
 
-    Cost: three float32 passes over [n, V] (exp, cumulative sum, sum of p log p), the inverse CDF by
-    binary search; the CDF is float32, so a draw's probability is p_T(v) to float32 rounding of the
-    cumulative sums (relative ~1e-7 x the number of tokens before v)."""
-    weights = logprobs.exp()
-    weights.scatter_(-1, head_ids.long(), 0.0)
-    weights.scatter_(-1, targets.long()[:, None], 0.0)
-    # sum_T p log p: a row product (no [n, V] temporary); a -inf log-prob (a masked token, p = 0) makes it NaN,
-    # and only then the masked sum runs.
-    plogp = torch.einsum("nv,nv->n", weights, logprobs)
-    bad = ~torch.isfinite(plogp)
+    This is the entry point for callers that hold log-probs (the approximation study, the step bench);
+    the engines use `topk_and_tail_draws`, which starts from the logits and makes the same draws up to
+    float32 rounding of the probabilities."""
+    return _draws_from_weights(logprobs.exp(), logprobs, torch.zeros(logprobs.shape[0], device=logprobs.device),
+                               targets, head_ids, keys, positions, draws, seed)
+
+
+def topk_and_tail_draws(logits: torch.Tensor, targets: torch.Tensor, num_top: int, keys: torch.Tensor,
+                        positions: torch.Tensor, draws: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """What stage one stores per position for an encoding with tail draws, from one chunk's logits.
+
+    logits [n, V] (any float dtype; computed in float32), targets [n] (integer), num_top: how many of the
+    largest entries to return (k + 1: the k non-target tokens then come from
+    stages.teacher.select), keys / positions [n] (see `uniforms`). Returns
+    (values [n, num_top] float32 log-probs, descending; ids [n, num_top] int64; the target's log-prob [n]
+    float32; draw ids [n, m] int32; H_T [n] float32), the draws and H_T as `tail_draws` makes them, outside
+    the num_top - 1 largest non-target tokens.
+
+    Why not log_softmax + `tail_draws`: one softmax gives the probabilities the draws need, and every stored
+    log-prob is read off the logits, x_v - lse with lse = x_top1 - log p_top1 (exact: p_top1 = 1 / sum of
+    exp(x - max)), so no float32 [n, V] pass is spent on a log-softmax and another on its exp. The top
+    entries are chosen by probability and then ordered by log-prob; tokens whose probability underflows
+    float32 (> 103 nats below the top) tie at 0 and are chosen among arbitrarily, which only matters where
+    fewer than num_top tokens have any probability.
+
+    H_T = log R_T - (sum_T p x - lse R_T) / R_T: the difference cancels in float32 when the logits are large, a
+    relative error ~1e-5 at logits ~30 (float16, which stores H_T, rounds at 2^-11 = 5e-4).
+
+    Cost: softmax, top-num_top, the tail's sum of p x, its cumulative sum (each one pass over [n, V]
+    float32), the inverse CDF by binary search. Memory: the float32 logits and one float32 [n, V] buffer.
+    """
+    from stages.teacher.select import select_nontarget_topk_torch
+
+    x = logits.float()
+    probs = x.softmax(-1)
+    top_p, ids = probs.topk(num_top, dim=-1)
+    lse = x.gather(1, ids[:, :1])[:, 0] - top_p[:, 0].log()
+    # Probabilities equal in float32 may hide log-probs that are not: order by the log-probs themselves.
+    values, order = (x.gather(1, ids) - lse[:, None]).sort(dim=-1, descending=True)
+    ids = ids.gather(1, order)
+    targets = targets.long()
+    target = x.gather(1, targets[:, None])[:, 0] - lse
+    head, _ = select_nontarget_topk_torch(ids, values, targets, num_top - 1)
+    draw_ids, entropy = _draws_from_weights(probs, x, lse, targets, head, keys, positions, draws, seed)
+    return values, ids, target, draw_ids, entropy
+
+
+def _draws_from_weights(weights: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor, targets: torch.Tensor,
+                        head_ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, draws: int,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws and H_T from weights [n, V] float32 = the probabilities (overwritten: the tail's cumulative
+    sum) and scores [n, V] with log p = scores - offset[:, None] (the log-probs and 0, or the logits and
+    the log-sum-exp)."""
+    weights.scatter_(-1, torch.cat([head_ids.long(), targets.long()[:, None]], 1), 0.0)
+    # sum_T p x: a batched row product (einsum -> bmm: no [n, V] temporary, which linalg.vecdot would make);
+    # a -inf score (a masked token, p = 0) makes it NaN, and only then the masked sum runs.
+    pscore = torch.einsum("nv,nv->n", weights, scores)
+    bad = ~torch.isfinite(pscore)
     if bad.any():
-        plogp[bad] = torch.where(weights[bad] > 0, weights[bad] * logprobs[bad], 0.0).sum(-1)
+        pscore[bad] = torch.where(weights[bad] > 0, weights[bad] * scores[bad], 0.0).sum(-1)
     cdf = weights.cumsum_(-1)  # in place: the weights are not needed any more
     mass = cdf[:, -1].clone()
     u = uniforms(seed, keys, positions, draws).to(cdf.device)
@@ -77,15 +125,11 @@ def tail_draws(logprobs: torch.Tensor, targets: torch.Tensor, head_ids: torch.Te
     empty = mass <= 0
     if empty.any():
         ids[empty] = head_ids[empty, :1].long().expand(-1, draws)
-    # H_T = log R_T - sum_T p log p / R_T (the within-tail distribution's entropy).
+    # H_T = log R_T - sum_T p log p / R_T (the within-tail distribution's entropy), sum_T p log p = pscore -
+    # offset R_T.
     safe = mass.clamp_min(torch.finfo(torch.float32).tiny)
-    entropy = torch.where(empty, 0.0, safe.log() - plogp / safe)
+    entropy = torch.where(empty, 0.0, safe.log() - (pscore - offset * mass) / safe)
     return ids.sort(-1).values.to(torch.int32), entropy.clamp_min(0.0)
-
-
-# Bytes per [row, vocabulary] element the draws add to an output-layer chunk: the float32 weights, summed
-# in place (stages/teacher/chunking.py sizes chunks by these).
-DRAW_ELEMENT_BYTES = 4
 
 
 def check_keys(keys, count: int, draws: int) -> list[int]:

@@ -35,6 +35,7 @@ import numpy as np
 from stages.teacher.orphan_guard import guard_descendants
 from stages.teacher.scores import PositionScores, check_sequences, read_model_config
 from stages.teacher.select import select_nontarget_topk
+from stages.teacher.settings import no_draws_message
 from stages.teacher.tail_draws import check_keys
 
 __all__ = ["VLLMEngine", "OUTPUTS", "llm_kwargs", "topk_from_prompt_logprobs", "topk_from_pooler"]
@@ -59,9 +60,7 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.85, chunk_bytes: int | None = None, draws: int = 0,
                  draw_seed: int = 0, **extra_llm_kwargs):
         if draws and output != "pooler":
-            raise ValueError(f"cache.vllm_output={output!r} cannot make tail draws (an encoding with tail_draws: the "
-                             "sampled_tail columns): vLLM's prompt_logprobs returns the top entries only, not the whole "
-                             "distribution the draws come from. Use cache.vllm_output=pooler (the default) or cache.engine=hf.")
+            raise ValueError(no_draws_message(output, f"the engine was opened with draws={draws}"))
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:

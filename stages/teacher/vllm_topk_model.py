@@ -31,7 +31,6 @@ from vllm import ModelRegistry
 from vllm.model_executor.layers.pooler.abstract import Pooler
 
 from stages.teacher.chunking import chunk_rows, element_bytes, pooled_topk_rows
-from stages.teacher.tail_draws import DRAW_ELEMENT_BYTES
 
 __all__ = ["PREFIX", "POOLING_TASK", "TopKWorkerExtension", "pooling_llm_kwargs", "pooling_params", "unpack"]
 
@@ -161,7 +160,6 @@ class TopKPooler(Pooler):
                 keys = torch.cat([torch.full((n,), int(pooling_metadata.pooling_params[i].extra_kwargs["draw_key"]),
                                              dtype=torch.long) for i, n in zip(members, lengths)]).to(hidden.device)
                 positions = torch.cat([torch.arange(n) for n in lengths]).to(hidden.device)
-                rows = chunk_rows(self.vocab_size, hidden.device, budget, element_bytes(hidden.dtype) + DRAW_ELEMENT_BYTES)
             packed = pooled_topk_rows(hidden, targets, self.compute_logits, num_top, rows, draws, seed, keys, positions).cpu()
             for i, part in zip(members, packed.split([states[i].shape[0] - 1 for i in members])):
                 out[i] = part.clone()  # its own storage: a view would carry the whole batch along

@@ -1,4 +1,5 @@
-"""tail_draws: the integer hash, the keyed uniforms, and the draws from the teacher's within-tail distribution.
+"""tail_draws: the integer hash, the keyed uniforms, the draws from the teacher's within-tail distribution,
+and topk_and_tail_draws (the engines' entry: everything stage one stores, from the logits).
 
 The expected values here are computed independently: the hash in pure Python on unsigned 32-bit
 integers, the within-tail distribution p_T and its entropy in float64 numpy from the log-probs.
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from stages.teacher.select import select_nontarget_topk_torch
-from stages.teacher.tail_draws import hash32, tail_draws, uniforms
+from stages.teacher.tail_draws import hash32, tail_draws, topk_and_tail_draws, uniforms
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -195,3 +196,51 @@ def test_a_tail_without_float32_mass_counts_as_empty():
     ids, entropy = tail_draws(logprobs, targets, head_ids, torch.arange(2), torch.zeros(2, dtype=torch.int64), 3, seed=0)
     assert torch.equal(entropy, torch.zeros(2))
     assert torch.equal(ids, head_ids[:, :1].int().expand(-1, 3))
+
+
+# --- topk_and_tail_draws: from the logits -----------------------------------------------------------
+def float64_reference(logits: torch.Tensor, targets: torch.Tensor, num_top: int):
+    """(log-probs [n, V] float64, top ids [n, num_top] by float64 log-prob, the target's log-prob) in numpy."""
+    lp = torch.log_softmax(logits.double(), -1)
+    return lp.numpy(), lp.topk(num_top, -1).indices.numpy(), lp.gather(1, targets[:, None])[:, 0].numpy()
+
+
+@pytest.mark.parametrize("vocab,num_top,scale", [(50, 5, 1.0), (300, 17, 3.0), (2048, 33, 6.0)])
+def test_topk_and_draws_from_logits_equal_a_float64_reference(vocab, num_top, scale):
+    g = torch.Generator().manual_seed(vocab)
+    n = 40
+    logits = (torch.randn(n, vocab, generator=g) * scale + 7.0).float()  # an offset: the log-sum-exp must remove it
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    keys, positions = torch.arange(n), torch.arange(n) * 3
+    values, ids, target, draw_ids, entropy = topk_and_tail_draws(logits, targets, num_top, keys, positions, 8, 1)
+    lp, want_ids, want_target = float64_reference(logits, targets, num_top)
+    assert ids.dtype == torch.int64 and values.dtype == target.dtype == entropy.dtype == torch.float32
+    assert (values[:, 1:] <= values[:, :-1]).all(), "log-probs not in descending order"
+    np.testing.assert_array_equal(np.sort(ids.numpy(), 1), np.sort(want_ids, 1))  # distinct values: one top set
+    np.testing.assert_allclose(values.numpy(), np.take_along_axis(lp, ids.numpy(), 1), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(target.numpy(), want_target, rtol=0, atol=2e-6)
+    # The draws and H_T outside the num_top - 1 largest non-target tokens: as tail_draws makes them from log-probs.
+    head, _ = select_nontarget_topk_torch(ids, values, targets, num_top - 1)
+    _, want_entropy = reference_tail(torch.from_numpy(lp).float(), targets, head)
+    # sum_T p x - lse R_T cancels in float32 when the logits are large (here up to ~30): a relative error ~1e-5,
+    # 50x below the float16 that stores H_T (2^-11).
+    np.testing.assert_allclose(entropy.numpy(), want_entropy, rtol=1e-4, atol=1e-5)
+    from_logprobs, _ = tail_draws(torch.from_numpy(lp).float(), targets, head, keys, positions, 8, 1)
+    same = (draw_ids == from_logprobs).float().mean().item()
+    assert same >= 0.99, f"only {same:.1%} of the draws equal tail_draws' from the log-probs"  # boundary rounding only
+    assert not (draw_ids.long()[:, :, None] == head[:, None, :]).any() and not (draw_ids.long() == targets[:, None]).any()
+
+
+def test_tokens_whose_probability_underflows_still_come_in_descending_log_prob_order():
+    """Below ~103 nats under the top, float32 probabilities are 0 (or a few denormal steps): the top entries
+    tie there, are chosen among the ties, and must still be stored in descending log-prob order."""
+    vocab = 64
+    logits = torch.full((3, vocab), -120.0)
+    logits[:, 0] = 0.0
+    logits[:, 1:] -= torch.arange(1, vocab) * 1e-3  # distinct logits, equal (zero) probabilities
+    targets = torch.tensor([0, 5, 63])
+    values, ids, target, draw_ids, entropy = topk_and_tail_draws(logits, targets, 6, torch.arange(3), torch.zeros(3, dtype=torch.int64), 4, 0)
+    assert (values[:, 1:] <= values[:, :-1]).all()
+    np.testing.assert_allclose(values.numpy(), torch.log_softmax(logits.double(), -1).gather(1, ids).numpy(), atol=1e-5)
+    assert torch.isfinite(target).all() and (target[1:] < -119).all()
+    assert torch.equal(entropy, torch.zeros(3))  # no float32 mass outside the head: an empty tail
