@@ -49,7 +49,7 @@ def _lambdas(key: str, weights) -> list[float]:
 class SweepConfig:
     output_dir: str = field(default="runs/sweep", metadata={"help": (
         "one sub-directory per run + results.json/.md + frontier.png (and tensorboard/: the sweep's HPARAMS table)")})
-    methods: list[str] = field(default_factory=lambda: ["none", "tail", "full_kl", "topk"], metadata={"help": (
+    methods: list[str] = field(default_factory=lambda: ["none", "sampled_tail", "full_kl", "topk"], metadata={"help": (
         "train.method values (none runs once per seed)")})
     reg_weights: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0], metadata={"help": "lambdas (ignored by `none`)"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "train.seed values"})

@@ -6,6 +6,7 @@ nothing else in the project spells a column name or a version number.
 """
 from storage_schemas.cache_schema import (
     DEFAULT_ENCODING,
+    DEFAULT_VALUE_ENCODING,
     DRAW_COLUMNS,
     DRAW_IDS_COLUMN,
     ENCODINGS,
@@ -43,7 +44,8 @@ from storage_schemas.manifest import (
 )
 
 __all__ = [
-    "DEFAULT_ENCODING", "ENCODINGS", "LEGACY_ENCODINGS", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "SHARD_COLUMNS",
+    "DEFAULT_ENCODING", "DEFAULT_VALUE_ENCODING",
+    "ENCODINGS", "LEGACY_ENCODINGS", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "SHARD_COLUMNS",
     "MASS_COLUMN", "DRAW_COLUMNS", "DRAW_IDS_COLUMN", "TAIL_ENTROPY_COLUMN",
     "Encoding", "get_encoding", "shard_columns", "shard_file_name", "shard_schema",
     "teacher_columns", "SEQUENCE_COLUMNS", "TEACHER_COLUMNS", "EXAMPLE_ID_COLUMN", "INPUT_IDS_COLUMN", "LOSS_MASK_COLUMN",

@@ -46,7 +46,8 @@ import pyarrow as pa
 from storage_schemas.codec_registry import MASS_LOGIT_RANGE, TARGET_CODECS, VALUE_CODECS, codec_class
 
 __all__ = [
-    "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "LEGACY_ENCODINGS", "DEFAULT_ENCODING", "Encoding", "ENCODINGS",
+    "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "LEGACY_ENCODINGS", "DEFAULT_ENCODING", "DEFAULT_VALUE_ENCODING",
+    "Encoding", "ENCODINGS",
     "SHARD_COLUMNS", "SEQUENCE_COLUMNS", "TEACHER_COLUMNS", "EXAMPLE_ID_COLUMN", "INPUT_IDS_COLUMN", "LOSS_MASK_COLUMN",
     "TARGET_LOGPROB_COLUMN", "TOPK_IDS_COLUMN", "TOPK_LOGPROBS_COLUMN", "MASS_COLUMN", "ID_ORDERS",
     "DRAW_IDS_COLUMN", "TAIL_ENTROPY_COLUMN", "DRAW_COLUMNS",
@@ -258,7 +259,12 @@ for _m in (4, 8, 16, 32):
         value_power=_base.value_power, mass_codec=_base.mass_codec, mass_step=_base.mass_step,
         target_codec=_base.target_codec, byte_stream_split=(*_BSS_MASS, *DRAW_COLUMNS),
         data_page_bytes=_base.data_page_bytes, tail_draws=_m)
-DEFAULT_ENCODING = "topk_idd_rel4q112"
+# The default layout and codecs without draws: what the encoding studies compare and transcode to (a cache
+# cannot gain draws without a new stage one), and the encoding for a cache read by `tail`/`topk`/`full_kl` only.
+DEFAULT_VALUE_ENCODING = "topk_idd_rel4q112"
+# What stage one writes by default (cache.encoding): those codecs plus 16 tail draws per position, the
+# columns of the default method, `sampled_tail` (docs/results.md, issue 27).
+DEFAULT_ENCODING = "topk_idd_rel4q112_draws16"
 
 
 def get_encoding(name: str) -> Encoding:

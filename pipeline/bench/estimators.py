@@ -34,7 +34,7 @@ from stages.student.methods import get_method
 from stages.student.settings import LoraSettings
 from stages.teacher.engine import open_engine
 from stages.teacher.runner import run_cache_teacher
-from storage_schemas import DEFAULT_ENCODING, get_encoding
+from storage_schemas import DEFAULT_ENCODING, DEFAULT_VALUE_ENCODING, get_encoding
 
 __all__ = ["Candidate", "CANDIDATES", "measure_estimators", "bench_estimators"]
 
@@ -52,8 +52,8 @@ class Candidate:
 
 
 CANDIDATES = (
-    Candidate("tail k=32", "tail", 32, DEFAULT_ENCODING),
-    Candidate("sampled_tail k=16 m=16", "sampled_tail", 16, "topk_idd_rel4q112_draws16"),
+    Candidate("tail k=32", "tail", 32, DEFAULT_VALUE_ENCODING),
+    Candidate("sampled_tail k=16 m=16", "sampled_tail", 16, DEFAULT_ENCODING),
     Candidate("tail k=40 rel4q28", "tail", 40, "topk_idd_rel4q28"),
 )
 

@@ -20,17 +20,22 @@ from pipeline.config import load_config
 from stages.data.inputs import load_rows, tokenize_rows
 from stages.teacher.engine import open_engine
 from stages.teacher.runner import run_cache_teacher
+from storage_schemas import DEFAULT_VALUE_ENCODING
 
 __all__ = ["measure_stage_one"]
 
 
 def _config(model: str, data: Path, cache_dir: Path, engine: str, k: int, length: int, examples: int,
             rows_per_shard: int, vllm_output: str = "pooler", extra: tuple[str, ...] = ()):
-    """A stage-one config for the bench; `extra` = further `key=value` overrides (e.g. the encoding)."""
+    """A stage-one config for the bench; `extra` = further `key=value` overrides (e.g. the encoding).
+
+    The encoding is the default's codecs without tail draws (DEFAULT_VALUE_ENCODING) unless `extra` says
+    otherwise: every engine and output can write it (prompt_logprobs cannot make draws), so sections (a) and
+    (d) compare the engines on the same work; section (g) measures what the draws add."""
     return load_config(None, [
         f"model={model}", f"data.path={data}", f"data.max_length={length}", f"data.max_examples={examples}",
         f"cache.dir={cache_dir}", f"cache.engine={engine}", f"cache.vllm_output={vllm_output}", f"cache.k={k}",
-        f"cache.rows_per_shard={rows_per_shard}", "cache.batch_tokens=32768", *extra,
+        f"cache.rows_per_shard={rows_per_shard}", "cache.batch_tokens=32768", f"cache.encoding={DEFAULT_VALUE_ENCODING}", *extra,
     ])
 
 

@@ -3,10 +3,10 @@
     from transformers import Trainer, TrainingArguments
     from stages.student.library import CacheLossMixin, load_cache
 
-    data = load_cache("runs/demo/cache", "build/default/base-model", method="tail")
+    data = load_cache("runs/demo/cache", "build/default/base-model", method="sampled_tail")
     class MyTrainer(CacheLossMixin, Trainer): ...
     trainer = MyTrainer(model=peft_model, args=TrainingArguments("out", remove_unused_columns=False),
-                        train_dataset=data.dataset, data_collator=data.collator, method="tail", reg_weight=1.0)
+                        train_dataset=data.dataset, data_collator=data.collator, method="sampled_tail", reg_weight=1.0)
 
 `load_cache` does what `stages.student.runner.run_train` does before it builds the model: the fingerprint checks
 (`open_cache`: the student's tokenizer, its base weights, a complete and verified cache), the dataset of
@@ -14,7 +14,8 @@ cached rows (`load_cache_dataset`, only the columns the method reads) and the `C
 `CacheLossMixin` (stages/student/loss_mixin.py), the CLI's `CacheTrainer` is that mixin on
 transformers' `Trainer`, and TRL's `SFTTrainer` gets it in stages/student/trl_trainer.py.
 
-Scope: the cached estimators (methods `tail`, `topk`, `full_kl`) and `none` (CE only), fused
+Scope: the cached estimators (methods `sampled_tail`, the default, which needs a cache with tail draws; `tail`,
+`topk`, `full_kl`, which read any cache) and `none` (CE only), fused
 (`fused_loss=True`: the mixin calls the model for its last hidden state, no [B, T, V] logits) or unfused.
 The weight penalties (`l2`, `lalora`) are a per-step term the mixin adds from `trainer.penalty`, which the
 caller builds after creating the trainer, as stages/student/runner.py does:
@@ -34,7 +35,7 @@ from stages.student.loss_mixin import CacheLossMixin, batch_loss
 from stages.student.methods import Method, as_method, build_penalty
 from stages.student.reader import load_cache_dataset, open_cache
 from stages.student.trainer import CacheTrainer, dataset_columns
-from storage_schemas import ENCODINGS, Manifest, get_encoding
+from storage_schemas import DEFAULT_ENCODING, ENCODINGS, Manifest, get_encoding
 from storage_schemas.remote import local_cache_copy
 
 __all__ = ["CachedExamples", "load_cache", "CacheLossMixin", "CacheTrainer", "batch_loss", "build_penalty"]
@@ -64,16 +65,18 @@ def check_draws(method: Method, manifest, k: int, where: str) -> None:
     if not encoding.has_draws:
         drawn = [name for name, e in ENCODINGS.items() if e.has_draws]
         raise ValueError(f"{where}: train.method={method.name!r} reads the teacher's tail draws, but this cache's "
-                         f"encoding {encoding.name!r} has none. Write a cache with one that has (cache.encoding: "
-                         f"{', '.join(drawn)}) in its own cache.dir, e.g. `cache-teacher --config F cache.dir=runs/drawn/cache "
-                         f"cache.encoding={drawn[0]}`.")
+                         f"encoding {encoding.name!r} has none (a cache written before they were the default, or with "
+                         f"another cache.encoding). Either train a method that reads this cache (train.method=tail, topk "
+                         f"or full_kl), or write a cache with draws in its own cache.dir: `cache-teacher --config F "
+                         f"cache.dir=runs/drawn/cache cache.k=16 cache.encoding={DEFAULT_ENCODING}` (encodings with draws: "
+                         f"{', '.join(drawn)}).")
     if k not in (0, manifest.settings.k):
         raise ValueError(f"{where}: train.k={k} with train.method={method.name!r}: the cache's draws come from outside "
                          f"its k={manifest.settings.k} tokens, so the head cannot be cut; use train.k=0 (all) or a "
                          "cache written with the k you want.")
 
 
-def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, method: Method | str = "tail", *, k: int = 0,
+def load_cache(cache_dir: str | os.PathLike, model_dir: str | os.PathLike, method: Method | str = "sampled_tail", *, k: int = 0,
                streaming: bool = False, allow_model_mismatch: bool = False, local_dir: str = "") -> CachedExamples:
     """The cached examples of `cache_dir` for training the base model in `model_dir` with `method`.
 

@@ -56,11 +56,11 @@ class TrainConfig:
         "the run's files: adapter/ (load with stages.student.adapters.load_adapter; stock PeftModel.from_pretrained for "
         "every variant but sinelora), config.yaml, cache_fingerprint.json, "
         "metrics.json, log.csv, tensorboard/, checkpoints/, and eval.json after eval")})
-    method: str = field(default="tail", metadata={"help": (
+    method: str = field(default="sampled_tail", metadata={"help": (
         "the training method, one entry each in stages/student/methods.py (what it reads, scales, allows, logs): "
-        "tail, topk, full_kl (cached KL estimators), sampled_tail (cached, unbiased: the top-k exact + tail draws; needs "
-        "a cache.encoding with draws, e.g. topk_idd_rel4q112_draws16; its logged kl is a noisy estimate, can dip below "
-        "0 near the start), none (plain LoRA), live (exact "
+        "sampled_tail (the default; cached, unbiased: the top-k exact + tail draws; needs a cache.encoding with draws, "
+        "as the default topk_idd_rel4q112_draws16; its logged kl is a noisy estimate, can dip below 0 near the start), "
+        "tail, topk, full_kl (cached KL estimators; read any cache; tail is the default before issue 27), none (plain LoRA), live (exact "
         "masked KL, live teacher; not with pissa/olora), l2 (distance of the LoRA weights from init), lalora "
         "(Fisher-weighted distance, Laplace approximation)")})
     reg_weight: float = field(default=1.0, metadata={"help": (

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stages.common.checks import require
-from storage_schemas import DEFAULT_ENCODING, get_encoding
+from storage_schemas import DEFAULT_ENCODING, DEFAULT_VALUE_ENCODING, get_encoding
 
 __all__ = ["CacheConfig", "ENGINES", "VLLM_OUTPUTS", "no_draws_message"]
 
@@ -17,7 +17,8 @@ def no_draws_message(output: str, asked_by: str) -> str:
     set instead: raised when the config loads, and by VLLMEngine itself for callers of the engine API."""
     return (f"cache.vllm_output={output!r} cannot make tail draws ({asked_by}, for sampled_tail): vLLM's "
             "prompt_logprobs returns the top entries only, not the whole distribution the draws "
-            "come from. Use cache.vllm_output=pooler (the default) or cache.engine=hf.")
+            f"come from. Use cache.vllm_output=pooler (the default) or cache.engine=hf, or keep this output with an "
+            f"encoding without draws (cache.encoding={DEFAULT_VALUE_ENCODING}; then train.method=tail, not sampled_tail).")
 
 
 @dataclass
@@ -26,17 +27,20 @@ class CacheConfig:
         "where shards and manifest.json go (and config.yaml); a local directory, or a URI pyarrow or fsspec "
         "opens (s3://, gs://, hdfs://, abfs://: docs/scale-out.md)")})
     engine: str = field(default="vllm", metadata={"help": "vllm (default) | hf (transformers forward; oracle, no-vLLM machines)"})
-    k: int = field(default=32, metadata={"help": "non-target tokens kept per position"})
+    k: int = field(default=16, metadata={"help": "non-target tokens kept per position (16: the default encoding adds 16 tail draws)"})
     encoding: str = field(default=DEFAULT_ENCODING, metadata={"help": (
-        "`storage_schemas.ENCODINGS` (topk_idd_rel4q112); topk_f32 = exact (3.3x the bytes). The default: ids "
+        "`storage_schemas.ENCODINGS`. The default, topk_idd_rel4q112_draws16: the topk_idd_rel4q112 codecs plus 16 ids "
+        "per position drawn from the teacher's tail and the tail's entropy, for the default train.method=sampled_tail "
+        "(docs/design.md; with cache.k=16: 46 bytes per trained position on the demo's code, as good as the live "
+        "teacher there; docs/results.md, issue 27). topk_idd_rel4q112_draws{4,8,16,32}: other draw counts. "
+        "topk_idd_rel4q112 (no draws: for tail/topk/full_kl only; the previous default): ids "
         "sorted + delta-coded; each log-prob relative to the position's top-1 on a (p/p_1)^(1/4) grid of 112 steps; "
         "the cached share of the non-target mass in its own column (topk_mass), so rounding never moves mass into "
         "or out of the tail; target float16; 47.2 bytes/token at k = 32, mean D_k within 7e-4. Others: "
         "topk_idd_logq7 (the previous default, 63.8 bytes/token, 9e-5), topk_idd_f16, topk_idd_sqrtp10, "
-        "topk_f32 (exact), topk_f16, topk_idd_rel4q28 (a 4x coarser value grid: more k per byte). Chosen by `make "
-        "encoding-study` (BENCHMARKS.md). topk_idd_rel4q112_draws{4,8,16,32}: the default plus that many ids drawn "
-        "per position from the teacher's tail, for train.method=sampled_tail (docs/design.md; with cache.k=16 and 16 "
-        "draws: 46 bytes per trained position on the demo's code, as good as the live teacher there)")})
+        "topk_f32 (exact, 3.3x the bytes), topk_f16, topk_idd_rel4q28 (a 4x coarser value grid: more k per byte). "
+        "Codecs chosen by `make encoding-study` (BENCHMARKS.md). An encoding with draws needs cache.vllm_output=pooler "
+        "(the default) or cache.engine=hf")})
     rows_per_shard: int = field(default=256, metadata={"help": "sequences per Parquet shard"})
     zstd_level: int = field(default=9, metadata={"help": "Parquet zstd level (9: ~2 bytes/token below 3 at ~0.5x its write speed)"})
     dtype: str = field(default="float32", metadata={"help": "teacher compute dtype: float32 | bfloat16 | float16"})

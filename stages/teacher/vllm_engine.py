@@ -238,7 +238,8 @@ def _architecture(model_dir: str) -> str:
     architectures = read_model_config(model_dir).get("architectures") or []
     if not architectures:
         raise ValueError(f"{model_dir}/config.json names no architectures; the vLLM 'pooler' output needs one "
-                         f"(or set cache.vllm_output=prompt_logprobs)")
+                         f"(or set cache.engine=hf; or cache.vllm_output=prompt_logprobs with an encoding without tail "
+                         f"draws, cache.encoding=topk_idd_rel4q112)")
     return architectures[0]
 
 

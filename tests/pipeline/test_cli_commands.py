@@ -41,7 +41,7 @@ def grid(tiny_model_dir, tiny_jsonl, tmp_path_factory):
     overrides = [
         f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", "data.max_length=48", f"cache.dir={root / 'cache'}",
         "cache.engine=hf", "cache.k=8", "cache.rows_per_shard=8", "cache.encoding=topk_f32",
-        f"train.output_dir={root / 'run'}", "train.max_steps=2", "train.save_steps=2", "train.batch_size=4",
+        f"train.output_dir={root / 'run'}", "train.method=tail", "train.max_steps=2", "train.save_steps=2", "train.batch_size=4",
         "train.learning_rate=0.01", "train.warmup_ratio=0",
         f"eval.source_path={tiny_jsonl}", f"eval.target_path={tiny_jsonl}", "eval.max_examples=4", "eval.max_length=32",
         f"sweep.output_dir={root / 'sweep'}", "sweep.methods=[none]", "sweep.reg_weights=[1]", "sweep.seeds=[0]",

@@ -20,7 +20,7 @@ ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+(.+)$")
 
 @pytest.fixture(scope="module")
 def default_cache(tiny_model_dir, tiny_jsonl, tmp_path_factory):
-    """Stage one (hf engine) with the default encoding: quantized relative values, id deltas, a mass column."""
+    """Stage one (hf engine) with the default encoding: quantized relative values, id deltas, a mass column, tail draws."""
     cache = tmp_path_factory.mktemp("inspect") / "cache"
     run_cache_teacher(load_config(None, [f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", f"cache.dir={cache}",
                                          "cache.engine=hf", f"cache.k={K}", "cache.rows_per_shard=8", "data.max_length=48"]))
@@ -65,10 +65,12 @@ def test_inspect_prints_the_cached_target_and_top_k_in_order(example, default_ca
     assert [r[4] for r in rows] == [repr(tok.decode([i])) for i in ids[slot]]
     assert round(p[0], 4) != round(p[1], 4)  # a value shown at the wrong rank would be seen
     tail = (1 - p_y) - p.sum()
-    summary = re.search(r"1 - p_y = ([0-9.]+); mass outside the cached 8 = ([-0-9.e]+) \(R_T = ([-0-9.e]+) of", lines[-1])
+    summary = re.search(r"1 - p_y = ([0-9.]+); mass outside the cached 8 = ([-0-9.e]+) \(R_T = ([-0-9.e]+) of", lines[4 + K])
     assert float(summary[1]) == pytest.approx(1 - p_y, abs=6e-5)
     assert float(summary[2]) == pytest.approx(tail, rel=1e-3) and float(summary[3]) == pytest.approx(tail / (1 - p_y), rel=1e-3)
-    assert len(lines) == 4 + K + 1
+    # The default encoding has tail draws (sampled_tail): one more line, the position's drawn ids.
+    assert get_encoding(DEFAULT_ENCODING).has_draws and len(lines) == 4 + K + 2
+    assert re.match(r"^  16 draws from the tail \(entropy H_T = [0-9.]+ nats\): ", lines[-1])
 
 
 def test_inspect_refuses_an_example_not_in_the_cache(default_cache, capsys):

@@ -6,7 +6,7 @@ import torch
 from codec_promises import promise_violations, value_promise
 
 from stages.teacher.tail_draws import tail_draws
-from storage_schemas import DEFAULT_ENCODING, ENCODINGS, Encoding, get_encoding, shard_file_name
+from storage_schemas import DEFAULT_VALUE_ENCODING, ENCODINGS, Encoding, get_encoding, shard_file_name
 from storage_schemas.codec_registry import VALUE_CODECS, RelativePowerGridCodec
 from storage_schemas.codecs import decode_teacher, encode_teacher
 from storage_schemas.shard_io import ShardRow, decode_draw_columns, decode_table, parquet_options, read_shard, rows_to_table, write_shard
@@ -113,7 +113,7 @@ class _QuarterStepOff(RelativePowerGridCodec):
 def test_a_codec_off_by_a_quarter_step_breaks_the_promise(scale, tmp_path, monkeypatch):
     """The check can fail: the default encoding with the wrong codec registered as its relpow_q."""
     monkeypatch.setitem(VALUE_CODECS, "relpow_q", _QuarterStepOff)
-    enc = get_encoding(DEFAULT_ENCODING)
+    enc = get_encoding(DEFAULT_VALUE_ENCODING)
     rows = teacher_rows(scale=scale)
     _, ids, values, target = _decoded_shard(enc, rows, tmp_path)
     got_ids, got_values = _by_id(ids, values)

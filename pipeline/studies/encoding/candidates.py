@@ -5,7 +5,7 @@ import dataclasses
 
 from pipeline.studies.encoding.settings import DEFAULT_LEVEL
 from storage_schemas import (
-    DEFAULT_ENCODING,
+    DEFAULT_VALUE_ENCODING,
     INPUT_IDS_COLUMN,
     MASS_COLUMN,
     TARGET_LOGPROB_COLUMN,
@@ -69,7 +69,7 @@ def _sqrtp_and_relpow_grids() -> list[tuple[Encoding, int]]:
 
 def _default_variants() -> list[tuple[Encoding, int]]:
     """The default with one thing changed: target codec, layout, zstd level, page and row-group size."""
-    default = get_encoding(DEFAULT_ENCODING)
+    default = get_encoding(DEFAULT_VALUE_ENCODING)
     rows = []
     for target in ("f16", "bf16"):
         rows.append((dataclasses.replace(default, name=f"default, target {target}", target_codec=target), DEFAULT_LEVEL))
@@ -90,5 +90,5 @@ def _default_variants() -> list[tuple[Encoding, int]]:
 
 def candidates() -> list[tuple[Encoding, int]]:
     """(encoding, zstd level) pairs compared at one k, the DEFAULT first; names say what varies."""
-    default = dataclasses.replace(get_encoding(DEFAULT_ENCODING), name=f"DEFAULT {DEFAULT_ENCODING}")
+    default = dataclasses.replace(get_encoding(DEFAULT_VALUE_ENCODING), name=f"DEFAULT {DEFAULT_VALUE_ENCODING}")
     return [(default, DEFAULT_LEVEL), *_float_and_log_grids(), *_sqrtp_and_relpow_grids(), *_default_variants()]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.studies.encoding.candidates import candidates
 from pipeline.studies.encoding.settings import DEFAULT_LEVEL, K_CURVE, StudyConfig
 from pipeline.studies.encoding.teachers import per_position_dk
-from storage_schemas import DEFAULT_ENCODING, Encoding, get_encoding
+from storage_schemas import DEFAULT_VALUE_ENCODING, Encoding, get_encoding
 from storage_schemas.codec_registry import TARGET_CODECS
 from storage_schemas.codecs import encode_teacher
 from storage_schemas.shard_io import ShardRow, decode_table, rows_to_table, write_shard
@@ -81,7 +81,7 @@ def measure_set(name: str, rows: list[ShardRow], logits: torch.Tensor, targets: 
     table, mean_dk = _candidate_table(name, rows_k, logits, targets, cfg.k, workdir)
     curve = []
     for k in K_CURVE:
-        for enc_name, level in (("topk_f32", 3), (DEFAULT_ENCODING, DEFAULT_LEVEL)):
+        for enc_name, level in (("topk_f32", 3), (DEFAULT_VALUE_ENCODING, DEFAULT_LEVEL)):
             result = _write_read(slice_k(rows, k), get_encoding(enc_name), k, level, workdir)
             curve.append({"k": k, "encoding": enc_name, "bytes_per_token": result["bytes"] / result["tokens"]})
     tokens = sum(len(r.input_ids) for r in rows)
@@ -93,7 +93,7 @@ def measure_set(name: str, rows: list[ShardRow], logits: torch.Tensor, targets: 
 # --- where the bytes go, and what they could be -------------------------------------------------
 def _column_bytes(rows: list[ShardRow], k: int, workdir: Path) -> dict:
     """Where the default encoding's bytes go: each column's compressed size / tokens."""
-    record = write_shard(workdir, 1, 0, rows_to_table(rows, DEFAULT_ENCODING, k), zstd_level=DEFAULT_LEVEL, truncated=0)
+    record = write_shard(workdir, 1, 0, rows_to_table(rows, DEFAULT_VALUE_ENCODING, k), zstd_level=DEFAULT_LEVEL, truncated=0)
     meta = pq.ParquetFile(workdir / record.file).metadata
     out = {}
     for g in range(meta.num_row_groups):
@@ -128,7 +128,7 @@ def floors(rows: list[ShardRow], vocab: int) -> dict:
     q = np.clip(counts / n, 1e-12, 1 - 1e-12)
     set_bits = float(-(counts * np.log2(q) + (n - counts) * np.log2(1 - q)).sum())
     uniform_bits = n * (math.lgamma(vocab + 1) - math.lgamma(k + 1) - math.lgamma(vocab - k + 1)) / math.log(2)
-    enc = get_encoding(DEFAULT_ENCODING)
+    enc = get_encoding(DEFAULT_VALUE_ENCODING)
     stored = encode_teacher(enc, ids, np.concatenate([r.topk_logprobs for r in rows]),
                             np.concatenate([r.target_logprob for r in rows]))
     codes = stored.values.astype(np.int64)
@@ -186,7 +186,7 @@ def speed(rows: list[ShardRow], k: int, workdir: Path, repeats: int = 5) -> list
     """Best-of-`repeats` seconds of rows_to_table + write_shard (sha256 included) and of read +
     decode, per (encoding, zstd level), on the same rows: the stage-one and reader cost of each."""
     out = []
-    pairs = dict.fromkeys([("topk_f32", 3), ("topk_idd_logq7", 3), (DEFAULT_ENCODING, 3), (DEFAULT_ENCODING, DEFAULT_LEVEL)])
+    pairs = dict.fromkeys([("topk_f32", 3), ("topk_idd_logq7", 3), (DEFAULT_VALUE_ENCODING, 3), (DEFAULT_VALUE_ENCODING, DEFAULT_LEVEL)])
     for name, level in pairs:
         runs = [_write_read(slice_k(rows, k), get_encoding(name), k, level, workdir) for _ in range(repeats)]
         tokens = runs[0]["tokens"]

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.studies.encoding.settings import DEFAULT_LEVEL, K_CURVE
 from pipeline.studies.encoding.training import log_column, max_step_difference
-from storage_schemas import DEFAULT_ENCODING
+from storage_schemas import DEFAULT_VALUE_ENCODING
 
 __all__ = ["machine", "markdown", "speed_markdown", "plot_training"]
 
@@ -35,13 +35,13 @@ def _set_section(name: str, s: dict) -> list[str]:
     for row in s["ids_columns"]:
         lines.append(f"| {row['ids']} | {row['plain']:.1f} | {row.get('byte_stream_split', float('nan')):.1f} | "
                      f"{row.get('dictionary', float('nan')):.1f} |")
-    lines += ["", f"Where the default's bytes go ({DEFAULT_ENCODING}, bytes/token): "
+    lines += ["", f"Where the default's bytes go ({DEFAULT_VALUE_ENCODING}, bytes/token): "
               + ", ".join(f"{name} {value:.2f}" for name, value in s["default_columns"].items()), "",
               "Order-0 floors (bytes/token; see `floors` in pipeline/studies/encoding/measure.py): "
               + ", ".join(f"{name} {value:.1f}" for name, value in s["floors"].items())]
-    lines += ["", f"Cost curve (bytes/token; topk_f32 at zstd 3, {DEFAULT_ENCODING} at zstd {DEFAULT_LEVEL}):", "",
+    lines += ["", f"Cost curve (bytes/token; topk_f32 at zstd 3, {DEFAULT_VALUE_ENCODING} at zstd {DEFAULT_LEVEL}):", "",
               "| k | " + " | ".join(str(k) for k in K_CURVE) + " |", "|---|" + "---|" * len(K_CURVE)]
-    for enc in ("topk_f32", DEFAULT_ENCODING):
+    for enc in ("topk_f32", DEFAULT_VALUE_ENCODING):
         lines.append(f"| {enc} | " + " | ".join(f"{c['bytes_per_token']:.1f}" for c in s["k_curve"]
                                                if c["encoding"] == enc) + " |")
     return lines + [""]
@@ -50,7 +50,7 @@ def _set_section(name: str, s: dict) -> list[str]:
 def _training_section(t: dict) -> list[str]:
     lines = ["", f"## Training, {t['steps']} steps on the demo cache (configs/demo.yaml, tail, lambda 1)", "",
              "| cache | bytes/token | final loss | final CE | final KL |", "|---|---|---|---|---|"]
-    for enc in ("topk_f32", DEFAULT_ENCODING):
+    for enc in ("topk_f32", DEFAULT_VALUE_ENCODING):
         r = t[enc]
         lines.append(f"| {enc} | {r['cache_bytes_per_token']:.1f} | {r['final_loss']:.5f} | {r['final_ce']:.5f} | "
                      f"{r['final_kl']:.5f} |")
@@ -89,7 +89,7 @@ def plot_training(training: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for enc, style in (("topk_f32", dict(lw=3, alpha=0.4)), (DEFAULT_ENCODING, dict(lw=1, ls="--"))):
+    for enc, style in (("topk_f32", dict(lw=3, alpha=0.4)), (DEFAULT_VALUE_ENCODING, dict(lw=1, ls="--"))):
         label = f"{enc} ({training[enc]['cache_bytes_per_token']:.1f} B/token)"
         for ax, column in zip(axes, ("loss", "kl")):
             points = sorted(log_column(training, enc, column).items())
@@ -99,7 +99,7 @@ def plot_training(training: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"{training['steps']} steps on the demo cache: float32 cache vs {DEFAULT_ENCODING}")
+    fig.suptitle(f"{training['steps']} steps on the demo cache: float32 cache vs {DEFAULT_VALUE_ENCODING}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,7 +18,7 @@ from pipeline.studies.encoding.report import machine, markdown, plot_training, s
 from pipeline.studies.encoding.settings import StudyConfig
 from pipeline.studies.encoding.teachers import demo_sequences, random_model, student_logits, teacher_rows
 from pipeline.studies.encoding.training import compare_training
-from storage_schemas import DEFAULT_ENCODING
+from storage_schemas import DEFAULT_VALUE_ENCODING
 
 __all__ = ["run_encoding_study", "run_and_print"]
 
@@ -51,7 +51,7 @@ def run_encoding_study(cfg: StudyConfig, command: str = "python -m pipeline enco
     if cfg.speed_only:
         return _run_speed_only(cfg, out, command)
     result = {"config": dataclasses.asdict(cfg), "command": command, "machine": machine(),
-              "default": DEFAULT_ENCODING, "sets": {}}
+              "default": DEFAULT_VALUE_ENCODING, "sets": {}}
     for name, (model_dir, sequences, lora_std) in _teacher_sets(cfg, out).items():
         vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         rows = teacher_rows(model_dir, sequences, vocab)
@@ -61,7 +61,7 @@ def run_encoding_study(cfg: StudyConfig, command: str = "python -m pipeline enco
         del logits
     result["target_near_one"] = target_near_one()
     if cfg.train_steps > 0:
-        for run in ("train-f32", f"train-{DEFAULT_ENCODING}"):
+        for run in ("train-f32", f"train-{DEFAULT_VALUE_ENCODING}"):
             shutil.rmtree(out / run, ignore_errors=True)  # a re-run trains afresh
         result["training"] = compare_training(cfg, out)
         plot_training(result["training"], out / "training_curves.png")

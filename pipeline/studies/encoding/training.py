@@ -9,7 +9,7 @@ from pipeline.config import load_config
 from pipeline.studies.encoding.settings import DEFAULT_LEVEL, StudyConfig
 from stages.student.runner import run_train
 from stages.teacher.runner import run_cache_teacher
-from storage_schemas import DEFAULT_ENCODING, Manifest
+from storage_schemas import DEFAULT_VALUE_ENCODING, Manifest
 from storage_schemas.transcode import transcode_cache
 
 __all__ = ["compare_training", "log_column", "max_step_difference"]
@@ -34,12 +34,12 @@ def compare_training(cfg: StudyConfig, out: Path) -> dict:
         f32_cache = out / "train-cache-f32"
         run_cache_teacher(load_config("configs/demo.yaml", [f"cache.dir={f32_cache}", "cache.engine=hf",
                                                             "cache.encoding=topk_f32", f"model={cfg.model}"]))
-    default_cache = out / f"train-cache-{DEFAULT_ENCODING}"
+    default_cache = out / f"train-cache-{DEFAULT_VALUE_ENCODING}"
     if not (default_cache / "manifest.json").exists():
-        transcode_cache(f32_cache, default_cache, DEFAULT_ENCODING, DEFAULT_LEVEL)
+        transcode_cache(f32_cache, default_cache, DEFAULT_VALUE_ENCODING, DEFAULT_LEVEL)
     return {"f32_cache": str(f32_cache), "steps": cfg.train_steps,
             "topk_f32": _train(cfg, f32_cache, out / "train-f32"),
-            DEFAULT_ENCODING: _train(cfg, default_cache, out / f"train-{DEFAULT_ENCODING}")}
+            DEFAULT_VALUE_ENCODING: _train(cfg, default_cache, out / f"train-{DEFAULT_VALUE_ENCODING}")}
 
 
 def log_column(training: dict, enc: str, column: str) -> dict[int, float]:
@@ -49,5 +49,5 @@ def log_column(training: dict, enc: str, column: str) -> dict[int, float]:
 
 def max_step_difference(training: dict, column: str) -> float:
     """Largest |difference| of a logged column between the two runs, over the steps both logged."""
-    a, b = log_column(training, "topk_f32", column), log_column(training, DEFAULT_ENCODING, column)
+    a, b = log_column(training, "topk_f32", column), log_column(training, DEFAULT_VALUE_ENCODING, column)
     return max(abs(a[step] - b[step]) for step in a.keys() & b.keys())

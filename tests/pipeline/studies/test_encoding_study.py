@@ -5,7 +5,7 @@ import numpy as np
 from codec_promises import promise_violations
 
 from pipeline.studies.encoding.candidates import candidates
-from storage_schemas import DEFAULT_ENCODING, Manifest, get_encoding
+from storage_schemas import DEFAULT_VALUE_ENCODING, Manifest, get_encoding
 from storage_schemas.shard_io import decode_table, read_shard, verify_cache
 from storage_schemas.transcode import transcode_cache
 
@@ -16,7 +16,7 @@ def test_candidates_cover_the_issue_list_with_unique_names():
     encs = [enc for enc, _ in candidates()]
     assert len({e.name for e in encs}) == len(encs)
     assert {e.value_codec for e in encs} == {"f32", "f16", "bf16", "log_q", "sqrtp_q", "relpow_q"}
-    assert DEFAULT_ENCODING in {e.name.removeprefix("DEFAULT ") for e in encs}
+    assert DEFAULT_VALUE_ENCODING in {e.name.removeprefix("DEFAULT ") for e in encs}
     assert {e.id_order for e in encs} == {"prob", "id_delta"}
     assert {1, 3, 9, 19} <= {level for _, level in candidates()}
     assert any(e.dictionary for e in encs) and any(e.row_group_rows for e in encs)
@@ -30,8 +30,8 @@ def _decoded(cache: Path):
 
 
 def test_transcoding_a_version_1_cache_keeps_rows_and_values_within_the_promise(tmp_path):
-    out = transcode_cache(V1_CACHE, tmp_path / "t", DEFAULT_ENCODING)
-    assert out.schema_version == 2 and out.settings.encoding == DEFAULT_ENCODING and out.complete
+    out = transcode_cache(V1_CACHE, tmp_path / "t", DEFAULT_VALUE_ENCODING)
+    assert out.schema_version == 2 and out.settings.encoding == DEFAULT_VALUE_ENCODING and out.complete
     assert verify_cache(tmp_path / "t") == []
     assert out.token_ids_sha256 == Manifest.load(V1_CACHE).token_ids_sha256
     assert [s.token_ids_sha256 for s in out.shards] == [s.token_ids_sha256 for s in Manifest.load(V1_CACHE).shards]
@@ -39,7 +39,7 @@ def test_transcoding_a_version_1_cache_keeps_rows_and_values_within_the_promise(
     np.testing.assert_array_equal(np.sort(ids0, 1), np.sort(ids1, 1))
     order0, order1 = np.argsort(ids0, 1), np.argsort(ids1, 1)
     a0, a1 = np.take_along_axis(lp0, order0, 1), np.take_along_axis(lp1, order1, 1)
-    assert promise_violations(get_encoding(DEFAULT_ENCODING), a0, t0, a1, t1) == []  # docs/design.md §8
+    assert promise_violations(get_encoding(DEFAULT_VALUE_ENCODING), a0, t0, a1, t1) == []  # docs/design.md §8
 
 
 def test_floors_order_the_bounds_sensibly():
@@ -70,7 +70,7 @@ def test_training_curves_are_plotted_and_compared(tmp_path):
     def log(shift):
         return [header] + [f"{s},0,{6 - s * 0.1 + shift},{6 - s * 0.1},{0.1 + shift},0,1,1,1" for s in range(1, 6)]
     training = {"steps": 5, "topk_f32": {"log": log(0.0), "cache_bytes_per_token": 155.0},
-                DEFAULT_ENCODING: {"log": log(1e-3), "cache_bytes_per_token": 47.0}}
+                DEFAULT_VALUE_ENCODING: {"log": log(1e-3), "cache_bytes_per_token": 47.0}}
     assert abs(_max_step_difference(training, "loss") - 1e-3) < 1e-9
     plot_training(training, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -103,15 +103,15 @@ def test_pad_id_comes_from_the_tokenizer(tiny_model_dir):
 
 def test_a_mass_column_of_the_wrong_length_is_named():
     """An encoding with a topk_mass column: a row whose masses do not match its positions is refused."""
-    from storage_schemas import DEFAULT_ENCODING, MASS_COLUMN, get_encoding
+    from storage_schemas import DEFAULT_VALUE_ENCODING, MASS_COLUMN, get_encoding
     from storage_schemas.shard_io import ShardRow, rows_to_table
 
-    assert get_encoding(DEFAULT_ENCODING).has_mass
+    assert get_encoding(DEFAULT_VALUE_ENCODING).has_mass
     lp = np.log(np.full((5, K), 0.1, np.float32))
     row = ShardRow(7, np.arange(6, dtype=np.int32), np.ones(5, bool), np.full(5, -1.0, np.float32),
                    np.tile(np.arange(K, dtype=np.int32), (5, 1)), lp)
-    stored = {name: np.asarray(value) for name, value in rows_to_table([row], DEFAULT_ENCODING, K).to_pylist()[0].items()}
-    CacheCollator(pad_id=0, k=K, encoding=DEFAULT_ENCODING)([stored])  # as written: fine
+    stored = {name: np.asarray(value) for name, value in rows_to_table([row], DEFAULT_VALUE_ENCODING, K).to_pylist()[0].items()}
+    CacheCollator(pad_id=0, k=K, encoding=DEFAULT_VALUE_ENCODING)([stored])  # as written: fine
     stored[MASS_COLUMN] = stored[MASS_COLUMN][:4]
     with pytest.raises(ValueError, match=r"examples \[7\]: 5 trained positions.*4 topk_mass entries"):
-        CacheCollator(pad_id=0, k=K, encoding=DEFAULT_ENCODING)([stored])
+        CacheCollator(pad_id=0, k=K, encoding=DEFAULT_VALUE_ENCODING)([stored])

@@ -77,3 +77,26 @@ def test_inspect_shows_a_positions_draws(drawn_cache, tiny_model_dir):
 
     text = describe_position(str(drawn_cache), 0, 3, model_dir=str(tiny_model_dir))
     assert "8 draws from the tail (entropy H_T = " in text
+
+
+def test_the_defaults_write_draws_and_train_sampled_tail_from_them(tiny_model_dir, tiny_jsonl, tmp_path):
+    """Issue 27's switch: a config that names no k, encoding or method writes k = 16 + 16 tail draws and trains
+    `sampled_tail` from them; a cache without draws is still trained, but only by a method that reads it."""
+    from stages.student.settings import TrainConfig
+    from stages.teacher.settings import CacheConfig
+
+    assert (CacheConfig().k, CacheConfig().encoding, TrainConfig().method) == (16, "topk_idd_rel4q112_draws16", "sampled_tail")
+    common = [f"model={tiny_model_dir}", f"data.path={tiny_jsonl}", "cache.engine=hf", "data.max_length=48",
+              "train.max_steps=2", "train.save_steps=2", "train.batch_size=4"]
+    config = load_config(None, [*common, f"cache.dir={tmp_path / 'default'}", f"train.output_dir={tmp_path / 'run'}"])
+    run_cache_teacher(config)
+    settings = Manifest.load(tmp_path / "default").settings
+    assert (settings.k, settings.encoding) == (16, "topk_idd_rel4q112_draws16")
+    assert math.isfinite(run_train(config)["final_kl"])
+    old = load_config(None, [*common, f"cache.dir={tmp_path / 'old'}", "cache.k=32", "cache.encoding=topk_idd_rel4q112",
+                             f"train.output_dir={tmp_path / 'old-run'}"])
+    run_cache_teacher(old)
+    with pytest.raises(ValueError, match=r"has none .*\(train\.method=tail"):
+        run_train(old)
+    assert math.isfinite(run_train(load_config(None, [*common, f"cache.dir={tmp_path / 'old'}", "train.method=tail",
+                                                      f"train.output_dir={tmp_path / 'old-run'}"]))["final_kl"])

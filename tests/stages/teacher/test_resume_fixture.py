@@ -14,7 +14,8 @@ FIXTURE = Path(__file__).parents[2] / "fixtures" / "partial-cache"
 
 def config(root: Path, cache: str):
     return load_config(None, [f"model={root / 'model'}", f"data.path={root / 'data.jsonl'}", f"cache.dir={root / cache}",
-                              "cache.engine=hf", "cache.k=8", "cache.rows_per_shard=4", "data.max_length=32"])
+                              "cache.engine=hf", "cache.k=8", "cache.rows_per_shard=4", "data.max_length=32",
+                              "cache.encoding=topk_idd_rel4q112"])  # the fixture's: the default before tail draws
 
 
 def shard_hashes(cache_dir: Path) -> dict[str, str]:

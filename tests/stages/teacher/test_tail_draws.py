@@ -239,7 +239,8 @@ def test_tokens_whose_probability_underflows_still_come_in_descending_log_prob_o
     logits[:, 0] = 0.0
     logits[:, 1:] -= torch.arange(1, vocab) * 1e-3  # distinct logits, equal (zero) probabilities
     targets = torch.tensor([0, 5, 63])
-    values, ids, target, draw_ids, entropy = topk_and_tail_draws(logits, targets, 6, torch.arange(3), torch.zeros(3, dtype=torch.int64), 4, 0)
+    positions = torch.zeros(3, dtype=torch.int64)
+    values, ids, target, draw_ids, entropy = topk_and_tail_draws(logits, targets, 6, torch.arange(3), positions, 4, 0)
     assert (values[:, 1:] <= values[:, :-1]).all()
     np.testing.assert_allclose(values.numpy(), torch.log_softmax(logits.double(), -1).gather(1, ids).numpy(), atol=1e-5)
     assert torch.isfinite(target).all() and (target[1:] < -119).all()
