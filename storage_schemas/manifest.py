@@ -140,15 +140,18 @@ class Manifest:
         return {group: {key: value for key, value in asdict(getattr(self, group)).items()
                         if f"{group}.{key}" not in _RECORDED_ONLY} for group in _IDENTITY_FIELDS}
 
-    def check_same_origin(self, other: "Manifest") -> None:
-        """Raise FingerprintMismatch naming the first field where `other` differs from this cache."""
+    def identity_differences(self, other: "Manifest") -> list[tuple[str, object, object]]:
+        """(group.field, this cache's value, `other`'s value) for every identity field where they differ."""
         mine, theirs = self.identity(), other.identity()
-        for group in _IDENTITY_FIELDS:
-            for key, value in mine[group].items():
-                if value != theirs[group][key]:
-                    raise FingerprintMismatch(
-                        f"{group}.{key} differs: cache has {value!r}, this run has {theirs[group][key]!r}"
-                    )
+        return [(f"{group}.{key}", value, theirs[group][key]) for group in _IDENTITY_FIELDS
+                for key, value in mine[group].items() if value != theirs[group][key]]
+
+    def check_same_origin(self, other: "Manifest") -> None:
+        """Raise FingerprintMismatch naming every field where `other` differs from this cache."""
+        differences = self.identity_differences(other)
+        if differences:
+            raise FingerprintMismatch("; ".join(f"{name} differs: cache has {mine!r}, this run has {theirs!r}"
+                                                for name, mine, theirs in differences))
 
     # --- (de)serialization -------------------------------------------------------------------
     def to_json(self) -> str:

@@ -34,6 +34,7 @@ from storage_schemas import (
     get_encoding,
 )
 from storage_schemas.codecs import decode_draws, decode_teacher
+from storage_schemas.fingerprints import model_vocab_size
 
 __all__ = ["CacheCollator", "pad_token_id", "IGNORE_INDEX"]
 
@@ -41,21 +42,24 @@ IGNORE_INDEX = -100  # the HF / torch cross-entropy convention for "no label her
 
 
 def pad_token_id(model_dir: str | os.PathLike) -> int:
-    """The pad id: the tokenizer's, else the model config's pad/eos id, else 0.
+    """The pad id: the first of the tokenizer's pad id, the model config's pad id and its eos id that has an
+    embedding row (is below the config's vocab_size), else 0.
 
-    Its value only matters for the embedding lookup of padded slots; they carry no label and are
-    masked out of attention, so any valid id would do.
+    Its value only matters for the embedding lookup of padded slots; they carry no label and are masked out
+    of attention, so any id with a row does. A tokenizer may name a pad token beyond the rows (an added
+    `<|endoftext|>`, say, when AutoTokenizer picks another class than the one saved): looking it up would
+    fail inside the model's embedding, so it is passed over.
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
+    rows = model_vocab_size(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
-    for candidate in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+    candidates = [AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id,
+                  getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)]
+    for candidate in candidates:
         if isinstance(candidate, list):
             candidate = candidate[0] if candidate else None
-        if candidate is not None:
+        if candidate is not None and 0 <= int(candidate) < rows:
             return int(candidate)
     return 0
 

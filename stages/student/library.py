@@ -67,9 +67,12 @@ def check_draws(method: Method, manifest, k: int, where: str) -> None:
         raise ValueError(f"{where}: train.method={method.name!r} reads the teacher's tail draws, but this cache's "
                          f"encoding {encoding.name!r} has none (a cache written before they were the default, or with "
                          f"another cache.encoding). Either train a method that reads this cache (train.method=tail, topk "
-                         f"or full_kl), or write a cache with draws in its own cache.dir: `cache-teacher --config F "
-                         f"cache.dir=runs/drawn/cache cache.k=16 cache.encoding={DEFAULT_ENCODING}` (encodings with draws: "
-                         f"{', '.join(drawn)}).")
+                         f"or full_kl; load_cache(..., method=\"tail\") from Python), or write a cache with draws in its "
+                         f"own cache.dir: `python -m pipeline cache-teacher --config YOUR_CONFIG cache.dir=runs/drawn/cache "
+                         f"cache.k=16 cache.encoding={DEFAULT_ENCODING}` (encodings with draws: {', '.join(drawn)}).")
+    if k > manifest.settings.k:
+        raise ValueError(f"{where}: train.k={k}, but the cache holds k={manifest.settings.k} tokens per position; use "
+                         f"train.k=0 (all {manifest.settings.k}).")
     if k not in (0, manifest.settings.k):
         raise ValueError(f"{where}: train.k={k} with train.method={method.name!r}: the cache's draws come from outside "
                          f"its k={manifest.settings.k} tokens, so the head cannot be cut; use train.k=0 (all) or a "

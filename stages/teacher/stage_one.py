@@ -27,7 +27,7 @@ from stages.teacher.scores import PositionScores
 from stages.teacher.settings import CacheConfig
 from stages.teacher.shard_writer import ShardWriter
 from stages.teacher.value_checks import check_teacher_scores
-from storage_schemas import CacheSettings, DatasetFingerprint, EngineInfo, Manifest, get_encoding
+from storage_schemas import DEFAULT_VALUE_ENCODING, CacheSettings, DatasetFingerprint, EngineInfo, Manifest, get_encoding
 from storage_schemas.fingerprints import files_sha256, model_vocab_size, teacher_fingerprint, tokenizer_fingerprint
 from storage_schemas.shard_io import ShardRow
 
@@ -53,10 +53,15 @@ class TeacherJob:
 
 
 # --- input checks: every one runs before any engine is opened ------------------------------------
-def check_k(k: int, vocab_size: int) -> None:
-    """At most vocab_size - 1 non-target tokens exist per position."""
+def check_k(k: int, vocab_size: int, encoding: str | None = None) -> None:
+    """At most vocab_size - 1 non-target tokens exist per position; with an encoding that has tail draws, at
+    most vocab_size - 2, so that a tail is left to draw from."""
     if k > vocab_size - 1:
         raise ValueError(f"cache.k={k}: at most vocab_size - 1 = {vocab_size - 1} non-target tokens exist")
+    if encoding is not None and get_encoding(encoding).has_draws and k == vocab_size - 1:
+        raise ValueError(f"cache.k={k} = vocab_size - 1 caches every non-target token: no tail is left for "
+                         f"cache.encoding={encoding!r} to draw from. Use an encoding without draws (cache.encoding="
+                         f"{DEFAULT_VALUE_ENCODING}; train.method=tail is then exact) or cache.k <= {vocab_size - 2}.")
 
 
 def check_token_ids(examples: list[Example], vocab_size: int, data_path: str, tokenizer=None) -> None:
@@ -84,7 +89,7 @@ def load_examples(job: TeacherJob) -> tuple[list[Example], InputReport]:
     from transformers import AutoTokenizer
 
     vocab_size = model_vocab_size(job.model)
-    check_k(job.cache.k, vocab_size)
+    check_k(job.cache.k, vocab_size, job.cache.encoding)
     tokenizer = AutoTokenizer.from_pretrained(job.model)
     rows = load_rows(job.data)
     report = InputReport()

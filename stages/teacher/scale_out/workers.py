@@ -68,12 +68,22 @@ def _merged(store: CacheStore, planned: Manifest) -> Manifest | None:
     return existing
 
 
+# The manifest's settings fields that are config keys: a cache written with other settings resumes with them.
+_SETTING_KEYS = {"settings.k": "cache.k", "settings.encoding": "cache.encoding", "settings.max_length": "data.max_length",
+                 "settings.rows_per_shard": "cache.rows_per_shard", "settings.zstd_level": "cache.zstd_level"}
+
+
 def _same_origin(existing: Manifest, planned: Manifest, where: str) -> None:
     try:
         existing.check_same_origin(planned)
     except FingerprintMismatch as err:
-        raise FingerprintMismatch(f"{where} belongs to a cache of something else: {err}. "
-                                  "Use another cache.dir, or --overwrite to replace it.") from None
+        differences = existing.identity_differences(planned)
+        resume = ""
+        if all(name in _SETTING_KEYS for name, _, _ in differences):  # only settings: the same cache, other defaults
+            resume = (" To resume or extend this cache, pass its settings: "
+                      + " ".join(f"{_SETTING_KEYS[name]}={mine}" for name, mine, _ in differences) + ".")
+        raise FingerprintMismatch(f"{where} belongs to a cache of something else: {err}.{resume} "
+                                  "Or use another cache.dir, or --overwrite to replace it.") from None
 
 
 def _existing_parts(store: CacheStore, worker: WorkerSpec) -> dict[str, ManifestPart]:

@@ -101,6 +101,26 @@ def test_pad_id_comes_from_the_tokenizer(tiny_model_dir):
     assert pad_token_id(tiny_model_dir) == AutoTokenizer.from_pretrained(str(tiny_model_dir)).pad_token_id == 3
 
 
+@pytest.mark.parametrize("rows,pad,eos,want", [
+    (3, 3, 2, 2),        # the tokenizer's pad (3) has no embedding row: the config's eos (2) does
+    (2, 3, 2, 0),        # neither has one: 0
+    (3, None, 5, 0),     # no pad anywhere, an eos beyond the rows: 0
+])
+def test_the_pad_id_always_has_an_embedding_row(tiny_model_dir, tmp_path, rows, pad, eos, want):
+    """A tokenizer can name a pad token the model has no row for (an added token, or AutoTokenizer picking
+    another class than the one saved); padding with it fails inside the embedding, so the next id with a row
+    is used (padded slots are masked out of attention and loss: any id with a row is correct)."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(vocab_size=rows, pad_token_id=pad, eos_token_id=eos)
+    (model / "config.json").write_text(json.dumps(config))
+    assert pad_token_id(model) == want
+
+
 def test_a_mass_column_of_the_wrong_length_is_named():
     """An encoding with a topk_mass column: a row whose masses do not match its positions is refused."""
     from storage_schemas import DEFAULT_VALUE_ENCODING, MASS_COLUMN, get_encoding

@@ -100,3 +100,13 @@ def test_the_defaults_write_draws_and_train_sampled_tail_from_them(tiny_model_di
         run_train(old)
     assert math.isfinite(run_train(load_config(None, [*common, f"cache.dir={tmp_path / 'old'}", "train.method=tail",
                                                       f"train.output_dir={tmp_path / 'old-run'}"]))["final_kl"])
+
+
+def test_a_head_of_every_non_target_token_leaves_nothing_to_draw_and_is_refused(tiny_model_dir, tiny_jsonl, tmp_path):
+    from storage_schemas.fingerprints import model_vocab_size
+
+    vocab = model_vocab_size(tiny_model_dir)
+    with pytest.raises(ValueError, match=rf"cache.k={vocab - 1} = vocab_size - 1 .* no tail is left .*cache.k <= {vocab - 2}"):
+        run_cache_teacher(cache_config(tiny_model_dir, tiny_jsonl, tmp_path / "c", f"cache.k={vocab - 1}"))
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("shard-*"))
+    run_cache_teacher(cache_config(tiny_model_dir, tiny_jsonl, tmp_path / "ok", f"cache.k={vocab - 2}", "data.max_examples=4"))

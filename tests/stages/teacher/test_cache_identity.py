@@ -116,3 +116,16 @@ def test_scale_out_workers_and_merge_refuse_mixed_dtypes(tiny_model_dir, tiny_js
     part.write_text(json.dumps(raw))
     with pytest.raises(MergeError, match=r"different caches: engine\.dtype differs"):
         merge_parts(str(cache_dir))
+
+
+def test_other_settings_are_all_named_with_the_settings_that_resume(half_cache, tiny_model_dir, tiny_jsonl):
+    """A cache written under other defaults (k and encoding both, as before issue 27): one refusal names every
+    differing setting and the overrides that resume it; following that advice literally resumes it."""
+    other = make_config(tiny_model_dir, tiny_jsonl, half_cache, "cache.k=16", "cache.encoding=topk_idd_rel4q112")
+    message = _refused(other, half_cache, "settings.k")
+    assert "settings.encoding differs: cache has 'topk_idd_rel4q112_draws16', this run has 'topk_idd_rel4q112'" in message
+    advice = message.split("pass its settings: ")[1].split(". Or use")[0]
+    assert advice == "cache.k=8 cache.encoding=topk_idd_rel4q112_draws16"
+    summary = run_cache_teacher(make_config(tiny_model_dir, tiny_jsonl, half_cache, "cache.k=16", "cache.encoding=topk_idd_rel4q112",
+                                            *advice.split()))
+    assert summary.shards_written_now == 1 and Manifest.load(half_cache).complete
