@@ -88,15 +88,16 @@ def pooled_topk_rows(hidden: torch.Tensor, targets: torch.Tensor, compute_logits
         stop = min(start + rows, hidden.shape[0])
         logits = compute_logits(hidden[start:stop])
         chunk_targets = targets[start:stop].long()
+        extra = []
         if draws:
             values, ids, target, draw_ids, entropy = topk_and_tail_draws(
                 logits, chunk_targets, num_top, keys[start:stop], positions[start:stop], draws, draw_seed)
-            part = [ids.to(torch.int32).view(torch.float32), values, target[:, None], draw_ids.view(torch.float32), entropy[:, None]]
+            extra = [draw_ids.view(torch.float32), entropy[:, None]]
         else:
             logprobs = logits.log_softmax(-1, dtype=torch.float32)
             values, ids = logprobs.topk(num_top, dim=-1)
-            part = [ids.to(torch.int32).view(torch.float32), values, logprobs.gather(-1, chunk_targets[:, None])]
-        parts.append(torch.cat(part, dim=1))
+            target = logprobs.gather(-1, chunk_targets[:, None])[:, 0]
+        parts.append(torch.cat([ids.to(torch.int32).view(torch.float32), values, target[:, None], *extra], dim=1))
     if not parts:
         return hidden.new_zeros((0, 2 * num_top + 1 + (draws + 1 if draws else 0)), dtype=torch.float32)
     return torch.cat(parts)

@@ -54,16 +54,15 @@ class HFEngine:
         if self.use_kernel and not kernel_available(self.device):
             raise ValueError(f"hf engine: the Triton top-k kernel does not run on {self.device} "
                              "(it needs CUDA, or TRITON_INTERPRET=1 for tests)")
-        # Positions per output-layer chunk: `chunk_bytes` (default: the device's budget) over the bytes
-        # per position of the [chunk, vocab] buffers: the logits, plus off the kernel a float32 copy
-        # and the float32 log-softmax; the kernel reads the model-dtype logits alone.
-        self._dtype, self._chunk_bytes = _TORCH_DTYPES[dtype], chunk_bytes
+        self._dtype, self._chunk_bytes = _TORCH_DTYPES[dtype], chunk_bytes  # for chunk_positions
         self._check_split_forward(dtype)
 
     @property
     def chunk_positions(self) -> int:
-        """Positions per output-layer chunk for the draws set now (callers may change `draws` between
-        passes: a bench does, and the draws need a log-softmax and their own buffer)."""
+        """Positions per output-layer chunk: `chunk_bytes` (default: the device's budget) over the bytes per
+        position of the [chunk, vocab] buffers: the logits, plus off the kernel a float32 copy and the float32
+        log-softmax (or, with draws, the softmax); the kernel alone reads the model-dtype logits only. Read
+        per pass, since callers may change `draws` between passes (a bench does)."""
         return chunk_rows(self.vocab_size, self.device, self._chunk_bytes,
                           element_bytes(self._dtype, log_softmax=not self.use_kernel or self.draws > 0))
 

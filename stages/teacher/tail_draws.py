@@ -61,8 +61,7 @@ def tail_draws(logprobs: torch.Tensor, targets: torch.Tensor, head_ids: torch.Te
     This is the entry point for callers that hold log-probs (the approximation study, the step bench);
     the engines use `topk_and_tail_draws`, which starts from the logits and makes the same draws up to
     float32 rounding of the probabilities."""
-    return _draws_from_weights(logprobs.exp(), logprobs, torch.zeros(logprobs.shape[0], device=logprobs.device),
-                               targets, head_ids, keys, positions, draws, seed)
+    return _draws_from_weights(logprobs.exp(), logprobs, 0.0, targets, head_ids, keys, positions, draws, seed)
 
 
 def topk_and_tail_draws(logits: torch.Tensor, targets: torch.Tensor, num_top: int, keys: torch.Tensor,
@@ -105,12 +104,12 @@ def topk_and_tail_draws(logits: torch.Tensor, targets: torch.Tensor, num_top: in
     return values, ids, target, draw_ids, entropy
 
 
-def _draws_from_weights(weights: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor, targets: torch.Tensor,
+def _draws_from_weights(weights: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor | float, targets: torch.Tensor,
                         head_ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, draws: int,
                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The draws and H_T from weights [n, V] float32 = the probabilities (overwritten: the tail's cumulative
-    sum) and scores [n, V] with log p = scores - offset[:, None] (the log-probs and 0, or the logits and
-    the log-sum-exp)."""
+    sum) and scores [n, V] with log p = scores - offset (the log-probs and 0.0, or the logits and the
+    log-sum-exp [n] per row)."""
     weights.scatter_(-1, torch.cat([head_ids.long(), targets.long()[:, None]], 1), 0.0)
     # sum_T p x: a batched row product (einsum -> bmm: no [n, V] temporary, which linalg.vecdot would make);
     # a -inf score (a masked token, p = 0) makes it NaN, and only then the masked sum runs.

@@ -37,6 +37,7 @@ from stages.teacher.scores import PositionScores, check_sequences, read_model_co
 from stages.teacher.select import select_nontarget_topk
 from stages.teacher.settings import no_draws_message
 from stages.teacher.tail_draws import check_keys
+from storage_schemas import DEFAULT_VALUE_ENCODING
 
 __all__ = ["VLLMEngine", "OUTPUTS", "llm_kwargs", "topk_from_prompt_logprobs", "topk_from_pooler"]
 
@@ -239,7 +240,7 @@ def _architecture(model_dir: str) -> str:
     if not architectures:
         raise ValueError(f"{model_dir}/config.json names no architectures; the vLLM 'pooler' output needs one "
                          f"(or set cache.engine=hf; or cache.vllm_output=prompt_logprobs with an encoding without tail "
-                         f"draws, cache.encoding=topk_idd_rel4q112)")
+                         f"draws, cache.encoding={DEFAULT_VALUE_ENCODING})")
     return architectures[0]
 
 
